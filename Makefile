@@ -1,0 +1,27 @@
+# The two commands the README names. Everything else is a helper.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: test demo venv bench clean
+
+$(BIN)/walctl: pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/walctl
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/python -m tools.demo
+
+bench: venv
+	$(BIN)/walctl bench wal
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis demo-nodes

@@ -1,0 +1,61 @@
+"""mailwal's write-ahead log: fsynced, hash-chained, segmented.
+
+Lifecycle
+---------
+* ``Log.create(path)`` makes a new log directory (conventionally ``*.wal``)
+  holding one empty segment; it appears complete or not at all.
+* ``Log.open(path)`` reopens it after a clean stop or a crash. The last
+  segment is verified record by record: a torn final write is copied to
+  ``torn/`` and trimmed; any other damage raises :class:`CorruptRecordError`
+  naming segment file, byte offset and LSN. Nothing is fixed silently.
+* ``log.append(type, payload)`` returns an :class:`Appended` (LSN, hash,
+  epoch) only after the record is written and ``fdatasync``'ed. Appends from
+  many threads share fsyncs (group commit). A failed write or sync fails the
+  log for good (:class:`LogFailedError`); reopen to recover.
+* ``log.read(from_lsn)`` / ``log.follow(from_lsn, stop)`` yield verified
+  :class:`Record` values from any LSN without scanning from the start.
+  :class:`LogReader` does the same for a directory another process owns.
+* ``log.cursors`` keeps named consumer positions durably; ``log.drop_before``
+  deletes whole old segments no cursor needs.
+* ``verify(path)`` checks a whole log read-only; ``repair(path)`` cuts it at
+  its first damage after copying the cut bytes to ``broken/``.
+* ``log.close()``.
+
+Segments are named by their first LSN (``00000000000000000001.seg``) and roll
+over at ``segment_max_bytes``. Every record's hash covers its LSN, epoch,
+type, payload and the previous record's hash, across segments, so one
+(LSN, hash) pair names a whole history. The byte layout is in
+``specs/log-format.md``; payloads are canonical CBOR (:mod:`wal.codec`).
+
+This package imports nothing from ``engine`` or ``tools`` and never imports
+anyio: it is blocking and thread-safe.
+"""
+
+from . import codec
+from .cursors import CursorStore
+from .errors import (
+    CorruptRecordError,
+    CursorError,
+    LogClosedError,
+    LogFailedError,
+    LsnNotAvailableError,
+    OutOfOrderError,
+    RetentionError,
+    UnsupportedVersionError,
+    WalError,
+)
+from .fileops import OS_FILEOPS, FileOps
+from .format import FORMAT_VERSION, ZERO_HASH, Record, payload_hash, record_hash
+from .reader import LogReader
+from .repair import RepairReport, VerifyReport, repair, verify
+from .segment import TornTail
+from .writer import DEFAULT_SEGMENT_MAX_BYTES, Appended, Log
+
+__all__ = [
+    "Log", "Appended", "Record", "LogReader", "CursorStore", "TornTail",
+    "verify", "repair", "VerifyReport", "RepairReport",
+    "FileOps", "OS_FILEOPS", "codec", "payload_hash", "record_hash",
+    "FORMAT_VERSION", "ZERO_HASH", "DEFAULT_SEGMENT_MAX_BYTES",
+    "WalError", "CorruptRecordError", "UnsupportedVersionError", "LogFailedError",
+    "LogClosedError", "OutOfOrderError", "LsnNotAvailableError", "CursorError", "RetentionError",
+]

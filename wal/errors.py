@@ -1,0 +1,104 @@
+"""The log's exception hierarchy.
+
+Every error a caller of :mod:`wal` can see derives from :class:`WalError`.
+Errors about a place in the log carry ``segment`` (file name), ``offset``
+(byte offset in that file) and ``lsn`` so that an operator can find the bytes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WalError",
+    "CorruptRecordError",
+    "UnsupportedVersionError",
+    "LogFailedError",
+    "LogClosedError",
+    "OutOfOrderError",
+    "LsnNotAvailableError",
+    "CursorError",
+    "RetentionError",
+]
+
+
+class WalError(Exception):
+    """Base class of every error raised by :mod:`wal`."""
+
+
+class CorruptRecordError(WalError):
+    """A record or segment header failed its checksum, hash or chain link.
+
+    Raised by :func:`wal.Log.open`, readers and :func:`wal.verify` for damage
+    that is *not* a torn final write (spec LOG-9). Nothing at or after the
+    damaged record is returned. Fix: restore the log from a replica, or run
+    ``walctl repair`` to cut the log at the damage (the cut bytes are kept).
+    """
+
+    def __init__(self, segment: str, offset: int, lsn: int | None, reason: str):
+        self.segment = segment
+        self.offset = offset
+        self.lsn = lsn
+        self.reason = reason
+        super().__init__(
+            f"corrupt log: {reason} in segment {segment} at offset {offset}"
+            + (f" (LSN {lsn})" if lsn is not None else "")
+        )
+
+
+class UnsupportedVersionError(WalError):
+    """A segment header names a format version this code does not read (LOG-3)."""
+
+    def __init__(self, segment: str, version: int):
+        self.segment = segment
+        self.version = version
+        super().__init__(
+            f"segment {segment} has format version {version}; this mailwal reads "
+            f"version 1 only: upgrade mailwal to read this log"
+        )
+
+
+class LogFailedError(WalError):
+    """A write or fdatasync failed; the log refuses all further appends.
+
+    Appends that were waiting on the failed sync are *not* acknowledged. The
+    failure is sticky (LOG-12): fsync is never retried on the same file
+    descriptor. Fix the cause (disk full, I/O error), then reopen the log; it
+    recovers from what is on disk.
+    """
+
+
+class LogClosedError(WalError):
+    """The log was closed; open it again to use it."""
+
+
+class OutOfOrderError(WalError):
+    """A record handed to :meth:`wal.Log.append_records` does not extend the log.
+
+    ``expected`` is the LSN the log needs next; ``got`` the LSN offered. Also
+    raised when the offered record's hash does not chain onto the log's last
+    hash (then ``expected == got`` and ``reason`` says so).
+    """
+
+    def __init__(self, expected: int, got: int, reason: str = "LSN out of order"):
+        self.expected = expected
+        self.got = got
+        self.reason = reason
+        super().__init__(f"{reason}: log needs LSN {expected}, got {got}")
+
+
+class LsnNotAvailableError(WalError):
+    """The requested LSN is not in the log: below the first retained segment
+    (dropped by retention) or beyond the last record."""
+
+    def __init__(self, lsn: int, first: int, last: int):
+        self.lsn = lsn
+        self.first = first
+        self.last = last
+        super().__init__(f"LSN {lsn} is not in the log (it holds {first}..{last})")
+
+
+class CursorError(WalError):
+    """A cursor name is invalid, unknown, or a move would go backwards."""
+
+
+class RetentionError(WalError):
+    """Dropping segments would discard records a cursor still needs."""

@@ -1,0 +1,310 @@
+"""Segment files: naming, creation, and scanning a segment's records.
+
+Theory of operation
+-------------------
+A segment is one file ``<first_lsn:020d>.seg`` in the log directory. It is
+created complete-or-absent (LOG-2): header written to a hidden temp name,
+fdatasynced, renamed into place, directory fsynced. Records are appended in
+batches; a batch never spans two segments, and a segment is fdatasynced
+before the next one is created, so only the *last* segment can hold a torn
+write, and only in its *last batch* (LOG-8).
+
+:func:`scan_segment` walks the frames of one segment, verifying each record
+hash against the chain, and classifies the first failure it meets:
+
+* in any segment but the last: corruption;
+* in the last segment: a torn tail when nothing after the failure belongs to
+  a later write batch (LOG-8), otherwise corruption (LOG-9).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .errors import CorruptRecordError, UnsupportedVersionError
+from .fileops import FileOps
+from .format import (
+    FRAME_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    FrameHeader,
+    Record,
+    SegmentHeader,
+    SegmentHeaderError,
+    decode_frame_header,
+    decode_segment_header,
+    encode_segment_header,
+    payload_hash,
+    record_hash,
+)
+
+__all__ = [
+    "segment_name",
+    "list_segments",
+    "create_segment",
+    "read_segment_header",
+    "scan_segment",
+    "iter_frames",
+    "SegmentScan",
+    "TornTail",
+    "INDEX_STRIDE",
+]
+
+_NAME_RE = re.compile(r"^(\d{20})\.seg$")
+INDEX_STRIDE = 64  # one sparse index entry per this many records
+_READ_BUFFER = 1 << 20
+
+
+def segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}.seg"
+
+
+def list_segments(directory: str) -> list[tuple[int, str]]:
+    """(first_lsn, file name) of every segment, ascending."""
+    out = []
+    for name in os.listdir(directory):
+        m = _NAME_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), name))
+    out.sort()
+    return out
+
+
+def create_segment(ops: FileOps, directory: str, header: SegmentHeader) -> str:
+    """LOG-2: create a segment holding only its header, atomically and durably."""
+    name = segment_name(header.first_lsn)
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, "." + name + ".tmp")
+    try:
+        ops.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = ops.create_exclusive(tmp)
+    try:
+        ops.write_all(fd, encode_segment_header(header))
+        ops.fdatasync(fd)
+    finally:
+        ops.close(fd)
+    ops.rename(tmp, final)
+    ops.fsync_dir(directory)
+    return name
+
+
+def read_segment_header(path: str) -> SegmentHeader:
+    """Read and check a segment header.
+
+    Raises:
+        CorruptRecordError: the header is short, has a bad magic or check.
+        UnsupportedVersionError: the header names an unknown format version (LOG-3).
+    """
+    with open(path, "rb") as f:
+        data = f.read(SEGMENT_HEADER_SIZE)
+    try:
+        return decode_segment_header(data)
+    except SegmentHeaderError as exc:
+        version = getattr(exc, "version", None)
+        if version is not None:
+            raise UnsupportedVersionError(os.path.basename(path), version) from exc
+        raise CorruptRecordError(os.path.basename(path), 0, None, str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class TornTail:
+    """Bytes after the last good record of the last segment (LOG-8)."""
+
+    segment: str
+    offset: int
+    size: int
+    reason: str
+
+
+@dataclass
+class SegmentScan:
+    """What a scan learned about one segment."""
+
+    name: str
+    header: SegmentHeader
+    end_offset: int  # end of the last good record (== file size unless torn)
+    last_lsn: int  # first_lsn - 1 when the segment holds no record
+    last_hash: bytes
+    file_size: int
+    torn: TornTail | None = None
+    index: list[tuple[int, int]] = field(default_factory=list)  # sparse (lsn, offset)
+    records: int = 0
+
+
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    return data if data is not None else b""
+
+
+def scan_segment(
+    path: str,
+    *,
+    expected_first_lsn: int | None,
+    expected_prev_hash: bytes | None,
+    log_id: bytes | None,
+    is_last: bool,
+    on_record: Callable[[Record], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> SegmentScan:
+    """Verify every record of one segment, in bounded memory.
+
+    Args:
+        expected_first_lsn / expected_prev_hash: what the chain so far requires
+            of this segment's header (None: take the header's word).
+        log_id: the log's id (None: take the header's word).
+        is_last: whether this is the log's last segment (only it may be torn).
+        on_record: called with each verified record, in order.
+        on_bytes: called with the number of bytes consumed (progress).
+
+    Returns:
+        The scan; ``torn`` is set when the tail is a torn write (LOG-8).
+
+    Raises:
+        CorruptRecordError: damage that is not a torn tail (LOG-9).
+        UnsupportedVersionError: unknown format version (LOG-3).
+    """
+    name = os.path.basename(path)
+    header = read_segment_header(path)
+    if log_id is not None and header.log_id != log_id:
+        raise CorruptRecordError(name, 0, None, "segment belongs to another log (log id differs)")
+    if expected_first_lsn is not None and header.first_lsn != expected_first_lsn:
+        raise CorruptRecordError(
+            name, 0, expected_first_lsn,
+            f"segment starts at LSN {header.first_lsn}, chain expects {expected_first_lsn}",
+        )
+    if expected_prev_hash is not None and header.prev_hash != expected_prev_hash:
+        raise CorruptRecordError(name, 0, header.first_lsn, "segment header prev_hash breaks the hash chain")
+    file_size = os.path.getsize(path)
+    scan = SegmentScan(
+        name=name, header=header, end_offset=SEGMENT_HEADER_SIZE, last_lsn=header.first_lsn - 1,
+        last_hash=header.prev_hash, file_size=file_size,
+    )
+    offset = SEGMENT_HEADER_SIZE
+    expected = header.first_lsn
+    prev = header.prev_hash
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
+        f.seek(offset)
+        while offset < file_size:
+            failure = None
+            head_bytes = _read_exact(f, FRAME_HEADER_SIZE)
+            fh = decode_frame_header(head_bytes)
+            if len(head_bytes) < FRAME_HEADER_SIZE:
+                failure = "incomplete frame header"
+            elif fh is None:
+                failure = "frame header check failed"
+            elif fh.lsn != expected:
+                failure = f"frame has LSN {fh.lsn}, expected {expected}"
+            elif offset + fh.frame_size > file_size:
+                failure = "frame extends past end of file"
+            else:
+                payload = _read_exact(f, fh.payload_len)
+                h = record_hash(prev, fh.lsn, fh.epoch, fh.type, fh.payload_len, payload_hash(payload))
+                if h != fh.hash:
+                    failure = "record hash mismatch"
+            if failure is not None:
+                torn_reason = _classify_failure(path, offset, expected, file_size) if is_last else None
+                if torn_reason is None:
+                    raise CorruptRecordError(name, offset, expected, failure)
+                scan.torn = TornTail(name, offset, file_size - offset, f"{failure}; {torn_reason}")
+                break
+            assert fh is not None
+            if scan.records % INDEX_STRIDE == 0:
+                scan.index.append((fh.lsn, offset))
+            if on_record is not None:
+                on_record(Record(fh.lsn, fh.epoch, fh.type, payload, fh.hash))
+            scan.records += 1
+            offset += fh.frame_size
+            if on_bytes is not None:
+                on_bytes(fh.frame_size)
+            prev = fh.hash
+            expected += 1
+            scan.end_offset = offset
+            scan.last_lsn = fh.lsn
+            scan.last_hash = fh.hash
+    return scan
+
+
+def _classify_failure(path: str, offset: int, expected_lsn: int, file_size: int) -> str | None:
+    """LOG-8: decide whether the bytes from ``offset`` on are a torn last batch.
+
+    Returns a reason string when they are a torn tail, None when they are
+    corruption: some valid-looking frame after the failure belongs to a write
+    batch that started after ``expected_lsn``, which proves the batch holding
+    ``expected_lsn`` was complete and synced before.
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tail = f.read(file_size - offset)
+    if not tail.strip(b"\x00"):
+        return "zero-filled tail"
+    frames = _valid_looking_frames(tail, expected_lsn)
+    for fh in frames:
+        batch_first = fh.lsn - fh.batch_back
+        if batch_first > expected_lsn:
+            return None
+    if frames:
+        return "valid-looking frames after it belong to the same unsynced batch"
+    return "no valid-looking frame follows"
+
+
+def _valid_looking_frames(tail: bytes, expected_lsn: int) -> list[FrameHeader]:
+    """Valid-looking frame headers found in ``tail`` (LOG-8), in order.
+
+    Finds the first header with LSN ``expected_lsn`` (at offset 0 or later)
+    or ``expected_lsn + 1`` (anywhere), then follows frame lengths onward.
+    """
+    start = None
+    fh0 = decode_frame_header(tail, 0)
+    if fh0 is not None and fh0.lsn == expected_lsn:
+        start = 0
+    else:
+        for lsn in (expected_lsn, expected_lsn + 1):
+            needle = struct.pack("<Q", lsn)
+            pos = tail.find(needle, 1)
+            while pos != -1:
+                candidate = pos - 4
+                if candidate >= 0:
+                    fh = decode_frame_header(tail, candidate)
+                    if fh is not None and fh.lsn == lsn:
+                        if start is None or candidate < start:
+                            start = candidate
+                        break
+                pos = tail.find(needle, pos + 1)
+    out: list[FrameHeader] = []
+    pos = start
+    while pos is not None:
+        fh = decode_frame_header(tail, pos)
+        if fh is None or (out and fh.lsn != out[-1].lsn + 1):
+            break
+        out.append(fh)
+        pos += fh.frame_size
+        if pos >= len(tail):
+            break
+    return out
+
+
+def iter_frames(path: str, start_offset: int, end_offset: int | None = None) -> Iterator[tuple[int, FrameHeader, bytes]]:
+    """Yield (offset, header, payload) from ``start_offset`` without verifying hashes.
+
+    Stops quietly at the first frame that is incomplete or not valid-looking:
+    callers verify hashes themselves and decide what a stop means.
+    """
+    with open(path, "rb", buffering=_READ_BUFFER) as f:
+        size = os.fstat(f.fileno()).st_size if end_offset is None else end_offset
+        f.seek(start_offset)
+        offset = start_offset
+        while offset + FRAME_HEADER_SIZE <= size:
+            head = f.read(FRAME_HEADER_SIZE)
+            fh = decode_frame_header(head)
+            if fh is None or offset + fh.frame_size > size:
+                return
+            payload = f.read(fh.payload_len)
+            if len(payload) != fh.payload_len:
+                return
+            yield offset, fh, payload
+            offset += fh.frame_size

@@ -1,0 +1,510 @@
+"""The log writer: recovery on open, group-committed appends, rotation, retention.
+
+Theory of operation
+-------------------
+One :class:`Log` object owns a log directory for writing (LOG-14: one writer
+per directory, enforced with an ``fcntl`` lock on ``LOCK``). Appenders call
+:meth:`Log.append` from any number of threads:
+
+1. Outside any lock, the payload is hashed (blake3).
+2. Under the log lock, the record gets the next LSN and its chained hash
+   (LOG-5) and joins the *pending batch*.
+3. The appender then waits until its LSN is durable. If no sync is running,
+   it becomes the *leader*: it takes the whole pending batch, releases the
+   lock, writes the batch with one ``write`` and one ``fdatasync``, and wakes
+   everyone. Appenders that arrive during a sync form the next batch, so N
+   concurrent appenders share far fewer than N fsyncs (group commit).
+
+Nothing is acknowledged before its batch's ``fdatasync`` returned. If a write
+or fdatasync fails, the log enters the *failed* state for good (LOG-12): the
+failed batch and every later append raise :class:`LogFailedError`, and the
+fd is never synced again. Reopening the log recovers from what is on disk.
+
+A batch never spans segments. Before writing a batch into a full segment,
+the leader creates the next segment (LOG-2); the previous one was fully
+synced by the batch before, so only the last segment can be torn.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .cursors import CursorStore
+from .errors import (
+    CorruptRecordError,
+    LogClosedError,
+    LogFailedError,
+    OutOfOrderError,
+    RetentionError,
+    WalError,
+)
+from .fileops import OS_FILEOPS, FileOps
+from .format import (
+    FORMAT_VERSION,
+    MAX_PAYLOAD_BYTES,
+    ZERO_HASH,
+    Record,
+    SegmentHeader,
+    encode_frame,
+    payload_hash,
+    record_hash,
+)
+from .reader import LogReader, SegmentIndex
+from .segment import TornTail, create_segment, list_segments, read_segment_header, scan_segment
+
+__all__ = ["Log", "Appended", "DEFAULT_SEGMENT_MAX_BYTES"]
+
+DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The acknowledgement of one durable record."""
+
+    lsn: int
+    hash: bytes
+    epoch: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    lsn: int
+    epoch: int
+    type: int
+    payload: bytes
+    hash: bytes
+
+
+class Log:
+    """A write-ahead log directory opened for appending. Thread-safe.
+
+    Use :meth:`create` for a new log and :meth:`open` for an existing one.
+    """
+
+    def __init__(self, path: str, ops: FileOps, segment_max_bytes: int):
+        self.path = os.path.abspath(path)
+        self._ops = ops
+        self.segment_max_bytes = segment_max_bytes
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: list[_Pending] = []
+        self._syncing = False
+        self._failed: LogFailedError | None = None
+        self._closed = False
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self.index = SegmentIndex()
+        self.cursors = CursorStore(self.path, ops)
+        self.torn_tails: list[TornTail] = []
+        self.fsync_count = 0
+        self.batch_count = 0
+        # Filled by _recover():
+        self.log_id = uuid.UUID(int=0)
+        self._next_lsn = 1
+        self._last_hash = ZERO_HASH
+        self._durable_lsn = 0
+        self._durable_hash = ZERO_HASH
+        self._epoch = 1
+        self._active_name = ""
+        self._active_size = 0
+        self._active_first = 1
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        log_id: uuid.UUID | None = None,
+        first_lsn: int = 1,
+        prev_hash: bytes = ZERO_HASH,
+        epoch: int = 1,
+        segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
+        fileops: FileOps = OS_FILEOPS,
+    ) -> "Log":
+        """Create a new, empty log at ``path`` (which must not exist).
+
+        The directory appears complete or not at all: it is built under a
+        temporary name, then renamed and its parent fsynced (LOG-2).
+        ``first_lsn``/``prev_hash`` start a log mid-history (a seeded replica).
+        """
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            raise WalError(f"{path} already exists; open it instead of creating it")
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, "." + os.path.basename(path) + f".creating-{os.getpid()}")
+        if os.path.exists(tmp):
+            raise WalError(f"{tmp} exists: a log creation was interrupted; remove it and retry")
+        fileops.mkdir(tmp)
+        header = SegmentHeader(FORMAT_VERSION, (log_id or uuid.uuid4()).bytes, first_lsn, prev_hash)
+        create_segment(fileops, tmp, header)
+        fileops.write_file_atomic(os.path.join(tmp, "EPOCH"), str(epoch).encode())
+        fileops.rename(tmp, path)
+        fileops.fsync_dir(parent)
+        return cls.open(path, segment_max_bytes=segment_max_bytes, fileops=fileops)
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
+        fileops: FileOps = OS_FILEOPS,
+        create: bool = False,
+    ) -> "Log":
+        """Open an existing log for appending, recovering from a crash.
+
+        Recovery (LOG-8, LOG-9): the last segment is verified record by
+        record; a torn final batch is copied to ``torn/`` beside the segments
+        and trimmed; any other damage raises :class:`CorruptRecordError`.
+
+        Raises:
+            CorruptRecordError, UnsupportedVersionError, WalError (locked or missing).
+        """
+        if create and not os.path.exists(path):
+            return cls.create(path, segment_max_bytes=segment_max_bytes, fileops=fileops)
+        if not os.path.isdir(path) or not list_segments(path):
+            raise WalError(f"{path} is not a mailwal log (no segment files); create it with Log.create")
+        log = cls(path, fileops, segment_max_bytes)
+        log._take_lock()
+        try:
+            log._recover()
+        except BaseException:
+            log._release_lock()
+            raise
+        return log
+
+    def _take_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WalError(f"log {self.path} is open for writing by another process") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _recover(self) -> None:
+        for name in os.listdir(self.path):
+            if name.startswith(".") and name.endswith(".tmp"):
+                self._ops.unlink(os.path.join(self.path, name))  # never renamed: never acknowledged
+        segs = list_segments(self.path)
+        headers = [read_segment_header(os.path.join(self.path, n)) for _, n in segs]
+        log_id = headers[0].log_id
+        for (first, name), h in zip(segs, headers):
+            if h.log_id != log_id:
+                raise CorruptRecordError(name, 0, first, "segment belongs to another log (log id differs)")
+            if h.first_lsn != first:
+                raise CorruptRecordError(name, 0, first, f"file name says LSN {first}, header says {h.first_lsn}")
+        self.log_id = uuid.UUID(bytes=log_id)
+        last_first, last_name = segs[-1]
+        scan = scan_segment(
+            os.path.join(self.path, last_name),
+            expected_first_lsn=None, expected_prev_hash=None, log_id=log_id, is_last=True,
+        )
+        if scan.torn is not None:
+            self._trim(scan)
+        last_epoch = None
+        if scan.records:
+            for rec in LogReader(self.path, index=self.index).records(scan.last_lsn, scan.last_lsn):
+                last_epoch = rec.epoch
+        self._epoch = max(last_epoch or 1, self._read_epoch_file())
+        self._next_lsn = scan.last_lsn + 1
+        self._last_hash = scan.last_hash
+        self._durable_lsn = scan.last_lsn
+        self._durable_hash = scan.last_hash
+        self._active_name = last_name
+        self._active_first = last_first
+        self._active_size = scan.end_offset
+        self._fd = self._ops.open_append(os.path.join(self.path, last_name))
+
+    def _read_epoch_file(self) -> int:
+        try:
+            with open(os.path.join(self.path, "EPOCH"), "rb") as f:
+                return int(f.read().strip() or b"1")
+        except FileNotFoundError:
+            return 1
+
+    def _trim(self, scan) -> None:
+        torn = scan.torn
+        seg_path = os.path.join(self.path, torn.segment)
+        torn_dir = os.path.join(self.path, "torn")
+        if not os.path.isdir(torn_dir):
+            self._ops.mkdir(torn_dir)
+            self._ops.fsync_dir(self.path)
+        with open(seg_path, "rb") as f:
+            f.seek(torn.offset)
+            data = f.read(torn.size)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = os.path.join(torn_dir, f"{torn.segment}.{torn.offset}.{stamp}.torn")
+        self._ops.write_file_atomic(aside, data)
+        self._ops.truncate(seg_path, torn.offset)
+        self.torn_tails.append(torn)
+
+    def close(self) -> None:
+        """Wait for an in-flight sync, then close. Later calls raise LogClosedError."""
+        with self._cond:
+            while self._syncing:
+                self._cond.wait()
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            if self._fd is not None:
+                try:
+                    self._ops.close(self._fd)
+                except OSError:
+                    pass
+                self._fd = None
+        self._release_lock()
+
+    def __enter__(self) -> "Log":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def last_lsn(self) -> int:
+        """The last durable LSN (0 for an empty log)."""
+        return self._durable_lsn
+
+    @property
+    def last_hash(self) -> bytes:
+        """The hash of the last durable record (LOG-6)."""
+        return self._durable_hash
+
+    @property
+    def first_lsn(self) -> int:
+        segs = list_segments(self.path)
+        return segs[0][0] if segs else 1
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def failed(self) -> LogFailedError | None:
+        """The sticky failure, or None while the log is healthy."""
+        return self._failed
+
+    def segment_count(self) -> int:
+        return len(list_segments(self.path))
+
+    def size_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.path, n)) for _, n in list_segments(self.path))
+
+    # -- appending ---------------------------------------------------------
+
+    def append(self, type_: int, payload: bytes, *, epoch: int | None = None) -> Appended:
+        """Append one record; returns once it is durable (fdatasync'ed).
+
+        Raises:
+            LogFailedError: this or an earlier sync failed (nothing acknowledged).
+            LogClosedError: the log was closed.
+        """
+        return self.append_many([(type_, payload)], epoch=epoch)[0]
+
+    def append_many(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
+        """Append several records with consecutive LSNs; returns once all are durable."""
+        for _, payload in items:
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise WalError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+        p_hashes = [payload_hash(p) for _, p in items]
+        with self._cond:
+            self._check_usable()
+            ep = self._epoch if epoch is None else epoch
+            out = []
+            for (type_, payload), ph in zip(items, p_hashes):
+                lsn = self._next_lsn
+                h = record_hash(self._last_hash, lsn, ep, type_, len(payload), ph)
+                self._pending.append(_Pending(lsn, ep, type_, payload, h))
+                self._next_lsn = lsn + 1
+                self._last_hash = h
+                out.append(Appended(lsn, h, ep))
+            self._wait_durable(out[-1].lsn)
+        return out
+
+    def append_records(self, records: Sequence[Record]) -> None:
+        """Append records made elsewhere (a replica copying its master).
+
+        Each record MUST extend this log exactly: LSN ``last + 1`` and a hash
+        that chains onto this log's last hash (LOG-5). Returns once durable.
+
+        Raises:
+            OutOfOrderError: a gap, overlap or broken chain (nothing appended).
+            LogFailedError, LogClosedError.
+        """
+        if not records:
+            return
+        p_hashes = [payload_hash(r.payload) for r in records]
+        with self._cond:
+            self._check_usable()
+            lsn, prev = self._next_lsn, self._last_hash
+            staged = []
+            for r, ph in zip(records, p_hashes):
+                if r.lsn != lsn:
+                    raise OutOfOrderError(lsn, r.lsn)
+                h = record_hash(prev, r.lsn, r.epoch, r.type, len(r.payload), ph)
+                if h != r.hash:
+                    raise OutOfOrderError(lsn, r.lsn, "record hash does not chain onto this log")
+                staged.append(_Pending(r.lsn, r.epoch, r.type, r.payload, h))
+                lsn, prev = lsn + 1, h
+            self._pending.extend(staged)
+            self._next_lsn, self._last_hash = lsn, prev
+            if records[-1].epoch > self._epoch:
+                self._epoch = records[-1].epoch
+            self._wait_durable(lsn - 1)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LogClosedError(f"log {self.path} is closed")
+        if self._failed is not None:
+            raise self._failed
+
+    def _wait_durable(self, lsn: int) -> None:
+        """Called with the lock held: lead syncs or wait until ``lsn`` is durable."""
+        while self._durable_lsn < lsn:
+            if self._failed is not None:
+                raise LogFailedError(f"{self._failed} (LSN {lsn} was not acknowledged)")
+            if self._closed:
+                raise LogClosedError(f"log {self.path} was closed before LSN {lsn} became durable")
+            if self._syncing:
+                self._cond.wait()
+                continue
+            batch, self._pending = self._pending, []
+            self._syncing = True
+            self._lock.release()
+            error: BaseException | None = None
+            try:
+                written = self._write_batch(batch)
+            except BaseException as exc:  # any failure fails the log (LOG-12)
+                error = exc
+            finally:
+                self._lock.acquire()
+                self._syncing = False
+            if error is not None:
+                self._failed = LogFailedError(
+                    f"log {self.path} failed while syncing LSNs {batch[0].lsn}..{batch[-1].lsn}: {error}; "
+                    f"it refuses writes until reopened"
+                )
+                self._failed.__cause__ = error
+                self._cond.notify_all()
+                raise self._failed
+            self._durable_lsn = batch[-1].lsn
+            self._durable_hash = batch[-1].hash
+            self._active_size += written
+            self._cond.notify_all()
+
+    def _write_batch(self, batch: list[_Pending]) -> int:
+        first = batch[0]
+        if self._active_size >= self.segment_max_bytes and self._active_first < first.lsn:
+            self._rotate(first.lsn, self._durable_hash)
+        data = b"".join(
+            encode_frame(p.lsn, p.epoch, p.type, p.payload, p.hash, batch_back=p.lsn - first.lsn) for p in batch
+        )
+        assert self._fd is not None
+        self._ops.write_all(self._fd, data)
+        self._ops.fdatasync(self._fd)
+        self.fsync_count += 1
+        self.batch_count += 1
+        return len(data)
+
+    def _rotate(self, first_lsn: int, prev_hash: bytes) -> None:
+        header = SegmentHeader(FORMAT_VERSION, self.log_id.bytes, first_lsn, prev_hash)
+        name = create_segment(self._ops, self.path, header)
+        old = self._fd
+        self._fd = self._ops.open_append(os.path.join(self.path, name))
+        if old is not None:
+            self._ops.close(old)
+        self._active_name = name
+        self._active_first = first_lsn
+        self._active_size = os.path.getsize(os.path.join(self.path, name))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make ``epoch`` the epoch of later appends, durably (EPOCH file)."""
+        with self._cond:
+            self._check_usable()
+            if epoch < self._epoch:
+                raise WalError(f"epoch {epoch} is below the log's epoch {self._epoch}")
+            self._ops.write_file_atomic(os.path.join(self.path, "EPOCH"), str(epoch).encode())
+            self._epoch = epoch
+
+    # -- reading -----------------------------------------------------------
+
+    def reader(self) -> LogReader:
+        """A reader bounded by this log's durable LSN, sharing its index."""
+        return LogReader(self.path, durable_lsn=lambda: self._durable_lsn, wait=self.wait_for, index=self.index)
+
+    def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Record]:
+        """Durable records ``from_lsn``..``to_lsn``, verified."""
+        return self.reader().records(from_lsn, to_lsn)
+
+    def follow(self, from_lsn: int, stop: threading.Event, poll_interval_s: float = 0.5) -> Iterator[Record]:
+        """Records from ``from_lsn`` on, waiting for new ones until ``stop`` is set."""
+        return self.reader().records(from_lsn, follow=True, stop=stop, poll_interval_s=poll_interval_s)
+
+    def wait_for(self, lsn: int, timeout: float | None = None) -> bool:
+        """Block until ``lsn`` is durable, the log fails or closes, or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._durable_lsn < lsn and not self._closed and self._failed is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return self._durable_lsn >= lsn
+
+    def hash_at(self, lsn: int) -> bytes:
+        """The hash of durable record ``lsn`` (``lsn == 0`` gives the zero hash)."""
+        if lsn == self._durable_lsn:
+            return self._durable_hash
+        return self.reader().hash_at(lsn)
+
+    # -- retention ---------------------------------------------------------
+
+    def drop_before(self, lsn: int, *, force: bool = False) -> list[str]:
+        """Delete whole segments whose records are all below ``lsn`` (LOG-13).
+
+        Never deletes the active segment. Unless ``force``, refuses to drop a
+        record some cursor has not consumed yet (cursor LSN < record LSN).
+
+        Returns:
+            The names of the deleted segment files.
+        Raises:
+            RetentionError: a cursor still needs a segment that would go.
+        """
+        segs = list_segments(self.path)
+        limit = lsn
+        if not force:
+            floor = self.cursors.minimum()
+            if floor is not None and floor + 1 < lsn:
+                raise RetentionError(
+                    f"cursor(s) still need records from LSN {floor + 1}; dropping below {lsn} "
+                    f"would discard them (drop the cursor or force)"
+                )
+        dropped = []
+        for (first, name), (nxt_first, _) in zip(segs, segs[1:]):
+            if nxt_first <= limit and name != self._active_name:
+                self._ops.unlink(os.path.join(self.path, name))
+                self.index.forget(name)
+                dropped.append(name)
+            else:
+                break
+        if dropped:
+            self._ops.fsync_dir(self.path)
+        return dropped
