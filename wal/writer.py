@@ -321,6 +321,18 @@ class Log:
 
     def append_many(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
         """Append several records with consecutive LSNs; returns once all are durable."""
+        out = self.enqueue(items, epoch=epoch)
+        self.sync_to(out[-1].lsn)
+        return out
+
+    def enqueue(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
+        """Give records their LSNs and hashes *without* waiting for durability.
+
+        The returned values are NOT acknowledgements: call :meth:`sync_to`
+        with the last LSN before telling anyone. This split lets a caller
+        decide something under its own lock (say, a mailbox UID) in LSN order
+        while the fsync wait is shared with other appenders (group commit).
+        """
         for _, payload in items:
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise WalError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
@@ -336,8 +348,19 @@ class Log:
                 self._next_lsn = lsn + 1
                 self._last_hash = h
                 out.append(Appended(lsn, h, ep))
-            self._wait_durable(out[-1].lsn)
         return out
+
+    def sync_to(self, lsn: int) -> None:
+        """Return once record ``lsn`` is durable, leading a group sync if needed.
+
+        Raises:
+            LogFailedError: the sync covering ``lsn`` (or an earlier one) failed.
+            LogClosedError: the log was closed first.
+        """
+        with self._cond:
+            if self._durable_lsn >= lsn:
+                return
+            self._wait_durable(lsn)
 
     def append_records(self, records: Sequence[Record]) -> None:
         """Append records made elsewhere (a replica copying its master).
