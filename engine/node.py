@@ -1,0 +1,467 @@
+"""A mail node: the log, the decision state and the SQLite store, wired.
+
+Lifecycle
+---------
+``Node.init(path)`` creates a node directory (``log.wal/``, ``store.sqlite``,
+``node.json``). ``Node.open(path)`` opens it: the log recovers, the store
+catches up from its applied LSN (MS-5), the decision state is loaded from the
+store, and an applier thread keeps applying new durable records.
+
+Writes (``deliver``, ``store_flags``, ``expunge``, mailbox operations) are
+planned and enqueued under one state lock, so LSN order is decision order,
+then wait for the log's group-committed fdatasync *outside* that lock. A
+method returns only once its record is durable (MS-2). Reads go to the store
+after it has applied everything durable at the time of the call
+(read-your-writes).
+
+A replica node (``role == "replica"``) refuses writes with
+:class:`ReadOnlyNodeError`; its log is fed by replication and its applier
+applies whatever arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from wal import Log, LogClosedError, LogFailedError, Record, WalError
+
+from .events import MailboxCreated, encode_event
+from .mailerrors import (
+    MessageTooLargeError,
+    ReadOnlyNodeError,
+    StoreUnavailableError,
+    UnknownMailboxError,
+    UnknownUidError,
+)
+from .state import DecisionState, Duplicate
+from .store import MailboxInfo, MessageInfo, Store, remove_store_files
+
+__all__ = ["Node", "Receipt", "NodeConfig", "LOG_DIR", "STORE_FILE"]
+
+LOG_DIR = "log.wal"
+STORE_FILE = "store.sqlite"
+CONFIG_FILE = "node.json"
+
+
+@dataclass
+class NodeConfig:
+    """Persistent per-node settings (``node.json``)."""
+
+    role: str = "master"  # "master" or "replica"
+    name: str = ""
+    max_message_bytes: int = 50 * 1024 * 1024
+    dedup_window_s: int = 24 * 3600
+    segment_max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof of one durable delivery."""
+
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    guid: str  # hex
+    lsn: int
+    duplicate: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Node:
+    """A mail store node. Thread-safe; see the module docstring."""
+
+    def __init__(self, path: str, config: NodeConfig, log: Log, store: Store):
+        self.path = os.path.abspath(path)
+        self.config = config
+        self.log = log
+        self.store = store
+        self.state = DecisionState()
+        self._state_lock = threading.Lock()
+        self._writes_paused: str | None = None
+        self._stop = threading.Event()
+        self._applied_cond = threading.Condition()
+        self._applier_error: BaseException | None = None
+        self._applier: threading.Thread | None = None
+        self.on_delivered = None  # optional hook(receipt) for logging
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: str, *, role: str = "master", name: str = "", log_id: uuid.UUID | None = None,
+             create_log: bool = True, **config) -> "Node":
+        """Create a node directory and open it. ``create_log=False`` leaves the
+        log to be created later (a replica awaiting seeding)."""
+        path = os.path.abspath(path)
+        if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            raise WalError(f"{path} is already a node; open it instead")
+        os.makedirs(path, exist_ok=True)
+        cfg = NodeConfig(role=role, name=name or os.path.basename(path), **config)
+        _write_json_atomic(os.path.join(path, CONFIG_FILE), asdict(cfg))
+        if create_log:
+            Log.create(os.path.join(path, LOG_DIR), log_id=log_id, segment_max_bytes=cfg.segment_max_bytes).close()
+            return cls.open(path)
+        return None  # type: ignore[return-value]
+
+    @classmethod
+    def open(cls, path: str, *, start_applier: bool = True) -> "Node":
+        """Open a node: recover the log, catch the store up, load the state."""
+        path = os.path.abspath(path)
+        cfg = read_config(path)
+        log = Log.open(os.path.join(path, LOG_DIR), segment_max_bytes=cfg.segment_max_bytes)
+        store = Store(os.path.join(path, STORE_FILE))
+        node = cls(path, cfg, log, store)
+        try:
+            node._check_lineage()
+            node.catch_up()
+            node._load_state()
+        except BaseException:
+            store.close()
+            log.close()
+            raise
+        if start_applier:
+            node._applier = threading.Thread(target=node._apply_loop, name="mailwal-applier", daemon=True)
+            node._applier.start()
+        return node
+
+    def _check_lineage(self) -> None:
+        log_id = str(self.log.log_id)
+        have = self.store.log_id
+        if have is None:
+            self.store.set_log_id(log_id)
+        elif have != log_id:
+            raise WalError(
+                f"store {self.store.path} was built from log {have}, but the node's log is {log_id}: "
+                f"run `walctl rebuild {self.path}`"
+            )
+        if self.store.applied_lsn > self.log.last_lsn:
+            raise WalError(
+                f"store has applied LSN {self.store.applied_lsn} but the log ends at {self.log.last_lsn}: "
+                f"the log lost records; run `walctl rebuild {self.path}` after restoring the log"
+            )
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+        if self._applier is not None:
+            self._applier.join(timeout=10)
+        self.log.close()
+        self.store.close()
+
+    def __enter__(self) -> "Node":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the store follows the log ------------------------------------------------
+
+    def catch_up(self, batch: int = 512) -> int:
+        """Apply every durable record the store has not applied yet."""
+        start = self.store.applied_lsn + 1
+        pending: list[Record] = []
+        for rec in self.log.read(start):
+            pending.append(rec)
+            if len(pending) >= batch:
+                self.store.apply_records(pending)
+                pending = []
+        if pending:
+            self.store.apply_records(pending)
+        with self._applied_cond:
+            self._applied_cond.notify_all()
+        return self.store.applied_lsn
+
+    def _apply_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                target = self.log.last_lsn
+                if self.store.applied_lsn >= target:
+                    self.log.wait_for(target + 1, timeout=0.2)
+                    continue
+                self.catch_up()
+        except (LogClosedError,) :
+            pass
+        except BaseException as exc:  # surfaced through applied_error and status
+            self._applier_error = exc
+            with self._applied_cond:
+                self._applied_cond.notify_all()
+
+    @property
+    def applier_error(self) -> BaseException | None:
+        return self._applier_error
+
+    def wait_applied(self, lsn: int, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._applied_cond:
+            while self.store.applied_lsn < lsn:
+                if self._applier_error is not None or self._stop.is_set():
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._applied_cond.wait(min(remaining, 0.05))
+        return True
+
+    def _load_state(self) -> None:
+        st = DecisionState()
+        now_ms = int(time.time() * 1000)
+        window_ms = self.config.dedup_window_s * 1000
+        for mb in self.store.mailboxes():
+            st.apply(MailboxCreated(mb.mailbox_id, mb.name, mb.uidvalidity))
+            ms = st.by_id[mb.mailbox_id]
+            ms.uidnext = mb.uidnext
+            ms.highestmodseq = mb.highestmodseq
+            ms.uids = set(self.store.uids(mb.mailbox_id))
+            for guid, uid, delivered in self.store.recent_guids(mb.mailbox_id, now_ms - window_ms):
+                ms.recent[bytes(guid)] = (uid, delivered)
+        for (value,) in self.store._read("SELECT value FROM meta WHERE key='max_uidvalidity'"):
+            st.last_uidvalidity = max(st.last_uidvalidity, int(value))
+        self.state = st
+
+    # -- writes ------------------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        return self.config.role
+
+    def _check_writable(self) -> None:
+        if self.config.role != "master":
+            raise ReadOnlyNodeError(f"node {self.config.name} is a replica: it is read-only until promoted")
+        if self._writes_paused is not None:
+            raise ReadOnlyNodeError(self._writes_paused)
+        if self.log.failed is not None:
+            raise StoreUnavailableError(str(self.log.failed))
+
+    def pause_writes(self, reason: str) -> None:
+        """Refuse writes with ``reason`` (soft failover drains this way)."""
+        with self._state_lock:
+            self._writes_paused = reason
+
+    def resume_writes(self) -> None:
+        with self._state_lock:
+            self._writes_paused = None
+
+    def _commit(self, events: list) -> list[int]:
+        """Enqueue planned events (state lock held) and apply them to the state."""
+        items = [encode_event(e) for e in events]
+        try:
+            appended = self.log.enqueue(items)
+        except (LogFailedError, LogClosedError) as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        window_ms = self.config.dedup_window_s * 1000
+        for e in events:
+            self.state.apply(e, dedup_window_ms=window_ms)
+        return [a.lsn for a in appended]
+
+    def _sync(self, lsn: int) -> None:
+        try:
+            self.log.sync_to(lsn)
+        except (LogFailedError, LogClosedError) as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    def deliver(self, mailbox: str, body: bytes, *, flags: Iterable[str] = (), internaldate: float | None = None,
+                create: bool = False) -> Receipt:
+        """Deliver ``body`` to ``mailbox``; returns once the record is durable.
+
+        ``create=True`` creates the mailbox first if it does not exist (one
+        batch, one fsync). A second delivery of the same bytes to the same
+        mailbox within the dedup window returns the first receipt with
+        ``duplicate=True`` and stores nothing (MS-6).
+        """
+        return self.deliver_many([(mailbox, tuple(flags))], body, internaldate=internaldate, create=create)[0]
+
+    def deliver_many(self, targets: list[tuple[str, tuple[str, ...]]], body: bytes, *,
+                     internaldate: float | None = None, create: bool = False) -> list[Receipt | Exception]:
+        """Deliver one body to several mailboxes with one shared fsync.
+
+        Returns one entry per target: a Receipt, or the RequestError that
+        refused that target (others still deliver). Raises TemporaryFailure
+        subclasses for node-wide problems (read-only, log failed).
+        """
+        if len(body) > self.config.max_message_bytes:
+            raise MessageTooLargeError(
+                f"message of {len(body)} bytes exceeds this node's limit of {self.config.max_message_bytes}"
+            )
+        now = time.time()
+        now_ms = int(now * 1000)
+        idate_ms = int((internaldate if internaldate is not None else now) * 1000)
+        window_ms = self.config.dedup_window_s * 1000
+        results: list[Receipt | Exception | None] = [None] * len(targets)
+        with self._state_lock:
+            self._check_writable()
+            events = []
+            owners: list[int | None] = []
+            for i, (mailbox, flags) in enumerate(targets):
+                try:
+                    if create and mailbox not in self.state.by_name:
+                        ev = self.state.plan_create(mailbox, new_id=uuid.uuid4().hex, now_s=int(now))
+                        self.state.apply(ev)  # tentative: undone below if the batch fails to enqueue
+                        events.append(ev)
+                        owners.append(None)
+                    plan = self.state.plan_append(mailbox, body, flags, internaldate_ms=idate_ms, now_ms=now_ms,
+                                                  dedup_window_ms=window_ms)
+                except Exception as exc:
+                    if isinstance(exc, (ReadOnlyNodeError, StoreUnavailableError)):
+                        raise
+                    results[i] = exc
+                    continue
+                if isinstance(plan, Duplicate):
+                    results[i] = ("dup", plan)  # type: ignore[assignment]
+                    continue
+                self.state.apply(plan, dedup_window_ms=window_ms)
+                events.append(plan)
+                owners.append(i)
+            if not events:
+                lsn = self.log.last_lsn
+                lsns = []
+            else:
+                try:
+                    appended = self.log.enqueue([encode_event(e) for e in events])
+                except (LogFailedError, LogClosedError) as exc:
+                    self._load_state()  # undo tentative state changes
+                    raise StoreUnavailableError(str(exc)) from exc
+                lsns = [a.lsn for a in appended]
+                lsn = lsns[-1]
+        if events:
+            self._sync(lsn)
+        by_owner = {owners[k]: (events[k], lsns[k]) for k in range(len(events)) if owners[k] is not None}
+        out: list[Receipt | Exception] = []
+        for i, (mailbox, _) in enumerate(targets):
+            r = results[i]
+            if isinstance(r, tuple) and r[0] == "dup":
+                d: Duplicate = r[1]
+                out.append(Receipt(mailbox, d.uidvalidity, d.uid, d.guid.hex(), self.log.last_lsn, duplicate=True))
+            elif isinstance(r, Exception):
+                out.append(r)
+            else:
+                ev, ev_lsn = by_owner[i]
+                mb = self.state.by_id.get(ev.mailbox_id)
+                uidvalidity = mb.uidvalidity if mb else 0
+                out.append(Receipt(mailbox, uidvalidity, ev.uid, ev.guid.hex(), ev_lsn))
+        return out
+
+    def _write(self, plan_fn) -> int:
+        with self._state_lock:
+            self._check_writable()
+            event = plan_fn()
+            lsn = self._commit([event])[0]
+        self._sync(lsn)
+        return lsn
+
+    def create_mailbox(self, name: str) -> int:
+        """Create a mailbox; returns the durable LSN."""
+        return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time())))
+
+    def rename_mailbox(self, old: str, new: str) -> int:
+        return self._write(lambda: self.state.plan_rename(old, new))
+
+    def delete_mailbox(self, name: str) -> int:
+        return self._write(lambda: self.state.plan_delete(name))
+
+    def store_flags(self, mailbox: str, uids: Iterable[int], op: str, flags: Iterable[str]) -> int:
+        """Add, remove or replace flags on messages; returns the durable LSN."""
+        uids = list(uids)
+        flags = list(flags)
+        return self._write(lambda: self.state.plan_flags(mailbox, uids, op, flags, now_ms=int(time.time() * 1000)))
+
+    def expunge(self, mailbox: str, uids: Iterable[int]) -> int:
+        uids = list(uids)
+        return self._write(lambda: self.state.plan_expunge(mailbox, uids))
+
+    def append_event(self, event) -> int:
+        """Log a non-mail event (checkpoint, epoch start) as master; durable on return."""
+        with self._state_lock:
+            self._check_writable()
+            lsn = self._commit([event])[0]
+        self._sync(lsn)
+        return lsn
+
+    # -- reads -------------------------------------------------------------------
+
+    def _fresh(self) -> None:
+        if not self.wait_applied(self.log.last_lsn):
+            if self._applier_error is not None:
+                raise StoreUnavailableError(f"the store stopped applying the log: {self._applier_error}")
+
+    def list_mailboxes(self) -> list[MailboxInfo]:
+        self._fresh()
+        return self.store.mailboxes()
+
+    def _mailbox(self, name: str) -> MailboxInfo:
+        mb = self.store.mailbox(name)
+        if mb is None:
+            raise UnknownMailboxError(f"no mailbox named {name!r}")
+        return mb
+
+    def list_messages(self, mailbox: str) -> list[MessageInfo]:
+        self._fresh()
+        return self.store.messages(self._mailbox(mailbox).mailbox_id)
+
+    def fetch(self, mailbox: str, uid: int) -> bytes:
+        self._fresh()
+        body = self.store.body(self._mailbox(mailbox).mailbox_id, uid)
+        if body is None:
+            raise UnknownUidError(f"mailbox {mailbox!r} has no message with UID {uid}")
+        return body
+
+    def digest(self) -> dict:
+        self._fresh()
+        return self.store.digest()
+
+    def status(self) -> dict:
+        return {
+            "node": self.config.name,
+            "role": self.config.role,
+            "log_id": str(self.log.log_id),
+            "epoch": self.log.epoch,
+            "last_lsn": self.log.last_lsn,
+            "last_hash": self.log.last_hash.hex(),
+            "applied_lsn": self.store.applied_lsn,
+            "writes_paused": self._writes_paused,
+            "log_failed": str(self.log.failed) if self.log.failed else None,
+            "applier_error": str(self._applier_error) if self._applier_error else None,
+        }
+
+
+def read_config(path: str) -> NodeConfig:
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise WalError(f"{path} is not a mailwal node (no {CONFIG_FILE}); create it with `walctl init`") from None
+    known = {k: v for k, v in data.items() if k in NodeConfig.__dataclass_fields__}
+    return NodeConfig(**known)
+
+
+def write_config(path: str, cfg: NodeConfig) -> None:
+    _write_json_atomic(os.path.join(path, CONFIG_FILE), asdict(cfg))
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    from wal import OS_FILEOPS
+
+    OS_FILEOPS.write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def rebuild_store(path: str) -> dict:
+    """Recreate a node's store from its log alone; returns the new digest."""
+    path = os.path.abspath(path)
+    remove_store_files(os.path.join(path, STORE_FILE))
+    node = Node.open(path, start_applier=False)
+    try:
+        if node.log.first_lsn > 1:
+            raise WalError(
+                f"the log starts at LSN {node.log.first_lsn} (older segments were dropped or the node was seeded); "
+                f"a store cannot be rebuilt from it alone: reseed the node from its master"
+            )
+        return node.store.digest()
+    finally:
+        node.close()
