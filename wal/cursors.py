@@ -88,7 +88,10 @@ class CursorStore:
                         f"(rewind explicitly if that is what you mean)"
                     )
             if not os.path.isdir(self._dir):
-                os.makedirs(self._dir, exist_ok=True)
+                try:
+                    self._ops.mkdir(self._dir)  # through FileOps, like every durable change
+                except FileExistsError:
+                    pass
                 self._ops.fsync_dir(os.path.dirname(self._dir))
             self._ops.write_file_atomic(path, codec.dumps({"lsn": lsn, "updated_ms": int(time.time() * 1000)}))
 
