@@ -1,0 +1,40 @@
+"""``walctl``: the operator's command line for mailwal logs.
+
+This module holds only the click group; each command lives in its own small
+module (``tools/walctl_<name>.py``) as a thin layer over :mod:`wal`: the
+library raises typed errors and never prints, the commands format results and
+map errors to exit statuses (see :mod:`tools.cliutil`). To add a command,
+write a module with a ``click.Command`` and register it below.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .cliutil import CONTEXT_SETTINGS
+from .walctl_bench import bench
+from .walctl_cursor import cursor
+from .walctl_repair import repair
+from .walctl_replay import replay
+from .walctl_verify import verify
+
+__all__ = ["cli"]
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="mailwal", prog_name="walctl")
+def cli() -> None:
+    """Inspect, check and benchmark mailwal write-ahead logs.
+
+    LOG is a log directory (conventionally *.wal). Exit status: 0 success,
+    1 the log is damaged or the operation failed, 2 bad usage.
+
+    \b
+    Example:
+        walctl verify node1.wal
+        walctl replay node1.wal --from indexer --json
+    """
+
+
+for _command in (verify, replay, cursor, repair, bench):
+    cli.add_command(_command)

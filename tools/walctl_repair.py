@@ -1,0 +1,75 @@
+"""``walctl repair``: cut a damaged log at its first damage, over :func:`wal.repair`."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+
+import click
+
+import wal
+
+from .cliutil import dump_json, json_option, log_argument, require_log, wal_errors
+
+__all__ = ["repair"]
+
+
+@contextlib.contextmanager
+def _writer_lock(log: str):
+    """Hold the log's writer lock (LOG-14) so no node appends while we cut.
+
+    wal.repair() does not take it itself; a live writer makes this fail cleanly.
+    """
+    fd = os.open(os.path.join(log, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise click.ClickException(
+                f"log {log} is open for writing by another process; stop it before repairing"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@click.command(name="repair")
+@log_argument
+@json_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation before cutting.")
+def repair(log: str, as_json: bool, yes: bool) -> None:
+    """Cut LOG at its first damage so that it opens again.
+
+    Run it only when LOG is not open for writing. A valid log is left
+    unchanged. Otherwise every byte after the damage is copied to LOG/broken/
+    (fsynced) before the damaged segment is truncated and later segments are
+    removed; the report names the first lost LSN, to re-fetch from a replica.
+
+    \b
+    Example:
+        walctl verify node1.wal || walctl repair --yes node1.wal
+    """
+    with wal_errors():
+        require_log(log)
+        with _writer_lock(log):
+            report = wal.verify(log)
+            if not report.ok and not yes:
+                e = report.error or {}
+                click.confirm(
+                    f"Cut {log} at segment {e.get('segment')}, offset {e.get('offset')} (LSN {e.get('lsn')} "
+                    f"and every later record leave this log)?",
+                    abort=True, err=True,
+                )
+            result = wal.repair(log)
+    if as_json:
+        dump_json(result.to_dict(), indent=2)
+    elif result.cut_segment is None:
+        click.echo(f"{log}: valid, nothing to repair (last LSN {result.last_lsn})")
+    else:
+        click.echo(
+            f"{log}: cut at segment {result.cut_segment}, offset {result.cut_offset}; "
+            f"last LSN now {result.last_lsn}; LSN {result.first_lost_lsn} onward lost from this log"
+        )
+        for path in result.backups:
+            click.echo(f"  kept {path}")
