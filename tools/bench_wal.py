@@ -1,0 +1,404 @@
+"""Measurements behind ``walctl bench wal``: the log against a raw ceiling.
+
+Every figure is paired with a ceiling measured in the same run, on the same
+disk, by the plainest code that does the same I/O, and reported as a ratio:
+
+* appends: N concurrent appender threads calling :meth:`wal.Log.append` with
+  4 KiB records; the ceiling is a loop of ``os.write`` + ``os.fdatasync`` on
+  an append-only file, writing the same number of bytes per sync as the log's
+  average batch (records / fsyncs), and also at the nominal batch (= threads);
+* verify and replay: :func:`wal.verify` and a full :meth:`wal.LogReader.records`
+  pass over a log of ``verify_bytes``, against reading the same segment files
+  in 1 MiB chunks and hashing them with blake3 (warm page cache for both);
+* memory: peak RSS of a subprocess that runs :func:`wal.verify`, next to the
+  RSS of the same subprocess that only imports :mod:`wal`.
+
+Nothing here prints; :mod:`tools.walctl_bench` formats the result. All
+functions return plain dicts (the ``--json`` contract).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable
+
+import blake3
+
+import wal
+from wal.format import FRAME_HEADER_SIZE
+
+__all__ = [
+    "RECORD_BYTES",
+    "THREADS",
+    "GOALS",
+    "bench_appends",
+    "bench_raw_sync",
+    "build_log",
+    "bench_verify",
+    "bench_replay",
+    "bench_raw_read_hash",
+    "verify_peak_rss",
+    "machine_info",
+    "run_wal_bench",
+]
+
+RECORD_BYTES = 4096
+THREADS = (1, 16, 64)
+MIB = 1024 * 1024
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: name -> (description, threshold, "min" or "max")
+GOALS = {
+    "appenders_64_vs_raw_batch_64": ("64 appenders >= 70% of raw write+fdatasync at batch 64", 0.70, "min"),
+    "appenders_1_vs_raw_batch_1": ("1 appender >= 80% of raw write+fdatasync at batch 1", 0.80, "min"),
+    "verify_vs_raw_read_hash": ("verify >= 50% of raw read+blake3", 0.50, "min"),
+    "replay_vs_raw_read_hash": ("replay >= 50% of raw read+blake3", 0.50, "min"),
+    "verify_peak_rss_mib": ("verify peak RSS < 100 MiB", 100.0, "max"),
+}
+
+Progress = Callable[[str], None]
+
+
+def _payloads(record_bytes: int, count: int = 8) -> list[bytes]:
+    return [os.urandom(record_bytes) for _ in range(count)]
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+def bench_appends(directory: str, threads: int, records: int, record_bytes: int = RECORD_BYTES) -> dict:
+    """``threads`` appenders share ``records`` appends of ``record_bytes`` into a fresh log."""
+    path = os.path.join(directory, f"appends-{threads}.wal")
+    per_thread = max(1, records // threads)
+    total = per_thread * threads
+    payloads = _payloads(record_bytes)
+    latencies: list[list[int]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+    log = wal.Log.create(path)
+    try:
+        barrier = threading.Barrier(threads + 1)
+
+        def appender(i: int) -> None:
+            lat = latencies[i]
+            append = log.append
+            clock = time.perf_counter_ns
+            p = payloads[i % len(payloads)]
+            try:
+                barrier.wait()
+                for _ in range(per_thread):
+                    t0 = clock()
+                    append(1, p)
+                    lat.append(clock() - t0)
+            except BaseException as exc:  # reported below, never swallowed
+                errors.append(exc)
+
+        workers = [threading.Thread(target=appender, args=(i,), daemon=True) for i in range(threads)]
+        for w in workers:
+            w.start()
+        fsyncs_before = log.fsync_count
+        barrier.wait()
+        t0 = time.perf_counter()
+        for w in workers:
+            w.join()
+        seconds = time.perf_counter() - t0
+        fsyncs = log.fsync_count - fsyncs_before
+        if errors:
+            raise errors[0]
+        if log.last_lsn != total:
+            raise RuntimeError(f"bench appended {total} records but the log ends at LSN {log.last_lsn}")
+    finally:
+        log.close()
+    all_lat = sorted(x for lat in latencies for x in lat)
+    frame_bytes = FRAME_HEADER_SIZE + record_bytes
+    return {
+        "threads": threads,
+        "records": total,
+        "record_bytes": record_bytes,
+        "seconds": seconds,
+        "records_per_s": total / seconds,
+        "mb_per_s": total * record_bytes / seconds / 1e6,
+        "fsyncs": fsyncs,
+        "fsyncs_per_record": fsyncs / total,
+        "avg_batch": total / max(fsyncs, 1),
+        "p50_ms": _percentile(all_lat, 0.50) / 1e6,
+        "p99_ms": _percentile(all_lat, 0.99) / 1e6,
+        "bytes_per_record_on_disk": frame_bytes,
+        "log_path": path,
+    }
+
+
+def bench_raw_sync(directory: str, batch: int, records: int, bytes_per_record: int) -> dict:
+    """The ceiling: ``os.write`` of ``batch`` records' bytes, then ``os.fdatasync``, in a loop."""
+    batch = max(1, int(batch))
+    path = os.path.join(directory, f"raw-batch-{batch}.dat")
+    buf = os.urandom(batch * bytes_per_record)
+    syncs = max(1, math.ceil(records / batch))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(syncs):
+            view = memoryview(buf)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fdatasync(fd)
+        seconds = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    done = syncs * batch
+    return {
+        "batch": batch,
+        "records": done,
+        "seconds": seconds,
+        "records_per_s": done / seconds,
+        "mb_per_s": done * bytes_per_record / seconds / 1e6,
+    }
+
+
+def build_log(path: str, total_bytes: int, record_bytes: int = RECORD_BYTES, batch: int = 256) -> dict:
+    """Fill a new log with about ``total_bytes`` of ``record_bytes`` records, in big batches."""
+    payloads = _payloads(record_bytes)
+    per_record = FRAME_HEADER_SIZE + record_bytes
+    count = max(1, total_bytes // per_record)
+    t0 = time.perf_counter()
+    with wal.Log.create(path) as log:
+        done = 0
+        while done < count:
+            n = min(batch, count - done)
+            log.append_many([(1, payloads[(done + i) % len(payloads)]) for i in range(n)])
+            done += n
+        last = log.last_lsn
+    return {"records": last, "bytes": _segment_bytes(path), "seconds": time.perf_counter() - t0}
+
+
+def _segment_files(path: str) -> list[str]:
+    return [os.path.join(path, name) for _, name in wal.LogReader(path).segments()]
+
+
+def _segment_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in _segment_files(path))
+
+
+def bench_raw_read_hash(path: str) -> dict:
+    """The ceiling for reading: every segment byte read in 1 MiB chunks and blake3-hashed."""
+    buf = bytearray(MIB)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for seg in _segment_files(path):
+        hasher = blake3.blake3()
+        with open(seg, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                hasher.update(view[:n])
+                total += n
+        hasher.digest()
+    seconds = time.perf_counter() - t0
+    return {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6}
+
+
+def bench_verify(path: str) -> dict:
+    t0 = time.perf_counter()
+    report = wal.verify(path)
+    seconds = time.perf_counter() - t0
+    if not report.ok:
+        raise RuntimeError(f"benchmark log failed verification: {report.error}")
+    size = _segment_bytes(path)
+    return {"bytes": size, "records": report.records, "seconds": seconds, "mb_per_s": size / seconds / 1e6,
+            "records_per_s": report.records / seconds}
+
+
+def bench_replay(path: str) -> dict:
+    t0 = time.perf_counter()
+    count = 0
+    payload_bytes = 0
+    for rec in wal.LogReader(path).records():
+        count += 1
+        payload_bytes += len(rec.payload)
+    seconds = time.perf_counter() - t0
+    size = _segment_bytes(path)
+    return {"bytes": size, "records": count, "payload_bytes": payload_bytes, "seconds": seconds,
+            "mb_per_s": size / seconds / 1e6, "records_per_s": count / seconds}
+
+
+_RSS_SCRIPT = """
+import json, resource, sys
+import wal
+report = None
+if sys.argv[2] == "verify":
+    report = wal.verify(sys.argv[1])
+print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "ok": None if report is None else report.ok,
+                  "records": None if report is None else report.records}))
+"""
+
+
+def verify_peak_rss(path: str) -> dict:
+    """Peak RSS of a fresh interpreter running wal.verify(path), and of one only importing wal."""
+
+    def run(mode: str) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, path, mode],
+            check=True, capture_output=True, text=True, env=env, cwd=_REPO_ROOT,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    base = run("import")
+    full = run("verify")
+    if not full["ok"]:
+        raise RuntimeError("benchmark log failed verification in the RSS subprocess")
+    return {
+        "log_bytes": _segment_bytes(path),
+        "records": full["records"],
+        "peak_rss_mib": full["maxrss_kib"] / 1024,
+        "baseline_rss_mib": base["maxrss_kib"] / 1024,
+    }
+
+
+def _mount_of(path: str) -> tuple[str, str, str]:
+    """(mount point, fs type, device) of the file system holding ``path``."""
+    path = os.path.realpath(path)
+    best = ("/", "?", "?")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mount_point = left.split()[4].replace("\\040", " ")
+                fstype, device = (right.split() + ["?", "?"])[:2]
+                if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) >= len(best[0]):
+                    best = (mount_point, fstype, device)
+    except OSError:
+        pass
+    return best
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine_info(directory: str) -> dict:
+    mount_point, fstype, device = _mount_of(directory)
+    usage = shutil.disk_usage(directory)
+    rotational = "?"
+    dev_name = os.path.basename(device)
+    try:
+        with open(f"/sys/block/{dev_name}/queue/rotational") as f:
+            rotational = "hdd" if f.read().strip() == "1" else "ssd/virtual"
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "dir": os.path.abspath(directory),
+        "mount_point": mount_point,
+        "fs_type": fstype,
+        "device": device,
+        "device_kind": rotational,
+        "disk_size_gib": round(usage.total / 2**30, 1),
+    }
+
+
+def _goal(name: str, value: float) -> dict:
+    description, threshold, kind = GOALS[name]
+    met = value >= threshold if kind == "min" else value < threshold
+    return {"goal": name, "description": description, "value": value, "threshold": threshold, "met": met}
+
+
+def run_wal_bench(
+    directory: str | None = None,
+    *,
+    records: int = 20000,
+    verify_bytes: int = 256 * MIB,
+    record_bytes: int = RECORD_BYTES,
+    threads: tuple[int, ...] = THREADS,
+    progress: Progress | None = None,
+) -> dict:
+    """Run every measurement in a scratch directory under ``directory``; returns the report."""
+    say = progress or (lambda _msg: None)
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="walbench-", dir=directory)
+    try:
+        frame_bytes = FRAME_HEADER_SIZE + record_bytes
+        appends = []
+        for n in threads:
+            say(f"appending {records} records with {n} thread(s)")
+            res = bench_appends(scratch, n, records, record_bytes)
+            shutil.rmtree(res.pop("log_path"))
+            batches = sorted({max(1, round(res["avg_batch"])), n})
+            raws = {}
+            for b in batches:
+                say(f"raw write+fdatasync at batch {b}")
+                raws[b] = bench_raw_sync(scratch, b, res["records"], frame_bytes)
+            achieved = raws[max(1, round(res["avg_batch"]))]
+            nominal = raws[n]
+            res["raw_batch"] = achieved["batch"]
+            res["raw_records_per_s"] = achieved["records_per_s"]
+            res["ratio_vs_raw"] = res["records_per_s"] / achieved["records_per_s"]
+            res["raw_nominal_batch"] = n
+            res["raw_nominal_records_per_s"] = nominal["records_per_s"]
+            res["ratio_vs_raw_nominal"] = res["records_per_s"] / nominal["records_per_s"]
+            appends.append(res)
+
+        log_path = os.path.join(scratch, "read.wal")
+        say(f"building a {verify_bytes / MIB:.0f} MiB log")
+        built = build_log(log_path, verify_bytes, record_bytes)
+        say("raw read+blake3")
+        bench_raw_read_hash(log_path)  # warm the page cache; the next pass is the one measured
+        raw_read = bench_raw_read_hash(log_path)
+        say("verify")
+        ver = bench_verify(log_path)
+        say("replay")
+        rep = bench_replay(log_path)
+        say("verify peak RSS (subprocess)")
+        rss = verify_peak_rss(log_path)
+        ver["ratio_vs_raw"] = ver["mb_per_s"] / raw_read["mb_per_s"]
+        rep["ratio_vs_raw"] = rep["mb_per_s"] / raw_read["mb_per_s"]
+
+        by_threads = {a["threads"]: a for a in appends}
+        goals = []
+        if 64 in by_threads:
+            goals.append(_goal("appenders_64_vs_raw_batch_64", by_threads[64]["ratio_vs_raw_nominal"]))
+        if 1 in by_threads:
+            goals.append(_goal("appenders_1_vs_raw_batch_1", by_threads[1]["ratio_vs_raw_nominal"]))
+        goals.append(_goal("verify_vs_raw_read_hash", ver["ratio_vs_raw"]))
+        goals.append(_goal("replay_vs_raw_read_hash", rep["ratio_vs_raw"]))
+        goals.append(_goal("verify_peak_rss_mib", rss["peak_rss_mib"]))
+        return {
+            "machine": machine_info(scratch),
+            "record_bytes": record_bytes,
+            "appends": appends,
+            "read": {"log": built, "raw_read_hash": raw_read, "verify": ver, "replay": rep},
+            "verify_rss": rss,
+            "goals": goals,
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
