@@ -61,6 +61,13 @@ from .segment import TornTail, create_segment, list_segments, read_segment_heade
 __all__ = ["Log", "Appended", "DEFAULT_SEGMENT_MAX_BYTES"]
 
 DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+_U64_MAX = (1 << 64) - 1
+
+
+def _check_field(name: str, value: int, maximum: int) -> None:
+    """LOG-4: record fields must fit their frame header field."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+        raise WalError(f"record {name} must be an integer in 0..{maximum}, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +329,8 @@ class Log:
     def append_many(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
         """Append several records with consecutive LSNs; returns once all are durable."""
         out = self.enqueue(items, epoch=epoch)
-        self.sync_to(out[-1].lsn)
+        if out:
+            self.sync_to(out[-1].lsn)
         return out
 
     def enqueue(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
@@ -333,9 +341,15 @@ class Log:
         decide something under its own lock (say, a mailbox UID) in LSN order
         while the fsync wait is shared with other appenders (group commit).
         """
-        for _, payload in items:
+        # Check every item before touching state: a bad item must not leave
+        # earlier items of the same call enqueued (they would be written by
+        # the next sync although the caller got an error).
+        for type_, payload in items:
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise WalError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+            _check_field("type", type_, 0xFFFF)
+        if epoch is not None:
+            _check_field("epoch", epoch, _U64_MAX)
         p_hashes = [payload_hash(p) for _, p in items]
         with self._cond:
             self._check_usable()
@@ -360,6 +374,8 @@ class Log:
         with self._cond:
             if self._durable_lsn >= lsn:
                 return
+            if lsn >= self._next_lsn:
+                raise WalError(f"LSN {lsn} was never enqueued (the next LSN is {self._next_lsn})")
             self._wait_durable(lsn)
 
     def append_records(self, records: Sequence[Record]) -> None:
