@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 SEGMENT_HEADER_SIZE = 96
 _SEGMENT_HEADER = struct.Struct("<8sHHI16sQQ32sQ")  # up to the check field
 assert _SEGMENT_HEADER.size == 88
+# LOG-3: the part of the header every version keeps: magic, version, header_size.
+_VERSION_PREFIX = struct.Struct("<8sHH")
+MIN_SEGMENT_HEADER_SIZE = 24  # the prefix, reserved u32, check
 
 # LOG-4: frame header, 64 bytes.
 FRAME_HEADER_SIZE = 64
@@ -132,18 +135,29 @@ def decode_segment_header(data: bytes) -> SegmentHeader:
         SegmentHeaderError: short, wrong magic, bad check, or unknown version
             (the message says which; version is reported through ``.version``).
     """
-    if len(data) < SEGMENT_HEADER_SIZE:
+    if len(data) < _VERSION_PREFIX.size:
         raise SegmentHeaderError("short segment header")
-    body, check = data[:88], data[88:96]
-    magic, version, header_size, _r1, log_id, first_lsn, _r2, prev_hash, _r3 = _SEGMENT_HEADER.unpack(body)
+    # LOG-3: magic, version and header_size, and "the last 8 bytes of the
+    # header check the bytes before them", hold for every version, so a
+    # header of a version this code does not know can still be told apart
+    # from a damaged one.
+    magic, version, header_size = _VERSION_PREFIX.unpack_from(data)
     if magic != SEGMENT_MAGIC:
         raise SegmentHeaderError("bad segment magic")
+    if header_size < MIN_SEGMENT_HEADER_SIZE:
+        raise SegmentHeaderError(f"segment header size {header_size} is impossible")
+    if len(data) < header_size:
+        raise SegmentHeaderError("short segment header")
+    body, check = data[: header_size - 8], data[header_size - 8 : header_size]
     if blake3.blake3(body).digest(8) != check:
         raise SegmentHeaderError("segment header check mismatch")
-    if version != FORMAT_VERSION or header_size != SEGMENT_HEADER_SIZE:
+    if version != FORMAT_VERSION:
         err = SegmentHeaderError(f"unsupported format version {version}")
         err.version = version  # type: ignore[attr-defined]
         raise err
+    if header_size != SEGMENT_HEADER_SIZE:
+        raise SegmentHeaderError(f"version {version} segment header must be {SEGMENT_HEADER_SIZE} bytes, says {header_size}")
+    _m, _v, _hs, _r1, log_id, first_lsn, _r2, prev_hash, _r3 = _SEGMENT_HEADER.unpack(body)
     try:
         return SegmentHeader(version, log_id, first_lsn, prev_hash)
     except ValueError as exc:

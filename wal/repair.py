@@ -108,11 +108,23 @@ def repair(path: str, *, fileops: FileOps = OS_FILEOPS) -> RepairReport:
     ``broken/`` in the log directory (fsynced). A log with no damage is left
     unchanged. Records after the cut are *lost from this log*: re-fetch them
     from a replica (the report names the first lost LSN).
+
+    Raises:
+        UnsupportedVersionError: a segment has a format version this code
+            does not know (nothing is changed: upgrade mailwal instead).
+        WalError: the first segment's header is damaged.
     """
     report = verify(path)
     rep = RepairReport(path=path, last_lsn=report.last_lsn)
     if report.ok:
         return rep
+    # LOG-3: a segment of an unknown format version is not damage; cutting it
+    # away would discard records a newer mailwal can read.
+    for _, name in list_segments(path):
+        try:
+            read_segment_header(os.path.join(path, name))
+        except CorruptRecordError:
+            pass
     err = report.error
     assert err is not None
     segs = list_segments(path)

@@ -102,6 +102,10 @@ def read_segment_header(path: str) -> SegmentHeader:
     """
     with open(path, "rb") as f:
         data = f.read(SEGMENT_HEADER_SIZE)
+        if len(data) >= 12:  # LOG-3: another version may have a longer header
+            header_size = struct.unpack_from("<H", data, 10)[0]
+            if header_size > len(data):
+                data += f.read(header_size - len(data))
     try:
         return decode_segment_header(data)
     except SegmentHeaderError as exc:
