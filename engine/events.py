@@ -23,7 +23,7 @@ __all__ = [
     "FlagsChanged", "MessagesExpunged", "Checkpoint", "EpochStarted",
     "Event", "encode_event", "decode_event", "EVENT_TYPES",
     "validate_mailbox_name", "normalize_flags", "body_guid", "SYSTEM_FLAGS",
-    "FLAG_OPS",
+    "FLAG_OPS", "event_mailbox_id",
 ]
 
 SYSTEM_FLAGS = ("\\Answered", "\\Deleted", "\\Draft", "\\Flagged", "\\Seen")
@@ -125,6 +125,7 @@ class MailboxDeleted:
     TYPE: ClassVar[int] = 3
     mailbox_id: str
     name: str
+    deleted_ms: int = 0
 
     def __post_init__(self):
         _check_id(self.mailbox_id)
@@ -183,6 +184,7 @@ class MessagesExpunged:
     mailbox_id: str
     uids: tuple[int, ...]
     modseq: int
+    expunged_ms: int = 0
 
     def __post_init__(self):
         _check_id(self.mailbox_id)
@@ -235,3 +237,8 @@ def decode_event(type_: int, payload: bytes):
         return cls(**d)
     except TypeError as exc:
         raise ValueError(f"record type {type_} payload has wrong fields: {exc}") from exc
+
+
+def event_mailbox_id(event) -> str | None:
+    """The mailbox a mail event concerns (None for node-wide events)."""
+    return getattr(event, "mailbox_id", None)

@@ -31,7 +31,8 @@ from typing import Iterable
 
 from wal import Log, LogClosedError, LogFailedError, Record, WalError
 
-from .events import MailboxCreated, encode_event
+from .events import Checkpoint, MailboxCreated, encode_event
+from .guard import Guard, GuardConfig
 from .mailerrors import (
     MessageTooLargeError,
     ReadOnlyNodeError,
@@ -40,7 +41,7 @@ from .mailerrors import (
     UnknownUidError,
 )
 from .state import DecisionState, Duplicate
-from .store import MailboxInfo, MessageInfo, Store, remove_store_files
+from .store import MailboxInfo, MessageInfo, Store, remove_store_files, store_digest
 
 __all__ = ["Node", "Receipt", "NodeConfig", "LOG_DIR", "STORE_FILE"]
 
@@ -58,6 +59,16 @@ class NodeConfig:
     max_message_bytes: int = 50 * 1024 * 1024
     dedup_window_s: int = 24 * 3600
     segment_max_bytes: int = 64 * 1024 * 1024
+    checkpoint_every_records: int = 10000  # master: a checkpoint after this many records...
+    checkpoint_every_s: float = 60.0  # ...or this many seconds with at least one new record
+    apply_retries: int = 3  # replica: tries before a failing mailbox is quarantined
+    on_mismatch: str = "resync"  # "resync" or "report" (checkpoint digest mismatches)
+    guard_enabled: bool = True
+    guard_window_s: int = 60
+    guard_max_deletes: int = 10
+    guard_max_expunge_ratio: float = 0.5
+    guard_min_expunged: int = 50
+    max_mailbox_deletes: int = 100  # master: refuse one operation deleting more mailboxes
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,8 @@ class Node:
         self._applied_cond = threading.Condition()
         self._applier_error: BaseException | None = None
         self._applier: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self.checkpoint_error: BaseException | None = None
         self.on_delivered = None  # optional hook(receipt) for logging
 
     # -- lifecycle -------------------------------------------------------------
@@ -118,6 +131,7 @@ class Node:
         log = Log.open(os.path.join(path, LOG_DIR), segment_max_bytes=cfg.segment_max_bytes)
         store = Store(os.path.join(path, STORE_FILE))
         node = cls(path, cfg, log, store)
+        node._configure_guard()
         try:
             node._check_lineage()
             node.catch_up()
@@ -129,7 +143,34 @@ class Node:
         if start_applier:
             node._applier = threading.Thread(target=node._apply_loop, name="mailwal-applier", daemon=True)
             node._applier.start()
+            node._checkpointer = threading.Thread(target=node._checkpoint_loop, name="mailwal-checkpoint", daemon=True)
+            node._checkpointer.start()
         return node
+
+    def _checkpoint_loop(self) -> None:
+        """Master: a checkpoint every N records or T seconds with new records."""
+        last_lsn, last_time = self.log.last_lsn, time.monotonic()
+        while not self._stop.wait(0.5):
+            if self.config.role != "master" or self._writes_paused is not None or self.log.failed is not None:
+                continue
+            grown = self.log.last_lsn - last_lsn
+            if grown <= 0:
+                last_time = time.monotonic()
+                continue
+            if grown >= self.config.checkpoint_every_records or time.monotonic() - last_time >= self.config.checkpoint_every_s:
+                try:
+                    self.checkpoint()
+                except Exception as exc:  # reported via status; writes are refused elsewhere
+                    self.checkpoint_error = exc
+                last_lsn, last_time = self.log.last_lsn, time.monotonic()
+
+    def _configure_guard(self) -> None:
+        c = self.config
+        if c.role == "replica" and c.guard_enabled:
+            self.store.set_guard(Guard(GuardConfig(True, c.guard_window_s, c.guard_max_deletes,
+                                                   c.guard_max_expunge_ratio, c.guard_min_expunged)))
+        else:
+            self.store.set_guard(None)
 
     def _check_lineage(self) -> None:
         log_id = str(self.log.log_id)
@@ -151,8 +192,9 @@ class Node:
         self._stop.set()
         with self._applied_cond:
             self._applied_cond.notify_all()
-        if self._applier is not None:
-            self._applier.join(timeout=10)
+        for t in (self._applier, self._checkpointer):
+            if t is not None:
+                t.join(timeout=10)
         self.log.close()
         self.store.close()
 
@@ -168,13 +210,14 @@ class Node:
         """Apply every durable record the store has not applied yet."""
         start = self.store.applied_lsn + 1
         pending: list[Record] = []
+        replica = self.config.role == "replica"
         for rec in self.log.read(start):
             pending.append(rec)
             if len(pending) >= batch:
-                self.store.apply_records(pending)
+                self.store.apply_records(pending, replica=replica)
                 pending = []
         if pending:
-            self.store.apply_records(pending)
+            self.store.apply_records(pending, replica=replica)
         with self._applied_cond:
             self._applied_cond.notify_all()
         return self.store.applied_lsn
@@ -183,6 +226,7 @@ class Node:
         try:
             while not self._stop.is_set():
                 target = self.log.last_lsn
+                self.retry_quarantined()
                 if self.store.applied_lsn >= target:
                     self.log.wait_for(target + 1, timeout=0.2)
                     continue
@@ -363,8 +407,18 @@ class Node:
     def rename_mailbox(self, old: str, new: str) -> int:
         return self._write(lambda: self.state.plan_rename(old, new))
 
-    def delete_mailbox(self, name: str) -> int:
-        return self._write(lambda: self.state.plan_delete(name))
+    def delete_mailbox(self, name: str, *, recursive: bool = False) -> int:
+        """Delete a mailbox (with ``recursive``, also those below it); leaves tombstones.
+
+        Raises GuardRefusedError when more than ``max_mailbox_deletes`` would go.
+        """
+        with self._state_lock:
+            self._check_writable()
+            events = self.state.plan_delete(name, now_ms=int(time.time() * 1000), recursive=recursive,
+                                            max_mailboxes=self.config.max_mailbox_deletes)
+            lsn = self._commit(events)[-1]
+        self._sync(lsn)
+        return lsn
 
     def store_flags(self, mailbox: str, uids: Iterable[int], op: str, flags: Iterable[str]) -> int:
         """Add, remove or replace flags on messages; returns the durable LSN."""
@@ -374,7 +428,7 @@ class Node:
 
     def expunge(self, mailbox: str, uids: Iterable[int]) -> int:
         uids = list(uids)
-        return self._write(lambda: self.state.plan_expunge(mailbox, uids))
+        return self._write(lambda: self.state.plan_expunge(mailbox, uids, now_ms=int(time.time() * 1000)))
 
     def append_event(self, event) -> int:
         """Log a non-mail event (checkpoint, epoch start) as master; durable on return."""
@@ -383,6 +437,73 @@ class Node:
             lsn = self._commit([event])[0]
         self._sync(lsn)
         return lsn
+
+    # -- integrity (MS-10..MS-13) ---------------------------------------------------
+
+    def checkpoint(self) -> int:
+        """Master: log a checkpoint of every mailbox digest at this point.
+
+        Holds the state lock while the store catches up with everything
+        logged so far, so the digests are exactly those at the checkpoint's
+        LSN - 1 (writes wait for one fsync and the apply lag).
+        """
+        with self._state_lock:
+            self._check_writable()
+            last = self.log._next_lsn - 1
+            self._sync(last)
+            if not self.wait_applied(last, timeout=30):
+                raise StoreUnavailableError("the store did not catch up with the log for a checkpoint")
+            digests = self.store.digests_by_id()
+            ev = Checkpoint(digests=digests, store_digest=bytes.fromhex(store_digest(
+                {k: v for k, v in digests.items()})))
+            lsn = self._commit([ev])[0]
+        self._sync(lsn)
+        return lsn
+
+    def retry_quarantined(self, now_ms: int | None = None) -> None:
+        """Retry mailboxes whose automatic retry is due (applier thread)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        for mid in self.store.retries_due(now_ms):
+            first = self.store.quarantine_first_lsn(mid)
+            if first is not None:
+                self.store.reapply_mailbox(mid, self.log.read(first), now_ms=now_ms,
+                                           max_attempts=self.config.apply_retries)
+
+    def quarantined(self) -> list[dict]:
+        return self.store.quarantined()
+
+    def _quarantine_row(self, name: str) -> dict:
+        for row in self.store.quarantined():
+            if row["name"] == name or row["mailbox_id"] == name:
+                return row
+        raise UnknownMailboxError(f"mailbox {name!r} is not quarantined")
+
+    def quarantine_show(self, name: str) -> dict:
+        return self._quarantine_row(name)
+
+    def quarantine_retry(self, name: str) -> tuple[bool, str]:
+        """Try the held records again now (after the admin fixed the cause)."""
+        row = self._quarantine_row(name)
+        return self.store.reapply_mailbox(row["mailbox_id"], self.log.read(row["first_lsn"]),
+                                          max_attempts=10**9)
+
+    def quarantine_release(self, name: str) -> tuple[bool, str]:
+        """Apply the held records with the guard bypassed (the admin confirmed them)."""
+        row = self._quarantine_row(name)
+        return self.store.reapply_mailbox(row["mailbox_id"], self.log.read(row["first_lsn"]),
+                                          bypass_guard=True, max_attempts=10**9)
+
+    def resync_mailbox(self, snapshot: dict) -> int:
+        """Replace one mailbox with a master's snapshot, then replay this
+        node's later records for it (MS-13). Returns records replayed."""
+        at = snapshot["at_lsn"]
+        if not self.wait_applied(at, timeout=30):
+            raise StoreUnavailableError(f"this node has not applied LSN {at} yet; retry when it caught up")
+        return self.store.replace_mailbox(snapshot, self.log.read(at + 1) if at < self.log.last_lsn else iter(()))
+
+    def verify_store(self) -> dict[str, list[str]]:
+        self._fresh()
+        return self.store.verify_mailboxes()
 
     # -- reads -------------------------------------------------------------------
 
@@ -428,6 +549,8 @@ class Node:
             "writes_paused": self._writes_paused,
             "log_failed": str(self.log.failed) if self.log.failed else None,
             "applier_error": str(self._applier_error) if self._applier_error else None,
+            "quarantined": len(self.store.quarantined()),
+            "checkpoint_mismatches": len(self.store.mismatches),
         }
 
 

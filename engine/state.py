@@ -31,6 +31,7 @@ from .events import (
 )
 from .mailerrors import (
     BadFlagError,
+    GuardRefusedError,
     MailboxExistsError,
     UnknownMailboxError,
     UnknownUidError,
@@ -94,9 +95,22 @@ class DecisionState:
             raise MailboxExistsError(f"mailbox {new!r} exists already")
         return MailboxRenamed(mb.mailbox_id, old, new)
 
-    def plan_delete(self, name: str) -> MailboxDeleted:
+    def plan_delete(self, name: str, *, now_ms: int = 0, recursive: bool = False, max_mailboxes: int = 0) -> list[MailboxDeleted]:
+        """Delete ``name`` (and, if ``recursive``, every mailbox below it).
+
+        Raises GuardRefusedError when more than ``max_mailboxes`` (> 0) would go.
+        """
         mb = self.mailbox(name)
-        return MailboxDeleted(mb.mailbox_id, name)
+        targets = [mb]
+        if recursive:
+            prefix = name + "/"
+            targets += [m for n, m in sorted(self.by_name.items()) if n.startswith(prefix)]
+        if max_mailboxes and len(targets) > max_mailboxes:
+            raise GuardRefusedError(
+                f"deleting {name!r} would delete {len(targets)} mailboxes, more than the guard allows "
+                f"({max_mailboxes}); raise guard.max_mailbox_deletes if you mean it"
+            )
+        return [MailboxDeleted(m.mailbox_id, m.name, now_ms) for m in targets]
 
     def plan_append(
         self, name: str, body: bytes, flags, *, internaldate_ms: int, now_ms: int, dedup_window_ms: int
@@ -119,10 +133,10 @@ class DecisionState:
         uids = self._existing(mb, uids)
         return FlagsChanged(mb.mailbox_id, uids, op, normalize_flags(flags), mb.highestmodseq + 1, now_ms)
 
-    def plan_expunge(self, name: str, uids) -> MessagesExpunged:
+    def plan_expunge(self, name: str, uids, *, now_ms: int = 0) -> MessagesExpunged:
         mb = self.mailbox(name)
         uids = self._existing(mb, uids)
-        return MessagesExpunged(mb.mailbox_id, uids, mb.highestmodseq + 1)
+        return MessagesExpunged(mb.mailbox_id, uids, mb.highestmodseq + 1, now_ms)
 
     @staticmethod
     def _existing(mb: MailboxState, uids) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -40,11 +41,15 @@ from .events import (
     MessageAppended,
     MessagesExpunged,
     decode_event,
+    event_mailbox_id,
 )
+from .guard import Guard
 
 __all__ = ["Store", "MailboxInfo", "MessageInfo", "message_hash", "mailbox_digest", "store_digest"]
 
 ZERO32 = bytes(32)
+RETRY_BACKOFF_MS = 1000  # first automatic retry of a failed mailbox; doubles per attempt
+CHECKPOINT_RECOMPUTE = 64  # mailboxes recomputed from rows at each checkpoint (rotating)
 
 
 def message_hash(uid: int, guid: bytes, flags: Iterable[str]) -> bytes:
@@ -100,6 +105,10 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS bodies (guid BLOB PRIMARY KEY, data BLOB NOT NULL, refs INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tombstones (mailbox_id TEXT PRIMARY KEY, name TEXT NOT NULL, deleted_lsn INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_guid ON messages (mailbox_id, guid);
+CREATE TABLE IF NOT EXISTS quarantine (
+    mailbox_id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL,
+    first_lsn INTEGER NOT NULL, since_ms INTEGER NOT NULL, attempts INTEGER NOT NULL,
+    state TEXT NOT NULL, next_retry_ms INTEGER NOT NULL, held INTEGER NOT NULL);
 """
 
 
@@ -117,6 +126,10 @@ class Store:
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._reader.execute("PRAGMA query_only=ON")
         self._read_lock = threading.Lock()
+        self._guard: Guard | None = None
+        self._scrub_cursor = 0
+        self.mismatches: list[dict] = []  # checkpoint mismatches seen since open (for status/metrics)
+        self._load_held()
 
     def close(self) -> None:
         with self._lock:
@@ -146,12 +159,21 @@ class Store:
 
     # -- applying -------------------------------------------------------------
 
-    def apply_records(self, records: list[Record]) -> int:
+    def apply_records(self, records: list[Record], *, replica: bool = False, now_ms: int | None = None) -> int:
         """Apply records in one transaction; skips those at or below applied_lsn.
 
-        Returns the new applied LSN. Raises ValueError if a record is not the
-        next one (a gap) or cannot be decoded.
+        Per-mailbox isolation (MS-10): each record is applied inside a
+        savepoint. If it fails, only its mailbox is affected: the failure is
+        recorded durably in ``quarantine`` (state ``retrying``), and that
+        mailbox's later records are *held* (skipped here, kept in the log)
+        until :meth:`reapply_mailbox` succeeds. Every other mailbox goes on.
+        On a replica the guard (MS-12) can hold a mailbox the same way, and
+        checkpoint records are compared with the local digests (MS-11).
+
+        Returns the new applied LSN. Raises ValueError for a gap, or for a
+        record that cannot be decoded (it names no mailbox to isolate).
         """
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         with self._lock:
             applied = int(self._meta("applied_lsn", 0))
             todo = [r for r in records if r.lsn > applied]
@@ -163,15 +185,292 @@ class Store:
                 for r in todo:
                     if r.lsn != applied + 1:
                         raise ValueError(f"store is at LSN {applied}; cannot apply LSN {r.lsn} (gap)")
-                    self._apply_event(r.lsn, decode_event(r.type, r.payload))
+                    ev = decode_event(r.type, r.payload)
+                    mid = event_mailbox_id(ev)
+                    if mid is not None and mid in self._held:
+                        c.execute("UPDATE quarantine SET held=held+1 WHERE mailbox_id=?", (mid,))
+                    elif replica and mid is not None and (reason := self._guard_check(ev)) is not None:
+                        self._hold(mid, r.lsn, "guard", reason, now_ms, state="quarantined")
+                    else:
+                        c.execute("SAVEPOINT rec")
+                        try:
+                            if isinstance(ev, Checkpoint):
+                                if replica:
+                                    self._compare_checkpoint(r.lsn, ev, now_ms)
+                            else:
+                                self._apply_event(r.lsn, ev)
+                            c.execute("RELEASE rec")
+                        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
+                            c.execute("ROLLBACK TO rec")
+                            c.execute("RELEASE rec")
+                            if mid is None:
+                                raise
+                            self._hold(mid, r.lsn, "error", f"{type(exc).__name__}: {exc}", now_ms)
                     applied = r.lsn
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('applied_lsn', ?)", (applied,))
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('applied_hash', ?)", (todo[-1].hash,))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
+                self._load_held()
                 raise
             return applied
+
+    # -- quarantine (MS-10) ------------------------------------------------------
+
+    def _load_held(self) -> None:
+        self._held = {r[0] for r in self.conn.execute("SELECT mailbox_id FROM quarantine").fetchall()}
+
+    def _mailbox_name(self, mailbox_id: str) -> str:
+        row = self.conn.execute("SELECT name FROM mailboxes WHERE mailbox_id=?", (mailbox_id,)).fetchone()
+        if row is None:
+            row = self.conn.execute("SELECT name FROM tombstones WHERE mailbox_id=?", (mailbox_id,)).fetchone()
+        return row[0] if row else mailbox_id
+
+    def _hold(self, mailbox_id: str, lsn: int, kind: str, reason: str, now_ms: int, state: str = "retrying") -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO quarantine VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (mailbox_id, self._mailbox_name(mailbox_id), kind, reason, lsn, now_ms, 1 if kind == "error" else 0,
+             state, now_ms + RETRY_BACKOFF_MS, 1),
+        )
+        self._held.add(mailbox_id)
+
+    def quarantined(self) -> list[dict]:
+        """Every held mailbox with kind, reason, first LSN, time, attempts, state."""
+        rows = self._read(
+            "SELECT mailbox_id, name, kind, reason, first_lsn, since_ms, attempts, state, next_retry_ms, held "
+            "FROM quarantine ORDER BY name"
+        )
+        keys = ("mailbox_id", "name", "kind", "reason", "first_lsn", "since_ms", "attempts", "state",
+                "next_retry_ms", "held_records")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def retries_due(self, now_ms: int) -> list[str]:
+        return [r[0] for r in self._read(
+            "SELECT mailbox_id FROM quarantine WHERE state='retrying' AND next_retry_ms<=?", (now_ms,))]
+
+    def reapply_mailbox(self, mailbox_id: str, records, *, bypass_guard: bool = False, now_ms: int | None = None,
+                        max_attempts: int = 3) -> tuple[bool, str]:
+        """Apply a held mailbox's records (from its first failed LSN up to the
+        applied LSN) in one transaction; on success release the mailbox.
+
+        ``records`` yields the log from the quarantine's ``first_lsn`` on.
+        Returns (released, message). A failure counts an attempt; after
+        ``max_attempts`` the state becomes ``quarantined`` (no more automatic
+        retries: the admin decides).
+        """
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT first_lsn, attempts, kind FROM quarantine WHERE mailbox_id=?", (mailbox_id,)
+            ).fetchone()
+            if row is None:
+                return True, "not quarantined"
+            first_lsn, attempts, kind = row
+            applied = int(self._meta("applied_lsn", 0))
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                n = 0
+                for r in records:
+                    if r.lsn > applied:
+                        break
+                    if r.lsn < first_lsn:
+                        continue
+                    ev = decode_event(r.type, r.payload)
+                    if event_mailbox_id(ev) != mailbox_id:
+                        continue
+                    if not bypass_guard and kind != "guard" and (reason := self._guard_check(ev)) is not None:
+                        raise ValueError(reason)
+                    self._apply_event(r.lsn, ev)
+                    n += 1
+                c.execute("DELETE FROM quarantine WHERE mailbox_id=?", (mailbox_id,))
+                c.execute("COMMIT")
+            except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
+                c.execute("ROLLBACK")
+                attempts += 1
+                state = "quarantined" if attempts >= max_attempts else "retrying"
+                backoff = RETRY_BACKOFF_MS * (2 ** (attempts - 1))
+                c.execute(
+                    "UPDATE quarantine SET attempts=?, state=?, next_retry_ms=?, reason=? WHERE mailbox_id=?",
+                    (attempts, state, now_ms + backoff, f"{type(exc).__name__}: {exc}", mailbox_id),
+                )
+                return False, f"{type(exc).__name__}: {exc}"
+            self._held.discard(mailbox_id)
+            return True, f"applied {n} held record(s)"
+
+    def quarantine_first_lsn(self, mailbox_id: str) -> int | None:
+        row = self._read("SELECT first_lsn FROM quarantine WHERE mailbox_id=?", (mailbox_id,))
+        return row[0][0] if row else None
+
+    def set_guard(self, guard: Guard | None) -> None:
+        self._guard = guard
+
+    def _guard_check(self, ev) -> str | None:
+        if self._guard is None:
+            return None
+        if isinstance(ev, MailboxDeleted):
+            return self._guard.check_delete(ev.deleted_ms)
+        if isinstance(ev, MessagesExpunged):
+            row = self._mb_row(ev.mailbox_id)
+            count = row[3] if row else 0
+            return self._guard.check_expunge(ev.mailbox_id, ev.expunged_ms, len(ev.uids), count)
+        return None
+
+    # -- checkpoints and digests (MS-11) ----------------------------------------------
+
+    def _compare_checkpoint(self, lsn: int, ev: Checkpoint, now_ms: int) -> None:
+        """Hold every mailbox whose digest differs from the master's checkpoint.
+
+        Incrementally kept digests are compared for all mailboxes; a rotating
+        subset is also recomputed from the message rows, so damage done to
+        the store behind its back is found within a few checkpoints.
+        """
+        local = {r[0]: mailbox_digest(r[1], r[2], r[3]) for r in self.conn.execute(
+            "SELECT mailbox_id, uidvalidity, uidnext, msg_xor FROM mailboxes").fetchall()}
+        ids = sorted(set(local) | set(ev.digests))
+        if ids:
+            k = self._scrub_cursor % len(ids)
+            sample = set((ids + ids)[k:k + CHECKPOINT_RECOMPUTE])
+            self._scrub_cursor += CHECKPOINT_RECOMPUTE
+        else:
+            sample = set()
+        for mid in ids:
+            if mid in self._held:
+                continue
+            theirs = ev.digests.get(mid)
+            mine = self._recompute_digest(mid) if mid in sample else local.get(mid)
+            if theirs is None:
+                # MS-13: never delete what the master lacks; report it.
+                self.mismatches.append({"mailbox_id": mid, "lsn": lsn, "reason": "mailbox missing on master"})
+                continue
+            if isinstance(theirs, bytes):
+                theirs = theirs.hex()
+            if mine != theirs:
+                reason = "mailbox missing on replica" if mine is None else "checkpoint digest mismatch"
+                self.mismatches.append({"mailbox_id": mid, "lsn": lsn, "reason": reason})
+                self._hold(mid, lsn + 1, "digest", f"{reason} at LSN {lsn}", now_ms, state="quarantined")
+
+    def _recompute_digest(self, mailbox_id: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT uidvalidity, uidnext FROM mailboxes WHERE mailbox_id=?", (mailbox_id,)).fetchone()
+        if row is None:
+            return None
+        mx = ZERO32
+        for uid, guid, flags_s in self.conn.execute(
+            "SELECT uid, guid, flags FROM messages WHERE mailbox_id=?", (mailbox_id,)
+        ).fetchall():
+            mx = xor32(mx, message_hash(uid, guid, flags_s.split() if flags_s else ()))
+        return mailbox_digest(row[0], row[1], mx)
+
+    def digests_by_id(self) -> dict[str, str]:
+        with self._lock:
+            return {r[0]: mailbox_digest(r[1], r[2], r[3]) for r in self.conn.execute(
+                "SELECT mailbox_id, uidvalidity, uidnext, msg_xor FROM mailboxes").fetchall()}
+
+    def verify_mailboxes(self) -> dict[str, list[str]]:
+        """Recompute every mailbox digest from its rows and look for missing or
+        damaged bodies. Returns mailbox name -> problems (empty when all good)."""
+        out: dict[str, list[str]] = {}
+        with self._lock:
+            rows = self.conn.execute("SELECT mailbox_id, name, uidvalidity, uidnext, msg_xor FROM mailboxes").fetchall()
+            for mid, name, uv, un, mx in rows:
+                problems = []
+                if self._recompute_digest(mid) != mailbox_digest(uv, un, mx):
+                    problems.append("message rows do not match the mailbox digest (changed behind the store's back)")
+                missing = self.conn.execute(
+                    "SELECT m.uid FROM messages m LEFT JOIN bodies b ON b.guid=m.guid "
+                    "WHERE m.mailbox_id=? AND b.guid IS NULL", (mid,)).fetchall()
+                if missing:
+                    problems.append(f"missing body for UID {', '.join(str(u[0]) for u in missing[:10])}")
+                bad = [uid for uid, guid, data in self.conn.execute(
+                    "SELECT m.uid, m.guid, b.data FROM messages m JOIN bodies b ON b.guid=m.guid WHERE m.mailbox_id=?",
+                    (mid,)).fetchall() if blake3.blake3(data).digest() != guid]
+                if bad:
+                    problems.append(f"body does not match its GUID for UID {', '.join(map(str, bad[:10]))}")
+                if problems:
+                    out[name] = problems
+        return out
+
+    # -- mailbox resync (MS-13) ---------------------------------------------------
+
+    def mailbox_snapshot(self, name: str) -> dict | None:
+        """A consistent copy of one mailbox at the applied LSN (None if absent)."""
+        with self._read_lock:
+            r = self._reader
+            r.execute("BEGIN")
+            try:
+                at = r.execute("SELECT value FROM meta WHERE key='applied_lsn'").fetchone()
+                mb = r.execute(
+                    "SELECT mailbox_id, name, uidvalidity, uidnext, highestmodseq FROM mailboxes WHERE name=?", (name,)
+                ).fetchone()
+                if mb is None:
+                    return None
+                msgs = r.execute(
+                    "SELECT m.uid, m.guid, m.flags, m.internaldate_ms, m.delivered_ms, m.modseq, m.lsn, b.data "
+                    "FROM messages m JOIN bodies b ON b.guid=m.guid WHERE m.mailbox_id=? ORDER BY m.uid", (mb[0],)
+                ).fetchall()
+            finally:
+                r.execute("COMMIT")
+        return {
+            "at_lsn": int(at[0]) if at else 0,
+            "mailbox": {"mailbox_id": mb[0], "name": mb[1], "uidvalidity": mb[2], "uidnext": mb[3],
+                        "highestmodseq": mb[4]},
+            "messages": [{"uid": m[0], "guid": m[1], "flags": m[2], "internaldate_ms": m[3], "delivered_ms": m[4],
+                          "modseq": m[5], "lsn": m[6], "body": m[7]} for m in msgs],
+        }
+
+    def replace_mailbox(self, snap: dict, later_records) -> int:
+        """Replace one mailbox with ``snap`` (taken at ``snap['at_lsn']``), then
+        apply this node's records for it after that LSN, and release it.
+
+        ``later_records`` yields this node's log from ``at_lsn + 1``. The
+        store must have applied at least ``at_lsn``. Returns records applied.
+        """
+        mb = snap["mailbox"]
+        mid = mb["mailbox_id"]
+        at = snap["at_lsn"]
+        with self._lock:
+            applied = int(self._meta("applied_lsn", 0))
+            if applied < at:
+                raise ValueError(f"store has applied LSN {applied}, snapshot is at {at}: wait and retry")
+            c = self.conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for (guid,) in c.execute("SELECT guid FROM messages WHERE mailbox_id=?", (mid,)).fetchall():
+                    self._unref(guid)
+                c.execute("DELETE FROM messages WHERE mailbox_id=?", (mid,))
+                c.execute("DELETE FROM mailboxes WHERE mailbox_id=?", (mid,))
+                c.execute("DELETE FROM mailboxes WHERE name=?", (mb["name"],))
+                mx = ZERO32
+                for m in snap["messages"]:
+                    flags = m["flags"].split() if m["flags"] else []
+                    c.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+                              (mid, m["uid"], m["guid"], m["flags"], len(m["body"]), m["internaldate_ms"],
+                               m["delivered_ms"], m["modseq"], m["lsn"]))
+                    c.execute("INSERT INTO bodies VALUES (?,?,1) ON CONFLICT(guid) DO UPDATE SET refs=refs+1",
+                              (m["guid"], m["body"]))
+                    mx = xor32(mx, message_hash(m["uid"], m["guid"], flags))
+                c.execute("INSERT INTO mailboxes VALUES (?,?,?,?,?,?,?,?)",
+                          (mid, mb["name"], mb["uidvalidity"], mb["uidnext"], mb["highestmodseq"],
+                           len(snap["messages"]), mx, at))
+                n = 0
+                for r in later_records:
+                    if r.lsn <= at:
+                        continue
+                    if r.lsn > applied:
+                        break
+                    ev = decode_event(r.type, r.payload)
+                    if event_mailbox_id(ev) == mid:
+                        self._apply_event(r.lsn, ev)
+                        n += 1
+                c.execute("DELETE FROM quarantine WHERE mailbox_id=?", (mid,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            self._held.discard(mid)
+            return n
 
     def _mb_row(self, mailbox_id: str):
         return self.conn.execute(
@@ -203,6 +502,8 @@ class Store:
             if row is None:
                 return  # mailbox deleted later in a replay; nothing to keep
             uidvalidity, uidnext, hms, count, mx = row
+            if blake3.blake3(ev.body).digest() != ev.guid:
+                raise ValueError(f"body of UID {ev.uid} does not match its GUID {ev.guid.hex()[:16]}...")
             c.execute(
                 "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
                 (ev.mailbox_id, ev.uid, ev.guid, " ".join(ev.flags), len(ev.body), ev.internaldate_ms,
