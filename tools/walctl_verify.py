@@ -56,13 +56,19 @@ def verify(log: str, as_json: bool) -> None:
         dump_json(report.to_dict(), indent=2)
     else:
         span = f"LSN {report.first_lsn}..{report.last_lsn}" if report.records else "no records"
+        bad_lsn = (report.error or {}).get("lsn")
+        if bad_lsn is not None:
+            # The report counts whole segments only; say how far the chain held.
+            span = (f"LSN {report.first_lsn}..{bad_lsn - 1} verified before the damage"
+                    if bad_lsn > report.first_lsn else "none verified before the damage")
         state = "valid" if report.ok else "DAMAGED"
         click.echo(f"{log}: {state}")
         click.echo(f"  log id     {report.log_id}")
         click.echo(f"  segments   {report.segments}")
-        click.echo(f"  records    {report.records} ({span})")
-        click.echo(f"  bytes      {report.bytes}")
-        click.echo(f"  last hash  {report.last_hash}")
+        click.echo(f"  records    {report.records if report.ok else '-'} ({span})")
+        if report.ok:
+            click.echo(f"  bytes      {report.bytes}")
+            click.echo(f"  last hash  {report.last_hash}")
         if report.torn_tail:
             t = report.torn_tail
             click.echo(
