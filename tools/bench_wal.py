@@ -326,6 +326,11 @@ def machine_info(directory: str) -> dict:
     }
 
 
+def _median_by(results: list[dict], key: str) -> dict:
+    ordered = sorted(results, key=lambda r: r[key])
+    return dict(ordered[(len(ordered) - 1) // 2], rounds=len(ordered))
+
+
 def _goal(name: str, value: float) -> dict:
     description, threshold, kind = GOALS[name]
     met = value >= threshold if kind == "min" else value < threshold
@@ -339,6 +344,7 @@ def run_wal_bench(
     verify_bytes: int = 256 * MIB,
     record_bytes: int = RECORD_BYTES,
     threads: tuple[int, ...] = THREADS,
+    rounds: int = 3,
     progress: Progress | None = None,
 ) -> dict:
     """Run every measurement in a scratch directory under ``directory``; returns the report."""
@@ -350,34 +356,42 @@ def run_wal_bench(
         frame_bytes = FRAME_HEADER_SIZE + record_bytes
         appends = []
         for n in threads:
-            say(f"appending {records} records with {n} thread(s)")
-            res = bench_appends(scratch, n, records, record_bytes)
-            shutil.rmtree(res.pop("log_path"))
-            batches = sorted({max(1, round(res["avg_batch"])), n})
-            raws = {}
-            for b in batches:
-                say(f"raw write+fdatasync at batch {b}")
-                raws[b] = bench_raw_sync(scratch, b, res["records"], frame_bytes)
-            achieved = raws[max(1, round(res["avg_batch"]))]
-            nominal = raws[n]
-            res["raw_batch"] = achieved["batch"]
-            res["raw_records_per_s"] = achieved["records_per_s"]
-            res["ratio_vs_raw"] = res["records_per_s"] / achieved["records_per_s"]
-            res["raw_nominal_batch"] = n
-            res["raw_nominal_records_per_s"] = nominal["records_per_s"]
-            res["ratio_vs_raw_nominal"] = res["records_per_s"] / nominal["records_per_s"]
-            appends.append(res)
+            tries = []
+            for k in range(rounds):
+                say(f"appending {records} records with {n} thread(s), round {k + 1} of {rounds}")
+                res = bench_appends(scratch, n, records, record_bytes)
+                shutil.rmtree(res.pop("log_path"))
+                achieved_batch = max(1, round(res["avg_batch"]))
+                raws = {}
+                for b in sorted({achieved_batch, n}):
+                    say(f"raw write+fdatasync at batch {b}")
+                    raws[b] = bench_raw_sync(scratch, b, res["records"], frame_bytes)
+                res["raw_batch"] = achieved_batch
+                res["raw_records_per_s"] = raws[achieved_batch]["records_per_s"]
+                res["ratio_vs_raw"] = res["records_per_s"] / res["raw_records_per_s"]
+                res["raw_nominal_batch"] = n
+                res["raw_nominal_records_per_s"] = raws[n]["records_per_s"]
+                res["ratio_vs_raw_nominal"] = res["records_per_s"] / res["raw_nominal_records_per_s"]
+                tries.append(res)
+            # Log and raw runs alternate, so both see the same disk weather; report
+            # the round whose log/raw ratio is the median, whole (a consistent row).
+            tries.sort(key=lambda r: r["ratio_vs_raw_nominal"])
+            row = dict(tries[(len(tries) - 1) // 2])
+            row["rounds"] = len(tries)
+            row["round_ratios_vs_raw_nominal"] = [t["ratio_vs_raw_nominal"] for t in tries]
+            appends.append(row)
 
         log_path = os.path.join(scratch, "read.wal")
         say(f"building a {verify_bytes / MIB:.0f} MiB log")
         built = build_log(log_path, verify_bytes, record_bytes)
-        say("raw read+blake3")
-        bench_raw_read_hash(log_path)  # warm the page cache; the next pass is the one measured
-        raw_read = bench_raw_read_hash(log_path)
-        say("verify")
-        ver = bench_verify(log_path)
-        say("replay")
-        rep = bench_replay(log_path)
+        bench_raw_read_hash(log_path)  # warm the page cache; later passes are the ones measured
+        raws, vers, reps = [], [], []
+        for k in range(rounds):
+            say(f"raw read+blake3, verify, replay: round {k + 1} of {rounds}")
+            raws.append(bench_raw_read_hash(log_path))
+            vers.append(bench_verify(log_path))
+            reps.append(bench_replay(log_path))
+        raw_read, ver, rep = (_median_by(x, "mb_per_s") for x in (raws, vers, reps))
         say("verify peak RSS (subprocess)")
         rss = verify_peak_rss(log_path)
         ver["ratio_vs_raw"] = ver["mb_per_s"] / raw_read["mb_per_s"]
@@ -395,6 +409,7 @@ def run_wal_bench(
         return {
             "machine": machine_info(scratch),
             "record_bytes": record_bytes,
+            "rounds": rounds,
             "appends": appends,
             "read": {"log": built, "raw_read_hash": raw_read, "verify": ver, "replay": rep},
             "verify_rss": rss,

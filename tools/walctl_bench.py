@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from . import bench_wal
@@ -27,7 +29,8 @@ def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # In a pipe rich assumes 80 columns, too narrow for these tables: widen them.
+    console = Console(width=None if sys.stdout.isatty() else 180)
     m = report["machine"]
     console.print(
         f"machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
@@ -77,9 +80,12 @@ def _render(report: dict) -> None:
               help="Where to put the scratch logs (the disk under test). Default: the system temp dir.")
 @click.option("--verify-gib", type=click.FloatRange(min=0.0, min_open=True), default=0.25, show_default=True,
               help="Size of the log that verify, replay and the RSS check read (2 for the 2 GiB check).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Repeat each log/raw pair this many times, alternating, and report the median round.")
 @click.option("--record-bytes", type=click.IntRange(min=1), default=bench_wal.RECORD_BYTES, show_default=True,
               help="Payload size of each record.")
-def bench_wal_command(as_json: bool, records: int, directory: str | None, verify_gib: float, record_bytes: int) -> None:
+def bench_wal_command(as_json: bool, records: int, directory: str | None, verify_gib: float, rounds: int,
+                       record_bytes: int) -> None:
     """Benchmark appends, verify, replay and verify's memory against raw I/O.
 
     Appends 4 KiB records from 1, 16 and 64 threads (records/s, MB/s, fsyncs
@@ -98,7 +104,8 @@ def bench_wal_command(as_json: bool, records: int, directory: str | None, verify
     console = stderr_console()
     say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
     report = bench_wal.run_wal_bench(
-        directory, records=records, verify_bytes=int(verify_gib * 2**30), record_bytes=record_bytes, progress=say,
+        directory, records=records, verify_bytes=int(verify_gib * 2**30), record_bytes=record_bytes, rounds=rounds,
+        progress=say,
     )
     if as_json:
         dump_json(report, indent=2)

@@ -1,0 +1,51 @@
+"""walctl bench wal: runs with tiny sizes and reports every field (speed is never asserted)."""
+
+import json
+import os
+
+from click.testing import CliRunner
+
+from tools.walctl import cli
+
+
+def test_bench_wal_json_has_all_fields(tmp_path):
+    r = CliRunner().invoke(
+        cli, ["bench", "wal", "--json", "--records", "64", "--verify-gib", "0.002", "--rounds", "2", "--dir", str(tmp_path)],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert [a["threads"] for a in rep["appends"]] == [1, 16, 64]
+    for a in rep["appends"]:
+        assert a["records"] == 64 and a["record_bytes"] == 4096
+        for key in ("records_per_s", "mb_per_s", "fsyncs_per_record", "avg_batch", "p50_ms", "p99_ms",
+                    "raw_records_per_s", "ratio_vs_raw", "raw_nominal_records_per_s", "ratio_vs_raw_nominal"):
+            assert a[key] > 0, key
+        assert a["fsyncs"] >= 1 and a["fsyncs_per_record"] <= 1
+        assert a["p50_ms"] <= a["p99_ms"]
+        assert a["raw_nominal_batch"] == a["threads"]
+    assert rep["appends"][0]["fsyncs"] == 64  # one appender: one fsync per record
+    read = rep["read"]
+    assert read["log"]["records"] > 0
+    assert read["verify"]["records"] == read["replay"]["records"] == read["log"]["records"]
+    for key in ("raw_read_hash", "verify", "replay"):
+        assert read[key]["bytes"] == read["log"]["bytes"] and read[key]["mb_per_s"] > 0
+    assert read["verify"]["ratio_vs_raw"] > 0 and read["replay"]["ratio_vs_raw"] > 0
+    assert rep["verify_rss"]["peak_rss_mib"] >= rep["verify_rss"]["baseline_rss_mib"] > 0
+    assert {g["goal"] for g in rep["goals"]} == {
+        "appenders_64_vs_raw_batch_64", "appenders_1_vs_raw_batch_1", "verify_vs_raw_read_hash",
+        "replay_vs_raw_read_hash", "verify_peak_rss_mib",
+    }
+    assert all(isinstance(g["met"], bool) for g in rep["goals"])
+    assert rep["machine"]["cpus"] >= 1 and rep["machine"]["fs_type"]
+    assert os.listdir(tmp_path) == []  # scratch files removed
+
+
+def test_bench_wal_table_output(tmp_path):
+    r = CliRunner().invoke(
+        cli, ["bench", "wal", "--records", "32", "--verify-gib", "0.001", "--rounds", "1", "--dir", str(tmp_path)],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    for text in ("appenders", "raw read + blake3", "wal verify", "wal replay", "verify peak RSS", "goals"):
+        assert text in r.stdout
