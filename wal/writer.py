@@ -487,15 +487,33 @@ class Log:
 
     def reader(self) -> LogReader:
         """A reader bounded by this log's durable LSN, sharing its index."""
-        return LogReader(self.path, durable_lsn=lambda: self._durable_lsn, wait=self.wait_for, index=self.index)
+        return LogReader(self.path, durable_lsn=lambda: self._durable_lsn, wait=self._follow_wait, index=self.index)
 
     def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Record]:
         """Durable records ``from_lsn``..``to_lsn``, verified."""
         return self.reader().records(from_lsn, to_lsn)
 
     def follow(self, from_lsn: int, stop: threading.Event, poll_interval_s: float = 0.5) -> Iterator[Record]:
-        """Records from ``from_lsn`` on, waiting for new ones until ``stop`` is set."""
+        """Records from ``from_lsn`` on, waiting for new ones until ``stop`` is set.
+
+        Raises:
+            LogClosedError / LogFailedError: the follower has every durable
+                record and the log was closed or failed, so no more will come.
+        """
         return self.reader().records(from_lsn, follow=True, stop=stop, poll_interval_s=poll_interval_s)
+
+    def _follow_wait(self, lsn: int, timeout: float | None = None) -> bool:
+        # wait_for returns at once on a closed or failed log; a follower that
+        # has caught up would then spin. Tell it instead.
+        if self.wait_for(lsn, timeout):
+            return True
+        with self._cond:
+            if self._durable_lsn < lsn:
+                if self._closed:
+                    raise LogClosedError(f"log {self.path} was closed; LSN {lsn} will not come")
+                if self._failed is not None:
+                    raise LogFailedError(f"{self._failed} (a follower waited for LSN {lsn})")
+        return False
 
     def wait_for(self, lsn: int, timeout: float | None = None) -> bool:
         """Block until ``lsn`` is durable, the log fails or closes, or timeout."""
