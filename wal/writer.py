@@ -224,7 +224,9 @@ class Log:
         if scan.torn is not None:
             self._trim(scan)
         last_epoch = None
-        if scan.records:
+        # The last record may sit in the previous segment: a crash right
+        # after a rotation leaves the newest segment holding only its header.
+        if scan.last_lsn >= segs[0][0]:
             for rec in LogReader(self.path, index=self.index).records(scan.last_lsn, scan.last_lsn):
                 last_epoch = rec.epoch
         self._epoch = max(last_epoch or 1, self._read_epoch_file())
