@@ -16,6 +16,7 @@ from typing import Callable
 from .errors import CorruptRecordError, UnsupportedVersionError, WalError
 from .fileops import OS_FILEOPS, FileOps
 from .format import ZERO_HASH
+from .reader import LogReader
 from .segment import list_segments, read_segment_header, scan_segment
 
 __all__ = ["verify", "repair", "VerifyReport", "RepairReport"]
@@ -71,9 +72,11 @@ def verify(path: str, *, on_bytes: Callable[[int], None] | None = None) -> Verif
     expected_lsn: int | None = None
     expected_prev: bytes | None = None
     log_id: bytes | None = None
+    seg_start: int | None = None  # first LSN of the segment being scanned
     try:
         for i, (first, name) in enumerate(segs):
             seg_path = os.path.join(path, name)
+            seg_start = expected_lsn if expected_lsn is not None else first
             if log_id is None:
                 log_id = read_segment_header(seg_path).log_id
                 report.log_id = str(__import__("uuid").UUID(bytes=log_id))
@@ -94,6 +97,18 @@ def verify(path: str, *, on_bytes: Callable[[int], None] | None = None) -> Verif
     except CorruptRecordError as exc:
         report.ok = False
         report.error = {"segment": exc.segment, "offset": exc.offset, "lsn": exc.lsn, "reason": exc.reason}
+        if exc.lsn is not None and seg_start is not None and exc.lsn > seg_start:
+            # The damaged segment's records before the damage verified too:
+            # count them, so last_lsn is the last good record of the log.
+            try:
+                good_hash = LogReader(path).hash_at(exc.lsn - 1)
+            except WalError:
+                pass
+            else:
+                report.records += exc.lsn - seg_start
+                report.bytes += exc.offset
+                report.last_lsn = exc.lsn - 1
+                report.last_hash = good_hash.hex()
     except UnsupportedVersionError as exc:
         report.ok = False
         report.error = {"segment": exc.segment, "offset": 0, "lsn": None, "reason": str(exc)}
