@@ -37,6 +37,8 @@ __all__ = [
     "SeedUnavailableError",
     "MasterUnavailableError",
     "ReplicationTimeoutError",
+    "ConnectionLostError",
+    "SecretFileError",
 ]
 
 
@@ -194,3 +196,15 @@ class ReplicationTimeoutError(EngineError):
             f"LSN {lsn} reached {len(acked)} of {wanted} required replicas in time "
             f"({', '.join(acked) or 'none'}); check `walctl status` for lagging replicas"
         )
+
+
+class ConnectionLostError(EngineError):
+    """The replication connection broke (peer closed, reset, timed out, or
+    sent something invalid). Transient: the replica driver reconnects by
+    itself with backoff and resumes at its durable LSN."""
+
+
+class SecretFileError(EngineError):
+    """The replication secret file is missing, too short, or readable by other
+    users. Fix: ``walctl`` creates one (32 random bytes, mode 0600); copy the
+    same file to every node."""
