@@ -468,6 +468,7 @@ class CrashRecorder(wal.FileOps):
         the write is short enough), all of them kept, and with a zero-filled
         512-byte hole.
         """
+        point = self.op_count if point is None else point
         m = self.model_at(point)
         durable = {fid: bytes(st.durable) for fid, st in m.files.items()}
         yield CrashState(f"@{point}: synced only", m.tree(m.durable_meta), durable)
