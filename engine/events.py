@@ -20,10 +20,10 @@ from .mailerrors import BadFlagError, BadMailboxNameError
 
 __all__ = [
     "MailboxCreated", "MailboxRenamed", "MailboxDeleted", "MessageAppended",
-    "FlagsChanged", "MessagesExpunged", "Checkpoint", "EpochStarted",
+    "FlagsChanged", "MessagesExpunged", "Checkpoint", "EpochStarted", "MailboxRenumbered",
     "Event", "encode_event", "decode_event", "EVENT_TYPES",
     "validate_mailbox_name", "normalize_flags", "body_guid", "SYSTEM_FLAGS",
-    "FLAG_OPS", "event_mailbox_id",
+    "FLAG_OPS", "event_mailbox_id", "renumbered_uids",
 ]
 
 SYSTEM_FLAGS = ("\\Answered", "\\Deleted", "\\Draft", "\\Flagged", "\\Seen")
@@ -212,11 +212,67 @@ class EpochStarted:
     node: str = ""
 
 
-Event = MailboxCreated | MailboxRenamed | MailboxDeleted | MessageAppended | FlagsChanged | MessagesExpunged | Checkpoint | EpochStarted
+@dataclass(frozen=True)
+class MailboxRenumbered:
+    """A mailbox gets a new UIDVALIDITY and its messages new UIDs (REC-9).
+
+    Written by the reconciler's ``uidvalidity`` strategy after a UID
+    collision. ``uids`` holds ``(old UID, new UID)`` pairs sorted by old UID.
+    A message the mailbox holds that the map does not name (delivered while
+    the renumbering was planned) keeps its relative order and gets the UIDs
+    from ``uidnext`` on, so applying the event is deterministic everywhere.
+    """
+
+    TYPE: ClassVar[int] = 9
+    mailbox_id: str
+    uidvalidity: int
+    uids: tuple[tuple[int, int], ...]
+    uidnext: int
+    modseq: int
+
+    def __post_init__(self):
+        _check_id(self.mailbox_id)
+        if not 1 <= self.uidvalidity <= 0xFFFFFFFF:
+            raise ValueError("uidvalidity must be a nonzero 32-bit number")
+        pairs = tuple((int(o), int(n)) for o, n in self.uids)
+        object.__setattr__(self, "uids", pairs)
+        olds = [o for o, _ in pairs]
+        news = [n for _, n in pairs]
+        if olds != sorted(set(olds)) or len(set(news)) != len(news):
+            raise ValueError("uids must map each old UID once, sorted by old UID, to distinct new UIDs")
+        if any(not 1 <= u <= 0xFFFFFFFF for u in olds + news):
+            raise ValueError("UIDs must be 32-bit numbers >= 1")
+        if not (max(news, default=0) < self.uidnext <= 0xFFFFFFFF):
+            raise ValueError("uidnext must exceed every new UID")
+        if self.modseq < 1:
+            raise ValueError("modseq must be >= 1")
+
+
+Event = (MailboxCreated | MailboxRenamed | MailboxDeleted | MessageAppended | FlagsChanged | MessagesExpunged
+         | Checkpoint | EpochStarted | MailboxRenumbered)
 EVENT_TYPES: dict[int, type] = {
     cls.TYPE: cls
-    for cls in (MailboxCreated, MailboxRenamed, MailboxDeleted, MessageAppended, FlagsChanged, MessagesExpunged, Checkpoint, EpochStarted)
+    for cls in (MailboxCreated, MailboxRenamed, MailboxDeleted, MessageAppended, FlagsChanged, MessagesExpunged,
+                Checkpoint, EpochStarted, MailboxRenumbered)
 }
+
+
+def renumbered_uids(event: "MailboxRenumbered", present) -> dict[int, int]:
+    """Old UID -> new UID for every UID in ``present`` (REC-9).
+
+    UIDs the event maps get their mapped value; the others, in ascending
+    order, get ``event.uidnext``, ``event.uidnext + 1``, ...
+    """
+    mapping = dict(event.uids)
+    out = {}
+    nxt = event.uidnext
+    for uid in sorted(present):
+        if uid in mapping:
+            out[uid] = mapping[uid]
+        else:
+            out[uid] = nxt
+            nxt += 1
+    return out
 
 
 def encode_event(event) -> tuple[int, bytes]:

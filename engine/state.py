@@ -23,10 +23,12 @@ from .events import (
     MailboxCreated,
     MailboxDeleted,
     MailboxRenamed,
+    MailboxRenumbered,
     MessageAppended,
     MessagesExpunged,
     body_guid,
     normalize_flags,
+    renumbered_uids,
     validate_mailbox_name,
 )
 from .mailerrors import (
@@ -35,6 +37,7 @@ from .mailerrors import (
     MailboxExistsError,
     UnknownMailboxError,
     UnknownUidError,
+    RequestError,
 )
 
 __all__ = ["MailboxState", "DecisionState", "Duplicate"]
@@ -138,6 +141,25 @@ class DecisionState:
         uids = self._existing(mb, uids)
         return MessagesExpunged(mb.mailbox_id, uids, mb.highestmodseq + 1, now_ms)
 
+    def plan_renumber(self, name: str, order, *, now_s: int) -> MailboxRenumbered:
+        """A new UIDVALIDITY for ``name`` and UIDs 1, 2, ... for the UIDs in ``order`` (REC-9).
+
+        ``order`` lists the mailbox's current UIDs in their new order (the
+        reconciler sorts by arrival time). The new UIDVALIDITY exceeds the
+        mailbox's and every one given out before (RFC 3501 2.3.1.1).
+        """
+        mb = self.mailbox(name)
+        order = [int(u) for u in order]
+        if len(set(order)) != len(order):
+            raise UnknownUidError("a UID appears twice in the new order")
+        if order:
+            self._existing(mb, order)
+        uidvalidity = max(now_s & 0xFFFFFFFF, self.last_uidvalidity + 1, mb.uidvalidity + 1)
+        if uidvalidity > 0xFFFFFFFF:
+            raise RequestError("no UIDVALIDITY above the current one is left (the 32-bit space is used up)")
+        pairs = sorted((old, i + 1) for i, old in enumerate(order))
+        return MailboxRenumbered(mb.mailbox_id, uidvalidity, tuple(pairs), len(order) + 1, mb.highestmodseq + 1)
+
     @staticmethod
     def _existing(mb: MailboxState, uids) -> tuple[int, ...]:
         uids = sorted(set(int(u) for u in uids))
@@ -187,3 +209,13 @@ class DecisionState:
             if mb is not None:
                 mb.uids.difference_update(event.uids)
                 mb.highestmodseq = max(mb.highestmodseq, event.modseq)
+        elif isinstance(event, MailboxRenumbered):
+            mb = self.by_id.get(event.mailbox_id)
+            if mb is not None:
+                mapping = renumbered_uids(event, mb.uids)
+                mb.uids = set(mapping.values())
+                mb.uidvalidity = event.uidvalidity
+                mb.uidnext = max([event.uidnext] + [u + 1 for u in mb.uids])
+                mb.highestmodseq = max(mb.highestmodseq, event.modseq)
+                mb.recent = {g: (mapping[u], t) for g, (u, t) in mb.recent.items() if u in mapping}
+                self.last_uidvalidity = max(self.last_uidvalidity, event.uidvalidity)

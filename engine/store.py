@@ -38,10 +38,12 @@ from .events import (
     MailboxCreated,
     MailboxDeleted,
     MailboxRenamed,
+    MailboxRenumbered,
     MessageAppended,
     MessagesExpunged,
     decode_event,
     event_mailbox_id,
+    renumbered_uids,
 )
 from .guard import Guard
 
@@ -567,6 +569,29 @@ class Store:
             c.execute(
                 "UPDATE mailboxes SET highestmodseq=?, messages=?, msg_xor=? WHERE mailbox_id=?",
                 (max(hms, ev.modseq), count, mx, ev.mailbox_id),
+            )
+        elif isinstance(ev, MailboxRenumbered):
+            row = self._mb_row(ev.mailbox_id)
+            if row is None:
+                return
+            hms = row[2]
+            rows = c.execute("SELECT uid, guid, flags FROM messages WHERE mailbox_id=?", (ev.mailbox_id,)).fetchall()
+            mapping = renumbered_uids(ev, [r[0] for r in rows])
+            # Two passes through negative UIDs, so no (mailbox, UID) key is taken twice mid-way.
+            for old, new in mapping.items():
+                c.execute("UPDATE messages SET uid=? WHERE mailbox_id=? AND uid=?", (-new, ev.mailbox_id, old))
+            c.execute("UPDATE messages SET uid=-uid WHERE mailbox_id=? AND uid<0", (ev.mailbox_id,))
+            mx = ZERO32
+            for uid, guid, flags_s in rows:
+                mx = xor32(mx, message_hash(mapping[uid], guid, flags_s.split() if flags_s else ()))
+            uidnext = max([ev.uidnext] + [u + 1 for u in mapping.values()])
+            c.execute(
+                "UPDATE mailboxes SET uidvalidity=?, uidnext=?, highestmodseq=?, msg_xor=? WHERE mailbox_id=?",
+                (ev.uidvalidity, uidnext, max(hms, ev.modseq), mx, ev.mailbox_id),
+            )
+            c.execute(
+                "INSERT INTO meta VALUES ('max_uidvalidity', ?) ON CONFLICT(key) DO UPDATE SET value=MAX(value, excluded.value)",
+                (ev.uidvalidity,),
             )
         elif isinstance(ev, (Checkpoint, EpochStarted)):
             pass
