@@ -1,0 +1,839 @@
+"""Epochs, epoch history and the fork point of two logs (specs/reconcile.md).
+
+Theory of operation
+-------------------
+Every promotion starts a new *epoch*. The epoch is inside every record hash
+(LOG-5), so two logs that were equal up to LSN ``n`` and then written by two
+different masters differ at ``n + 1`` even if the two records carry the same
+payload. Because each hash also covers the previous one, "the hashes at
+``n`` are equal" implies "the logs are equal at every LSN up to ``n``"
+(REC-1). The *fork point* of two logs is the greatest LSN at which their
+hashes are equal (0 when they share nothing).
+
+Epoch history (REC-2). A log directory keeps ``EPOCHS``, a small JSON file
+replaced atomically (temp file, fdatasync, rename, directory fsync) that
+lists, for every epoch the log has seen, ``(epoch, first_lsn, prev_hash)``:
+the first LSN written in that epoch and the hash of the record before it
+(the hash the epoch forked from). :func:`start_epoch` appends an entry and
+makes the epoch current (``EPOCH`` file, :meth:`wal.Log.set_epoch`).
+:func:`read_history` returns the file's entries completed from the log
+itself: an epoch whose entry is missing (a replica that received records of
+a new epoch, or a crash between ``EPOCH`` and ``EPOCHS``) is found by a
+binary search over the epochs of records, which never decrease along a log.
+The history is a hint: :func:`find_fork` uses its entries only as places to
+probe, and every conclusion it draws comes from real record hashes.
+
+Finding the fork without reading the shared prefix (REC-3). The search
+compares ``hash_at(n)`` of both logs at a few LSNs: first the LSNs around
+every epoch boundary of both histories (after a failover the fork is one of
+them), then, inside the remaining interval, a gallop down from the end
+followed by a binary search. Each probe reads one record header and its
+successor through a :class:`SeekReader`, which finds a record by LSN with
+an interpolation/bisection search over *byte offsets* of the segment file,
+resynchronising on frame headers. It never walks the segment from its
+start, so the whole search reads O(log n) records, not the prefix.
+
+A :class:`SeekReader` accepts a frame found by resynchronisation only if its
+header check passes, its LSN lies in the possible range, and the next
+frame's hash chains onto it (or it is the last record of a non-final
+segment whose successor's header names its hash). Walking from a segment
+start or from an accepted frame is exact. Reading records forward from a
+found frame verifies every hash of the chain, like :class:`wal.LogReader`.
+
+This module imports nothing from ``engine`` and never writes a segment.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
+
+from .errors import CorruptRecordError, LsnNotAvailableError, UnsupportedVersionError, WalError
+from .fileops import OS_FILEOPS, FileOps
+from .format import (
+    FRAME_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    ZERO_HASH,
+    FrameHeader,
+    Record,
+    SegmentHeader,
+    SegmentHeaderError,
+    decode_frame_header,
+    decode_segment_header,
+    payload_hash,
+    record_hash,
+)
+from .segment import _classify_failure, list_segments
+
+__all__ = [
+    "EPOCHS_FILE",
+    "EpochEntry",
+    "Fork",
+    "ForkSearch",
+    "SeekReader",
+    "read_history",
+    "read_history_file",
+    "start_epoch",
+    "sync_history",
+    "find_fork",
+    "search_fork",
+    "epoch_of",
+    "EpochHistoryError",
+    "ForeignLogError",
+    "ForkUnknownError",
+]
+
+EPOCHS_FILE = "EPOCHS"
+_EPOCHS_FORMAT = 1
+
+# SeekReader tuning. A probe reads about one window; walking from an exact
+# frame start is cheaper than another probe below these bounds.
+_SCAN_WINDOW_BYTES = 4 * 1024  # first window; doubles (to 64 KiB) while nothing is found
+_SCAN_WINDOW_MAX_BYTES = 64 * 1024
+_WALK_MAX_RECORDS = 32
+_WALK_MAX_BYTES = 8 * 1024
+_STREAM_BUFFER_BYTES = 1 << 20
+_STREAM_ANCHOR_EVERY = 64  # streaming remembers every 64th frame start for later lookups
+
+
+class EpochHistoryError(WalError):
+    """The ``EPOCHS`` file is unreadable or inconsistent (names the file).
+
+    It is written atomically, so this means outside damage: restore it from a
+    backup, or delete it and run :func:`sync_history` to rebuild it from the
+    records (the epochs of records are authoritative).
+    """
+
+
+class ForeignLogError(WalError):
+    """The two logs have different log ids: they share no history at all."""
+
+    def __init__(self, path_a: str, log_id_a: uuid.UUID, path_b: str, log_id_b: uuid.UUID):
+        self.log_ids = (log_id_a, log_id_b)
+        super().__init__(
+            f"{path_a} (log {log_id_a}) and {path_b} (log {log_id_b}) are different logs, not two copies "
+            f"of one history: there is no fork point to find"
+        )
+
+
+class ForkUnknownError(WalError):
+    """The logs differ already at the oldest LSN both still hold.
+
+    Retention (or seeding) removed the records where they forked; the fork
+    point cannot be found from these directories.
+    """
+
+    def __init__(self, lsn: int):
+        self.lsn = lsn
+        super().__init__(
+            f"the logs differ at LSN {lsn}, the oldest LSN both still hold: they forked in records "
+            f"already dropped by retention, so the fork point is unknown (restore older segments)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EpochEntry:
+    """One epoch of a log's history (REC-2).
+
+    ``prev_hash`` is the hash of record ``first_lsn - 1``: the history this
+    epoch forked from.
+    """
+
+    epoch: int
+    first_lsn: int
+    prev_hash: bytes
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "first_lsn": self.first_lsn, "prev_hash": self.prev_hash.hex()}
+
+
+class Fork(NamedTuple):
+    """The fork point: the greatest LSN both logs agree on, its epoch and hash."""
+
+    lsn: int
+    epoch: int
+    hash: bytes
+
+
+@dataclass
+class ForkSearch:
+    """What :func:`search_fork` found and what it cost."""
+
+    fork: Fork
+    last_a: int
+    last_b: int
+    hash_a: bytes  # hash of A's last record
+    hash_b: bytes
+    history_a: list[EpochEntry]
+    history_b: list[EpochEntry]
+    probes: int = 0  # LSNs compared
+    records_read: int = 0  # frames whose header or payload was read, both logs
+    bytes_read: int = 0  # bytes read from segment files, both logs
+    steps: list[tuple[int, bool]] = field(default_factory=list)  # (lsn, equal) in probe order
+
+    @property
+    def diverged(self) -> bool:
+        """True unless one log is a prefix of the other (both have records after the fork)."""
+        return self.fork.lsn < min(self.last_a, self.last_b)
+
+    def to_dict(self) -> dict:
+        return {
+            "fork": {"lsn": self.fork.lsn, "epoch": self.fork.epoch, "hash": self.fork.hash.hex()},
+            "diverged": self.diverged,
+            "a": {"last_lsn": self.last_a, "last_hash": self.hash_a.hex(),
+                  "epochs": [e.to_dict() for e in self.history_a]},
+            "b": {"last_lsn": self.last_b, "last_hash": self.hash_b.hex(),
+                  "epochs": [e.to_dict() for e in self.history_b]},
+            "search": {"probes": self.probes, "records_read": self.records_read, "bytes_read": self.bytes_read},
+        }
+
+
+# ---------------------------------------------------------------------------
+# Reading single records by LSN
+
+
+class SeekReader:
+    """Read records of a log directory by LSN without scanning segments.
+
+    Works on a directory no one holds or another process writes (no lock):
+    it sees the complete frames on disk when it looks. Counters
+    ``bytes_read``, ``read_calls`` and ``records_read`` say what it cost.
+
+    Raises (from its methods): :class:`LsnNotAvailableError` for an LSN the
+    log does not hold, :class:`CorruptRecordError` for damage it meets.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        self._segs = list_segments(self.directory) if os.path.isdir(self.directory) else []
+        if not self._segs:
+            raise WalError(f"{directory} is not a mailwal log (no segment files)")
+        self._firsts = [f for f, _ in self._segs]
+        self._headers: dict[str, SegmentHeader] = {}
+        self._fds: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
+        self._anchors: dict[str, list[tuple[int, int]]] = {}  # exact frame starts (lsn, offset)
+        self._hashes: dict[int, bytes] = {}
+        self._end: tuple[int, bytes, int] | None = None  # (last lsn, last hash, last epoch)
+        self.bytes_read = 0
+        self.read_calls = 0
+        self.records_read = 0
+
+    # -- plumbing -----------------------------------------------------------
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "SeekReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = os.open(os.path.join(self.directory, name), os.O_RDONLY | os.O_CLOEXEC)
+            self._fds[name] = fd
+            self._sizes[name] = os.fstat(fd).st_size
+        return fd
+
+    def _size(self, name: str) -> int:
+        self._fd(name)
+        return self._sizes[name]
+
+    def _pread(self, name: str, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd(name), size, offset)
+        self.bytes_read += len(data)
+        self.read_calls += 1
+        return data
+
+    def header(self, name: str) -> SegmentHeader:
+        h = self._headers.get(name)
+        if h is None:
+            data = self._pread(name, 0, SEGMENT_HEADER_SIZE)
+            try:
+                h = decode_segment_header(data)
+            except SegmentHeaderError as exc:
+                version = getattr(exc, "version", None)
+                if version is not None:
+                    raise UnsupportedVersionError(name, version) from exc
+                raise CorruptRecordError(name, 0, None, str(exc)) from exc
+            if h.first_lsn != int(name.split(".")[0]):
+                raise CorruptRecordError(name, 0, h.first_lsn, f"file name and header disagree on the first LSN")
+            self._headers[name] = h
+        return h
+
+    @property
+    def log_id(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.header(self._segs[0][1]).log_id)
+
+    def first_lsn(self) -> int:
+        """The first LSN the log still holds (older segments may be dropped)."""
+        return self._firsts[0]
+
+    def _seg_of(self, lsn: int) -> int:
+        i = bisect.bisect_right(self._firsts, lsn) - 1
+        if i < 0:
+            raise LsnNotAvailableError(lsn, self._firsts[0], self.last()[0])
+        return i
+
+    def _frame(self, name: str, offset: int) -> FrameHeader | None:
+        return decode_frame_header(self._pread(name, offset, FRAME_HEADER_SIZE))
+
+    def _add_anchor(self, name: str, lsn: int, offset: int) -> None:
+        anchors = self._anchors.setdefault(name, [])
+        i = bisect.bisect_left(anchors, (lsn, -1))
+        if i < len(anchors) and anchors[i][0] == lsn:
+            return
+        anchors.insert(i, (lsn, offset))
+
+    # -- locating -----------------------------------------------------------
+
+    def _successor_checks(self, i: int, name: str, c: int, fh: FrameHeader) -> bool:
+        """True if the frame after ``fh`` (at ``c``) chains onto ``fh.hash``."""
+        end = self._size(name)
+        nxt = c + fh.frame_size
+        if nxt == end and i + 1 < len(self._segs):
+            nfirst, nname = self._segs[i + 1]
+            return nfirst == fh.lsn + 1 and self.header(nname).prev_hash == fh.hash
+        if nxt + FRAME_HEADER_SIZE > end:
+            return False
+        nfh = self._frame(name, nxt)
+        if nfh is None or nfh.lsn != fh.lsn + 1 or nxt + nfh.frame_size > end:
+            return False
+        payload = self._pread(name, nxt + FRAME_HEADER_SIZE, nfh.payload_len)
+        self.records_read += 1
+        return record_hash(fh.hash, nfh.lsn, nfh.epoch, nfh.type, nfh.payload_len, payload_hash(payload)) == nfh.hash
+
+    def _scan(self, i: int, name: str, start: int, stop: int, lo_lsn: int, hi_lsn: int) -> tuple[int, FrameHeader] | None:
+        """The first accepted frame starting in ``[start, stop)`` with LSN in ``(lo_lsn, hi_lsn)``.
+
+        Candidates are found by looking for the high bytes every LSN of the
+        range shares (a C-speed ``bytes.find``), then checked: header check,
+        LSN range, fits in the file, successor chains onto it.
+        """
+        end = self._size(name)
+        a, b = lo_lsn + 1, hi_lsn - 1
+        if a > b:
+            return None
+        ab, bb = a.to_bytes(8, "little"), b.to_bytes(8, "little")
+        k = 0
+        while k < 8 and ab[7 - k] == bb[7 - k]:
+            k += 1
+        needle = ab[8 - k:]
+        lead = 4 + (8 - k)  # bytes of the frame before the needle
+        pos = start
+        window = _SCAN_WINDOW_BYTES
+        while pos < stop:
+            limit = min(stop - pos, window)
+            buf = self._pread(name, pos, min(limit + FRAME_HEADER_SIZE, end - pos))
+            window = min(window * 2, _SCAN_WINDOW_MAX_BYTES)
+            j = buf.find(needle, lead) if needle else lead
+            while j != -1:
+                c_rel = j - lead
+                if c_rel >= limit:
+                    break
+                fh = decode_frame_header(buf, c_rel) if c_rel + FRAME_HEADER_SIZE <= len(buf) else None
+                if fh is not None and a <= fh.lsn <= b and pos + c_rel + fh.frame_size <= end:
+                    if self._successor_checks(i, name, pos + c_rel, fh):
+                        return pos + c_rel, fh
+                j = buf.find(needle, j + 1) if needle else (j + 1 if j + 1 < len(buf) else -1)
+            pos += limit
+        return None
+
+    def _walk(self, i: int, name: str, lsn: int, offset: int, target: int) -> tuple[int, FrameHeader]:
+        """Follow frame lengths from the exact frame start ``(lsn, offset)`` to ``target``."""
+        end = self._size(name)
+        last_seg = i == len(self._segs) - 1
+        buf_off, buf = offset, b""
+        chunk = _SCAN_WINDOW_BYTES
+        while True:
+            rel = offset - buf_off
+            if rel < 0 or rel + FRAME_HEADER_SIZE > len(buf):
+                buf_off = offset
+                buf = self._pread(name, offset, min(chunk, max(0, end - offset)))
+                chunk = min(chunk * 2, _SCAN_WINDOW_MAX_BYTES)
+                rel = 0
+            fh = decode_frame_header(buf, rel) if rel + FRAME_HEADER_SIZE <= len(buf) else None
+            if fh is None or fh.lsn != lsn or offset + fh.frame_size > end:
+                if last_seg:  # the end of complete frames: a torn tail, or simply the end
+                    raise LsnNotAvailableError(target, self._firsts[0], lsn - 1)
+                if offset >= end:
+                    raise CorruptRecordError(name, offset, lsn, f"segment ends before LSN {lsn}")
+                raise CorruptRecordError(name, offset, lsn, "frame header check failed or LSN out of sequence")
+            self.records_read += 1
+            if lsn == target:
+                self._add_anchor(name, lsn, offset)
+                return offset, fh
+            offset += fh.frame_size
+            lsn += 1
+
+    def locate(self, lsn: int) -> tuple[str, int, FrameHeader]:
+        """(segment file name, byte offset, frame header) of record ``lsn``.
+
+        Raises:
+            LsnNotAvailableError: ``lsn`` is below the first retained LSN or
+                beyond the last complete record.
+            CorruptRecordError: a segment is damaged where the search looked.
+        """
+        if lsn < self._firsts[0]:
+            raise LsnNotAvailableError(lsn, self._firsts[0], -1)
+        i = self._seg_of(lsn)
+        first, name = self._segs[i]
+        self.header(name)
+        end = self._size(name)
+        anchors = self._anchors.get(name, [])
+        k = bisect.bisect_right(anchors, (lsn, float("inf")))
+        lo_lsn, lo_off = anchors[k - 1] if k > 0 else (first, SEGMENT_HEADER_SIZE)
+        if k < len(anchors):
+            hi_lsn, hi_off, hi_exact = anchors[k][0], anchors[k][1], True
+        elif i + 1 < len(self._segs):
+            hi_lsn, hi_off, hi_exact = self._firsts[i + 1], end, True
+        else:  # every frame is at least a header long: a true upper bound
+            hi_lsn, hi_off, hi_exact = lo_lsn + (end - lo_off) // FRAME_HEADER_SIZE + 1, end, False
+        if lsn >= hi_lsn:
+            raise LsnNotAvailableError(lsn, self._firsts[0], -1)
+        interpolate = hi_exact
+        while True:
+            if lsn - lo_lsn <= _WALK_MAX_RECORDS or hi_off - lo_off <= _WALK_MAX_BYTES:
+                off, fh = self._walk(i, name, lo_lsn, lo_off, lsn)
+                return name, off, fh
+            span = hi_off - lo_off
+            if interpolate:
+                probe = lo_off + span * (lsn - lo_lsn) // (hi_lsn - lo_lsn)
+                probe -= span // (hi_lsn - lo_lsn) // 2 + FRAME_HEADER_SIZE  # land just before the frame
+            else:
+                probe = lo_off + span // 2
+            probe = max(lo_off + 1, min(probe, hi_off - 1))
+            found = self._scan(i, name, probe, hi_off, lo_lsn, hi_lsn)
+            if found is None:
+                hi_off = probe  # nothing acceptable starts in [probe, hi_off)
+            else:
+                c, fh = found
+                self._add_anchor(name, fh.lsn, c)
+                if c + fh.frame_size < end:
+                    self._add_anchor(name, fh.lsn + 1, c + fh.frame_size)
+                if fh.lsn == lsn:
+                    return name, c, fh
+                if fh.lsn < lsn:
+                    lo_lsn, lo_off = fh.lsn, c
+                else:
+                    hi_lsn, hi_off, hi_exact = fh.lsn, c, True
+            # Safeguarded interpolation: after a step that did not halve the
+            # interval, halve it once, then try interpolating again.
+            interpolate = hi_exact and (not interpolate or (hi_off - lo_off) * 2 <= span)
+
+    # -- records and hashes ---------------------------------------------------
+
+    def hash_at(self, lsn: int) -> bytes:
+        """The hash of record ``lsn`` (0 gives the zero hash, LOG-6).
+
+        The hash of the record just before a segment comes from that
+        segment's header, so it is known even after retention dropped it.
+        """
+        if lsn == 0:
+            return ZERO_HASH
+        h = self._hashes.get(lsn)
+        if h is not None:
+            return h
+        j = bisect.bisect_left(self._firsts, lsn + 1)
+        if j < len(self._firsts) and self._firsts[j] == lsn + 1:
+            h = self.header(self._segs[j][1]).prev_hash
+        else:
+            _, _, fh = self.locate(lsn)
+            h = fh.hash
+        self._hashes[lsn] = h
+        return h
+
+    def epoch_at(self, lsn: int) -> int:
+        """The epoch of record ``lsn``."""
+        _, _, fh = self.locate(lsn)
+        return fh.epoch
+
+    def record(self, lsn: int) -> Record:
+        """Record ``lsn``, its hash verified against the record before it."""
+        name, off, fh = self.locate(lsn)
+        payload = self._pread(name, off + FRAME_HEADER_SIZE, fh.payload_len)
+        self.records_read += 1
+        prev = self.hash_at(lsn - 1)
+        if record_hash(prev, fh.lsn, fh.epoch, fh.type, fh.payload_len, payload_hash(payload)) != fh.hash:
+            raise CorruptRecordError(name, off, lsn, "record hash mismatch")
+        return Record(fh.lsn, fh.epoch, fh.type, payload, fh.hash)
+
+    def last(self) -> tuple[int, bytes, int]:
+        """(LSN, hash, epoch) of the last complete record; (first-1, prev hash, 0) if none."""
+        if self._end is not None:
+            return self._end
+        i = len(self._segs) - 1
+        first, name = self._segs[i]
+        header = self.header(name)
+        end = self._size(name)
+        result = (first - 1, header.prev_hash, 0)
+        if end > SEGMENT_HEADER_SIZE:
+            # Find an accepted frame near the end, widening the window until
+            # one is found, then follow the chain to the last good frame.
+            window = 2 * _SCAN_WINDOW_BYTES
+            anchor: tuple[int, int, bytes] | None = None  # (lsn, offset, prev hash)
+            while anchor is None:
+                start = max(SEGMENT_HEADER_SIZE, end - window)
+                if start == SEGMENT_HEADER_SIZE:
+                    anchor = (first, SEGMENT_HEADER_SIZE, header.prev_hash)
+                    break
+                found = self._scan(i, name, start, end, first - 1, first + (end - SEGMENT_HEADER_SIZE) // FRAME_HEADER_SIZE + 1)
+                if found is not None:
+                    c, fh = found
+                    self._add_anchor(name, fh.lsn, c)
+                    # fh is accepted because its successor chains onto it: start there.
+                    anchor = (fh.lsn + 1, c + fh.frame_size, fh.hash)
+                    result = (fh.lsn, fh.hash, fh.epoch)
+                window *= 4
+            for rec in self._stream(i, anchor[1], anchor[0], anchor[2]):
+                result = (rec.lsn, rec.hash, rec.epoch)
+        elif first > self._firsts[0]:
+            result = (first - 1, header.prev_hash, self.epoch_at(first - 1))
+        self._end = result
+        return result
+
+    def records(self, from_lsn: int, *, on_bytes: Callable[[int], None] | None = None) -> Iterator[Record]:
+        """Verified records from ``from_lsn`` to the end of the log.
+
+        Every hash is checked against the chain, and each segment header
+        against the hash of the record before it, like :class:`wal.LogReader`;
+        a torn tail of the last segment ends the iteration quietly.
+        """
+        last = self.last()[0]
+        if from_lsn > last:
+            return
+        from_lsn = max(from_lsn, self._firsts[0])
+        prev = self.hash_at(from_lsn - 1)
+        i = self._seg_of(from_lsn)
+        if from_lsn == self._firsts[i]:
+            off = SEGMENT_HEADER_SIZE
+        else:
+            _, off, _ = self.locate(from_lsn)
+        yield from self._stream(i, off, from_lsn, prev, on_bytes=on_bytes)
+
+    def _stream(self, i: int, offset: int, lsn: int, prev: bytes, *,
+                on_bytes: Callable[[int], None] | None = None) -> Iterator[Record]:
+        while True:
+            first, name = self._segs[i]
+            end = self._size(name)
+            buf_off, buf = offset, b""
+            while offset < end:
+                rel = offset - buf_off
+                if rel + FRAME_HEADER_SIZE > len(buf):
+                    buf_off, rel = offset, 0
+                    buf = self._pread(name, offset, min(_STREAM_BUFFER_BYTES, end - offset))
+                fh = decode_frame_header(buf, rel) if rel + FRAME_HEADER_SIZE <= len(buf) else None
+                failure = None
+                if fh is None:
+                    failure = "frame header check failed or incomplete"
+                elif fh.lsn != lsn:
+                    failure = f"frame has LSN {fh.lsn}, expected {lsn}"
+                elif offset + fh.frame_size > end:
+                    failure = "frame extends past end of file"
+                else:
+                    if rel + fh.frame_size > len(buf):
+                        buf_off, rel = offset, 0
+                        buf = self._pread(name, offset, min(max(_STREAM_BUFFER_BYTES, fh.frame_size), end - offset))
+                    payload = buf[rel + FRAME_HEADER_SIZE: rel + fh.frame_size]
+                    self.records_read += 1
+                    if record_hash(prev, fh.lsn, fh.epoch, fh.type, fh.payload_len, payload_hash(payload)) != fh.hash:
+                        failure = "record hash mismatch"
+                if failure is not None:
+                    if i == len(self._segs) - 1 and _classify_failure(os.path.join(self.directory, name), offset, lsn, end):
+                        return  # a torn final write (LOG-8): the end of the log
+                    raise CorruptRecordError(name, offset, lsn, failure)
+                assert fh is not None
+                if on_bytes is not None:
+                    on_bytes(fh.frame_size)
+                if (lsn - first) % _STREAM_ANCHOR_EVERY == 0:
+                    self._add_anchor(name, lsn, offset)
+                yield Record(fh.lsn, fh.epoch, fh.type, bytes(payload), fh.hash)
+                prev = fh.hash
+                offset += fh.frame_size
+                lsn += 1
+            if i + 1 >= len(self._segs):
+                return
+            i += 1
+            nfirst, nname = self._segs[i]
+            if nfirst != lsn:
+                raise CorruptRecordError(nname, 0, lsn, f"segment starts at LSN {nfirst}, chain expects {lsn}")
+            if self.header(nname).prev_hash != prev:
+                raise CorruptRecordError(nname, 0, lsn, "segment header prev_hash breaks the hash chain")
+            offset = SEGMENT_HEADER_SIZE
+
+
+# ---------------------------------------------------------------------------
+# Epoch history
+
+
+def _history_path(log_dir: str) -> str:
+    return os.path.join(log_dir, EPOCHS_FILE)
+
+
+def read_history_file(log_dir: str) -> list[EpochEntry]:
+    """The entries of ``EPOCHS`` as written (empty if the file is absent).
+
+    Raises:
+        EpochHistoryError: the file exists but is not a valid history.
+    """
+    path = _history_path(log_dir)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return []
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != _EPOCHS_FORMAT:
+            raise ValueError(f"unknown format {doc.get('format')!r}")
+        out = [EpochEntry(int(e), int(f), bytes.fromhex(h)) for e, f, h in doc["epochs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EpochHistoryError(f"{path} is not a valid epoch history: {exc}") from exc
+    for prev, cur in zip(out, out[1:]):
+        if not (cur.epoch > prev.epoch and cur.first_lsn >= prev.first_lsn):
+            raise EpochHistoryError(f"{path}: epochs must increase with first LSNs ({prev} then {cur})")
+    if any(len(e.prev_hash) != 32 or e.first_lsn < 1 for e in out):
+        raise EpochHistoryError(f"{path}: an entry has a bad LSN or hash")
+    return out
+
+
+def _write_history(log_dir: str, entries: list[EpochEntry], fileops: FileOps) -> None:
+    doc = {"format": _EPOCHS_FORMAT, "epochs": [[e.epoch, e.first_lsn, e.prev_hash.hex()] for e in entries]}
+    fileops.write_file_atomic(_history_path(log_dir), json.dumps(doc, indent=1).encode() + b"\n")
+
+
+def _epoch_file(log_dir: str) -> int | None:
+    try:
+        with open(os.path.join(log_dir, "EPOCH"), "rb") as f:
+            return int(f.read().strip() or b"1")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _complete(reader: SeekReader, entries: list[EpochEntry], epoch_file: int | None) -> list[EpochEntry]:
+    """Add the epochs the records show but ``entries`` lack (REC-2)."""
+    first = reader.first_lsn()
+    last_lsn, last_hash, last_epoch = reader.last()
+    out = list(entries)
+    if not out or out[0].first_lsn > first:
+        if last_lsn >= first:
+            base = reader.epoch_at(first)
+        else:
+            base = epoch_file or 1
+        if not out or base < out[0].epoch:
+            out.insert(0, EpochEntry(base, first, reader.hash_at(first - 1)))
+    # Epoch boundaries after the last known entry, by bisection on the epochs
+    # of records (they never decrease along a log).
+    top = out[-1]
+    lo = max(top.first_lsn, first)
+    if last_lsn >= lo and last_epoch > top.epoch:
+        found: list[EpochEntry] = []
+
+        def split(a: int, ea: int, b: int, eb: int) -> None:
+            # epoch(a) == ea < eb == epoch(b), a < b
+            while b - a > 1:
+                mid = (a + b) // 2
+                em = reader.epoch_at(mid)
+                if em == ea:
+                    a = mid
+                elif em == eb:
+                    b = mid
+                else:
+                    split(a, ea, mid, em)
+                    a, ea = mid, em
+            found.append(EpochEntry(eb, b, reader.hash_at(b - 1)))
+
+        e_lo = reader.epoch_at(lo)
+        if e_lo > top.epoch:
+            out.append(EpochEntry(e_lo, lo, reader.hash_at(lo - 1)))
+        elif e_lo < last_epoch:
+            split(lo, e_lo, last_lsn, last_epoch)
+        out.extend(sorted(found, key=lambda e: e.first_lsn))
+    if epoch_file is not None and epoch_file > out[-1].epoch:
+        # start_epoch made the epoch current but crashed before EPOCHS (or no
+        # record of it exists yet): it begins after the last record.
+        out.append(EpochEntry(epoch_file, last_lsn + 1, last_hash))
+    return out
+
+
+def read_history(log_dir: str, *, reader: SeekReader | None = None) -> list[EpochEntry]:
+    """The epoch history of a log: ``EPOCHS`` completed from its records (REC-2).
+
+    Read-only and lock-free. Reads a handful of records (the first, the
+    last, and O(log n) per epoch missing from the file), never the log whole.
+
+    Raises:
+        EpochHistoryError: the ``EPOCHS`` file is damaged.
+        WalError: ``log_dir`` is not a log.
+    """
+    own = reader is None
+    reader = reader or SeekReader(log_dir)
+    try:
+        return _complete(reader, read_history_file(log_dir), _epoch_file(log_dir))
+    finally:
+        if own:
+            reader.close()
+
+
+def epoch_of(history: list[EpochEntry], lsn: int) -> int:
+    """The epoch the history assigns to ``lsn`` (0 for LSN 0 or before the history)."""
+    out = 0
+    for e in history:
+        if e.first_lsn <= lsn:
+            out = e.epoch
+    return out
+
+
+def sync_history(log, *, fileops: FileOps = OS_FILEOPS) -> list[EpochEntry]:
+    """Write the completed history to ``EPOCHS`` if the file lacks entries.
+
+    A replica calls this after appending records of a new epoch, so that its
+    own history names the epoch without a search next time. Idempotent.
+    """
+    current = read_history_file(log.path)
+    full = read_history(log.path)
+    if full != current:
+        _write_history(log.path, full, fileops)
+    return full
+
+
+def start_epoch(log, epoch: int, *, fileops: FileOps = OS_FILEOPS) -> EpochEntry:
+    """Make ``epoch`` the epoch of ``log``'s next records and record it in ``EPOCHS``.
+
+    The caller MUST have stopped appends (nothing enqueued and not yet
+    durable): the new epoch's first LSN is ``log.last_lsn + 1`` and the hash
+    it forks from is ``log.last_hash``. Order (REC-2): the ``EPOCH`` file
+    first (:meth:`wal.Log.set_epoch`), then ``EPOCHS``; a crash between the
+    two is repaired by :func:`read_history`, which infers the same entry.
+
+    Returns:
+        The new entry.
+    Raises:
+        WalError: ``epoch`` does not exceed the log's current epoch, or the
+            log is closed or failed.
+    """
+    if epoch <= log.epoch:
+        raise WalError(f"a new epoch must exceed the current one: log {log.path} is at epoch {log.epoch}, got {epoch}")
+    history = read_history(log.path)
+    entry = EpochEntry(epoch, log.last_lsn + 1, log.last_hash)
+    log.set_epoch(epoch)
+    history = [e for e in history if e.epoch < epoch] + [entry]
+    _write_history(log.path, history, fileops)
+    return entry
+
+
+# ---------------------------------------------------------------------------
+# The fork point
+
+
+def search_fork(dir_a: str, dir_b: str, *, reader_a: SeekReader | None = None,
+                reader_b: SeekReader | None = None) -> ForkSearch:
+    """Find the fork point of two logs of one lineage, reading O(log n) records (REC-3).
+
+    Args:
+        dir_a, dir_b: log directories (held by a writer or not; no lock taken).
+        reader_a, reader_b: readers to use (the caller keeps them open to
+            read the tails afterwards, and to see what the search read).
+
+    Returns:
+        A :class:`ForkSearch`: the fork point, both logs' last records and
+        histories, and the cost of the search.
+
+    Raises:
+        ForeignLogError: the logs have different log ids.
+        ForkUnknownError: they differ at the oldest LSN both still hold.
+        CorruptRecordError, EpochHistoryError, WalError.
+    """
+    ra = reader_a or SeekReader(dir_a)
+    rb = reader_b or SeekReader(dir_b)
+    try:
+        if ra.log_id != rb.log_id:
+            raise ForeignLogError(dir_a, ra.log_id, dir_b, rb.log_id)
+        ha = _complete(ra, read_history_file(ra.directory), _epoch_file(ra.directory))
+        hb = _complete(rb, read_history_file(rb.directory), _epoch_file(rb.directory))
+        la, hash_a, _ = ra.last()
+        lb, hash_b, _ = rb.last()
+        steps: list[tuple[int, bool]] = []
+        cache: dict[int, bool] = {}
+
+        def equal(n: int) -> bool:
+            if n not in cache:
+                cache[n] = ra.hash_at(n) == rb.hash_at(n)
+                steps.append((n, cache[n]))
+            return cache[n]
+
+        floor = max(ra.first_lsn(), rb.first_lsn()) - 1
+        top = min(la, lb)
+        if floor > top:
+            raise ForkUnknownError(top)
+        if not equal(floor):
+            raise ForkUnknownError(floor)
+        lo, hi = floor, top + 1  # equal at lo; unequal (or absent on one side) at hi
+        if equal(top):
+            lo = top
+        else:
+            hi = top
+            # Epoch boundaries of both histories: after a failover the fork is
+            # one of them, and each costs one probe pair (REC-3).
+            anchors = sorted({n for e in ha + hb for n in (e.first_lsn - 1, e.first_lsn) if lo < n < hi})
+            a_lo, a_hi = 0, len(anchors)
+            while a_lo < a_hi:  # binary search over the anchors: equality is monotone
+                mid = (a_lo + a_hi) // 2
+                if equal(anchors[mid]):
+                    lo = anchors[mid]
+                    a_lo = mid + 1
+                else:
+                    hi = anchors[mid]
+                    a_hi = mid
+            # Gallop down from the end (forks are usually recent), then bisect.
+            step = 1
+            while hi - lo > 1:
+                n = hi - step
+                if n <= lo:
+                    break
+                if equal(n):
+                    lo = n
+                    break
+                hi = n
+                step *= 2
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if equal(mid):
+                    lo = mid
+                else:
+                    hi = mid
+        fork_hash = ra.hash_at(lo)
+        if lo == 0:
+            fork_epoch = 0
+        else:
+            try:
+                fork_epoch = ra.epoch_at(lo)
+            except LsnNotAvailableError:  # the record before the retained segments
+                fork_epoch = epoch_of(ha, lo)
+        return ForkSearch(
+            fork=Fork(lo, fork_epoch, fork_hash), last_a=la, last_b=lb, hash_a=hash_a, hash_b=hash_b,
+            history_a=ha, history_b=hb, probes=len(steps),
+            records_read=ra.records_read + rb.records_read, bytes_read=ra.bytes_read + rb.bytes_read, steps=steps,
+        )
+    finally:
+        if reader_a is None:
+            ra.close()
+        if reader_b is None:
+            rb.close()
+
+
+def find_fork(dir_a: str, dir_b: str) -> Fork:
+    """``(lsn, epoch, hash)`` of the greatest LSN at which both logs have the same hash.
+
+    See :func:`search_fork` for errors and cost (O(log n) records read).
+    """
+    return search_fork(dir_a, dir_b).fork
