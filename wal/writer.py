@@ -11,9 +11,17 @@ per directory, enforced with an ``fcntl`` lock on ``LOCK``). Appenders call
    (LOG-5) and joins the *pending batch*.
 3. The appender then waits until its LSN is durable. If no sync is running,
    it becomes the *leader*: it takes the whole pending batch, releases the
-   lock, writes the batch with one ``write`` and one ``fdatasync``, and wakes
-   everyone. Appenders that arrive during a sync form the next batch, so N
-   concurrent appenders share far fewer than N fsyncs (group commit).
+   lock, writes the batch with one ``write`` and one ``fdatasync``, and
+   releases the appenders whose records that sync covered. Appenders that
+   arrive during a sync form the next batch, so N concurrent appenders share
+   far fewer than N fsyncs (group commit).
+4. An appender that finds a sync running *parks* on a lock of its own; the
+   syncing thread releases exactly the parked appenders its sync made
+   durable, so nobody is woken just to find it must wait again.
+5. When a sync ends and records are already pending again, the disk is kept
+   busy: the next batch goes to the log's *flusher* thread (started on first
+   need), which keeps syncing batches until none is pending, while the
+   leader returns to its caller. A lone appender never involves the flusher.
 
 Nothing is acknowledged before its batch's ``fdatasync`` returned. If a write
 or fdatasync fails, the log enters the *failed* state for good (LOG-12): the
@@ -88,6 +96,20 @@ class _Pending:
     hash: bytes
 
 
+def _release_chain(waiters: list[list]) -> None:
+    """Wake parked appenders one after another, not all at once.
+
+    Only the first is released here; each woken appender releases the next
+    (``waiter[2]``) as soon as it runs. Under the GIL the woken threads run
+    one at a time anyway, and waking dozens at once makes them fight over
+    the interpreter lock (many context switches per record).
+    """
+    for waiter, following in zip(waiters, waiters[1:]):
+        waiter[2] = following[1]
+    if waiters:
+        waiters[0][1].release()
+
+
 class Log:
     """A write-ahead log directory opened for appending. Thread-safe.
 
@@ -101,7 +123,13 @@ class Log:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: list[_Pending] = []
-        self._syncing = False
+        self._syncing = False  # a batch is being written and synced (by a leader or the flusher)
+        self._closing = False  # close() has begun: no new batch is handed to the flusher
+        # Parked appenders: [LSN each waits for, a lock it blocks on, the next one to wake].
+        self._waiters: list[list] = []
+        self._handoff: list[_Pending] | None = None  # the next batch, for the flusher
+        self._flush_cond = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
         self._failed: LogFailedError | None = None
         self._closed = False
         self._fd: int | None = None
@@ -263,20 +291,31 @@ class Log:
         self.torn_tails.append(torn)
 
     def close(self) -> None:
-        """Wait for an in-flight sync, then close. Later calls raise LogClosedError."""
+        """Wait for an in-flight sync, then close. Later calls raise LogClosedError.
+
+        Appenders still waiting for records that were not synced get
+        LogClosedError (nothing unsynced is acknowledged).
+        """
         with self._cond:
-            while self._syncing:
+            self._closing = True
+            while self._syncing or self._handoff is not None:
                 self._cond.wait()
             if self._closed:
                 return
             self._closed = True
+            parked, self._waiters = self._waiters, []
             self._cond.notify_all()
+            self._flush_cond.notify_all()
+            flusher = self._flusher
             if self._fd is not None:
                 try:
                     self._ops.close(self._fd)
                 except OSError:
                     pass
                 self._fd = None
+        _release_chain(parked)
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join()
         self._release_lock()
 
     def __enter__(self) -> "Log":
@@ -332,7 +371,7 @@ class Log:
         """Append several records with consecutive LSNs; returns once all are durable."""
         out = self.enqueue(items, epoch=epoch)
         if out:
-            self.sync_to(out[-1].lsn)
+            self._wait_durable(out[-1].lsn)  # just enqueued: sync_to's extra checks are moot
         return out
 
     def enqueue(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
@@ -378,7 +417,7 @@ class Log:
                 return
             if lsn >= self._next_lsn:
                 raise WalError(f"LSN {lsn} was never enqueued (the next LSN is {self._next_lsn})")
-            self._wait_durable(lsn)
+        self._wait_durable(lsn)
 
     def append_records(self, records: Sequence[Record]) -> None:
         """Append records made elsewhere (a replica copying its master).
@@ -409,7 +448,7 @@ class Log:
             self._next_lsn, self._last_hash = lsn, prev
             if records[-1].epoch > self._epoch:
                 self._epoch = records[-1].epoch
-            self._wait_durable(lsn - 1)
+        self._wait_durable(lsn - 1)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -418,38 +457,108 @@ class Log:
             raise self._failed
 
     def _wait_durable(self, lsn: int) -> None:
-        """Called with the lock held: lead syncs or wait until ``lsn`` is durable."""
-        while self._durable_lsn < lsn:
-            if self._failed is not None:
-                raise LogFailedError(f"{self._failed} (LSN {lsn} was not acknowledged)")
-            if self._closed:
-                raise LogClosedError(f"log {self.path} was closed before LSN {lsn} became durable")
-            if self._syncing:
-                self._cond.wait()
+        """Called *without* the lock: lead a sync, or park, until ``lsn`` is durable.
+
+        Raises:
+            LogFailedError: the sync covering ``lsn`` (or an earlier one) failed.
+            LogClosedError: the log was closed before ``lsn`` became durable.
+        """
+        while True:
+            # ``_durable_lsn`` only grows, and only after the fdatasync that
+            # covers it returned, so this unlocked read never acknowledges early.
+            if self._durable_lsn >= lsn:
+                return
+            gate = None
+            with self._lock:
+                if self._durable_lsn >= lsn:
+                    return
+                if self._failed is not None:
+                    raise LogFailedError(f"{self._failed} (LSN {lsn} was not acknowledged)")
+                if self._closed:
+                    raise LogClosedError(f"log {self.path} was closed before LSN {lsn} became durable")
+                if self._syncing:
+                    gate = threading.Lock()
+                    gate.acquire()
+                    waiter = [lsn, gate, None]
+                    self._waiters.append(waiter)
+                else:
+                    batch, self._pending = self._pending, []
+                    self._syncing = True
+            if gate is not None:
+                gate.acquire()  # released by the thread whose sync covers lsn (or fails, or close)
+                if waiter[2] is not None:
+                    waiter[2].release()  # pass the wake-up on (see _release_chain)
                 continue
-            batch, self._pending = self._pending, []
-            self._syncing = True
-            self._lock.release()
-            error: BaseException | None = None
-            try:
-                written = self._write_batch(batch)
-            except BaseException as exc:  # any failure fails the log (LOG-12)
-                error = exc
-            finally:
-                self._lock.acquire()
-                self._syncing = False
+            following = self._run_batch(batch)
+            if following is not None:
+                self._hand_to_flusher(following)
+
+    def _run_batch(self, batch: list[_Pending]) -> list[_Pending] | None:
+        """Write and sync ``batch`` (``_syncing`` is set), then publish the result.
+
+        Releases the parked appenders the sync made durable. Returns the next
+        batch (already taken, ``_syncing`` still set) when records arrived
+        meanwhile, else None. On failure fails the log for good (LOG-12),
+        releases every parked appender and raises the sticky LogFailedError.
+        """
+        error: BaseException | None = None
+        written = 0
+        try:
+            written = self._write_batch(batch)
+        except BaseException as exc:  # any failure fails the log (LOG-12)
+            error = exc
+        following = None
+        with self._lock:
             if error is not None:
+                self._syncing = False
                 self._failed = LogFailedError(
                     f"log {self.path} failed while syncing LSNs {batch[0].lsn}..{batch[-1].lsn}: {error}; "
                     f"it refuses writes until reopened"
                 )
                 self._failed.__cause__ = error
-                self._cond.notify_all()
-                raise self._failed
-            self._durable_lsn = batch[-1].lsn
-            self._durable_hash = batch[-1].hash
-            self._active_size += written
+                release, self._waiters = self._waiters, []
+            else:
+                last = batch[-1]
+                self._durable_lsn = last.lsn
+                self._durable_hash = last.hash
+                self._active_size += written
+                release, keep = [], []
+                for waiter in self._waiters:
+                    (release if waiter[0] <= last.lsn else keep).append(waiter)
+                self._waiters = keep
+                if self._pending and not self._closing:
+                    following, self._pending = self._pending, []
+                else:
+                    self._syncing = False
             self._cond.notify_all()
+        _release_chain(release)
+        if error is not None:
+            raise self._failed
+        return following
+
+    def _hand_to_flusher(self, batch: list[_Pending]) -> None:
+        """Give a taken batch (``_syncing`` set) to the flusher thread, starting it if needed."""
+        with self._lock:
+            self._handoff = batch
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name=f"wal-flusher {self.path}", daemon=True)
+                self._flusher.start()
+            self._flush_cond.notify()
+
+    def _flush_loop(self) -> None:
+        """The flusher: sync handed-off batches, and whatever piles up behind them, until closed."""
+        while True:
+            with self._lock:
+                while self._handoff is None and not self._closed:
+                    self._flush_cond.wait()
+                if self._handoff is None:
+                    return
+                batch, self._handoff = self._handoff, None
+            try:
+                while batch is not None:
+                    batch = self._run_batch(batch)
+            except LogFailedError:
+                pass  # sticky; every parked appender was released with the failure
 
     def _write_batch(self, batch: list[_Pending]) -> int:
         first = batch[0]
