@@ -485,13 +485,28 @@ class Log:
                     batch, self._pending = self._pending, []
                     self._syncing = True
             if gate is not None:
-                gate.acquire()  # released by the thread whose sync covers lsn (or fails, or close)
+                try:
+                    gate.acquire()  # released by the thread whose sync covers lsn (or fails, or close)
+                except BaseException:
+                    self._abandon(waiter)  # e.g. Ctrl-C in the main thread: keep the chain going
+                    raise
                 if waiter[2] is not None:
                     waiter[2].release()  # pass the wake-up on (see _release_chain)
                 continue
             following = self._run_batch(batch)
             if following is not None:
                 self._hand_to_flusher(following)
+
+    def _abandon(self, waiter: list) -> None:
+        """A parked appender stops waiting: unpark it, or if a sync already put it in
+        a wake-up chain, wake the next one now (that one is durable too)."""
+        with self._lock:
+            for i, parked in enumerate(self._waiters):
+                if parked is waiter:
+                    del self._waiters[i]
+                    return
+        if waiter[2] is not None:
+            waiter[2].release()
 
     def _run_batch(self, batch: list[_Pending]) -> list[_Pending] | None:
         """Write and sync ``batch`` (``_syncing`` is set), then publish the result.
