@@ -246,50 +246,57 @@ def _classify_failure(path: str, offset: int, expected_lsn: int, file_size: int)
         tail = f.read(file_size - offset)
     if not tail.strip(b"\x00"):
         return "zero-filled tail"
-    frames = _valid_looking_frames(tail, expected_lsn)
-    for fh in frames:
+    found = False
+    for fh in _valid_looking_frames(tail, expected_lsn):
         batch_first = fh.lsn - fh.batch_back
         if batch_first > expected_lsn:
             return None
-    if frames:
+        found = True
+    if found:
         return "valid-looking frames after it belong to the same unsynced batch"
     return "no valid-looking frame follows"
 
 
-def _valid_looking_frames(tail: bytes, expected_lsn: int) -> list[FrameHeader]:
-    """Valid-looking frame headers found in ``tail`` (LOG-8), in order.
+RESYNC_WINDOW = 4096 // FRAME_HEADER_SIZE + 2
+"""LOG-8: how many LSNs after the failing one the classification looks for
+(66). Damage of up to 4096 bytes touches at most 65 frame headers (64 whole
+ones and parts of two), so it cannot hide every frame after it."""
 
-    Finds the first header with LSN ``expected_lsn`` (at offset 0 or later)
-    or ``expected_lsn + 1`` (anywhere), then follows frame lengths onward.
+
+def _valid_looking_frames(tail: bytes, expected_lsn: int) -> Iterator[FrameHeader]:
+    """Valid-looking frame headers found in ``tail`` (LOG-8), lazily.
+
+    For each LSN from ``expected_lsn`` to ``expected_lsn + RESYNC_WINDOW``
+    not yet seen, finds the first valid-looking header carrying it (its
+    8-byte LSN field sits 4 bytes into the header), then follows frame
+    lengths onward while the LSNs stay consecutive. Every chain is followed,
+    so damage that destroys several consecutive headers still lets the
+    frames after it be found.
     """
-    start = None
-    fh0 = decode_frame_header(tail, 0)
-    if fh0 is not None and fh0.lsn == expected_lsn:
-        start = 0
-    else:
-        for lsn in (expected_lsn, expected_lsn + 1):
-            needle = struct.pack("<Q", lsn)
-            pos = tail.find(needle, 1)
-            while pos != -1:
-                candidate = pos - 4
-                if candidate >= 0:
-                    fh = decode_frame_header(tail, candidate)
-                    if fh is not None and fh.lsn == lsn:
-                        if start is None or candidate < start:
-                            start = candidate
-                        break
-                pos = tail.find(needle, pos + 1)
-    out: list[FrameHeader] = []
-    pos = start
-    while pos is not None:
-        fh = decode_frame_header(tail, pos)
-        if fh is None or (out and fh.lsn != out[-1].lsn + 1):
-            break
-        out.append(fh)
-        pos += fh.frame_size
-        if pos >= len(tail):
-            break
-    return out
+    seen_lsns: set[int] = set()
+    walked: set[int] = set()
+    for lsn in range(expected_lsn, expected_lsn + RESYNC_WINDOW + 1):
+        if lsn in seen_lsns:
+            continue
+        needle = struct.pack("<Q", lsn)
+        pos = tail.find(needle, 4)
+        while pos != -1:
+            fh = decode_frame_header(tail, pos - 4)
+            if fh is not None and fh.lsn == lsn:
+                break
+            pos = tail.find(needle, pos + 1)
+        if pos == -1:
+            continue
+        at, prev_lsn = pos - 4, None
+        while at < len(tail) and at not in walked:
+            fh = decode_frame_header(tail, at)
+            if fh is None or (prev_lsn is not None and fh.lsn != prev_lsn + 1):
+                break
+            walked.add(at)
+            seen_lsns.add(fh.lsn)
+            yield fh
+            prev_lsn = fh.lsn
+            at += fh.frame_size
 
 
 def iter_frames(path: str, start_offset: int, end_offset: int | None = None) -> Iterator[tuple[int, FrameHeader, bytes]]:
