@@ -253,3 +253,39 @@ def test_LOG_9_trimming_never_happens_for_corruption(tmp_path):
         with pytest.raises(wal.CorruptRecordError):
             wal.Log.open(path)
     assert open(seg, "rb").read() == before
+
+
+def _zero(path, start, end):
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(end - start))
+
+
+@pytest.mark.parametrize("damage", ["zeroed span of two records", "two headers", "hash and next header", "zeroed 4 KiB sector"])
+def test_LOG_9_damage_spanning_several_records_before_the_final_batch_is_corruption(tmp_path, damage):
+    """Damage that wipes more than one frame header must not pass for a torn
+    tail: acknowledged records of later batches follow it."""
+    path = str(tmp_path / "x.wal")
+    acks = make_log(path, [0] * 200 if "sector" in damage else [40] * 10)
+    seg = seg_paths(path)[-1]
+    fr = frame_offsets(seg)
+    before = open(seg, "rb").read()
+    if damage == "zeroed span of two records":
+        _zero(seg, fr[4][0], fr[6][0])
+    elif damage == "two headers":
+        flip_bit(seg, fr[4][0] + 5, 0)
+        flip_bit(seg, fr[5][0] + 5, 0)
+    elif damage == "hash and next header":
+        flip_bit(seg, fr[4][0] + 40, 0)
+        flip_bit(seg, fr[5][0] + 5, 0)
+    else:
+        _zero(seg, 4096, 8192)
+    bad = open(seg, "rb").read()
+    first_bad = next(i for i, (a, b) in enumerate(zip(before, bad)) if a != b)
+    off, _, lsn = [f for f in fr if f[0] <= first_bad][-1]
+    assert lsn < acks[-1].lsn - 1
+    with pytest.raises(wal.CorruptRecordError) as ei:
+        wal.Log.open(path)
+    assert (ei.value.offset, ei.value.lsn) == (off, lsn)
+    assert open(seg, "rb").read() == bad  # nothing trimmed
+    assert not wal.verify(path).ok
