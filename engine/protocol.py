@@ -1296,9 +1296,9 @@ def refusal_error(refuse: Refuse, *, position: Position | None = None) -> Engine
             "(compare NODE/replication.secret on both nodes)"
         )
     if code == "diverged":
-        return DivergedError(refuse.last_common_lsn, replica_lsn, text if refuse.detail else None)
+        return DivergedError(refuse.last_common_lsn, replica_lsn)
     if code == "ahead":
-        return ReplicaAheadError(replica_lsn, refuse.master_lsn if refuse.master_lsn is not None else -1, text)
+        return ReplicaAheadError(replica_lsn, refuse.master_lsn if refuse.master_lsn is not None else -1)
     if code == "wrong-log":
         return WrongLogError(None, None, text)
     if code == "behind-retention":
