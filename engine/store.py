@@ -640,6 +640,18 @@ class Store:
             (mailbox_id, since_ms),
         )
 
+    def message_rows(self, mailbox_id: str) -> list[tuple[int, bytes, tuple[str, ...], int, int]]:
+        """``(uid, guid, flags, internaldate_ms, delivered_ms)`` of every message, by UID (no bodies)."""
+        rows = self._read(
+            "SELECT uid, guid, flags, internaldate_ms, delivered_ms FROM messages WHERE mailbox_id=? ORDER BY uid",
+            (mailbox_id,),
+        )
+        return [(r[0], bytes(r[1]), tuple(r[2].split()) if r[2] else (), r[3], r[4]) for r in rows]
+
+    def tombstones(self) -> dict[str, str]:
+        """Deleted mailboxes: id -> the name it had when deleted."""
+        return {r[0]: r[1] for r in self._read("SELECT mailbox_id, name FROM tombstones")}
+
     def uids(self, mailbox_id: str) -> list[int]:
         return [r[0] for r in self._read("SELECT uid FROM messages WHERE mailbox_id=?", (mailbox_id,))]
 
