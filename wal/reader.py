@@ -21,8 +21,10 @@ import time
 from typing import Callable, Iterator
 
 from .errors import CorruptRecordError, LsnNotAvailableError
-from .format import FRAME_HEADER_SIZE, SEGMENT_HEADER_SIZE, ZERO_HASH, Record, decode_frame_header, payload_hash, record_hash
-from .segment import INDEX_STRIDE, _classify_failure, iter_frames, list_segments, read_segment_header
+from .format import FRAME_HEADER_SIZE, SEGMENT_HEADER_SIZE, ZERO_HASH, Record, decode_frame_header
+from .framewalk import chain_hash, walk_frames
+from .framewalk import payload_digest as payload_hash
+from .segment import INDEX_STRIDE, _classify_failure, list_segments, read_segment_header
 
 __all__ = ["LogReader", "SegmentIndex"]
 
@@ -160,22 +162,21 @@ class LogReader:
         while True:
             bound = self._durable_lsn() if self._durable_lsn is not None else None
             stopped_at = offset
-            for off, fh, payload in iter_frames(path, offset):
-                if bound is not None and fh.lsn > bound:
+            for off, plen, f_lsn, f_epoch, f_type, _back, f_hash, payload in walk_frames(path, offset):
+                if bound is not None and f_lsn > bound:
                     break
-                if fh.lsn != cur:
-                    self._damage(path, off, cur, f"frame has LSN {fh.lsn}, expected {cur}", segs, seg_name)
+                if f_lsn != cur:
+                    self._damage(path, off, cur, f"frame has LSN {f_lsn}, expected {cur}", segs, seg_name)
                     return
-                h = record_hash(prev, fh.lsn, fh.epoch, fh.type, fh.payload_len, payload_hash(payload))
-                if h != fh.hash:
+                if chain_hash(prev, f_lsn, f_epoch, f_type, plen, payload_hash(payload)) != f_hash:
                     self._damage(path, off, cur, "record hash mismatch", segs, seg_name)
                     return
-                prev = fh.hash
-                offset = off + fh.frame_size
+                prev = f_hash
+                offset = off + FRAME_HEADER_SIZE + plen
                 stopped_at = offset
                 cur += 1
-                if fh.lsn >= lsn:
-                    yield Record(fh.lsn, fh.epoch, fh.type, payload, fh.hash)
+                if f_lsn >= lsn:
+                    yield Record(f_lsn, f_epoch, f_type, bytes(payload), f_hash)
                 if to_lsn is not None and cur > to_lsn:
                     return
                 if stop is not None and stop.is_set():

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 
 from .errors import CorruptRecordError, UnsupportedVersionError
 from .fileops import FileOps
+from .framewalk import verify_hash, walk_frames
 from .format import (
     FRAME_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -37,8 +38,6 @@ from .format import (
     decode_frame_header,
     decode_segment_header,
     encode_segment_header,
-    payload_hash,
-    record_hash,
 )
 
 __all__ = [
@@ -55,7 +54,6 @@ __all__ = [
 
 _NAME_RE = re.compile(r"^(\d{20})\.seg$")
 INDEX_STRIDE = 64  # one sparse index entry per this many records
-_READ_BUFFER = 1 << 20
 
 
 def segment_name(first_lsn: int) -> str:
@@ -140,11 +138,6 @@ class SegmentScan:
     records: int = 0
 
 
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    return data if data is not None else b""
-
-
 def scan_segment(
     path: str,
     *,
@@ -191,46 +184,56 @@ def scan_segment(
     offset = SEGMENT_HEADER_SIZE
     expected = header.first_lsn
     prev = header.prev_hash
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
-        f.seek(offset)
-        while offset < file_size:
-            failure = None
-            head_bytes = _read_exact(f, FRAME_HEADER_SIZE)
-            fh = decode_frame_header(head_bytes)
-            if len(head_bytes) < FRAME_HEADER_SIZE:
-                failure = "incomplete frame header"
-            elif fh is None:
-                failure = "frame header check failed"
-            elif fh.lsn != expected:
-                failure = f"frame has LSN {fh.lsn}, expected {expected}"
-            elif offset + fh.frame_size > file_size:
-                failure = "frame extends past end of file"
-            else:
-                payload = _read_exact(f, fh.payload_len)
-                h = record_hash(prev, fh.lsn, fh.epoch, fh.type, fh.payload_len, payload_hash(payload))
-                if h != fh.hash:
-                    failure = "record hash mismatch"
-            if failure is not None:
-                torn_reason = _classify_failure(path, offset, expected, file_size) if is_last else None
-                if torn_reason is None:
-                    raise CorruptRecordError(name, offset, expected, failure)
-                scan.torn = TornTail(name, offset, file_size - offset, f"{failure}; {torn_reason}")
-                break
-            assert fh is not None
-            if scan.records % INDEX_STRIDE == 0:
-                scan.index.append((fh.lsn, offset))
-            if on_record is not None:
-                on_record(Record(fh.lsn, fh.epoch, fh.type, payload, fh.hash))
-            scan.records += 1
-            offset += fh.frame_size
-            if on_bytes is not None:
-                on_bytes(fh.frame_size)
-            prev = fh.hash
-            expected += 1
-            scan.end_offset = offset
-            scan.last_lsn = fh.lsn
-            scan.last_hash = fh.hash
+    failure = None
+    records = 0
+    index = scan.index
+    for off, plen, lsn, epoch, type_, _back, hash_, payload in walk_frames(path, offset, file_size):
+        if lsn != expected:
+            failure = f"frame has LSN {lsn}, expected {expected}"
+            break
+        if verify_hash(prev, lsn, epoch, type_, payload) != hash_:
+            failure = "record hash mismatch"
+            break
+        if records % INDEX_STRIDE == 0:
+            index.append((lsn, off))
+        if on_record is not None:
+            on_record(Record(lsn, epoch, type_, bytes(payload), hash_))
+        records += 1
+        offset = off + FRAME_HEADER_SIZE + plen
+        if on_bytes is not None:
+            on_bytes(FRAME_HEADER_SIZE + plen)
+        prev = hash_
+        expected += 1
+    if failure is None and offset < file_size:
+        failure = _frame_failure(path, offset, expected, file_size)
+    scan.records = records
+    if records:
+        scan.end_offset = offset
+        scan.last_lsn = expected - 1
+        scan.last_hash = prev
+    if failure is not None:
+        torn_reason = _classify_failure(path, offset, expected, file_size) if is_last else None
+        if torn_reason is None:
+            raise CorruptRecordError(name, offset, expected, failure)
+        scan.torn = TornTail(name, offset, file_size - offset, f"{failure}; {torn_reason}")
     return scan
+
+
+def _frame_failure(path: str, offset: int, expected_lsn: int, file_size: int) -> str:
+    """Why the frame at ``offset`` cannot be read (walk_frames stopped there quietly)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        head = f.read(FRAME_HEADER_SIZE)
+    fh = decode_frame_header(head)
+    if len(head) < FRAME_HEADER_SIZE:
+        return "incomplete frame header"
+    if fh is None:
+        return "frame header check failed"
+    if fh.lsn != expected_lsn:
+        return f"frame has LSN {fh.lsn}, expected {expected_lsn}"
+    if offset + fh.frame_size > file_size:
+        return "frame extends past end of file"
+    return "frame unreadable"  # the file changed while it was being read
 
 
 def _classify_failure(path: str, offset: int, expected_lsn: int, file_size: int) -> str | None:
@@ -305,17 +308,5 @@ def iter_frames(path: str, start_offset: int, end_offset: int | None = None) -> 
     Stops quietly at the first frame that is incomplete or not valid-looking:
     callers verify hashes themselves and decide what a stop means.
     """
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
-        size = os.fstat(f.fileno()).st_size if end_offset is None else end_offset
-        f.seek(start_offset)
-        offset = start_offset
-        while offset + FRAME_HEADER_SIZE <= size:
-            head = f.read(FRAME_HEADER_SIZE)
-            fh = decode_frame_header(head)
-            if fh is None or offset + fh.frame_size > size:
-                return
-            payload = f.read(fh.payload_len)
-            if len(payload) != fh.payload_len:
-                return
-            yield offset, fh, payload
-            offset += fh.frame_size
+    for offset, plen, lsn, epoch, type_, batch_back, hash_, payload in walk_frames(path, start_offset, end_offset):
+        yield offset, FrameHeader(plen, lsn, epoch, type_, 0, batch_back, hash_), bytes(payload)
