@@ -395,6 +395,8 @@ class Log:
         with self._cond:
             self._check_usable()
             ep = self._epoch if epoch is None else epoch
+            if ep < self._epoch:
+                raise WalError(f"epoch {ep} is below the log's epoch {self._epoch}: epochs never decrease along a log")
             out = []
             for (type_, payload), ph in zip(items, p_hashes):
                 lsn = self._next_lsn
@@ -403,6 +405,8 @@ class Log:
                 self._next_lsn = lsn + 1
                 self._last_hash = h
                 out.append(Appended(lsn, h, ep))
+            if out:
+                self._epoch = ep  # later appends must not go below it either
         return out
 
     def sync_to(self, lsn: int) -> None:
