@@ -177,3 +177,18 @@ def test_epoch_of_the_last_record_survives_a_crash_right_after_rotation(tmp_path
         assert again.last_lsn == 1
         assert again.epoch == 4
     assert [r.epoch for r in all_records(path)] == [4]
+
+
+def test_LOG_4_epochs_never_decrease_along_a_log(tmp_path):
+    path = str(tmp_path / "x.wal")
+    with wal.Log.create(path) as log:
+        log.append(1, b"a")
+        assert log.append(1, b"b", epoch=5).epoch == 5
+        assert log.epoch == 5
+        assert log.append(1, b"c").epoch == 5  # not back to 1
+        with pytest.raises(wal.WalError, match="never decrease"):
+            log.append(1, b"d", epoch=4)
+        assert log.last_lsn == 3 and log.failed is None
+    assert [r.epoch for r in all_records(path)] == [1, 5, 5]
+    with wal.Log.open(path) as log:
+        assert log.epoch == 5
