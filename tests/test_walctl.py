@@ -113,7 +113,8 @@ def test_verify_corrupt_record_exits_1_naming_segment_offset_lsn(log):
     assert r.exit_code == 1
     assert "DAMAGED" in r.output
     assert f"segment {seg}, offset {off}, LSN 12" in r.output
-    assert "Error: log is damaged" in r.output
+    assert "records    11 (LSN 1..11 verified before the damage)" in r.stdout
+    assert "Error: log is damaged" in r.stderr
 
 
 def test_verify_corrupt_json_exits_1_with_error_fields(log):
@@ -414,3 +415,22 @@ def test_python_dash_m_tools_runs_walctl(log):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out)["records"] == 40
+
+
+def test_verify_draws_progress_only_on_a_terminal(log):
+    """With stderr on a pseudo-terminal the progress bar runs (and is transient);
+    stdout still carries the plain report."""
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    try:
+        env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS="100")
+        proc = subprocess.run([sys.executable, "-m", "tools", "verify", log], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=slave, text=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert "valid" in proc.stdout and "\x1b" not in proc.stdout

@@ -28,9 +28,10 @@ def test_bench_wal_json_has_all_fields(tmp_path):
     read = rep["read"]
     assert read["log"]["records"] > 0
     assert read["verify"]["records"] == read["replay"]["records"] == read["log"]["records"]
-    for key in ("raw_read_hash", "verify", "replay"):
+    for key in ("raw_read_hash", "raw_read_hash_per_record", "verify", "replay"):
         assert read[key]["bytes"] == read["log"]["bytes"] and read[key]["mb_per_s"] > 0
-    assert read["verify"]["ratio_vs_raw"] > 0 and read["replay"]["ratio_vs_raw"] > 0
+    for key in ("verify", "replay"):
+        assert read[key]["ratio_vs_raw"] > 0 and read[key]["ratio_vs_raw_per_record"] > 0
     assert rep["verify_rss"]["peak_rss_mib"] >= rep["verify_rss"]["baseline_rss_mib"] > 0
     assert {g["goal"] for g in rep["goals"]} == {
         "appenders_64_vs_raw_batch_64", "appenders_1_vs_raw_batch_1", "verify_vs_raw_read_hash",

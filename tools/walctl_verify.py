@@ -30,7 +30,15 @@ def _run_verify(path: str) -> wal.VerifyReport:
         console=console, transient=True,
     ) as progress:
         task = progress.add_task("verify", total=total)
-        return wal.verify(path, on_bytes=lambda n: progress.advance(task, n))
+        pending = [0]
+
+        def on_bytes(n: int) -> None:  # redraw per MiB, not per record
+            pending[0] += n
+            if pending[0] >= 1 << 20:
+                progress.advance(task, pending[0])
+                pending[0] = 0
+
+        return wal.verify(path, on_bytes=on_bytes)
 
 
 @click.command(name="verify")
@@ -56,16 +64,14 @@ def verify(log: str, as_json: bool) -> None:
         dump_json(report.to_dict(), indent=2)
     else:
         span = f"LSN {report.first_lsn}..{report.last_lsn}" if report.records else "no records"
-        bad_lsn = (report.error or {}).get("lsn")
-        if bad_lsn is not None:
-            # The report counts whole segments only; say how far the chain held.
-            span = (f"LSN {report.first_lsn}..{bad_lsn - 1} verified before the damage"
-                    if bad_lsn > report.first_lsn else "none verified before the damage")
+        if not report.ok:
+            span = (f"LSN {report.first_lsn}..{report.last_lsn} verified before the damage"
+                    if report.records else "none verified before the damage")
         state = "valid" if report.ok else "DAMAGED"
         click.echo(f"{log}: {state}")
         click.echo(f"  log id     {report.log_id}")
         click.echo(f"  segments   {report.segments}")
-        click.echo(f"  records    {report.records if report.ok else '-'} ({span})")
+        click.echo(f"  records    {report.records} ({span})")
         if report.ok:
             click.echo(f"  bytes      {report.bytes}")
             click.echo(f"  last hash  {report.last_hash}")
