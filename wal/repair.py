@@ -8,6 +8,7 @@ copies everything it removes to ``broken/`` inside the log directory first.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,8 +128,30 @@ def repair(path: str, *, fileops: FileOps = OS_FILEOPS) -> RepairReport:
     Raises:
         UnsupportedVersionError: a segment has a format version this code
             does not know (nothing is changed: upgrade mailwal instead).
-        WalError: the first segment's header is damaged.
+        WalError: the first segment's header is damaged, or a writer has
+            the log open (LOG-14).
     """
+    if not os.path.isdir(path) or not list_segments(path):
+        raise WalError(f"{path} is not a mailwal log (no segment files)")
+    lock_fd = _lock_writer_out(path)
+    try:
+        return _repair_locked(path, fileops)
+    finally:
+        os.close(lock_fd)
+
+
+def _lock_writer_out(path: str) -> int:
+    """LOG-14: hold the writer's LOCK while repairing, so no Log appends meanwhile."""
+    fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WalError(f"log {path} is open for writing by another process; stop it before repairing") from None
+    return fd
+
+
+def _repair_locked(path: str, fileops: FileOps) -> RepairReport:
     report = verify(path)
     rep = RepairReport(path=path, last_lsn=report.last_lsn)
     if report.ok:
