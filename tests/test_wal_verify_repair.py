@@ -128,3 +128,16 @@ def test_LOG_15_repair_refuses_a_damaged_first_header(log_path):
     with pytest.raises(wal.WalError, match="first segment"):
         wal.repair(path)
     assert {k: v for k, v in snapshot(path).items() if not k.startswith("broken")} == before
+
+
+def test_LOG_14_LOG_15_repair_refuses_while_a_writer_holds_the_log(log_path):
+    path, _ = log_path
+    seg = seg_paths(path)[1]
+    off, _, _ = frame_offsets(seg)[0]
+    flip_bit(seg, off + 70, 0)
+    before = snapshot(path)
+    with wal.Log.open(path):  # the damage is in a non-last segment: the log opens
+        with pytest.raises(wal.WalError, match="open for writing"):
+            wal.repair(path)
+    assert snapshot(path) == before
+    assert wal.repair(path).cut_segment == os.path.basename(seg)  # once the writer is gone
