@@ -19,7 +19,8 @@ __all__ = ["repair"]
 def _writer_lock(log: str):
     """Hold the log's writer lock (LOG-14) so no node appends while we cut.
 
-    wal.repair() does not take it itself; a live writer makes this fail cleanly.
+    Held across the confirmation prompt, so wal.repair() is told not to take
+    it again (take_lock=False); a live writer makes this fail cleanly.
     """
     fd = os.open(os.path.join(log, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -61,7 +62,7 @@ def repair(log: str, as_json: bool, yes: bool) -> None:
                     f"and every later record leave this log)?",
                     abort=True, err=True,
                 )
-            result = wal.repair(log)
+            result = wal.repair(log, take_lock=False)
     if as_json:
         dump_json(result.to_dict(), indent=2)
     elif result.cut_segment is None:

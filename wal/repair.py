@@ -116,7 +116,7 @@ def verify(path: str, *, on_bytes: Callable[[int], None] | None = None) -> Verif
     return report
 
 
-def repair(path: str, *, fileops: FileOps = OS_FILEOPS) -> RepairReport:
+def repair(path: str, *, fileops: FileOps = OS_FILEOPS, take_lock: bool = True) -> RepairReport:
     """Cut the log at its first damage so it opens again.
 
     The damaged segment is truncated at the damaged record, and later
@@ -130,9 +130,15 @@ def repair(path: str, *, fileops: FileOps = OS_FILEOPS) -> RepairReport:
             does not know (nothing is changed: upgrade mailwal instead).
         WalError: the first segment's header is damaged, or a writer has
             the log open (LOG-14).
+
+    ``take_lock=False`` is for a caller that already holds the log's
+    ``LOCK`` itself (``walctl repair`` holds it across its confirmation
+    prompt); anyone else must let repair take it.
     """
     if not os.path.isdir(path) or not list_segments(path):
         raise WalError(f"{path} is not a mailwal log (no segment files)")
+    if not take_lock:
+        return _repair_locked(path, fileops)
     lock_fd = _lock_writer_out(path)
     try:
         return _repair_locked(path, fileops)
