@@ -227,6 +227,10 @@ class ReplicationHub:
         """Names of replicas that durably acknowledged ``lsn`` (or later)."""
         return sorted(n for n, r in self._replicas.items() if r.durable_lsn >= lsn)
 
+    async def wait_changed(self) -> None:
+        """Wait for the next change to any replica's state (an ack, a connect, a disconnect)."""
+        await self._changed.wait()
+
     async def wait_replicated(self, lsn: int, k: int, timeout: float | None) -> list[str]:
         """Wait until at least ``k`` replicas durably acknowledged ``lsn``.
 
@@ -309,7 +313,6 @@ class ReplicationHub:
         conn.streaming = True
         r.since = self._wall()
         r.connects += 1
-        r.last_error = None
         if durable_lsn is not None and durable_lsn > r.durable_lsn:
             r.durable_lsn = durable_lsn
         self._notify()
@@ -341,7 +344,7 @@ class ReplicationHub:
         r.applied_lsn = ack.applied_lsn
         if ack.durable_lsn > r.durable_lsn:
             r.durable_lsn = ack.durable_lsn
-            self._notify()
+        self._notify()
         if r.cursor_lsn is None or r.durable_lsn > r.cursor_lsn:
             conn.cursor_dirty.set()
             if r.durable_lsn - (r.cursor_lsn or 0) >= self.cursor_every_records:
