@@ -336,7 +336,7 @@ def machine_info(directory: str) -> dict:
     dev_name = os.path.basename(device)
     try:
         with open(f"/sys/block/{dev_name}/queue/rotational") as f:
-            rotational = "hdd" if f.read().strip() == "1" else "ssd/virtual"
+            rotational = "rotational" if f.read().strip() == "1" else "non-rotational"  # as the kernel reports it
     except OSError:
         pass
     return {
