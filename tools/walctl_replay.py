@@ -25,8 +25,8 @@ RECORD_FIELDS = ("lsn", "epoch", "type", "hash")
 _CURSOR_PREFIX = "cursor:"
 
 
-def resolve_start(log: str, spec: str | None) -> tuple[int, str]:
-    """The first LSN to replay for ``--from`` and a description of it.
+def resolve_start(log: str, spec: str | None) -> int:
+    """The first LSN to replay for ``--from``.
 
     ``spec`` is an LSN (all digits), ``cursor:NAME``, or a cursor NAME. A
     cursor's value is the last LSN its consumer finished, so replay starts at
@@ -36,13 +36,11 @@ def resolve_start(log: str, spec: str | None) -> tuple[int, str]:
         wal.CursorError: no such cursor, or an invalid name.
     """
     if spec is None:
-        first = wal.LogReader(log).first_lsn()
-        return first, f"LSN {first} (first in the log)"
+        return wal.LogReader(log).first_lsn()
     if spec.isdigit():
-        return int(spec), f"LSN {int(spec)}"
+        return int(spec)
     name = spec[len(_CURSOR_PREFIX):] if spec.startswith(_CURSOR_PREFIX) else spec
-    value = wal.CursorStore(log, wal.OS_FILEOPS).get(name)
-    return value + 1, f"cursor {name!r} at LSN {value}, so from LSN {value + 1}"
+    return wal.CursorStore(log, wal.OS_FILEOPS).get(name) + 1
 
 
 def _decode(payload: bytes) -> tuple[bool, object]:
@@ -138,7 +136,7 @@ def replay(log: str, start: str | None, to_lsn: int | None, as_json: bool, bodie
     stop = threading.Event()
     with wal_errors():
         require_log(log)
-        first, _desc = resolve_start(log, start)
+        first = resolve_start(log, start)
         reader = wal.LogReader(log)
         try:
             for rec in reader.records(first, to_lsn, follow=follow, stop=stop):
