@@ -257,7 +257,8 @@ def test_LOG_5_record_hash_covers_exactly_the_spec_bytes(tmp_path):
         a1 = log.append(4, b"one", epoch=2)
         a2 = log.append(5, b"")
     assert a1.hash == spec_record_hash(ZERO_HASH, 1, 2, 4, b"one")
-    assert a2.hash == spec_record_hash(a1.hash, 2, 1, 5, b"")
+    assert a2.epoch == 2  # the explicit epoch became the log's epoch
+    assert a2.hash == spec_record_hash(a1.hash, 2, 2, 5, b"")
     assert record_hash(ZERO_HASH, 1, 2, 4, 3, payload_hash(b"one")) == a1.hash
     assert [r.hash for r in all_records(path)] == [a1.hash, a2.hash]
 
