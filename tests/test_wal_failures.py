@@ -248,3 +248,44 @@ def test_LOG_12_real_enospc_on_a_full_tmpfs(tmp_path):
     assert out["all_acked_intact"] and out["acked"] > 50
     assert out["append_after_free"] > out["acked"]  # the failed batch may survive whole, never acked
     assert out["verify_ok"]
+
+
+@pytest.mark.parametrize("fail_at", [CREATE_SYNCS + n for n in (1, 2, 3, 5, 8, 13)])
+def test_LOG_12_eio_under_many_concurrent_appenders(tmp_path, fail_at):
+    """Whichever batch fails, and whoever was syncing it (an appender or the
+    flusher), no appender hangs, nothing at or after the failed batch is
+    acknowledged, and fdatasync is never called again."""
+    path = str(tmp_path / "x.wal")
+    ops = FaultyFileOps(fail_fdatasync_at=fail_at)
+    log = wal.Log.create(path, segment_max_bytes=2000, fileops=ops)
+    acks, errors, lock = [], [], threading.Lock()
+
+    def worker(t):
+        for n in range(40):
+            try:
+                got = log.append_many([(t, payload_for(t * 100 + n, 40))] * (1 + n % 3))
+            except (wal.LogFailedError, wal.LogClosedError) as exc:
+                with lock:
+                    errors.append(exc)
+                return
+            with lock:
+                acks.extend(got)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "an appender hangs after the failure"
+    assert log.failed is not None and len(errors) == 8
+    failed = re.search(r"LSNs (\d+)\.\.(\d+)", str(log.failed))
+    first_failed = int(failed.group(1))
+    assert all(a.lsn < first_failed for a in acks)
+    assert log.last_lsn == first_failed - 1
+    calls = len(ops.fdatasync_calls)
+    assert calls == fail_at
+    log.close()
+    assert len(ops.fdatasync_calls) == calls
+    with wal.Log.open(path) as again:
+        got = {r.lsn: r.hash for r in again.read(1)}
+    assert all(got[a.lsn] == a.hash for a in acks)
