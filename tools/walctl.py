@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import click
 
+from .bench_reconcile import bench_reconcile
 from .cliutil import CONTEXT_SETTINGS
+from .cmd_reconcile import reconcile
 from .walctl_bench import bench
 from .walctl_cursor import cursor
 from .walctl_repair import repair
@@ -38,3 +40,5 @@ def cli() -> None:
 
 for _command in (verify, replay, cursor, repair, bench):
     cli.add_command(_command)
+cli.add_command(reconcile)
+bench.add_command(bench_reconcile)

@@ -77,6 +77,8 @@ __all__ = [
     "SeekReader",
     "read_history",
     "read_history_file",
+    "write_history",
+    "first_lsn_of_epoch",
     "start_epoch",
     "sync_history",
     "find_fork",
@@ -92,7 +94,7 @@ _EPOCHS_FORMAT = 1
 
 # SeekReader tuning. A probe reads about one window; walking from an exact
 # frame start is cheaper than another probe below these bounds.
-_SCAN_WINDOW_BYTES = 4 * 1024  # first window; doubles (to 64 KiB) while nothing is found
+_SCAN_WINDOW_BYTES = 1024  # first window; doubles (to 64 KiB) while nothing is found
 _SCAN_WINDOW_MAX_BYTES = 64 * 1024
 _WALK_MAX_RECORDS = 32
 _WALK_MAX_BYTES = 8 * 1024
@@ -452,6 +454,17 @@ class SeekReader:
         self._hashes[lsn] = h
         return h
 
+    def bytes_after(self, lsn: int) -> int:
+        """Bytes of segment data holding the records after ``lsn`` (for progress bars)."""
+        if lsn >= self.last()[0]:
+            return 0
+        if lsn + 1 <= self._firsts[0]:
+            i, off = 0, SEGMENT_HEADER_SIZE
+        else:
+            i = self._seg_of(lsn + 1)
+            off = SEGMENT_HEADER_SIZE if self._firsts[i] == lsn + 1 else self.locate(lsn + 1)[1]
+        return self._size(self._segs[i][1]) - off + sum(self._size(n) for _, n in self._segs[i + 1:])
+
     def epoch_at(self, lsn: int) -> int:
         """The epoch of record ``lsn``."""
         _, _, fh = self.locate(lsn)
@@ -604,6 +617,29 @@ def read_history_file(log_dir: str) -> list[EpochEntry]:
     if any(len(e.prev_hash) != 32 or e.first_lsn < 1 for e in out):
         raise EpochHistoryError(f"{path}: an entry has a bad LSN or hash")
     return out
+
+
+def write_history(log_dir: str, entries: list[EpochEntry], fileops: FileOps = OS_FILEOPS) -> None:
+    """Replace ``EPOCHS`` with ``entries`` atomically (temp file, fdatasync, rename, dir fsync)."""
+    for prev, cur in zip(entries, entries[1:]):
+        if not (cur.epoch > prev.epoch and cur.first_lsn >= prev.first_lsn):
+            raise EpochHistoryError(f"epochs must increase with first LSNs ({prev} then {cur})")
+    _write_history(log_dir, entries, fileops)
+
+
+def first_lsn_of_epoch(reader: "SeekReader", epoch: int, lo: int, hi: int) -> int:
+    """The first LSN in ``[lo, hi]`` whose record has an epoch >= ``epoch``.
+
+    ``hi`` MUST hold such a record; epochs never decrease along a log, so a
+    binary search reads O(log(hi - lo)) records.
+    """
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reader.epoch_at(mid) >= epoch:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _write_history(log_dir: str, entries: list[EpochEntry], fileops: FileOps) -> None:

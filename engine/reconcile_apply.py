@@ -1,0 +1,648 @@
+"""The reconcile driver: read two logs, diff them, apply the plan to a survivor.
+
+Lifecycle
+---------
+* :func:`reconcile` finds the fork point of two log directories (no writer
+  lock needed; O(log n) records, REC-3), reads both tails, and returns a
+  :class:`Reconciliation` (fork point, both tails' diff, what it read).
+* :func:`apply_reconcile` does the same with a survivor :class:`~engine.node.Node`
+  (the master that lives on), plans against the node's current store
+  (:func:`engine.reconciler.plan`) and carries the plan out through the
+  node's ordinary write path, so every change is a durable log record. Its
+  report (every decision, action and result) is written to
+  ``NODE/reconcile/<time>-fork<lsn>.json`` before the first action and
+  rewritten as actions complete (REC-11).
+* :func:`reconcile_summary` summarises the reports of a node directory
+  (for ``walctl status``).
+
+Running :func:`apply_reconcile` again plans against the store as it now is,
+so an apply that completed plans nothing, and an interrupted one plans
+exactly what is left (REC-12). Each action also re-checks its target (the
+GUID at the UID it changes) right before writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from wal import OS_FILEOPS, WalError
+from wal.epochs import ForkSearch, SeekReader, search_fork
+
+from .errors import EngineError
+from .events import MailboxCreated, MailboxDeleted, MailboxRenamed, MessageAppended, body_guid, decode_event
+from .mailerrors import MailStoreError
+from .reconciler import (
+    Action,
+    Diff,
+    MailboxView,
+    MessageView,
+    Plan,
+    SideReplay,
+    arrival_order,
+    compare,
+    plan,
+)
+
+__all__ = [
+    "REPORT_DIR",
+    "ReconcileError",
+    "NotSurvivorError",
+    "UndecodableRecordError",
+    "Progress",
+    "Reconciliation",
+    "ApplyResult",
+    "reconcile",
+    "apply_reconcile",
+    "choose_survivor",
+    "reconcile_summary",
+    "list_reports",
+    "StoreView",
+]
+
+log = logging.getLogger("mailwal.reconcile")
+
+REPORT_DIR = "reconcile"
+REPORT_FORMAT = 1
+_REPORT_EVERY_ACTIONS = 200  # rewrite the report at least this often while applying
+
+
+class ReconcileError(EngineError):
+    """Reconciling could not start or go on (the message says what to do)."""
+
+
+class NotSurvivorError(ReconcileError):
+    """The node's log continues neither of the two logs, so it is not their survivor."""
+
+
+class UndecodableRecordError(ReconcileError):
+    """A record after the fork point is not a mail event this version knows."""
+
+    def __init__(self, path: str, lsn: int, reason: str):
+        self.path = path
+        self.lsn = lsn
+        super().__init__(f"{path}: record at LSN {lsn} cannot be decoded ({reason}); upgrade mailwal or "
+                         f"check the log with `walctl verify`")
+
+
+class Progress(Protocol):
+    """Where a long read reports progress (the CLI draws a bar)."""
+
+    def phase(self, name: str, total_bytes: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+
+class _NoProgress:
+    def phase(self, name: str, total_bytes: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+
+@dataclass
+class Reconciliation:
+    """Fork point and diff of two logs."""
+
+    dir_a: str
+    dir_b: str
+    search: ForkSearch
+    diff: Diff
+    names_from: str  # "tails", "store", "prefix-scan" or "ids"
+    bytes_read: int = 0  # by the whole reconcile (search, tails, name scan)
+    records_read: int = 0
+
+    @property
+    def diverged(self) -> bool:
+        return self.search.diverged
+
+    def to_dict(self) -> dict:
+        s = self.search.to_dict()
+        return {
+            "format": REPORT_FORMAT,
+            "a": dict(s["a"], path=self.dir_a),
+            "b": dict(s["b"], path=self.dir_b),
+            "fork": s["fork"],
+            "diverged": self.diverged,
+            "prefix": None if self.diverged else ("a" if self.search.last_a <= self.search.last_b else "b"),
+            **self.diff.to_dict(),
+            "names_from": self.names_from,
+            "read": {"fork_search": s["search"], "total_bytes": self.bytes_read, "total_records": self.records_read},
+        }
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def _decoded(reader: SeekReader, from_lsn: int, progress: Progress) -> Iterator[tuple[int, object]]:
+    for rec in reader.records(from_lsn, on_bytes=progress.advance):
+        try:
+            ev = decode_event(rec.type, rec.payload)
+        except ValueError as exc:
+            raise UndecodableRecordError(reader.directory, rec.lsn, str(exc)) from exc
+        yield rec.lsn, ev
+
+
+def _names_from_prefix(reader: SeekReader, fork_lsn: int, wanted: set[str], progress: Progress) -> dict[str, str]:
+    """Names at the fork of ``wanted`` mailbox ids, from the shared prefix (a full scan)."""
+    out: dict[str, str] = {}
+    first = reader.first_lsn()
+    if fork_lsn < first:
+        return out
+    progress.phase("names in the shared prefix", reader.bytes_after(first - 1))
+    for rec in reader.records(first, on_bytes=progress.advance):
+        if rec.lsn > fork_lsn:
+            break
+        if rec.type not in (MailboxCreated.TYPE, MailboxRenamed.TYPE, MailboxDeleted.TYPE):
+            continue
+        ev = decode_event(rec.type, rec.payload)
+        if ev.mailbox_id not in wanted:
+            continue
+        if isinstance(ev, MailboxCreated):
+            out[ev.mailbox_id] = ev.name
+        elif isinstance(ev, MailboxRenamed):
+            out[ev.mailbox_id] = ev.new_name
+        else:
+            out.pop(ev.mailbox_id, None)
+    return out
+
+
+def reconcile(dir_a: str, dir_b: str, *, names: dict[str, str] | None = None, scan_prefix_names: bool = False,
+              tail_dirs: dict[str, str] | None = None, progress: Progress | None = None) -> Reconciliation:
+    """Find the fork point of two logs and diff their tails.
+
+    Args:
+        dir_a, dir_b: log directories; neither needs to be closed or unlocked.
+        names: mailbox id -> name, for mailboxes created before the fork
+            (e.g. from a node's store).
+        scan_prefix_names: name the remaining ones by scanning A's shared
+            prefix for mailbox creates and renames (reads the prefix once;
+            off: such mailboxes are shown by id).
+        tail_dirs: read a side's tail from another directory that extends
+            it (``{"a": node_log}``: the survivor's live log).
+        progress: receives byte counts while tails and prefix are read.
+
+    Raises:
+        wal.epochs.ForeignLogError, wal.epochs.ForkUnknownError, WalError,
+        UndecodableRecordError.
+    """
+    progress = progress or _NoProgress()
+    ra, rb = SeekReader(dir_a), SeekReader(dir_b)
+    extra: list[SeekReader] = []
+    try:
+        search = search_fork(dir_a, dir_b, reader_a=ra, reader_b=rb)
+        fork = search.fork.lsn
+        sides = {"a": SideReplay("a"), "b": SideReplay("b")}
+        for label, reader in (("a", ra), ("b", rb)):
+            if tail_dirs and label in tail_dirs:
+                reader = SeekReader(tail_dirs[label])
+                extra.append(reader)
+                if reader.hash_at(fork) != search.fork.hash:
+                    raise NotSurvivorError(f"{tail_dirs[label]} does not contain the fork point of {dir_a} and {dir_b}")
+            progress.phase(f"tail of {label.upper()}", reader.bytes_after(fork))
+            for lsn, ev in _decoded(reader, fork + 1, progress):
+                sides[label].feed(lsn, ev)
+        known = dict(names or {})
+        wanted = {mid for s in sides.values() for mid, t in s.mailboxes.items()
+                  if not t.created and t.fork_name is None and mid not in known}
+        names_from = "tails" if not wanted else ("store" if names else "ids")
+        if wanted and scan_prefix_names:
+            known.update(_names_from_prefix(ra, fork, wanted, progress))
+            names_from = "prefix-scan"
+        d = compare(sides["a"], sides["b"], names=known)
+        readers = [ra, rb, *extra]
+        return Reconciliation(
+            dir_a, dir_b, search, d, names_from,
+            bytes_read=sum(r.bytes_read for r in readers), records_read=sum(r.records_read for r in readers),
+        )
+    finally:
+        for r in (ra, rb, *extra):
+            r.close()
+
+
+# ---------------------------------------------------------------------------
+# The survivor's store as the planner sees it
+
+
+class StoreView:
+    """A :class:`engine.reconciler.SurvivorView` over a node's store, read on demand."""
+
+    def __init__(self, node):
+        self._node = node
+        self._infos = {m.mailbox_id: m for m in node.list_mailboxes()}  # waits for the store to catch up
+        self._cache: dict[str, MailboxView] = {}
+
+    def by_id(self, mailbox_id: str) -> MailboxView | None:
+        info = self._infos.get(mailbox_id)
+        if info is None:
+            return None
+        view = self._cache.get(mailbox_id)
+        if view is None:
+            msgs = {uid: MessageView(uid, guid, frozenset(flags), idate, delivered)
+                    for uid, guid, flags, idate, delivered in self._node.store.message_rows(mailbox_id)}
+            view = self._cache[mailbox_id] = MailboxView(mailbox_id, info.name, info.uidvalidity, info.uidnext, msgs)
+        return view
+
+    def by_name(self, name: str) -> MailboxView | None:
+        for info in self._infos.values():
+            if info.name == name:
+                return self.by_id(info.mailbox_id)
+        return None
+
+
+def _store_names(node) -> dict[str, str]:
+    names = dict(node.store.tombstones())
+    names.update({m.mailbox_id: m.name for m in node.list_mailboxes()})
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Applying
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_reconcile` did."""
+
+    reconciliation: Reconciliation
+    plan: Plan
+    survivor: str
+    results: list[dict] = field(default_factory=list)
+    report_path: str | None = None
+    status: str = "planned"
+    dry_run: bool = False
+
+    def counts(self) -> dict:
+        c = {"planned": len(self.plan.actions), "done": 0, "skipped": 0, "failed": 0}
+        for r in self.results:
+            c[r["status"]] = c.get(r["status"], 0) + 1
+        c["pending"] = c["planned"] - c["done"] - c["skipped"] - c["failed"]
+        return c
+
+    def to_dict(self) -> dict:
+        out = self.reconciliation.to_dict()
+        out.update({
+            "survivor": {"side": self.survivor,
+                         "path": self.reconciliation.dir_a if self.survivor == "a" else self.reconciliation.dir_b},
+            "plan": self.plan.to_dict(),
+            "results": self.results,
+            "apply": {"status": self.status, "dry_run": self.dry_run, **self.counts()},
+            "report": self.report_path,
+        })
+        return out
+
+
+def choose_survivor(node_log_dir: str, search: ForkSearch) -> str:
+    """``"a"`` or ``"b"``: the side whose last record the node's log contains.
+
+    When it contains both ends (one log is a prefix of the other) the longer
+    side is the survivor. Raises NotSurvivorError when it contains neither.
+    """
+    with SeekReader(node_log_dir) as r:
+        last = r.last()[0]
+        hits = []
+        for side, lsn, h in (("a", search.last_a, search.hash_a), ("b", search.last_b, search.hash_b)):
+            if lsn <= last:
+                try:
+                    if r.hash_at(lsn) == h:
+                        hits.append((lsn, side))
+                except WalError:
+                    pass
+    if not hits:
+        raise NotSurvivorError(
+            f"the node's log ({node_log_dir}) contains the end of neither log: it is not their survivor; "
+            f"pass the surviving master's node directory to --apply"
+        )
+    return max(hits)[1]
+
+
+def _report_path(node_dir: str, fork_lsn: int) -> str:
+    """``NODE/reconcile/<seq>-<UTC time>-fork<lsn>.json``; the sequence number orders reports."""
+    directory = os.path.join(node_dir, REPORT_DIR)
+    seq = 0
+    for path in list_reports(node_dir):
+        head = os.path.basename(path).split("-", 1)[0]
+        if head.isdigit():
+            seq = max(seq, int(head))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return os.path.join(directory, f"{seq + 1:06d}-{stamp}-fork{fork_lsn}.json")
+
+
+def _write_report(path: str, result: ApplyResult) -> None:
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        OS_FILEOPS.mkdir(directory)
+        OS_FILEOPS.fsync_dir(os.path.dirname(directory))
+    doc = result.to_dict()
+    doc["written_ms"] = int(time.time() * 1000)
+    OS_FILEOPS.write_file_atomic(path, json.dumps(doc, indent=1, sort_keys=False).encode() + b"\n")
+
+
+class _Executor:
+    """Carries out plan actions on a node, re-checking each target first."""
+
+    def __init__(self, node, loser_dir: str, strategy: str):
+        self.node = node
+        self.loser = SeekReader(loser_dir)
+        self.strategy = strategy
+        self._guids: dict[str, dict[bytes, list[int]]] = {}
+
+    def close(self) -> None:
+        self.loser.close()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _mailbox(self, act: Action):
+        st = self.node.state
+        mb = st.by_id.get(act.mailbox_id) if act.mailbox_id else None
+        if mb is None:
+            mb = st.by_name.get(act.mailbox)
+        if mb is None:
+            raise ReconcileError(f"mailbox {act.mailbox!r} is not on the survivor")
+        return mb
+
+    def _rows(self, mailbox_id: str) -> dict[int, tuple]:
+        self.node.list_mailboxes()  # waits until the store applied every durable record
+        return {r[0]: r for r in self.node.store.message_rows(mailbox_id)}
+
+    def _guid_index(self, mailbox_id: str) -> dict[bytes, list[int]]:
+        idx = self._guids.get(mailbox_id)
+        if idx is None:
+            idx = {}
+            for uid, row in self._rows(mailbox_id).items():
+                idx.setdefault(row[1], []).append(uid)
+            self._guids[mailbox_id] = idx
+        return idx
+
+    def _append(self, mailbox_id: str, body: bytes, flags, internaldate_ms: int, delivered_ms: int,
+                uid_floor: int) -> tuple[int, int]:
+        """Append a message under the node's state lock, at a UID >= ``uid_floor`` (REC-6).
+
+        The node's own delivery path would refuse a GUID it saw recently (MS-6
+        dedup) and cannot skip UIDs, hence the event is planned here.
+        """
+        box: dict = {}
+
+        def plan_fn():
+            mb = self.node.state.by_id.get(mailbox_id)
+            if mb is None:
+                raise ReconcileError(f"mailbox {mailbox_id} disappeared from the survivor")
+            ev = MessageAppended(mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, body_guid(body), body,
+                                 tuple(flags), internaldate_ms, delivered_ms)
+            box["ev"] = ev
+            return ev
+
+        lsn = self.node._write(plan_fn)
+        uid = box["ev"].uid
+        self._guids.setdefault(mailbox_id, {}).setdefault(box["ev"].guid, []).append(uid)
+        return uid, lsn
+
+    # -- actions -------------------------------------------------------------
+
+    def run(self, act: Action) -> dict:
+        fn = getattr(self, "_do_" + act.kind)
+        return fn(act)
+
+    def _do_create_mailbox(self, act: Action) -> dict:
+        if act.mailbox in self.node.state.by_name:
+            return {"status": "skipped", "why": "a mailbox of that name exists already"}
+        lsn = self.node.create_mailbox(act.mailbox)
+        return {"status": "done", "lsn": lsn}
+
+    def _do_rename_mailbox(self, act: Action) -> dict:
+        mb = self._mailbox(act)
+        new = act.detail["new_name"]
+        if mb.name == new:
+            return {"status": "skipped", "why": "already has that name"}
+        if new in self.node.state.by_name:
+            return {"status": "skipped", "why": f"{new!r} is taken on the survivor"}
+        lsn = self.node.rename_mailbox(mb.name, new)
+        return {"status": "done", "lsn": lsn}
+
+    def _do_copy_message(self, act: Action) -> dict:
+        mb = self._mailbox(act)
+        guid = bytes.fromhex(act.detail["guid"])
+        have = self._guid_index(mb.mailbox_id).get(guid)
+        if have:
+            return {"status": "skipped", "why": f"already present at UID {have[0]}"}
+        rec = self.loser.record(act.detail["source_lsn"])
+        ev = decode_event(rec.type, rec.payload)
+        if not isinstance(ev, MessageAppended) or ev.guid != guid or body_guid(ev.body) != guid:
+            msg = f"loser record {rec.lsn} is not the delivery of GUID {guid.hex()[:16]}"
+            log.warning(msg)
+            return {"status": "failed", "why": msg}
+        uid, lsn = self._append(mb.mailbox_id, ev.body, act.detail["flags"], ev.internaldate_ms, ev.delivered_ms,
+                                act.detail["uid_floor"])
+        return {"status": "done", "uid": uid, "lsn": lsn}
+
+    def _check_guid(self, act: Action, mailbox_id: str, uid: int, guid_hex: str) -> tuple | None:
+        row = self._rows(mailbox_id).get(uid)
+        if row is None:
+            return None
+        if row[1].hex() != guid_hex:
+            msg = (f"mailbox {act.mailbox!r} UID {uid}: GUID {row[1].hex()[:16]} on the survivor, "
+                   f"{guid_hex[:16]} planned; left alone")
+            log.warning(msg)
+            return ()
+        return row
+
+    def _do_set_flags(self, act: Action) -> dict:
+        mb = self._mailbox(act)
+        uid = act.detail["uid"]
+        row = self._check_guid(act, mb.mailbox_id, uid, act.detail["guid"])
+        if not row:
+            return {"status": "skipped", "why": "the message is gone or is another message now"}
+        have = set(row[2])
+        add = [f for f in act.detail["add"] if f not in have]
+        remove = [f for f in act.detail["remove"] if f in have]
+        lsns = []
+        if add:
+            lsns.append(self.node.store_flags(mb.name, [uid], "add", add))
+        if remove:
+            lsns.append(self.node.store_flags(mb.name, [uid], "remove", remove))
+        if not lsns:
+            return {"status": "skipped", "why": "flags are as planned already"}
+        return {"status": "done", "lsn": lsns[-1], "added": add, "removed": remove}
+
+    def _do_redeliver(self, act: Action) -> dict:
+        mb = self._mailbox(act)
+        uid = act.detail["uid"]
+        row = self._check_guid(act, mb.mailbox_id, uid, act.detail["guid"])
+        if not row:
+            return {"status": "skipped", "why": "the message is gone or is another message now"}
+        guid = row[1]
+        others = [u for u in self._guid_index(mb.mailbox_id).get(guid, []) if u != uid]
+        if others:
+            return {"status": "skipped", "why": f"already at UID {others[0]} as well"}
+        body = self.node.fetch(mb.name, uid)
+        new_uid, lsn = self._append(mb.mailbox_id, body, row[2], row[3], row[4], act.detail["uid_floor"])
+        return {"status": "done", "uid": new_uid, "lsn": lsn}
+
+    def _do_expunge(self, act: Action) -> dict:
+        mb = self._mailbox(act)
+        rows = self._rows(mb.mailbox_id)
+        ok = []
+        for uid, guid_hex in zip(act.detail["uids"], act.detail["guids"]):
+            row = rows.get(uid)
+            if row is None:
+                continue
+            if row[1].hex() != guid_hex:
+                log.warning(f"mailbox {act.mailbox!r} UID {uid}: GUID {row[1].hex()[:16]} on the survivor, "
+                            f"{guid_hex[:16]} planned; not expunged")
+                continue
+            if act.rule == "REC-6" and not [u for u in self._guid_index(mb.mailbox_id).get(row[1], []) if u != uid]:
+                log.warning(f"mailbox {act.mailbox!r} UID {uid}: its message has no fresh UID yet; not expunged")
+                continue
+            ok.append(uid)
+        if not ok:
+            return {"status": "skipped", "why": "nothing left to expunge"}
+        lsn = self.node.expunge(mb.name, ok)
+        idx = self._guid_index(mb.mailbox_id)
+        for uid in ok:
+            for uids in idx.values():
+                if uid in uids:
+                    uids.remove(uid)
+        return {"status": "done", "lsn": lsn, "uids": ok}
+
+    def _do_renumber(self, act: Action) -> dict:
+        mb = self._mailbox(act)
+        rows = self._rows(mb.mailbox_id)
+        order = arrival_order(MessageView(r[0], r[1], frozenset(r[2]), r[3], r[4]) for r in rows.values())
+        now_s = int(time.time())
+        box: dict = {}
+
+        def plan_fn():
+            box["ev"] = self.node.state.plan_renumber(mb.name, order, now_s=now_s)
+            return box["ev"]
+
+        lsn = self.node._write(plan_fn)
+        self._guids.pop(mb.mailbox_id, None)
+        return {"status": "done", "lsn": lsn, "uidvalidity": box["ev"].uidvalidity, "messages": len(order)}
+
+    def _do_delete_mailbox(self, act: Action) -> dict:
+        mb = self.node.state.by_id.get(act.mailbox_id)
+        if mb is None:
+            return {"status": "skipped", "why": "already gone"}
+        lsn = self.node.delete_mailbox(mb.name)
+        return {"status": "done", "lsn": lsn}
+
+
+def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber", destructive: bool = False,
+                    dry_run: bool = False, progress: Progress | None = None,
+                    on_action: Callable[[int, Action, dict], None] | None = None) -> ApplyResult:
+    """Reconcile ``dir_a`` and ``dir_b`` into ``node``, the surviving master (REC-5..REC-12).
+
+    The node's log MUST contain the last record of one of the two logs (that
+    side is the survivor, see :func:`choose_survivor`); the survivor's tail
+    is read from the node's own log, so the node may have written more since.
+
+    Args:
+        node: an open, writable :class:`engine.node.Node`.
+        strategy: ``"renumber"`` (default) or ``"uidvalidity"`` (REC-9).
+        destructive: also apply the loser's expunges and mailbox deletes (REC-10).
+        dry_run: plan only: nothing is written, not even the report.
+        on_action: called after each action with (index, action, result).
+
+    Returns:
+        An :class:`ApplyResult`; its report file is ``result.report_path``.
+
+    Raises:
+        NotSurvivorError, ReconcileError, wal errors from reading the logs,
+        and the node's TemporaryFailure errors if it stops taking writes
+        (the report then says how far the apply got: rerun it).
+    """
+    progress = progress or _NoProgress()
+    search = search_fork(dir_a, dir_b)
+    survivor = choose_survivor(node.log.path, search)
+    loser_dir = dir_b if survivor == "a" else dir_a
+    rec = reconcile(dir_a, dir_b, names=_store_names(node), tail_dirs={survivor: node.log.path}, progress=progress)
+    view = StoreView(node)
+    p = plan(rec.diff, survivor, view, strategy=strategy, destructive=destructive)
+    result = ApplyResult(rec, p, survivor, dry_run=dry_run)
+    for w in p.warnings:
+        log.warning(w)
+    if dry_run:
+        return result
+    result.report_path = _report_path(node.path, rec.search.fork.lsn)
+    result.status = "applying" if p.actions else "done"
+    _write_report(result.report_path, result)
+    if not p.actions:
+        return result
+    ex = _Executor(node, loser_dir, strategy)
+    last_write = time.monotonic()
+    try:
+        progress.phase("applying", len(p.actions))
+        for i, act in enumerate(p.actions):
+            try:
+                res = ex.run(act)
+            except (MailStoreError, ReconcileError, WalError) as exc:
+                res = {"status": "failed", "why": f"{type(exc).__name__}: {exc}"}
+                log.warning(f"reconcile action {i} ({act.kind} on {act.mailbox!r}) failed: {exc}")
+            result.results.append({"index": i, "kind": act.kind, "mailbox": act.mailbox, **res})
+            progress.advance(1)
+            if on_action is not None:
+                on_action(i, act, res)
+            if (i + 1) % _REPORT_EVERY_ACTIONS == 0 or time.monotonic() - last_write > 2.0:
+                _write_report(result.report_path, result)
+                last_write = time.monotonic()
+        result.status = "failed" if any(r["status"] == "failed" for r in result.results) else "done"
+    except BaseException:
+        result.status = "interrupted"
+        _write_report(result.report_path, result)
+        raise
+    finally:
+        ex.close()
+    _write_report(result.report_path, result)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Reports
+
+
+def list_reports(node_dir: str) -> list[str]:
+    """Report files of a node directory, oldest first."""
+    directory = os.path.join(node_dir, REPORT_DIR)
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in names]
+
+
+def reconcile_summary(node_dir: str) -> dict:
+    """A short summary of a node's reconcile reports, for ``walctl status``.
+
+    ``{"reports": n, "last": {file, status, fork, survivor, diverged, counts,
+    actions, warnings, written_ms} | None}``; ``last.status`` is ``done``,
+    ``failed``, ``applying`` (still running, or it crashed: rerun it) or
+    ``interrupted``.
+    """
+    files = list_reports(node_dir)
+    out: dict = {"reports": len(files), "last": None}
+    if not files:
+        return out
+    try:
+        with open(files[-1], "rb") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        out["last"] = {"file": files[-1], "status": "unreadable", "error": str(exc)}
+        return out
+    out["last"] = {
+        "file": files[-1],
+        "status": doc.get("apply", {}).get("status"),
+        "fork": doc.get("fork"),
+        "survivor": doc.get("survivor", {}).get("side"),
+        "diverged": doc.get("diverged"),
+        "counts": doc.get("counts"),
+        "actions": {k: v for k, v in doc.get("apply", {}).items() if k not in ("status", "dry_run")},
+        "warnings": len(doc.get("plan", {}).get("warnings", [])),
+        "written_ms": doc.get("written_ms"),
+    }
+    return out

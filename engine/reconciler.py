@@ -1,0 +1,856 @@
+"""Reconciling two logs after a fork: the pure core (specs/reconcile.md).
+
+Theory of operation
+-------------------
+Two copies of one log forked at the fork point (found by
+:func:`wal.epochs.search_fork`). Everything after it is a *tail*: the records
+one side wrote that the other never saw. This module has two pure steps;
+the driver (:mod:`engine.reconcile_apply`) does all reading and writing.
+
+1. :func:`diff` replays each tail into a :class:`SideReplay` and pairs the
+   mailboxes of the two sides (REC-4): a mailbox that existed at the fork is
+   the same mailbox on both sides (same id); mailboxes created in the tails
+   pair by name. For each pair it reports messages delivered only in A or
+   only in B (by GUID), the same GUID delivered on both sides (one message,
+   REC-5), UID collisions (REC-6), flag changes and conflicts (REC-8),
+   mailbox creates, renames and deletes, and expunges. Nothing of the
+   shared prefix is needed: messages that existed at the fork are named by
+   ``(mailbox id, UID at the fork)`` on both sides.
+
+2. :func:`plan` turns a diff into the actions that bring the *survivor* (the
+   master that lives on) up to date with the *loser*'s tail, checking each
+   one against a :class:`SurvivorView` of the survivor's current store.
+   Because every action is derived from the current store, planning again
+   after an apply (complete or interrupted) yields only what is still
+   missing: the apply is idempotent (REC-12).
+
+Times never come from a clock here: the flag rule (REC-8) compares the
+``changed_ms`` of the records themselves; the driver passes anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from .events import (
+    Checkpoint,
+    EpochStarted,
+    FlagsChanged,
+    MailboxCreated,
+    MailboxDeleted,
+    MailboxRenamed,
+    MailboxRenumbered,
+    MessageAppended,
+    MessagesExpunged,
+    renumbered_uids,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "FlagOp",
+    "MessageTrack",
+    "MailboxTrack",
+    "SideReplay",
+    "MailboxDiff",
+    "Diff",
+    "diff",
+    "MessageView",
+    "MailboxView",
+    "SurvivorView",
+    "DictSurvivorView",
+    "Action",
+    "Plan",
+    "plan",
+    "arrival_order",
+    "resolve_flag",
+]
+
+STRATEGIES = ("renumber", "uidvalidity")
+
+# A message key names one message on one side, stable across renumbering:
+#   ("pre", mailbox_id, uid at the fork)  a message that existed at the fork
+#   ("new", mailbox_id, lsn)              a message delivered in this side's tail
+Key = tuple
+
+
+# ---------------------------------------------------------------------------
+# Replaying one tail
+
+
+@dataclass(frozen=True)
+class FlagOp:
+    """The last thing one side did to one flag of one message (REC-8)."""
+
+    value: bool  # True: the flag was set; False: cleared
+    changed_ms: int
+    lsn: int
+    via: str  # "add", "remove", "replace" or "append"
+
+    def to_dict(self) -> dict:
+        return {"op": "add" if self.value else "remove", "changed_ms": self.changed_ms, "lsn": self.lsn, "via": self.via}
+
+
+def resolve_flag(survivor: FlagOp | None, loser: FlagOp | None) -> tuple[str, FlagOp | None]:
+    """REC-8: which side's operation on a flag wins.
+
+    Returns ``(winner, op)`` with winner ``"survivor"``, ``"loser"`` or
+    ``"none"``. The later ``changed_ms`` wins; on a tie an addition wins
+    (additions are kept); with one side silent, the other side's op stands.
+    """
+    if loser is None:
+        return ("survivor" if survivor is not None else "none"), survivor
+    if survivor is None:
+        return "loser", loser
+    if survivor.changed_ms != loser.changed_ms:
+        return ("survivor", survivor) if survivor.changed_ms > loser.changed_ms else ("loser", loser)
+    if survivor.value == loser.value or survivor.value:
+        return "survivor", survivor
+    return "loser", loser
+
+
+@dataclass
+class MessageTrack:
+    """What one side's tail says about one message."""
+
+    key: Key
+    mailbox_id: str
+    uid: int  # the UID when the tail first met it (delivery UID, or UID at the fork)
+    guid: bytes | None = None  # None for a message from before the fork (the tail never saw its delivery)
+    size: int = 0
+    internaldate_ms: int = 0
+    delivered_ms: int = 0
+    lsn: int | None = None  # the delivery record (None before the fork)
+    uid_space: object = "fork"  # "fork" or the UIDVALIDITY the UID belongs to
+    flags: set[str] | None = None  # current flags, when known (messages delivered in the tail)
+    explicit: dict[str, FlagOp] = field(default_factory=dict)
+    baseline: tuple[frozenset, FlagOp] | None = None  # the last replace
+    changes: list[dict] = field(default_factory=list)
+    expunged_lsn: int | None = None
+    gone_with_mailbox: bool = False
+
+    def op(self, flag: str) -> FlagOp | None:
+        """This side's last operation on ``flag`` since the fork (None: untouched)."""
+        got = self.explicit.get(flag)
+        if got is not None:
+            return got
+        if self.baseline is not None:
+            kept, op = self.baseline
+            return FlagOp(flag in kept, op.changed_ms, op.lsn, "replace")
+        return None
+
+    def touched_flags(self) -> set[str]:
+        out = set(self.explicit)
+        if self.baseline is not None:
+            out |= set(self.baseline[0])
+        return out
+
+    @property
+    def alive(self) -> bool:
+        return self.expunged_lsn is None and not self.gone_with_mailbox
+
+
+@dataclass
+class MailboxTrack:
+    """What one side's tail says about one mailbox."""
+
+    mailbox_id: str
+    created_lsn: int | None = None  # None: the mailbox existed at the fork
+    uidvalidity: int | None = None  # known if created or renumbered in the tail
+    fork_name: str | None = None  # learnt from a rename's old name or a delete
+    name: str | None = None  # current name, when known
+    renames: list[tuple[int, str, str]] = field(default_factory=list)
+    deleted: tuple[int, str] | None = None
+    renumbers: list[tuple[int, int]] = field(default_factory=list)  # (lsn, new uidvalidity)
+    uid_key: dict[int, Key] = field(default_factory=dict)  # current UID -> key (only UIDs the tail met)
+    max_uid: int = 0  # greatest UID delivered in the tail
+    uid_space: object = "fork"
+
+    @property
+    def created(self) -> bool:
+        return self.created_lsn is not None
+
+    @property
+    def renumbered(self) -> bool:
+        return bool(self.renumbers)
+
+    def key_for(self, uid: int) -> Key | None:
+        key = self.uid_key.get(uid)
+        if key is None and not self.created and not self.renumbered:
+            key = ("pre", self.mailbox_id, uid)
+        return key
+
+    def uid_of(self, key: Key, expunged: bool) -> int | None:
+        """The UID ``key`` has at the end of this side's tail (None: gone)."""
+        if expunged or self.deleted is not None:
+            return None
+        for uid, k in self.uid_key.items():
+            if k == key:
+                return uid
+        if key[0] == "pre" and not self.renumbered:
+            return key[2]
+        return None
+
+
+class SideReplay:
+    """Replays one side's tail (records after the fork) into tracks."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.mailboxes: dict[str, MailboxTrack] = {}
+        self.messages: dict[Key, MessageTrack] = {}
+        self.records = 0
+        self.first_lsn: int | None = None
+        self.last_lsn: int | None = None
+        self.epochs: list[dict] = []
+        self.other_records = 0
+
+    def _mailbox(self, mailbox_id: str) -> MailboxTrack:
+        mb = self.mailboxes.get(mailbox_id)
+        if mb is None:
+            mb = self.mailboxes[mailbox_id] = MailboxTrack(mailbox_id)
+        return mb
+
+    def _message(self, mb: MailboxTrack, uid: int) -> MessageTrack | None:
+        key = mb.key_for(uid)
+        if key is None:
+            return None
+        msg = self.messages.get(key)
+        if msg is None:
+            msg = self.messages[key] = MessageTrack(key, mb.mailbox_id, uid)
+            mb.uid_key[uid] = key
+        return msg
+
+    def feed(self, lsn: int, event) -> None:
+        """Apply one decoded record of the tail (in LSN order)."""
+        self.records += 1
+        if self.first_lsn is None:
+            self.first_lsn = lsn
+        self.last_lsn = lsn
+        if isinstance(event, MailboxCreated):
+            mb = self.mailboxes[event.mailbox_id] = MailboxTrack(
+                event.mailbox_id, created_lsn=lsn, uidvalidity=event.uidvalidity, name=event.name,
+                uid_space=event.uidvalidity,
+            )
+            mb.fork_name = None
+        elif isinstance(event, MailboxRenamed):
+            mb = self._mailbox(event.mailbox_id)
+            if mb.name is None and not mb.created:
+                mb.fork_name = mb.fork_name or event.old_name
+            mb.renames.append((lsn, event.old_name, event.new_name))
+            mb.name = event.new_name
+        elif isinstance(event, MailboxDeleted):
+            mb = self._mailbox(event.mailbox_id)
+            if mb.name is None and not mb.created:
+                mb.fork_name = mb.fork_name or event.name
+                mb.name = event.name
+            mb.deleted = (lsn, event.name)
+            for msg in self.messages.values():
+                if msg.mailbox_id == event.mailbox_id:
+                    msg.gone_with_mailbox = True
+        elif isinstance(event, MessageAppended):
+            mb = self._mailbox(event.mailbox_id)
+            key = ("new", event.mailbox_id, lsn)
+            flags = set(event.flags)
+            at = FlagOp(True, event.delivered_ms, lsn, "append")
+            self.messages[key] = MessageTrack(
+                key, event.mailbox_id, event.uid, guid=event.guid, size=len(event.body),
+                internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
+                uid_space=mb.uid_space, flags=flags, explicit={f: at for f in flags},
+            )
+            mb.uid_key[event.uid] = key
+            mb.max_uid = max(mb.max_uid, event.uid)
+        elif isinstance(event, FlagsChanged):
+            mb = self._mailbox(event.mailbox_id)
+            for uid in event.uids:
+                msg = self._message(mb, uid)
+                if msg is None:
+                    continue
+                flags = set(event.flags)
+                if event.op == "replace":
+                    msg.explicit = {}
+                    msg.baseline = (frozenset(flags), FlagOp(True, event.changed_ms, lsn, "replace"))
+                    if msg.flags is not None:
+                        msg.flags = set(flags)
+                else:
+                    value = event.op == "add"
+                    for f in flags:
+                        msg.explicit[f] = FlagOp(value, event.changed_ms, lsn, event.op)
+                    if msg.flags is not None:
+                        msg.flags = (msg.flags | flags) if value else (msg.flags - flags)
+                msg.changes.append({"uid": uid, "op": event.op, "flags": sorted(flags),
+                                    "changed_ms": event.changed_ms, "lsn": lsn})
+        elif isinstance(event, MessagesExpunged):
+            mb = self._mailbox(event.mailbox_id)
+            for uid in event.uids:
+                msg = self._message(mb, uid)
+                if msg is not None:
+                    msg.expunged_lsn = lsn
+                mb.uid_key.pop(uid, None)
+        elif isinstance(event, MailboxRenumbered):
+            mb = self._mailbox(event.mailbox_id)
+            present = set(mb.uid_key) | {old for old, _ in event.uids}
+            mapping = renumbered_uids(event, present)
+            new_map: dict[int, Key] = {}
+            for old, new in mapping.items():
+                key = mb.key_for(old)
+                if key is not None:
+                    new_map[new] = key
+                    if key not in self.messages:
+                        self.messages[key] = MessageTrack(key, mb.mailbox_id, old)
+            mb.uid_key = new_map
+            mb.renumbers.append((lsn, event.uidvalidity))
+            mb.uidvalidity = event.uidvalidity
+            mb.uid_space = event.uidvalidity
+        elif isinstance(event, EpochStarted):
+            self.epochs.append({"lsn": lsn, "epoch": event.epoch, "node": event.node})
+        elif isinstance(event, Checkpoint):
+            self.other_records += 1
+        else:  # pragma: no cover - decode_event only returns known types
+            self.other_records += 1
+
+    def messages_in(self, mailbox_id: str, kind: str = "new") -> list[MessageTrack]:
+        return [m for m in self.messages.values() if m.mailbox_id == mailbox_id and m.key[0] == kind]
+
+
+# ---------------------------------------------------------------------------
+# The diff
+
+
+@dataclass
+class MailboxDiff:
+    """One mailbox as the two tails see it (REC-4 pairs A's and B's)."""
+
+    name: str
+    a: MailboxTrack | None
+    b: MailboxTrack | None
+    same_id: bool  # the mailbox existed at the fork (one id on both sides)
+    fork_name: str | None
+    only_in_a: list[MessageTrack] = field(default_factory=list)
+    only_in_b: list[MessageTrack] = field(default_factory=list)
+    both: list[tuple[MessageTrack, MessageTrack]] = field(default_factory=list)
+    collisions: list[tuple[int, MessageTrack, MessageTrack]] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)
+    flag_changes_a: list[dict] = field(default_factory=list)
+    flag_changes_b: list[dict] = field(default_factory=list)
+    expunged_a: list[int] = field(default_factory=list)  # UIDs at the fork expunged in A's tail
+    expunged_b: list[int] = field(default_factory=list)
+
+    def track(self, side: str) -> MailboxTrack | None:
+        return self.a if side == "a" else self.b
+
+    @property
+    def mailbox_id(self) -> str | None:
+        return (self.a or self.b).mailbox_id if (self.a or self.b) else None
+
+    def empty(self) -> bool:
+        return not (self.only_in_a or self.only_in_b or self.both or self.collisions or self.conflicts
+                    or self.flag_changes_a or self.flag_changes_b or self.expunged_a or self.expunged_b
+                    or any(t is not None and (t.created or t.renames or t.deleted or t.renumbers)
+                           for t in (self.a, self.b)))
+
+    def to_dict(self) -> dict:
+        def side(t: MailboxTrack | None) -> dict | None:
+            if t is None:
+                return None
+            return {
+                "mailbox_id": t.mailbox_id, "name": t.name, "created": t.created, "created_lsn": t.created_lsn,
+                "uidvalidity": t.uidvalidity,
+                "renamed": [{"lsn": lsn, "from": old, "to": new} for lsn, old, new in t.renames],
+                "deleted": None if t.deleted is None else {"lsn": t.deleted[0], "name": t.deleted[1]},
+                "renumbered": [{"lsn": lsn, "uidvalidity": uv} for lsn, uv in t.renumbers],
+            }
+
+        def msg(m: MessageTrack) -> dict:
+            return {"guid": m.guid.hex() if m.guid else None, "uid": m.uid, "lsn": m.lsn, "size": m.size,
+                    "flags": sorted(m.flags or ()), "delivered_ms": m.delivered_ms,
+                    "expunged": not m.alive}
+
+        return {
+            "mailbox": self.name,
+            "fork_name": self.fork_name,
+            "existed_at_fork": self.same_id,
+            "a": side(self.a),
+            "b": side(self.b),
+            "only_in_a": [msg(m) for m in self.only_in_a],
+            "only_in_b": [msg(m) for m in self.only_in_b],
+            "both": [{"guid": ma.guid.hex(), "uid_a": ma.uid, "uid_b": mb.uid} for ma, mb in self.both],
+            "uid_collisions": [{"uid": u, "guid_a": ma.guid.hex(), "guid_b": mb.guid.hex()}
+                               for u, ma, mb in self.collisions],
+            "flag_changes": {"a": self.flag_changes_a, "b": self.flag_changes_b},
+            "flag_conflicts": self.conflicts,
+            "expunged": {"a": self.expunged_a, "b": self.expunged_b},
+        }
+
+
+@dataclass
+class Diff:
+    """Everything that differs after the fork point (REC-4..REC-8)."""
+
+    a: SideReplay
+    b: SideReplay
+    mailboxes: list[MailboxDiff]
+
+    def counts(self) -> dict:
+        c = {"mailboxes": len(self.mailboxes), "records_a": self.a.records, "records_b": self.b.records,
+             "only_in_a": 0, "only_in_b": 0, "both": 0, "uid_collisions": 0, "flag_changes_a": 0,
+             "flag_changes_b": 0, "flag_conflicts": 0, "mailboxes_created_a": 0, "mailboxes_created_b": 0,
+             "mailboxes_renamed_a": 0, "mailboxes_renamed_b": 0, "mailboxes_deleted_a": 0,
+             "mailboxes_deleted_b": 0, "expunged_a": 0, "expunged_b": 0}
+        for m in self.mailboxes:
+            c["only_in_a"] += len(m.only_in_a)
+            c["only_in_b"] += len(m.only_in_b)
+            c["both"] += len(m.both)
+            c["uid_collisions"] += len(m.collisions)
+            c["flag_changes_a"] += len(m.flag_changes_a)
+            c["flag_changes_b"] += len(m.flag_changes_b)
+            c["flag_conflicts"] += len(m.conflicts)
+            c["expunged_a"] += len(m.expunged_a) + sum(1 for x in m.only_in_a if not x.alive)
+            c["expunged_b"] += len(m.expunged_b) + sum(1 for x in m.only_in_b if not x.alive)
+            for s in ("a", "b"):
+                t = m.track(s)
+                if t is not None:
+                    c[f"mailboxes_created_{s}"] += int(t.created)
+                    c[f"mailboxes_renamed_{s}"] += int(bool(t.renames))
+                    c[f"mailboxes_deleted_{s}"] += int(t.deleted is not None)
+        return c
+
+    def to_dict(self) -> dict:
+        return {"mailboxes": [m.to_dict() for m in self.mailboxes], "counts": self.counts(),
+                "epochs_started": {"a": self.a.epochs, "b": self.b.epochs}}
+
+
+def _message_conflicts(ma: MessageTrack, mb: MessageTrack, uid_a: int, uid_b: int) -> list[dict]:
+    """Per-flag conflicts between two sides' operations on one message (REC-8)."""
+    out = []
+    for flag in sorted(ma.touched_flags() | mb.touched_flags()):
+        oa, ob = ma.op(flag), mb.op(flag)
+        if oa is None or ob is None or oa.value == ob.value:
+            continue
+        winner = "a" if oa.changed_ms > ob.changed_ms else "b" if ob.changed_ms > oa.changed_ms else (
+            "a" if oa.value else "b")
+        result = (oa if winner == "a" else ob).value
+        out.append({"uid_a": uid_a, "uid_b": uid_b, "guid": ma.guid.hex() if ma.guid else None, "flag": flag,
+                    "a": oa.to_dict(), "b": ob.to_dict(), "winner": winner, "result": "set" if result else "clear"})
+    return out
+
+
+def diff(tail_a: Iterable[tuple[int, object]], tail_b: Iterable[tuple[int, object]], *,
+         names: dict[str, str] | None = None) -> Diff:
+    """Compare two tails (``(lsn, event)`` pairs after the fork, in LSN order).
+
+    Args:
+        names: mailbox id -> name at the fork, for mailboxes the tails do not
+            name themselves (from the survivor's store or a scan of the shared
+            prefix). Missing names are shown as the mailbox id.
+    """
+    a, b = SideReplay("a"), SideReplay("b")
+    for lsn, ev in tail_a:
+        a.feed(lsn, ev)
+    for lsn, ev in tail_b:
+        b.feed(lsn, ev)
+    return compare(a, b, names=names)
+
+
+def compare(a: SideReplay, b: SideReplay, *, names: dict[str, str] | None = None) -> Diff:
+    """The diff of two replayed tails (see :func:`diff`)."""
+    names = names or {}
+    pairs: list[tuple[MailboxTrack | None, MailboxTrack | None, bool]] = []
+    # REC-4: mailboxes that existed at the fork are one mailbox on both sides.
+    pre_ids = sorted({i for s in (a, b) for i, t in s.mailboxes.items() if not t.created})
+    for mid in pre_ids:
+        pairs.append((a.mailboxes.get(mid), b.mailboxes.get(mid), True))
+    # Mailboxes created in the tails pair by name (the last name each had).
+    created_b: dict[str, list[MailboxTrack]] = {}
+    for t in sorted((t for t in b.mailboxes.values() if t.created), key=lambda t: t.created_lsn):
+        created_b.setdefault(t.deleted[1] if t.deleted else t.name, []).append(t)
+    for t in sorted((t for t in a.mailboxes.values() if t.created), key=lambda t: t.created_lsn):
+        nm = t.deleted[1] if t.deleted else t.name
+        cands = created_b.get(nm)
+        pairs.append((t, cands.pop(0) if cands else None, False))
+    for lst in created_b.values():
+        for t in lst:
+            pairs.append((None, t, False))
+
+    out = []
+    for ta, tb, same in pairs:
+        mid = (ta or tb).mailbox_id
+        fork_name = None
+        if same:
+            fork_name = (ta.fork_name if ta else None) or (tb.fork_name if tb else None) or names.get(mid)
+        display = (ta.name if ta and ta.name else None) or (tb.name if tb and tb.name else None) or fork_name or mid
+        md = MailboxDiff(display, ta, tb, same, fork_name)
+        new_a = a.messages_in(ta.mailbox_id) if ta else []
+        new_b = b.messages_in(tb.mailbox_id) if tb else []
+        guids_b: dict[bytes, MessageTrack] = {}
+        for m in new_b:
+            guids_b.setdefault(m.guid, m)
+        guids_a: dict[bytes, MessageTrack] = {}
+        for m in new_a:
+            guids_a.setdefault(m.guid, m)
+        for m in sorted(new_a, key=lambda m: m.lsn):
+            other = guids_b.get(m.guid)
+            if other is None:
+                md.only_in_a.append(m)
+            elif guids_a[m.guid] is m:
+                md.both.append((m, other))
+                md.conflicts.extend(_message_conflicts(m, other, m.uid, other.uid))
+        md.only_in_b = [m for m in sorted(new_b, key=lambda m: m.lsn) if m.guid not in guids_a]
+        if same:
+            # REC-6: one UID given to different messages on the two sides.
+            by_uid_b = {(m.uid_space, m.uid): m for m in new_b}
+            for m in sorted(new_a, key=lambda m: m.uid):
+                o = by_uid_b.get((m.uid_space, m.uid))
+                if o is not None and o.guid != m.guid:
+                    md.collisions.append((m.uid, m, o))
+            pre_a = {m.key: m for m in a.messages_in(mid, "pre")} if ta else {}
+            pre_b = {m.key: m for m in b.messages_in(mid, "pre")} if tb else {}
+            for key in sorted(set(pre_a) & set(pre_b)):
+                md.conflicts.extend(_message_conflicts(pre_a[key], pre_b[key], key[2], key[2]))
+            md.expunged_a = sorted(m.key[2] for m in pre_a.values() if m.expunged_lsn is not None)
+            md.expunged_b = sorted(m.key[2] for m in pre_b.values() if m.expunged_lsn is not None)
+        for side, lst in (("a", md.flag_changes_a), ("b", md.flag_changes_b)):
+            replay = a if side == "a" else b
+            t = md.track(side)
+            if t is None:
+                continue
+            for kind in ("pre", "new"):
+                for m in replay.messages_in(t.mailbox_id, kind):
+                    for ch in m.changes:
+                        lst.append(dict(ch, guid=m.guid.hex() if m.guid else None))
+            lst.sort(key=lambda c: c["lsn"])
+        out.append(md)
+    out.sort(key=lambda m: (m.name, m.mailbox_id or ""))
+    return Diff(a, b, out)
+
+
+# ---------------------------------------------------------------------------
+# The survivor's current store, as the planner sees it
+
+
+@dataclass(frozen=True)
+class MessageView:
+    uid: int
+    guid: bytes
+    flags: frozenset
+    internaldate_ms: int = 0
+    delivered_ms: int = 0
+
+
+@dataclass
+class MailboxView:
+    mailbox_id: str
+    name: str
+    uidvalidity: int
+    uidnext: int
+    messages: dict[int, MessageView]
+
+    def uids_of(self, guid: bytes) -> list[int]:
+        return sorted(u for u, m in self.messages.items() if m.guid == guid)
+
+
+class SurvivorView(Protocol):
+    """Read access to the survivor's current mailboxes (the driver reads its store)."""
+
+    def by_id(self, mailbox_id: str) -> MailboxView | None: ...
+
+    def by_name(self, name: str) -> MailboxView | None: ...
+
+
+class DictSurvivorView:
+    """A :class:`SurvivorView` over plain data (tests, and the driver's cache)."""
+
+    def __init__(self, mailboxes: Iterable[MailboxView]):
+        self._by_id = {m.mailbox_id: m for m in mailboxes}
+
+    def by_id(self, mailbox_id: str) -> MailboxView | None:
+        return self._by_id.get(mailbox_id)
+
+    def by_name(self, name: str) -> MailboxView | None:
+        for m in self._by_id.values():
+            if m.name == name:
+                return m
+        return None
+
+
+# ---------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Action:
+    """One change to make on the survivor, with the rule that asks for it.
+
+    ``kind`` is one of: ``create_mailbox``, ``rename_mailbox``,
+    ``copy_message``, ``set_flags``, ``redeliver``, ``expunge``,
+    ``renumber``, ``delete_mailbox``. ``mailbox`` names the target (id when
+    it exists, else the name a ``create_mailbox`` before it makes).
+    """
+
+    kind: str
+    rule: str
+    mailbox_id: str | None
+    mailbox: str
+    detail: dict
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "rule": self.rule, "mailbox_id": self.mailbox_id, "mailbox": self.mailbox,
+                **self.detail, "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    survivor: str  # "a" or "b"
+    strategy: str
+    destructive: bool
+    actions: list[Action] = field(default_factory=list)
+    decisions: list[dict] = field(default_factory=list)  # choices that need no action
+    warnings: list[str] = field(default_factory=list)  # GUID mismatches and the like (REC-11)
+
+    def counts(self) -> dict:
+        out: dict[str, int] = {"actions": len(self.actions), "decisions": len(self.decisions),
+                               "warnings": len(self.warnings)}
+        for a in self.actions:
+            out[a.kind] = out.get(a.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {"survivor": self.survivor, "strategy": self.strategy, "destructive": self.destructive,
+                "actions": [a.to_dict() for a in self.actions], "decisions": self.decisions,
+                "warnings": self.warnings, "counts": self.counts()}
+
+
+_ORDER = {"create_mailbox": 0, "rename_mailbox": 1, "copy_message": 2, "set_flags": 3, "redeliver": 4,
+          "expunge": 5, "renumber": 6, "delete_mailbox": 7}
+
+
+def arrival_order(messages: Iterable[MessageView]) -> list[int]:
+    """REC-9: UIDs in arrival order (delivery time, then old UID)."""
+    return [m.uid for m in sorted(messages, key=lambda m: (m.delivered_ms, m.uid))]
+
+
+def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumber",
+         destructive: bool = False) -> Plan:
+    """The actions that merge the loser's tail into the survivor (REC-5..REC-12).
+
+    Args:
+        d: the diff of the two tails.
+        survivor: ``"a"`` or ``"b"``: the side whose node lives on.
+        view: the survivor's current store.
+        strategy: ``"renumber"`` or ``"uidvalidity"`` for UID collisions.
+        destructive: also apply the loser's expunges and mailbox deletes.
+    """
+    if survivor not in ("a", "b"):
+        raise ValueError("survivor must be 'a' or 'b'")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+    loser = "b" if survivor == "a" else "a"
+    sr = d.a if survivor == "a" else d.b
+    lr = d.b if survivor == "a" else d.a
+    p = Plan(survivor, strategy, destructive)
+    copies: list[tuple[int, Action]] = []
+    created_names: set[str] = set()
+
+    def decide(rule: str, mailbox: str, text: str, **extra) -> None:
+        p.decisions.append({"rule": rule, "mailbox": mailbox, "decision": text, **extra})
+
+    def target_for(md: MailboxDiff, lt: MailboxTrack) -> tuple[MailboxView | None, str]:
+        """The survivor mailbox that receives the loser's messages for this pair."""
+        if md.same_id:
+            v = view.by_id(lt.mailbox_id)
+            if v is not None:
+                return v, v.name
+        name = (lt.deleted[1] if lt.deleted else lt.name) or md.fork_name
+        if name is None:
+            return None, lt.mailbox_id
+        return view.by_name(name), name
+
+    for md in d.mailboxes:
+        st, lt = md.track(survivor), md.track(loser)
+        if lt is None:
+            continue  # only the survivor changed this mailbox: nothing to bring over
+        label = md.name
+        loser_deleted = lt.deleted is not None
+        if loser_deleted and not destructive:
+            decide("REC-10", label, f"deleted on the loser (LSN {lt.deleted[0]}); not applied without "
+                                    f"--apply-destructive: its messages are kept", lsn=lt.deleted[0])
+        honour_delete = loser_deleted and destructive
+        tgt, tgt_name = target_for(md, lt)
+
+        # -- the mailbox itself ------------------------------------------------
+        if honour_delete:
+            if md.same_id and tgt is not None and tgt.mailbox_id == lt.mailbox_id:
+                fresh = [m for m in sr.messages_in(lt.mailbox_id) if m.alive] if st else []
+                if fresh:
+                    decide("REC-10", label, f"deleted on the loser, but the survivor received {len(fresh)} "
+                                            f"message(s) in it after the fork: kept")
+                    p.warnings.append(f"mailbox {label!r}: not deleted, the survivor has new mail in it")
+                else:
+                    p.actions.append(Action("delete_mailbox", "REC-10", tgt.mailbox_id, tgt.name, {},
+                                            "deleted on the loser; --apply-destructive"))
+            else:
+                decide("REC-10", label, "created or deleted on the loser only: nothing to copy")
+            continue
+        if tgt is None:
+            needs = any(True for _ in lr.messages_in(lt.mailbox_id)) or lt.created
+            if needs and tgt_name not in created_names:
+                why = ("created on the loser" if lt.created else
+                       "deleted on the survivor; the loser still has mail for it: recreated under its name")
+                p.actions.append(Action("create_mailbox", "REC-7", None, tgt_name, {}, why))
+                created_names.add(tgt_name)
+        elif md.same_id and lt.renames and tgt.mailbox_id == lt.mailbox_id:
+            final = lt.renames[-1][2]
+            fork_name = lt.renames[0][1]
+            if tgt.name == final:
+                pass
+            elif st is not None and st.renames:
+                decide("REC-7", label, f"renamed on both sides ({fork_name!r} -> {tgt.name!r} on the survivor, "
+                                       f"-> {final!r} on the loser): the survivor's name is kept")
+            elif view.by_name(final) is not None:
+                decide("REC-7", label, f"renamed to {final!r} on the loser, but the survivor has a mailbox "
+                                       f"of that name: kept as {tgt.name!r}")
+            else:
+                p.actions.append(Action("rename_mailbox", "REC-7", tgt.mailbox_id, tgt.name,
+                                        {"new_name": final}, f"renamed on the loser to {final!r}"))
+
+        # -- copies: messages only the loser has (REC-5) ------------------------
+        both_guids = {x.guid for pair in md.both for x in pair}
+        floor = 0
+        if md.same_id:
+            floor = lt.max_uid + 1  # REC-6: never reuse a UID the loser's clients saw
+        for m in sorted(lr.messages_in(lt.mailbox_id), key=lambda m: m.lsn):
+            if not m.alive and destructive and m.expunged_lsn is not None:
+                decide("REC-10", label, "delivered and expunged on the loser: not copied (--apply-destructive)",
+                       guid=m.guid.hex(), lsn=m.lsn)
+                continue
+            present = tgt.uids_of(m.guid) if tgt is not None else []
+            if present:
+                if m.guid in both_guids:
+                    rule, what = "REC-5", ("the survivor has it too (delivered on both sides, or copied back "
+                                           "by an earlier apply): one message")
+                else:
+                    rule, what = "REC-12", "already on the survivor"
+                decide(rule, label, f"{what}, at UID {present[0]}", guid=m.guid.hex(), lsn=m.lsn)
+                continue
+            why = "delivered only on the loser"
+            if m.expunged_lsn is not None:
+                why += f"; expunged there at LSN {m.expunged_lsn}, kept without --apply-destructive"
+            elif m.gone_with_mailbox:
+                why += "; its mailbox was deleted there, kept without --apply-destructive"
+            flags = sorted(m.flags or ())
+            act = Action("copy_message", "REC-5", tgt.mailbox_id if tgt else None, tgt.name if tgt else tgt_name,
+                         {"guid": m.guid.hex(), "source_lsn": m.lsn, "flags": flags, "uid_floor": floor,
+                          "internaldate_ms": m.internaldate_ms, "delivered_ms": m.delivered_ms,
+                          "loser_uid": m.uid, "size": m.size}, why)
+            copies.append((m.lsn, act))
+
+        if tgt is None:
+            continue
+
+        # -- flags (REC-8) ----------------------------------------------------------
+        def survivor_msg(key: Key, lm: MessageTrack) -> tuple[MessageTrack | None, MessageView | None]:
+            if key[0] == "pre":
+                sm = sr.messages.get(key)
+                if not md.same_id or tgt.mailbox_id != lt.mailbox_id:
+                    return sm, None
+                if sm is not None and not sm.alive:
+                    return sm, None
+                uid = st.uid_of(key, False) if st is not None else key[2]
+                return sm, (tgt.messages.get(uid) if uid is not None else None)
+            # a message delivered in the loser's tail: the survivor's copy of that GUID
+            cands = [x for x in (sr.messages_in(st.mailbox_id) if st is not None else []) if x.guid == lm.guid]
+            sm = cands[0] if cands else None
+            uids = tgt.uids_of(lm.guid)
+            return sm, (tgt.messages.get(uids[0]) if uids else None)
+
+        touched = [m for m in lr.messages.values()
+                   if m.mailbox_id == lt.mailbox_id and m.alive and (m.explicit or m.baseline)]
+        for lm in sorted(touched, key=lambda m: (m.key[0], m.uid)):
+            sm, vm = survivor_msg(lm.key, lm)
+            if vm is None:
+                continue
+            if lm.guid is not None and vm.guid != lm.guid:
+                p.warnings.append(f"mailbox {label!r} UID {vm.uid}: GUID {vm.guid.hex()[:16]} on the survivor, "
+                                  f"{lm.guid.hex()[:16]} expected; flags left alone")
+                continue
+            add, remove = [], []
+            for flag in sorted(lm.touched_flags() | (sm.touched_flags() if sm else set()) | set(vm.flags)):
+                lop = lm.op(flag)
+                sop = sm.op(flag) if sm is not None else None
+                winner, op = resolve_flag(sop, lop)
+                if winner != "loser":
+                    if winner == "survivor" and lop is not None and sop.value != lop.value:
+                        decide("REC-8", label, f"flag {flag} on UID {vm.uid}: the survivor's later "
+                                               f"{'add' if sop.value else 'remove'} wins", flag=flag, uid=vm.uid,
+                               survivor=sop.to_dict(), loser=lop.to_dict())
+                    continue
+                want = op.value
+                if sop is not None and sop.value != want:
+                    decide("REC-8", label, f"flag {flag} on UID {vm.uid}: the loser's later "
+                                           f"{'add' if want else 'remove'} wins", flag=flag, uid=vm.uid,
+                           survivor=sop.to_dict(), loser=lop.to_dict())
+                if want and flag not in vm.flags:
+                    add.append(flag)
+                elif not want and flag in vm.flags:
+                    remove.append(flag)
+            if add or remove:
+                p.actions.append(Action("set_flags", "REC-8", tgt.mailbox_id, tgt.name,
+                                        {"uid": vm.uid, "guid": vm.guid.hex(), "add": add, "remove": remove},
+                                        "flag changes made on the loser"))
+
+        # -- UID collisions (REC-6, REC-9) --------------------------------------------
+        if md.same_id and tgt.mailbox_id == lt.mailbox_id and (st is None or not st.renumbered):
+            active = []
+            for uid, ma, mb_ in md.collisions:
+                sm, lm = (ma, mb_) if survivor == "a" else (mb_, ma)
+                vm = tgt.messages.get(uid)
+                if vm is None:
+                    continue  # the survivor's message at that UID is gone already
+                if vm.guid != sm.guid:
+                    p.warnings.append(f"mailbox {label!r} UID {uid}: GUID {vm.guid.hex()[:16]} on the survivor, "
+                                      f"{sm.guid.hex()[:16]} expected")
+                p.warnings.append(f"mailbox {label!r} UID {uid} collision: GUID {sm.guid.hex()[:16]} on the "
+                                  f"survivor, {lm.guid.hex()[:16]} on the loser")
+                active.append((uid, vm, lm))
+            if active and strategy == "renumber":
+                for uid, vm, lm in active:
+                    elsewhere = [u for u in tgt.uids_of(vm.guid) if u != uid]
+                    if not elsewhere:
+                        p.actions.append(Action("redeliver", "REC-6", tgt.mailbox_id, tgt.name,
+                                                {"uid": uid, "guid": vm.guid.hex(), "uid_floor": floor},
+                                                f"UID {uid} collided: the survivor's message moves to a fresh UID"))
+                p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
+                                        {"uids": sorted(u for u, _, _ in active),
+                                         "guids": [vm.guid.hex() for _, vm, _ in sorted(active, key=lambda x: x[0])]},
+                                        "collided UIDs are expunged once both messages have fresh UIDs"))
+            elif active:
+                p.actions.append(Action("renumber", "REC-9", tgt.mailbox_id, tgt.name,
+                                        {"collisions": sorted(u for u, _, _ in active)},
+                                        "UID collision: new UIDVALIDITY, every message renumbered by arrival"))
+
+        # -- the loser's expunges of messages from before the fork (REC-10) -------------
+        if md.same_id and tgt.mailbox_id == lt.mailbox_id:
+            gone = []
+            for lm in lr.messages_in(lt.mailbox_id, "pre"):
+                if lm.expunged_lsn is None:
+                    continue
+                sm = sr.messages.get(lm.key)
+                uid = st.uid_of(lm.key, sm is not None and not sm.alive) if st is not None else lm.key[2]
+                if uid is None or uid not in tgt.messages:
+                    continue
+                if destructive:
+                    gone.append(uid)
+                else:
+                    decide("REC-10", label, f"UID {lm.key[2]} expunged on the loser (LSN {lm.expunged_lsn}); "
+                                            f"not applied without --apply-destructive", uid=lm.key[2])
+            if gone:
+                p.actions.append(Action("expunge", "REC-10", tgt.mailbox_id, tgt.name,
+                                        {"uids": sorted(gone),
+                                         "guids": [tgt.messages[u].guid.hex() for u in sorted(gone)]},
+                                        "expunged on the loser; --apply-destructive"))
+
+    # Copies go in the loser's arrival order across mailboxes (REC-5).
+    p.actions.extend(a for _, a in sorted(copies, key=lambda x: x[0]))
+    p.actions.sort(key=lambda a: _ORDER[a.kind])  # stable: copies keep their order
+    return p

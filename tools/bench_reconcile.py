@@ -1,0 +1,285 @@
+"""``walctl bench reconcile``: the cost of finding a fork point and reconciling.
+
+Builds two logs of N small mail records that share the first 99% and then
+diverge (each side delivers its own 1%, with UID collisions and flag
+changes), then measures, each in a fresh interpreter so memory figures are
+its own:
+
+* ``find fork``: :func:`wal.epochs.search_fork` alone;
+* ``reconcile``: fork search + reading and diffing both tails;
+* ``compare from LSN 1``: what one would do without the search: read both
+  logs with :class:`wal.LogReader` until the hashes differ;
+* ``raw read, all``: a plain sequential read of both logs (the ceiling for
+  anything that reads the logs whole);
+* ``raw read, tails``: a plain read of the bytes after the fork point only
+  (the floor for any reconcile).
+
+Bytes read come from two places: the reader's own count of bytes it asked
+for, and the ``rchar`` delta of ``/proc/self/io`` (every byte through a read
+system call, page cache hits included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+
+from .cliutil import CONTEXT_SETTINGS, dump_json
+
+__all__ = ["bench_reconcile", "build_logs", "run_benchmark"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAILBOXES = 20
+BODY_BYTES = 60
+BATCH = 5000
+FLAG_EVERY = 10  # one flag change per this many records
+
+
+def _io() -> dict:
+    out = {}
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                k, v = line.split(":")
+                out[k.strip()] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+def _events(start: int, count: int, side: str, uid_base: dict[int, int]):
+    """``count`` records after record ``start``: deliveries (and flag changes) spread over the mailboxes."""
+    from engine.events import FlagsChanged, MessageAppended, body_guid, encode_event
+
+    for i in range(start, start + count):
+        mbox = i % MAILBOXES
+        mid = f"{mbox + 1:032x}"
+        if i % FLAG_EVERY == FLAG_EVERY - 1 and uid_base.get(mbox, 0) > 1:
+            uid = max(1, uid_base[mbox] - 1)
+            yield encode_event(FlagsChanged(mid, (uid,), "add", ("\\Seen",), i + 1, 1_700_000_000_000 + i))
+            continue
+        uid = uid_base.get(mbox, 0) + 1
+        uid_base[mbox] = uid
+        body = (f"{side} message {i} ".encode()).ljust(BODY_BYTES, b".")
+        yield encode_event(MessageAppended(mid, uid, i + 1, body_guid(body), body, (), 1_700_000_000_000 + i,
+                                           1_700_000_000_000 + i))
+
+
+def _append(log, items) -> None:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= BATCH:
+            log.append_many(batch)
+            batch = []
+    if batch:
+        log.append_many(batch)
+
+
+def build_logs(directory: str, records: int) -> dict:
+    """Two logs of ``records`` records each, equal for the first 99%."""
+    import wal
+    from engine.events import MailboxCreated, encode_event
+
+    a, b = os.path.join(directory, "a.wal"), os.path.join(directory, "b.wal")
+    tail = max(1, records // 100)
+    shared = records - tail
+    t0 = time.perf_counter()
+    log = wal.Log.create(a)
+    creates = [encode_event(MailboxCreated(f"{i + 1:032x}", f"box{i}", 1000 + i)) for i in range(min(MAILBOXES, shared))]
+    log.append_many(creates)
+    uid_base: dict[int, int] = {}
+    _append(log, _events(len(creates), shared - len(creates), "shared", uid_base))
+    log.close()
+    shutil.copytree(a, b)
+    for path, side in ((a, "A"), (b, "B")):
+        with wal.Log.open(path) as lg:
+            _append(lg, _events(shared, tail, side, dict(uid_base)))
+    size = {k: sum(os.path.getsize(os.path.join(p, n)) for n in os.listdir(p) if n.endswith(".seg"))
+            for k, p in (("a", a), ("b", b))}
+    return {"a": a, "b": b, "records": records, "shared": shared, "tail": tail, "log_bytes": size,
+            "build_seconds": time.perf_counter() - t0}
+
+
+# -- phases (each runs in a child interpreter) ------------------------------------------
+
+
+def _phase(name: str, a: str, b: str, fork_lsn: int) -> dict:
+    import wal
+    from wal.epochs import SeekReader, search_fork
+
+    out: dict = {"phase": name}
+    io0 = _io()
+    t0 = time.perf_counter()
+    if name == "baseline":
+        pass
+    elif name == "find_fork":
+        s = search_fork(a, b)
+        out.update(fork=s.fork.lsn, probes=s.probes, records_read=s.records_read, bytes_read=s.bytes_read)
+    elif name == "reconcile":
+        from engine.reconcile_apply import reconcile
+
+        r = reconcile(a, b)
+        c = r.diff.counts()
+        out.update(fork=r.search.fork.lsn, records_read=r.records_read, bytes_read=r.bytes_read,
+                   only_in_a=c["only_in_a"], only_in_b=c["only_in_b"], collisions=c["uid_collisions"],
+                   flag_changes=c["flag_changes_a"] + c["flag_changes_b"])
+    elif name == "naive":
+        ra, rb = wal.LogReader(a), wal.LogReader(b)
+        n = 0
+        fork = 0
+        for x, y in zip(ra.records(1), rb.records(1)):
+            n += 2
+            if x.hash != y.hash:
+                break
+            fork = x.lsn
+        out.update(fork=fork, records_read=n)
+    elif name in ("raw_all", "raw_tail"):
+        total = 0
+        for path in (a, b):
+            start = {}
+            if name == "raw_tail":
+                with SeekReader(path) as r:
+                    seg, off, _ = r.locate(fork_lsn + 1)
+                start = {seg: off}
+            names = sorted(n for n in os.listdir(path) if n.endswith(".seg"))
+            if start:
+                names = [n for n in names if n >= next(iter(start))]
+            for n in names:
+                with open(os.path.join(path, n), "rb", buffering=0) as f:
+                    f.seek(start.get(n, 0))
+                    while True:
+                        chunk = f.read(1 << 20)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+        out.update(bytes_read=total)
+    else:
+        raise ValueError(name)
+    out["seconds"] = time.perf_counter() - t0
+    io1 = _io()
+    out["rchar"] = io1.get("rchar", 0) - io0.get("rchar", 0)
+    out["disk_read_bytes"] = io1.get("read_bytes", 0) - io0.get("read_bytes", 0)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _run_child(name: str, a: str, b: str, fork_lsn: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench_reconcile", name, a, b, str(fork_lsn)],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise click.ClickException(f"bench phase {name} failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def run_benchmark(records: int, directory: str | None = None) -> dict:
+    """Build the two logs, run every phase, return the report (see module docstring)."""
+    tmp = tempfile.mkdtemp(prefix="mailwal-bench-reconcile-", dir=directory)
+    try:
+        built = build_logs(tmp, records)
+        a, b = built["a"], built["b"]
+        fork_lsn = built["shared"]
+        rows = {}
+        for name in ("baseline", "find_fork", "reconcile", "naive", "raw_all", "raw_tail"):
+            rows[name] = _run_child(name, a, b, fork_lsn)
+        total = built["log_bytes"]["a"] + built["log_bytes"]["b"]
+        ff, rc = rows["find_fork"], rows["reconcile"]
+        report = {
+            "records": records, "shared": built["shared"], "tail_per_side": built["tail"],
+            "log_bytes": built["log_bytes"], "build_seconds": built["build_seconds"],
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "dir": tmp},
+            "fork": {"expected": fork_lsn, "found": ff["fork"]},
+            "phases": rows,
+            "ratios": {
+                "find_fork_bytes_vs_logs": ff["bytes_read"] / total,
+                "find_fork_rchar_vs_logs": ff["rchar"] / total,
+                "reconcile_bytes_vs_logs": rc["bytes_read"] / total,
+                "reconcile_seconds_vs_raw_tail": rc["seconds"] / max(rows["raw_tail"]["seconds"], 1e-9),
+                "naive_seconds_vs_find_fork": rows["naive"]["seconds"] / max(ff["seconds"], 1e-9),
+            },
+        }
+        report["goals"] = [
+            {"goal": "fork_found", "description": "the fork point found is the last shared record",
+             "value": ff["fork"], "met": ff["fork"] == fork_lsn and rc["fork"] == fork_lsn},
+            {"goal": "fork_search_reads_little",
+             "description": "finding the fork reads < 1 MiB and < 1% of the two logs (rchar)",
+             "value": ff["rchar"] / total, "met": ff["rchar"] < (1 << 20) and ff["rchar"] / total < 0.01},
+            {"goal": "reconcile_reads_tails_only",
+             "description": "reconcile reads < 3x the diverged 1% (rchar vs both logs)",
+             "value": rc["rchar"] / total, "met": rc["rchar"] / total < 0.03},
+        ]
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _render(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    lb = report["log_bytes"]
+    console.print(
+        f"two logs of {report['records']:,} records ({lb['a'] / 2**20:,.1f} MiB and {lb['b'] / 2**20:,.1f} MiB), "
+        f"shared {report['shared']:,}, then {report['tail_per_side']:,} different records on each side; "
+        f"{report['machine']['cpus']} vCPU, Python {report['machine']['python']}; fork found at LSN "
+        f"{report['fork']['found']:,} (expected {report['fork']['expected']:,})"
+    )
+    t = Table(title="reconcile: time, memory and bytes read (each phase in a fresh interpreter)")
+    for col in ("phase", "seconds", "records read", "bytes read", "rchar", "of both logs", "peak RSS MiB"):
+        t.add_column(col, justify="right")
+    total = lb["a"] + lb["b"]
+    labels = {"baseline": "interpreter + imports", "find_fork": "find fork", "reconcile": "reconcile (fork+tails+diff)",
+              "naive": "compare from LSN 1", "raw_all": "raw read, all", "raw_tail": "raw read, tails"}
+    for name, row in report["phases"].items():
+        t.add_row(labels[name], f"{row['seconds']:.3f}", f"{row.get('records_read', ''):,}" if "records_read" in row else "",
+                  f"{row['bytes_read']:,}" if "bytes_read" in row else "", f"{row['rchar']:,}",
+                  f"{row['rchar'] / total:.3%}", f"{row['peak_rss_mib']:.1f}")
+    console.print(t)
+    gt = Table(title="goals")
+    for col in ("goal", "measured", "met"):
+        gt.add_column(col)
+    for g in report["goals"]:
+        v = g["value"]
+        gt.add_row(g["description"], f"{v:.4%}" if isinstance(v, float) else f"{v:,}", "yes" if g["met"] else "NO")
+    console.print(gt)
+
+
+@click.command(name="reconcile", context_settings=CONTEXT_SETTINGS)
+@click.option("--records", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
+              help="Records in each log; the last 1% differ between the two.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="Where to build the scratch logs (deleted afterwards). Default: the system temp dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+def bench_reconcile(records: int, directory: str | None, as_json: bool) -> None:
+    """Time, memory and bytes read to find a fork point and reconcile two logs.
+
+    The two logs share 99% of their records; finding the fork point must
+    read a tiny fraction of them (compare with 'compare from LSN 1' and the
+    raw reads measured in the same run).
+
+    \b
+    Example:
+        walctl bench reconcile --records 200000
+    """
+    report = run_benchmark(records, directory)
+    if as_json:
+        dump_json(report, indent=1)
+    else:
+        _render(report)
+
+
+if __name__ == "__main__":  # a measured phase in its own interpreter
+    _name, _a, _b, _fork = sys.argv[1:5]
+    print(json.dumps(_phase(_name, _a, _b, int(_fork))))
