@@ -148,6 +148,8 @@ class LogReader:
             CorruptRecordError: a record fails its hash, chain or framing.
         """
         lsn = max(from_lsn, 1)
+        if to_lsn is not None and to_lsn < lsn:
+            return  # an empty range (the loop below yields before it checks to_lsn)
         segs = self.segments()
         if not segs:
             return
