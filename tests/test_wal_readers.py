@@ -243,3 +243,12 @@ def test_LOG_10_an_unheld_reader_follows_a_log_another_writer_appends_to(tmp_pat
     t.join(20)
     assert seen == list(range(1, 41))
     log.close()
+
+
+def test_LOG_10_an_empty_range_yields_nothing(big_log):
+    path, _ = big_log
+    reader = wal.LogReader(path)
+    for start, end in [(1, 0), (5, 3), (65, 3), (129, 100), (65, 64), (600, 599)]:
+        assert list(reader.records(start, end)) == [], (start, end)
+    assert [r.lsn for r in reader.records(65, 65)] == [65]
+    assert [r.lsn for r in reader.records(64, 65)] == [64, 65]
