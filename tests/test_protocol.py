@@ -456,7 +456,7 @@ def test_accept_must_continue_the_replicas_log():
 
 @pytest.mark.parametrize("first", [2, 3, 5])
 def test_batches_have_no_gaps_and_no_duplicates(first):
-    """REP-11."""
+    """REP-11, INV-NoGapNoDuplicate."""
     pair = _streaming(3)
     recs = history(6)
     _remote_error(pair, MASTER, AppendBatch(tuple(recs[first - 1 : first + 1])), "LSN 4 is next")

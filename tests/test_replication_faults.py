@@ -3,7 +3,7 @@
 Each test puts :class:`FaultProxy` between a replica and its master, breaks
 the link in one way, restores it, and checks that the replica reconnected by
 itself and ended identical to the master: no gaps, no duplicates (REP-11,
-REP-19, INV-PrefixAgreement).
+REP-19, INV-PrefixAgreement, INV-NoGapNoDuplicate).
 """
 
 from __future__ import annotations
