@@ -164,6 +164,7 @@ class LogReader:
         while True:
             bound = self._durable_lsn() if self._durable_lsn is not None else None
             stopped_at = offset
+            size_at_pass = os.path.getsize(path)
             for off, plen, f_lsn, f_epoch, f_type, _back, f_hash, payload in walk_frames(path, offset):
                 if bound is not None and f_lsn > bound:
                     break
@@ -191,6 +192,8 @@ class LogReader:
                 if nxt[0][0] != cur:
                     if bound is not None and cur > bound:
                         pass  # the next segment is being written; wait for durability
+                    elif bound is None and os.path.getsize(path) > size_at_pass:
+                        continue  # another process appended and rotated meanwhile: read the rest first
                     else:
                         self._damage(path, offset, cur, f"segment ends before LSN {cur} but the next starts at {nxt[0][0]}", segs, seg_name)
                         return
