@@ -252,3 +252,31 @@ def test_LOG_10_an_empty_range_yields_nothing(big_log):
         assert list(reader.records(start, end)) == [], (start, end)
     assert [r.lsn for r in reader.records(65, 65)] == [65]
     assert [r.lsn for r in reader.records(64, 65)] == [64, 65]
+
+
+def test_LOG_11_an_unheld_follower_racing_a_rotation_sees_no_false_corruption(tmp_path):
+    """The follower finishes a segment, then, before it lists the directory,
+    the writer appends to that segment and rotates. The segment grew: the
+    follower must read the rest, not call the gap corruption."""
+    path = str(tmp_path / "x.wal")
+    log = wal.Log.create(path, segment_max_bytes=300)
+    log.append(1, bytes(10))
+
+    class RacingReader(wal.LogReader):
+        listings = 0
+
+        def segments(self):
+            RacingReader.listings += 1
+            if RacingReader.listings == 2:  # right after the first pass over segment 1
+                log.append(1, bytes(150))  # still fits in segment 1
+                log.append(1, bytes(150))  # segment 1 is full now: rotates
+                assert len(seg_paths(path)) == 2
+            return super().segments()
+
+    seen = []
+    for r in RacingReader(path).records(1, follow=True, stop=threading.Event(), poll_interval_s=0.01):
+        seen.append(r.lsn)
+        if len(seen) == 3:
+            break
+    assert seen == [1, 2, 3]
+    log.close()
