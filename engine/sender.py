@@ -486,12 +486,13 @@ class _Server:
             error = f"internal error: {exc!r}"
             log.exception("replication: internal error serving %s", chan.peer)
         finally:
-            if conn is not None:
+            if conn is not None and conn.streaming:  # a refused replica gets no cursor
                 with anyio.move_on_after(5, shield=True):
                     try:
                         await self.hub._persist_cursor(conn.name)
                     except WalError as exc:
                         log.error("replication: could not persist cursor of %s: %s", conn.name, exc)
+            if conn is not None:
                 self.hub._detach(conn, error)
             await chan.aclose()
 

@@ -250,6 +250,7 @@ async def test_diverged_replica_is_refused_with_the_last_common_lsn(tmp_path, ma
     assert "last common LSN 313" in str(err)
     with Log.open(path) as rep:
         assert (rep.last_lsn, rep.last_hash) == before
+    assert master.cursors.list() == {}  # a refused replica pins nothing on the master
 
 
 async def test_replica_ahead_is_refused_and_not_rolled_back(tmp_path, master):
