@@ -320,7 +320,10 @@ class Node:
         mailbox within the dedup window returns the first receipt with
         ``duplicate=True`` and stores nothing (MS-6).
         """
-        return self.deliver_many([(mailbox, tuple(flags))], body, internaldate=internaldate, create=create)[0]
+        result = self.deliver_many([(mailbox, tuple(flags))], body, internaldate=internaldate, create=create)[0]
+        if isinstance(result, Exception):
+            raise result  # deliver_many reports per-target refusals as values; one target raises it
+        return result
 
     def deliver_many(self, targets: list[tuple[str, tuple[str, ...]]], body: bytes, *,
                      internaldate: float | None = None, create: bool = False) -> list[Receipt | Exception]:
