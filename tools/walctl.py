@@ -13,6 +13,7 @@ import click
 
 from .bench_reconcile import bench_reconcile
 from .cliutil import CONTEXT_SETTINGS
+from .cmd_node import NODE_COMMANDS
 from .cmd_reconcile import reconcile
 from .walctl_bench import bench
 from .walctl_cursor import cursor
@@ -42,3 +43,5 @@ for _command in (verify, replay, cursor, repair, bench):
     cli.add_command(_command)
 cli.add_command(reconcile)
 bench.add_command(bench_reconcile)
+for _command in NODE_COMMANDS:
+    cli.add_command(_command)

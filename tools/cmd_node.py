@@ -1,0 +1,406 @@
+"""``walctl`` commands for mail nodes: init, serve, deliver, digest, rebuild, mailbox, messages.
+
+Each command is a thin layer over :mod:`engine.node` (and :mod:`engine.server`
+for ``serve``). A node's log is locked by whoever opens it: while ``walctl
+serve`` runs, the commands that only read (``digest``, ``mailbox NODE
+list``, ``messages``) read the store's SQLite file read-only instead and say
+which LSN it has applied; the commands that write say to deliver over LMTP
+(or stop the node) instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import sys
+from typing import Iterator
+
+import click
+
+import wal
+from engine.mailerrors import MailStoreError
+from engine.node import LOG_DIR, STORE_FILE, Node, rebuild_store
+from engine.store import mailbox_digest, store_digest
+
+from .cliutil import CONTEXT_SETTINGS, dump_json
+
+__all__ = ["NODE_COMMANDS", "init", "serve", "deliver", "digest", "rebuild", "mailbox", "messages"]
+
+node_argument = click.argument("node", metavar="NODE", type=click.Path(file_okay=False))
+json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Typed engine and log errors become one 'Error: ...' line and exit status 1."""
+    try:
+        yield
+    except MailStoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except wal.WalError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from exc
+
+
+def _require_node(path: str) -> str:
+    if not os.path.isfile(os.path.join(path, "node.json")):
+        raise click.ClickException(f"{path} is not a mailwal node (no node.json); create it with `walctl init {path}`")
+    return path
+
+
+def log_in_use(path: str) -> bool:
+    """Whether another process holds the node's log lock (``walctl serve`` runs)."""
+    lock = os.path.join(path, LOG_DIR, "LOCK")
+    if not os.path.exists(lock):
+        return False
+    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops our lock, if we took it
+    return False
+
+
+@contextlib.contextmanager
+def _open_node(path: str, *, writing: bool) -> Iterator[Node]:
+    _require_node(path)
+    if log_in_use(path):
+        what = "deliver over LMTP, or stop `walctl serve` first" if writing else "stop `walctl serve` first"
+        raise click.ClickException(f"node {path} is running (its log is locked by another process): {what}")
+    with _errors():
+        node = Node.open(path)
+        try:
+            yield node
+        finally:
+            node.close()
+
+
+class ReadOnlyStore:
+    """The store of a running node, read through SQLite in read-only mode (no log access)."""
+
+    def __init__(self, path: str):
+        uri = "file:" + os.path.abspath(os.path.join(path, STORE_FILE)) + "?mode=ro"
+        self.conn = sqlite3.connect(uri, uri=True)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def digest(self) -> dict:
+        c = self.conn
+        c.execute("BEGIN")
+        try:
+            row = c.execute("SELECT value FROM meta WHERE key='applied_lsn'").fetchone()
+            rows = c.execute("SELECT name, uidvalidity, uidnext, msg_xor FROM mailboxes").fetchall()
+        finally:
+            c.execute("COMMIT")
+        per = {r[0]: mailbox_digest(r[1], r[2], r[3]) for r in rows}
+        return {"applied_lsn": int(row[0]) if row else 0, "mailboxes": per, "store": store_digest(per)}
+
+    def mailboxes(self) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT name, uidvalidity, uidnext, highestmodseq, messages, msg_xor FROM mailboxes ORDER BY name"
+        ).fetchall()
+        return [{"name": r[0], "uidvalidity": r[1], "uidnext": r[2], "highestmodseq": r[3], "messages": r[4],
+                 "digest": mailbox_digest(r[1], r[2], r[5])} for r in rows]
+
+    def messages(self, name: str) -> list[dict]:
+        row = self.conn.execute("SELECT mailbox_id FROM mailboxes WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise click.ClickException(f"no mailbox named {name!r}")
+        rows = self.conn.execute(
+            "SELECT uid, guid, flags, size, internaldate_ms, modseq FROM messages WHERE mailbox_id=? ORDER BY uid",
+            (row[0],),
+        ).fetchall()
+        return [{"uid": r[0], "guid": r[1].hex(), "flags": r[2].split() if r[2] else [], "size": r[3],
+                 "internaldate_ms": r[4], "modseq": r[5]} for r in rows]
+
+    @property
+    def applied_lsn(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='applied_lsn'").fetchone()
+        return int(row[0]) if row else 0
+
+
+def _mailbox_dict(mb) -> dict:
+    return {"name": mb.name, "uidvalidity": mb.uidvalidity, "uidnext": mb.uidnext,
+            "highestmodseq": mb.highestmodseq, "messages": mb.messages, "digest": mb.digest}
+
+
+def _message_dict(m) -> dict:
+    return {"uid": m.uid, "guid": m.guid, "flags": list(m.flags), "size": m.size,
+            "internaldate_ms": m.internaldate_ms, "modseq": m.modseq}
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.option("--role", type=click.Choice(["master", "replica"]), default="master", show_default=True,
+              help="A replica refuses deliveries (4xx) until promoted.")
+@click.option("--name", default="", help="The node's name (default: the directory name).")
+@click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
+              help="Largest message the node stores (default 50 MiB).")
+def init(node: str, role: str, name: str, max_message_bytes: int | None) -> None:
+    """Create a node directory: its log, its store and node.json.
+
+    \b
+    Example:
+        walctl init /var/lib/mailwal/node1
+    """
+    kwargs = {"max_message_bytes": max_message_bytes} if max_message_bytes else {}
+    with _errors():
+        Node.init(node, role=role, name=name, **kwargs).close()
+    click.echo(f"created {role} node {os.path.abspath(node)}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.option("--lmtp", "lmtp", default="127.0.0.1:2424", show_default=True, metavar="HOST:PORT",
+              help="Where the LMTP server listens (port 0 picks a free port; the address is printed).")
+@click.option("--unknown-recipients", type=click.Choice(["create", "reject"]), default="create", show_default=True,
+              help="A recipient with no user/LOCAL/INBOX: create it on first delivery, or answer 550 5.1.1.")
+@click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse larger messages with 552 5.3.4 (default: the node's limit).")
+@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds SIGTERM waits for open transactions before cutting them.")
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Append the delivery log here instead of stderr.")
+@click.option("--quiet", is_flag=True, help="Log only warnings (no line per delivery).")
+def serve(node: str, lmtp: str, unknown_recipients: str, max_message_bytes: int | None, shutdown_grace: float,
+          log_file: str | None, quiet: bool) -> None:
+    """Run a node with an LMTP server (RFC 2033) until SIGTERM.
+
+    Prints where it listens, then logs one line per recipient delivery
+    (recipient, mailbox, UID, GUID, LSN, latency). A 250 is sent only once
+    the delivery is durable in the log. SIGTERM or SIGINT drains: stop
+    accepting, finish in-flight deliveries, exit 0.
+
+    \b
+    Example:
+        walctl serve node1 --lmtp 127.0.0.1:2424 --unknown-recipients reject
+    """
+    from engine.server import LmtpConfig, run_node
+
+    _require_node(node)
+    host, port = _host_port(lmtp)
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger("mailwal")
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    config = LmtpConfig(host=host, port=port, unknown_recipients=unknown_recipients,
+                        max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace)
+    if log_in_use(node):
+        raise click.ClickException(f"node {node} is already running (its log is locked by another process)")
+    with _errors():
+        rc = run_node(node, config)
+    sys.exit(rc)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.argument("mailbox")
+@click.option("--flags", default="", help="Flags to store with the message, comma- or space-separated (\\Seen,work).")
+@click.option("--create", is_flag=True, help="Create MAILBOX first if it does not exist.")
+@json_flag
+def deliver(node: str, mailbox: str, flags: str, create: bool, as_json: bool) -> None:
+    """Deliver the message on standard input to MAILBOX; prints the receipt.
+
+    Returns once the delivery is durable. The same bytes delivered again to
+    the same mailbox within the de-duplication window (24 h) are not stored
+    twice: the receipt says duplicate.
+
+    \b
+    Example:
+        walctl deliver node1 user/bob/INBOX --create < message.eml
+    """
+    body = sys.stdin.buffer.read()
+    flag_list = [f for f in flags.replace(",", " ").split() if f]
+    with _open_node(node, writing=True) as n, _errors():
+        receipt = n.deliver(mailbox, body, flags=flag_list, create=create)
+    if as_json:
+        dump_json(receipt.to_dict())
+    else:
+        what = "duplicate of UID" if receipt.duplicate else "delivered UID"
+        click.echo(f"{what} {receipt.uid} to {receipt.mailbox} (UIDVALIDITY {receipt.uidvalidity}) "
+                   f"GUID {receipt.guid} LSN {receipt.lsn}")
+
+
+def _print_digest(d: dict, as_json: bool, note: str | None = None) -> None:
+    if as_json:
+        out = dict(d)
+        if note:
+            out["note"] = note
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    click.echo(f"applied LSN {d['applied_lsn']}" + (f" ({note})" if note else ""))
+    for name in sorted(d["mailboxes"]):
+        click.echo(f"  {d['mailboxes'][name]}  {name}")
+    click.echo(f"store {d['store']}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@json_flag
+def digest(node: str, as_json: bool) -> None:
+    """Print the applied LSN, a digest per mailbox and one for the whole store.
+
+    Two nodes with the same digests at the same LSN hold the same mail
+    (UIDVALIDITY, UIDNEXT, UIDs, GUIDs, flags). Works on a running node: it
+    then reads the store read-only, as of the LSN it has applied.
+
+    \b
+    Example:
+        walctl digest node1 --json
+    """
+    _require_node(node)
+    if log_in_use(node):
+        ro = ReadOnlyStore(node)
+        try:
+            d = ro.digest()
+        finally:
+            ro.close()
+        _print_digest(d, as_json, "node is running: read from its store, as of this applied LSN")
+        return
+    with _open_node(node, writing=False) as n, _errors():
+        d = n.digest()
+    _print_digest(d, as_json)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@json_flag
+def rebuild(node: str, as_json: bool) -> None:
+    """Recreate the store from the log alone and print its digest.
+
+    The old store files are deleted first; the log is the source of truth.
+    Refuses a log that does not start at LSN 1 (a seeded replica).
+
+    \b
+    Example:
+        walctl rebuild node1
+    """
+    _require_node(node)
+    if log_in_use(node):
+        raise click.ClickException(f"node {node} is running: stop `walctl serve` before rebuilding its store")
+    with _errors():
+        d = rebuild_store(node)
+    _print_digest(d, as_json, "rebuilt from the log")
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.pass_context
+def mailbox(ctx: click.Context, node: str) -> None:
+    """List, create, rename or delete the mailboxes of NODE.
+
+    \b
+    Example:
+        walctl mailbox node1 list
+        walctl mailbox node1 create user/bob/INBOX
+        walctl mailbox node1 rename user/bob/Old user/bob/Archive
+        walctl mailbox node1 delete user/bob/Archive
+    """
+    ctx.obj = node
+
+
+@mailbox.command(name="list", context_settings=CONTEXT_SETTINGS)
+@json_flag
+@click.pass_obj
+def mailbox_list(node: str, as_json: bool) -> None:
+    """List mailboxes: UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, messages, digest."""
+    _require_node(node)
+    if log_in_use(node):
+        ro = ReadOnlyStore(node)
+        try:
+            rows = ro.mailboxes()
+        finally:
+            ro.close()
+    else:
+        with _open_node(node, writing=False) as n, _errors():
+            rows = [_mailbox_dict(mb) for mb in n.list_mailboxes()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}  uidvalidity={r['uidvalidity']} uidnext={r['uidnext']} "
+                   f"highestmodseq={r['highestmodseq']} messages={r['messages']}")
+
+
+@mailbox.command(name="create", context_settings=CONTEXT_SETTINGS)
+@click.argument("name")
+@click.pass_obj
+def mailbox_create(node: str, name: str) -> None:
+    """Create mailbox NAME."""
+    with _open_node(node, writing=True) as n, _errors():
+        lsn = n.create_mailbox(name)
+    click.echo(f"created {name} (LSN {lsn})")
+
+
+@mailbox.command(name="rename", context_settings=CONTEXT_SETTINGS)
+@click.argument("old")
+@click.argument("new")
+@click.pass_obj
+def mailbox_rename(node: str, old: str, new: str) -> None:
+    """Rename mailbox OLD to NEW (UIDVALIDITY and UIDs stay)."""
+    with _open_node(node, writing=True) as n, _errors():
+        lsn = n.rename_mailbox(old, new)
+    click.echo(f"renamed {old} to {new} (LSN {lsn})")
+
+
+@mailbox.command(name="delete", context_settings=CONTEXT_SETTINGS)
+@click.argument("name")
+@click.option("--recursive", is_flag=True, help="Also delete the mailboxes below NAME.")
+@click.pass_obj
+def mailbox_delete(node: str, name: str, recursive: bool) -> None:
+    """Delete mailbox NAME and its messages."""
+    with _open_node(node, writing=True) as n, _errors():
+        lsn = n.delete_mailbox(name, recursive=recursive)
+    click.echo(f"deleted {name} (LSN {lsn})")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.argument("mailbox_name", metavar="MAILBOX")
+@json_flag
+def messages(node: str, mailbox_name: str, as_json: bool) -> None:
+    """List the messages of MAILBOX: UID, GUID, flags, size, MODSEQ.
+
+    \b
+    Example:
+        walctl messages node1 user/bob/INBOX --json
+    """
+    _require_node(node)
+    if log_in_use(node):
+        ro = ReadOnlyStore(node)
+        try:
+            rows = ro.messages(mailbox_name)
+        finally:
+            ro.close()
+    else:
+        with _open_node(node, writing=False) as n, _errors():
+            rows = [_message_dict(m) for m in n.list_messages(mailbox_name)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['uid']:>6}  {r['guid']}  {r['size']:>8}  modseq={r['modseq']}  {' '.join(r['flags'])}")
+
+
+NODE_COMMANDS = (init, serve, deliver, digest, rebuild, mailbox, messages)
