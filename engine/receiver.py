@@ -123,7 +123,8 @@ class ReplicaLink:
         connected: True while streaming; ``since`` (wall clock) is when that last changed.
         durable_lsn / applied_lsn: what the last Ack said (durable is the log's last LSN).
         master_lsn: the master's last LSN as of the last Accept or Heartbeat.
-        last_error: why the last connection ended (None while none has).
+        last_error: why the last connection (attempt) ended; kept after a
+            successful reconnect (None while none has ended).
         connects: successful handshakes so far.
         log: the replica's :class:`wal.Log` once it exists.
         promoted: the Promoted reply if this replica was promoted.
@@ -440,7 +441,7 @@ class _Replica:
         assert lg is not None
         self.reached_streaming = True
         self.link.connects += 1
-        self.link._set(state="streaming", connected=True, last_error=None, durable_lsn=lg.last_lsn)
+        self.link._set(state="streaming", connected=True, durable_lsn=lg.last_lsn)
         if not self.started:
             self.started = True
             self.task_status.started(self.link)
