@@ -38,6 +38,7 @@ import anyio
 import anyio.abc
 
 from wal import Log, LogClosedError, LogFailedError, OutOfOrderError, Record
+from wal.epochs import start_epoch
 
 from .errors import (
     AuthenticationError,
@@ -209,7 +210,8 @@ async def run_replica(
         snapshot_sink: ``(SnapshotMeta) -> SnapshotSink`` to accept snapshot
             seeding; without it only seeding from LSN 1 is possible.
         on_promote: called with the new epoch when the master promotes this
-            replica (after the log's epoch was raised, before Promoted is sent).
+            replica (after ``wal.epochs.start_epoch`` raised the log's epoch,
+            before Promoted is sent; it may append, e.g. an EpochStarted record).
         link: a :class:`ReplicaLink` to update (one is made if None).
         idle_timeout_s: a master silent this long is presumed gone (reconnect).
         task_status: receives the :class:`ReplicaLink` once the replica is
@@ -492,17 +494,23 @@ class _Replica:
             await chan.send(Drained(lg.last_lsn, lg.last_hash))
 
     async def _promote(self, chan: Channel, ev: Promote) -> None:
-        """REP-15 (minimal): raise the log's epoch, run the hook, answer Promoted."""
+        """REP-15 (minimal): start the new epoch, run the hook, answer Promoted.
+
+        The epoch is started with :func:`wal.epochs.start_epoch` (``EPOCH``
+        then ``EPOCHS``), so the epoch history stays complete. Promoted names
+        the last replicated record, captured before the hook runs (the hook
+        may append, e.g. an EpochStarted record).
+        """
         lg = self.log
         assert lg is not None
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(lg.set_epoch, ev.new_epoch)
+            await anyio.to_thread.run_sync(start_epoch, lg, ev.new_epoch)
+        reply = Promoted(ev.new_epoch, lg.last_lsn, lg.last_hash)
         if self.on_promote is not None:
             result = self.on_promote(ev.new_epoch)
             if inspect.isawaitable(result):
                 await result
-        reply = Promoted(ev.new_epoch, lg.last_lsn, lg.last_hash)
         await chan.send(reply)
-        log.warning("replica %s: promoted to master in epoch %d at LSN %d", self.name, ev.new_epoch, lg.last_lsn)
+        log.warning("replica %s: promoted to master in epoch %d at LSN %d", self.name, ev.new_epoch, reply.last_lsn)
         self.link._set(state="promoted", connected=False, promoted=reply)
         raise _Promoted()

@@ -156,9 +156,7 @@ class _Connection:
         self.task_group: Any = None
         self.fence_lsn: int | None = None
         self.drained: Drained | None = None
-        self.drained_event = anyio.Event()
         self.promoted: Promoted | None = None
-        self.promoted_event = anyio.Event()
         self.cursor_dirty = anyio.Event()
         self.cursor_urgent = anyio.Event()
         self.streaming = False
@@ -260,31 +258,42 @@ class ReplicationHub:
         """
         lsn, epoch = self.log.last_lsn, self.log.epoch
         conns = [r.conn for r in self._replicas.values() if r.conn is not None and r.conn.state is State.STREAMING]
-        for c in conns:
-            c.fence_lsn = lsn
-            await c.outbox.send(Fence(epoch, lsn))
         out: dict[str, int] = {}
         with anyio.move_on_after(timeout):
             for c in conns:
-                await c.drained_event.wait()
-                assert c.drained is not None
-                out[c.name] = c.drained.lsn
+                c.fence_lsn = lsn
+                try:
+                    await c.outbox.send(Fence(epoch, lsn))
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass  # that connection just ended
+            for c in conns:
+                with anyio.move_on_after(timeout):  # a dead connection must not hide the others
+                    while c.drained is None and self._replicas[c.name].conn is c:
+                        await self._changed.wait()
+                if c.drained is not None:
+                    out[c.name] = c.drained.lsn
         return out
 
     async def promote(self, name: str, new_epoch: int, timeout: float) -> Promoted:
         """Ask replica ``name`` to become master in ``new_epoch``; returns its Promoted.
 
         Raises:
-            KeyError: no such connected replica. TimeoutError: no reply in time.
+            KeyError: no such connected replica.
+            TimeoutError: no reply in time, or the connection ended first.
         """
         r = self._replicas.get(name)
         if r is None or r.conn is None or not r.conn.streaming:
             raise KeyError(f"replica {name!r} is not connected")
         c = r.conn
-        await c.outbox.send(Promote(new_epoch))
         with anyio.fail_after(timeout):
-            await c.promoted_event.wait()
-        assert c.promoted is not None
+            try:
+                await c.outbox.send(Promote(new_epoch))
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise TimeoutError(f"replica {name!r} disconnected before it could be promoted") from None
+            while c.promoted is None:
+                if r.conn is not c:
+                    raise TimeoutError(f"replica {name!r} disconnected before confirming its promotion")
+                await self._changed.wait()
         return c.promoted
 
     # -- bookkeeping called by the connection tasks ----------------------------------
@@ -702,7 +711,9 @@ class _Server:
                 if state in (State.STREAMING, State.FENCING, State.DRAINED):
                     await chan.send(Heartbeat(self.log.last_lsn))
             elif isinstance(item, list):
-                if state in (State.STREAMING, State.FENCING):
+                if conn.fence_lsn is not None:  # read before the fence was set: never ship past it
+                    item = [r for r in item if r.lsn <= conn.fence_lsn]
+                if item and state in (State.STREAMING, State.FENCING):
                     self.hub._sent(conn, item)
                     await chan.send(AppendBatch(tuple(item)))
                 # else PROMOTING: the replica became master at what it has
@@ -716,10 +727,10 @@ class _Server:
                 self.hub._acked(conn, ev)
             elif isinstance(ev, Drained):
                 conn.drained = ev
-                conn.drained_event.set()
+                self.hub._notify()
             elif isinstance(ev, Promoted):
                 conn.promoted = ev
-                conn.promoted_event.set()
+                self.hub._notify()
                 log.warning("replication: replica %s promoted itself to master in epoch %d at LSN %d",
                             conn.name, ev.epoch, ev.last_lsn)
                 raise _Finished("the replica was promoted")

@@ -29,6 +29,7 @@ from engine.replication_auth import create_secret, load_secret
 from engine.errors import SecretFileError
 from engine.sender import ReplicationHub, serve_replication
 from wal import Log, LogReader
+from wal.epochs import read_history_file
 
 pytestmark = pytest.mark.anyio
 
@@ -318,6 +319,7 @@ async def test_fence_then_promote(tmp_path, master):
             assert (reply.epoch, reply.last_lsn, reply.last_hash) == (2, 60, master.last_hash)
             await l1.wait_state("promoted")
             assert promoted_to == [2] and l1.log.epoch == 2
+            assert [(e.epoch, e.first_lsn) for e in read_history_file(l1.log.path)][-1] == (2, 61)
             l1.log.close()
             await l2.wait_durable(60)
             tg.cancel_scope.cancel()
