@@ -1,0 +1,170 @@
+"""Shared pieces for the LMTP and node tests: a node served in-process or as a
+real ``walctl serve`` child, and a per-recipient LMTP send over smtplib.LMTP.
+
+smtplib's ``sendmail`` reads only one reply after DATA, which is wrong for
+LMTP with several recipients (RFC 2033 4.2: one reply per accepted
+recipient), so :func:`lmtp_send` drives smtplib's lower-level calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+
+import anyio
+
+from engine.node import Node
+from engine.server import LmtpConfig, NodeRunner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_message(tag: str, size: int = 4096) -> bytes:
+    """A distinct CRLF message of about ``size`` octets (the tag makes its GUID unique)."""
+    head = (f"From: <sender@test>\r\nTo: <rcpt@test>\r\nMessage-ID: <{tag}@test>\r\nSubject: {tag}\r\n\r\n").encode()
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.\r\n"
+    body = bytearray(head)
+    while len(body) + len(line) <= size:
+        body += line
+    return bytes(body)
+
+
+def lmtp_send(client: smtplib.LMTP, sender: str, recipients: list[str], message: bytes) -> dict[str, tuple[int, str]]:
+    """Send one message; returns {recipient: (code, text)} for every recipient (RCPT or after-DATA reply)."""
+    out: dict[str, tuple[int, str]] = {}
+    code, text = client.mail(sender)
+    if code != 250:
+        return {r: (code, text.decode()) for r in recipients}
+    accepted = []
+    for r in recipients:
+        code, text = client.rcpt(r)
+        if code == 250:
+            accepted.append(r)
+        else:
+            out[r] = (code, text.decode())
+    if not accepted:
+        client.rset()
+        return out
+    client.putcmd("data")
+    code, text = client.getreply()
+    if code != 354:
+        return {**out, **{r: (code, text.decode()) for r in accepted}}
+    q = smtplib._quote_periods(message)
+    if not q.endswith(b"\r\n"):
+        q += b"\r\n"
+    client.send(q + b".\r\n")
+    for r in accepted:
+        code, text = client.getreply()
+        out[r] = (code, text.decode())
+    return out
+
+
+class LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def served_node(path: str, *, init: dict | None = None, **lmtp):
+    """Init (unless it exists) and serve a node in a thread; yields the NodeRunner.
+
+    ``runner.log_lines`` collects the LMTP log lines.
+    """
+    if not os.path.exists(os.path.join(path, "node.json")):
+        Node.init(path, **(init or {})).close()
+    lmtp.setdefault("port", 0)
+    runner = NodeRunner(path, LmtpConfig(**lmtp), handle_signals=False, announce=lambda msg: None)
+    capture = LogCapture()
+    logger = logging.getLogger("mailwal.lmtp")
+    logger.addHandler(capture)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    runner.log_lines = capture.lines
+    errors: list[BaseException] = []
+
+    def main():
+        try:
+            anyio.run(runner.run)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            runner.ready.set()
+
+    thread = threading.Thread(target=main, name="node-runner", daemon=True)
+    thread.start()
+    try:
+        assert runner.ready.wait(30), "the node runner did not start"
+        if errors:
+            raise errors[0]
+        yield runner
+    finally:
+        runner.request_stop()
+        thread.join(60)
+        logger.removeHandler(capture)
+        logger.setLevel(old_level)
+        assert not thread.is_alive(), "the node runner did not stop"
+        if errors:
+            raise errors[0]
+
+
+def client(runner_or_port, timeout: float = 20) -> smtplib.LMTP:
+    port = runner_or_port if isinstance(runner_or_port, int) else runner_or_port.lmtp_address[1]
+    c = smtplib.LMTP("127.0.0.1", port, timeout=timeout)
+    c.ehlo("client.test")
+    return c
+
+
+class ServeProcess:
+    """``walctl serve NODE --lmtp 127.0.0.1:0`` as a real child process."""
+
+    def __init__(self, node: str, *extra: str, log_file: str | None = None):
+        self.node = node
+        self.log_file = log_file or os.path.join(os.path.dirname(os.path.abspath(node)),
+                                                 os.path.basename(node) + ".serve.log")
+        self._stderr = open(self.log_file, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tools", "serve", node, "--lmtp", "127.0.0.1:0", *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
+        )
+        line = self.proc.stdout.readline().decode()
+        if "listening on" not in line:
+            self.proc.kill()
+            self.proc.wait()
+            self._stderr.close()
+            raise RuntimeError(f"walctl serve did not start: {line!r}; log: {open(self.log_file).read()[-2000:]}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> int:
+        self.proc.kill()
+        return self.wait(30)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._stderr.close()
+            self.proc.stdout.close()
+
+    def log(self) -> str:
+        with open(self.log_file, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.kill()
