@@ -42,7 +42,7 @@ def deliver_some(m: Node, mailboxes, n, tag=""):
 
 
 def digests(node: Node) -> dict:
-    return node.store.digest()["mailboxes"]
+    return node.digest()["mailboxes"]  # waits until the store applied every durable record
 
 
 def test_replica_refuses_writes(pair):
