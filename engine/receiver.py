@@ -292,6 +292,9 @@ class _Replica:
                 except (ConnectionLostError, RemoteProtocolError, OutOfOrderError, OSError, TimeoutError,
                         anyio.BrokenResourceError, anyio.EndOfStream) as exc:
                     self._transient(exc)
+                except Exception as exc:  # the replica's own log, a hook, or a bug: stop and say why
+                    link._set(state="failed", connected=False, last_error=f"{type(exc).__name__}: {exc}")
+                    raise
                 if self.link.connected:
                     link._set(connected=False)
                 if self.reached_streaming:

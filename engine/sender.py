@@ -376,6 +376,9 @@ class ReplicationHub:
         except CursorError as exc:  # a same-named replica moved it further: keep the higher value
             log.warning("replica %s: cursor not moved: %s", name, exc)
             return
+        except (WalError, OSError) as exc:  # the master's disk: streaming goes on, status shows the old cursor
+            log.error("replica %s: could not persist its cursor at LSN %d: %s", name, lsn, exc)
+            return
         if r.cursor_lsn is None or lsn > r.cursor_lsn:
             r.cursor_lsn = lsn
 
@@ -497,10 +500,7 @@ class _Server:
         finally:
             if conn is not None and conn.streaming:  # a refused replica gets no cursor
                 with anyio.move_on_after(5, shield=True):
-                    try:
-                        await self.hub._persist_cursor(conn.name)
-                    except WalError as exc:
-                        log.error("replication: could not persist cursor of %s: %s", conn.name, exc)
+                    await self.hub._persist_cursor(conn.name)
             if conn is not None:
                 self.hub._detach(conn, error)
             await chan.aclose()
