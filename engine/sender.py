@@ -345,6 +345,7 @@ class ReplicationHub:
     def _sent(self, conn: _Connection, batch: list[Record]) -> None:
         r = self._replicas[conn.name]
         r.inflight.append((batch[-1].lsn, sum(len(x.payload) for x in batch), self._clock()))
+        self._notify()
 
     def _acked(self, conn: _Connection, ack: Ack) -> None:
         r = self._replicas[conn.name]

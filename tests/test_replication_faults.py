@@ -181,6 +181,9 @@ async def test_a_stalled_replica_does_not_hold_back_the_master_or_others(tmp_pat
             await fast.wait_durable(master.last_lsn)
             assert await hub.wait_replicated(master.last_lsn, 1, 20) == ["fast"]
             assert stalled.durable_lsn == 0 and stalled.connected
+            while hub.replica("stalled").lag_bytes == 0:  # shipped into the void, never acked
+                await hub.wait_changed()
+            assert hub.replica("stalled").lag_seconds > 0 and hub.replica("stalled").connected
             assert hub.replica("fast").lag_records == 0 and hub.replica("stalled").lag_records == 400
             proxy.set_mode("pass")
             await stalled.wait_durable(master.last_lsn)

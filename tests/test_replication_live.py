@@ -326,8 +326,9 @@ async def test_fence_then_promote(tmp_path, master):
     assert_identical(master, tmp_path / "r2.wal")
 
 
-async def test_bad_peers_are_refused_while_a_good_replica_keeps_streaming(tmp_path, master):
+async def test_bad_peers_are_refused_while_a_good_replica_keeps_streaming(tmp_path, master, caplog):
     """REP-3, REP-5, REP-20, INV-AuthFirst on the real port."""
+    caplog.set_level("INFO", logger="mailwal.replication")
     hub = ReplicationHub(master)
     server = dict(SERVER, handshake_timeout_s=0.5)
     with anyio.fail_after(40):
@@ -366,6 +367,22 @@ async def test_bad_peers_are_refused_while_a_good_replica_keeps_streaming(tmp_pa
             session.send(session.proof())
             refuse = session.next_event()
             assert isinstance(refuse, P.Refuse) and refuse.code == "auth"
+
+            # Authenticated, then out of order (an Ack before any Position): closed, logged, nothing else.
+            async with await anyio.connect_tcp(host, port) as s:
+                me = P.ReplicationSession(P.Role.REPLICA, SECRET)
+                await s.send(me.send(P.Hello(os.urandom(32))))
+                for expected in (P.Challenge, P.Proof):
+                    while (ev := me.next_event()) is P.NEED_DATA:
+                        me.receive_data(await s.receive())
+                    assert isinstance(ev, expected)
+                    if expected is P.Challenge:
+                        await s.send(me.send(me.proof()))
+                await s.send(P.encode_message(P.Ack(0, 0)))
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError, ConnectionResetError)):
+                    await s.receive()
+            assert "replica may not send Ack in state REQUEST" in caplog.text  # the logged reason
+            assert "bad preamble" in caplog.text and "before authentication" in caplog.text
 
             await good.wait_durable(300)
             assert hub.replica("good").connects == 1 and good.connects == 1
