@@ -75,7 +75,8 @@ def test_protocol_error_is_abstract():
 def test_module_says_and_does_no_io():
     """STYLE 1: the docstring says it, and nothing I/O-ish is imported (REP-18)."""
     assert "no networking" in P.__doc__
-    tree = ast.parse(open(P.__file__).read())
+    with open(P.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0}
     assert not names & {"os", "socket", "time", "anyio", "asyncio", "threading", "random", "secrets", "wal.writer"}

@@ -19,11 +19,18 @@ from wal.format import Record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "specs", "replication.md")
-VECTORS = json.load(open(os.path.join(ROOT, "specs", "vectors", "messages.json")))
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+VECTORS = json.loads(_read(os.path.join(ROOT, "specs", "vectors", "messages.json")))
 
 
 def _generated(name: str) -> str:
-    text = open(SPEC).read()
+    text = _read(SPEC)
     m = re.search(rf"<!-- BEGIN GENERATED: {name} .*?-->\n(.*?)\n<!-- END GENERATED: {name} -->", text, re.S)
     assert m, f"generated section {name!r} missing from specs/replication.md"
     return m.group(1)
@@ -39,13 +46,13 @@ def test_spec_diagram_is_generated_from_the_table():
 
 
 def test_spec_messages_table_lists_every_type_code():
-    text = open(SPEC).read()
+    text = _read(SPEC)
     for code, cls in P.MESSAGE_TYPES.items():
         assert re.search(rf"^\| {code} \| `{cls.__name__}` \|", text, re.M), cls.__name__
 
 
 def test_spec_constants_match_the_code():
-    text = open(SPEC).read()
+    text = _read(SPEC)
     assert P.PREAMBLE.hex(" ") in text
     assert "| `PREAUTH_MAX_FRAME_BYTES` | 4096 |" in text and P.PREAUTH_MAX_FRAME_BYTES == 4096
     assert P.BATCH_SOFT_MAX_BYTES == 8 * 2**20 and P.MAX_BATCH_RECORDS == 16384 and P.MAX_PROBES == 64
@@ -55,12 +62,12 @@ def test_spec_constants_match_the_code():
 
 def test_every_rule_and_invariant_is_named_by_a_test():
     """STYLE: every rule ID in specs/ has at least one test that names it."""
-    spec = open(SPEC).read()
+    spec = _read(SPEC)
     rules = set(re.findall(r"\bREP-\d+\b", spec))
     invariants = set(re.findall(r"\bINV-[A-Za-z]+\b", spec))
-    tests = "".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "tests", "test_protocol*.py"))
+    tests = "".join(_read(p) for p in glob.glob(os.path.join(ROOT, "tests", "test_protocol*.py"))
                     + glob.glob(os.path.join(ROOT, "tests", "test_replication_*.py")))
-    tests = tests.replace(open(__file__).read(), "")
+    tests = tests.replace(_read(__file__), "")
     assert rules == {f"REP-{i}" for i in range(1, 21)}
     assert sorted(r for r in rules if r not in tests) == []
     assert sorted(i for i in invariants if i not in tests) == []
