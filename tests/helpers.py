@@ -56,6 +56,21 @@ def frame_offsets(seg_path: str) -> list[tuple[int, int, int]]:
     return [(off, fh.frame_size, fh.lsn) for off, fh, _ in wal.segment.iter_frames(seg_path, SEGMENT_HEADER_SIZE)]
 
 
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def flip_bit(path: str, offset: int, bit: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)

@@ -19,6 +19,8 @@ from wal import codec
 from wal.format import decode_frame_header, decode_segment_header, encode_frame, encode_segment_header
 from wal.segment import scan_segment
 
+from helpers import read_text
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "specs", "vectors")
 
@@ -154,7 +156,7 @@ def test_LOG_7_canonical_cbor_vectors(case):
 
 # -- the spec's rules are all tested, and the code cites only rules that exist ------
 
-SPEC = open(os.path.join(ROOT, "specs", "log-format.md"), encoding="utf-8").read()
+SPEC = read_text(os.path.join(ROOT, "specs", "log-format.md"))
 
 
 def _test_sources():
@@ -182,7 +184,7 @@ def test_the_code_cites_only_rules_the_spec_defines():
     for dirpath, _, files in os.walk(os.path.join(ROOT, "wal")):
         for f in files:
             if f.endswith(".py"):
-                cited |= {int(n) for n in re.findall(r"LOG-(\d+)", open(os.path.join(dirpath, f), encoding="utf-8").read())}
+                cited |= {int(n) for n in re.findall(r"LOG-(\d+)", read_text(os.path.join(dirpath, f)))}
     defined = {int(n) for n in re.findall(r"\*\*LOG-(\d+)", SPEC)}
     assert cited <= defined
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import wal
-from helpers import CrashRecorder, SimulatedCrash, all_records, append_bytes, payload_for, seg_paths
+from helpers import CrashRecorder, SimulatedCrash, all_records, append_bytes, payload_for, seg_paths, read_bytes
 
 
 @dataclass
@@ -175,9 +175,9 @@ def test_LOG_8_a_crash_during_recovery_never_loses_the_torn_bytes(tmp_path):
             dest = str(tmp_path / f"c{point}-{i}")
             state.materialise(dest)
             p = os.path.join(dest, "x.wal")
-            seg = open(seg_paths(p)[-1], "rb").read()
+            seg = read_bytes(seg_paths(p)[-1])
             torn_dir = os.path.join(p, "torn")
-            copies = [open(os.path.join(torn_dir, f), "rb").read() for f in os.listdir(torn_dir) if f.endswith(".torn")] \
+            copies = [read_bytes(os.path.join(torn_dir, f)) for f in os.listdir(torn_dir) if f.endswith(".torn")] \
                 if os.path.isdir(torn_dir) else []
             assert seg.endswith(tail) or tail in copies, state.description
             with wal.Log.open(p) as log2:
@@ -194,11 +194,11 @@ def test_LOG_15_a_crash_during_repair_never_loses_the_cut_bytes(tmp_path):
             log.append(1, payload_for(i, 100))
     segs = seg_paths(path)
     victim = segs[1]
-    originals = {os.path.basename(p): open(p, "rb").read() for p in segs}
+    originals = {os.path.basename(p): read_bytes(p) for p in segs}
     with open(victim, "r+b") as f:
         f.seek(200)
         f.write(b"\xff")
-    damaged = open(victim, "rb").read()
+    damaged = read_bytes(victim)
     rec = CrashRecorder(str(root))
     report = wal.repair(path, fileops=rec)
     assert report.cut_segment == os.path.basename(victim)
@@ -207,9 +207,9 @@ def test_LOG_15_a_crash_during_repair_never_loses_the_cut_bytes(tmp_path):
             dest = str(tmp_path / f"r{point}-{i}")
             state.materialise(dest)
             p = os.path.join(dest, "x.wal")
-            present = {os.path.basename(s): open(s, "rb").read() for s in seg_paths(p)}
+            present = {os.path.basename(s): read_bytes(s) for s in seg_paths(p)}
             broken_dir = os.path.join(p, "broken")
-            backups = {f: open(os.path.join(broken_dir, f), "rb").read() for f in os.listdir(broken_dir)} \
+            backups = {f: read_bytes(os.path.join(broken_dir, f)) for f in os.listdir(broken_dir)} \
                 if os.path.isdir(broken_dir) else {}
             # every later segment is in the log or backed up whole
             for name, data in originals.items():

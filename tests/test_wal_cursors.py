@@ -7,7 +7,7 @@ import pytest
 import wal
 from wal import codec
 
-from helpers import seg_paths
+from helpers import seg_paths, read_bytes
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_LOG_13_cursors_are_durable_across_reopen(log):
     with wal.Log.open(path) as again:
         assert again.cursors.list() == {"replica-a": 9, "replica-b": 0}
         assert again.cursors.minimum() == 0
-    raw = open(os.path.join(path, "cursors", "replica-a.cursor"), "rb").read()
+    raw = read_bytes(os.path.join(path, "cursors", "replica-a.cursor"))
     value = codec.loads(raw)
     assert value["lsn"] == 9 and codec.dumps(value) == raw  # canonical CBOR (LOG-7)
     assert not [n for n in os.listdir(os.path.join(path, "cursors")) if n.endswith(".tmp")]

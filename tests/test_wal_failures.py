@@ -26,6 +26,7 @@ from helpers import (
     payload_for,
     read_json_lines,
     seg_paths,
+    read_text,
 )
 
 CREATE_SYNCS = 2  # Log.create: the first segment's header and the EPOCH file
@@ -171,7 +172,7 @@ def test_LOG_12_strace_injected_fdatasync_eio(tmp_path, when):
     first_failed = min(int(x.group(1)) for x in m if x)
     assert all(lsn < first_failed for lsn in acks), "a record of the failed batch was acknowledged"
 
-    lines = open(trace).read().splitlines()
+    lines = read_text(trace).splitlines()
     injected = [i for i, line in enumerate(lines) if "INJECTED" in line]
     assert len(injected) == 1, lines[-10:]
     later_calls = [line for line in lines[injected[0] + 1:] if "fdatasync(" in line and "resumed" not in line]

@@ -33,7 +33,7 @@ from wal.format import (
 )
 from wal.segment import read_segment_header, segment_name
 
-from helpers import all_records, seg_paths
+from helpers import all_records, seg_paths, read_bytes
 
 LOG_ID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff").bytes
 PREV = bytes(range(32))
@@ -160,10 +160,10 @@ def test_LOG_3_repair_refuses_a_log_with_an_unknown_version(tmp_path):
     h = read_segment_header(last)
     with open(last, "r+b") as f:
         f.write(spec_header_bytes(version=2, log_id=h.log_id, first_lsn=h.first_lsn, prev_hash=h.prev_hash))
-    before = {p: open(p, "rb").read() for p in seg_paths(path)}
+    before = {p: read_bytes(p) for p in seg_paths(path)}
     with pytest.raises(wal.UnsupportedVersionError):
         wal.repair(path)
-    assert {p: open(p, "rb").read() for p in seg_paths(path)} == before
+    assert {p: read_bytes(p) for p in seg_paths(path)} == before
 
 
 # -- LOG-4 frame layout and valid-looking headers -----------------------------

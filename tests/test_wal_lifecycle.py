@@ -102,6 +102,7 @@ def test_LOG_14_a_writer_in_another_process_is_refused_until_it_dies(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     with wal.Log.open(path) as log:  # the kernel dropped the lock with the process
         log.append(1, b"mine now")
 

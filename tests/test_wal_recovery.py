@@ -11,7 +11,7 @@ import pytest
 import wal
 from wal.format import FRAME_HEADER_SIZE, SEGMENT_HEADER_SIZE, encode_frame, payload_hash, record_hash
 
-from helpers import all_records, append_bytes, flip_bit, frame_offsets, payload_for, seg_paths, truncate_file
+from helpers import all_records, append_bytes, flip_bit, frame_offsets, payload_for, seg_paths, truncate_file, read_bytes, write_bytes
 
 
 def make_log(path, sizes, *, batches=None, segment_max_bytes=1 << 20):
@@ -43,7 +43,7 @@ def base(tmp_path):
 def test_LOG_8_truncating_the_final_record_at_every_byte_recovers_the_previous_one(base, tmp_path):
     path, acks = base
     seg = seg_paths(path)[-1]
-    original = open(seg, "rb").read()
+    original = read_bytes(seg)
     off, size, lsn = frame_offsets(seg)[-1]
     assert lsn == 3 and off + size == len(original)
     for cut in range(off, off + size):
@@ -61,7 +61,7 @@ def test_LOG_8_truncating_the_final_record_at_every_byte_recovers_the_previous_o
             assert names == []  # the file ended on a record boundary: nothing torn
         else:
             assert len(names) == 1
-            assert open(os.path.join(work, "torn", names[0]), "rb").read() == original[off:cut]
+            assert read_bytes(os.path.join(work, "torn", names[0])) == original[off:cut]
         assert [r.lsn for r in all_records(work)] == [1, 2, 3]
         shutil.rmtree(work)
 
@@ -136,7 +136,7 @@ def test_LOG_8_bytes_after_the_last_record_are_trimmed(base, name, tail):
         assert log.last_lsn == 3
     assert os.path.getsize(seg) == size
     (torn,) = torn_files(path)
-    assert open(os.path.join(path, "torn", torn), "rb").read() == tail
+    assert read_bytes(os.path.join(path, "torn", torn)) == tail
 
 
 def next_frame(acks, lsn_offset=1, *, batch_back=0, payload=b"late but whole", prev=None, lsn=None):
@@ -192,9 +192,9 @@ def test_LOG_9_frame_of_the_wrong_lsn_followed_by_a_later_batch_is_corruption(ba
     seg = seg_paths(path)[-1]
     off, _, _ = frame_offsets(seg)[1]
     wrong, _ = next_frame(acks, lsn=7, payload=b"")  # a whole frame claiming LSN 7
-    data = bytearray(open(seg, "rb").read())
+    data = bytearray(read_bytes(seg))
     data[off:off + FRAME_HEADER_SIZE] = wrong[:FRAME_HEADER_SIZE]  # record 2 has an empty payload too
-    open(seg, "wb").write(bytes(data))
+    write_bytes(seg, bytes(data))
     with pytest.raises(wal.CorruptRecordError, match="LSN 7, expected 2") as ei:
         wal.Log.open(path)
     assert (ei.value.offset, ei.value.lsn) == (off, 2)
@@ -248,11 +248,11 @@ def test_LOG_9_trimming_never_happens_for_corruption(tmp_path):
     seg = seg_paths(path)[-1]
     off, _, _ = frame_offsets(seg)[0]
     flip_bit(seg, off + 64, 0)
-    before = open(seg, "rb").read()
+    before = read_bytes(seg)
     for _ in range(2):
         with pytest.raises(wal.CorruptRecordError):
             wal.Log.open(path)
-    assert open(seg, "rb").read() == before
+    assert read_bytes(seg) == before
 
 
 def _zero(path, start, end):
@@ -269,7 +269,7 @@ def test_LOG_9_damage_spanning_several_records_before_the_final_batch_is_corrupt
     acks = make_log(path, [0] * 200 if "sector" in damage else [40] * 10)
     seg = seg_paths(path)[-1]
     fr = frame_offsets(seg)
-    before = open(seg, "rb").read()
+    before = read_bytes(seg)
     if damage == "zeroed span of two records":
         _zero(seg, fr[4][0], fr[6][0])
     elif damage == "two headers":
@@ -280,12 +280,12 @@ def test_LOG_9_damage_spanning_several_records_before_the_final_batch_is_corrupt
         flip_bit(seg, fr[5][0] + 5, 0)
     else:
         _zero(seg, 4096, 8192)
-    bad = open(seg, "rb").read()
+    bad = read_bytes(seg)
     first_bad = next(i for i, (a, b) in enumerate(zip(before, bad)) if a != b)
     off, _, lsn = [f for f in fr if f[0] <= first_bad][-1]
     assert lsn < acks[-1].lsn - 1
     with pytest.raises(wal.CorruptRecordError) as ei:
         wal.Log.open(path)
     assert (ei.value.offset, ei.value.lsn) == (off, lsn)
-    assert open(seg, "rb").read() == bad  # nothing trimmed
+    assert read_bytes(seg) == bad  # nothing trimmed
     assert not wal.verify(path).ok

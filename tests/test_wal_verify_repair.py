@@ -8,7 +8,7 @@ import pytest
 import wal
 from wal.segment import read_segment_header
 
-from helpers import all_records, append_bytes, flip_bit, frame_offsets, payload_for, seg_paths
+from helpers import all_records, append_bytes, flip_bit, frame_offsets, payload_for, seg_paths, read_bytes
 
 
 def snapshot(path):
@@ -17,7 +17,7 @@ def snapshot(path):
         for f in files:
             if f != "LOCK":
                 p = os.path.join(dirpath, f)
-                out[os.path.relpath(p, path)] = open(p, "rb").read()
+                out[os.path.relpath(p, path)] = read_bytes(p)
     return out
 
 
@@ -88,13 +88,13 @@ def test_LOG_15_repair_cuts_at_the_damage_and_backs_up_every_byte(log_path):
     seg = segs[1]
     off, _, lsn = frame_offsets(seg)[1]
     flip_bit(seg, off + 70, 0)
-    damaged = open(seg, "rb").read()
-    later = {os.path.basename(p): open(p, "rb").read() for p in segs[2:]}
+    damaged = read_bytes(seg)
+    later = {os.path.basename(p): read_bytes(p) for p in segs[2:]}
     rep = wal.repair(path)
     assert (rep.cut_segment, rep.cut_offset, rep.first_lost_lsn, rep.last_lsn) == (os.path.basename(seg), off, lsn, lsn - 1)
-    assert open(seg, "rb").read() == damaged[:off]
+    assert read_bytes(seg) == damaged[:off]
     assert seg_paths(path) == segs[:2]
-    backups = {os.path.basename(b): open(b, "rb").read() for b in rep.backups}
+    backups = {os.path.basename(b): read_bytes(b) for b in rep.backups}
     assert all(os.path.dirname(b) == os.path.join(path, "broken") for b in rep.backups)
     assert damaged[off:] in backups.values()
     for name, data in later.items():
@@ -112,11 +112,11 @@ def test_LOG_15_repair_removes_a_later_segment_with_a_damaged_header(log_path):
     victim = segs[2]
     first = read_segment_header(victim).first_lsn
     flip_bit(victim, 50, 0)  # prev_hash: the header check fails
-    data = open(victim, "rb").read()
+    data = read_bytes(victim)
     rep = wal.repair(path)
     assert (rep.cut_segment, rep.cut_offset, rep.last_lsn) == (os.path.basename(victim), 0, first - 1)
     assert seg_paths(path) == segs[:2]
-    assert any(open(b, "rb").read() == data for b in rep.backups)
+    assert any(read_bytes(b) == data for b in rep.backups)
     with wal.Log.open(path) as log:
         assert log.last_lsn == first - 1
 

@@ -251,10 +251,15 @@ def build() -> dict[str, str]:
     return {name: json.dumps(doc, indent=1, ensure_ascii=False) + "\n" for name, doc in out.items()}
 
 
+def read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def main(argv: list[str]) -> int:
     files = build()
     stale = [n for n, text in files.items()
-             if not os.path.exists(os.path.join(HERE, n)) or open(os.path.join(HERE, n), encoding="utf-8").read() != text]
+             if not os.path.exists(os.path.join(HERE, n)) or read_text(os.path.join(HERE, n)) != text]
     if "--check" in argv:
         for n in stale:
             print(f"stale: specs/vectors/{n}")
