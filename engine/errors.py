@@ -206,5 +206,6 @@ class ConnectionLostError(EngineError):
 
 class SecretFileError(EngineError):
     """The replication secret file is missing, too short, or readable by other
-    users. Fix: ``walctl`` creates one (32 random bytes, mode 0600); copy the
-    same file to every node."""
+    users. Fix: :func:`engine.replication_auth.create_secret` makes one (32
+    random bytes as 64 hex characters, mode 0600); copy the same file to every
+    node."""
