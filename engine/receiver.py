@@ -185,6 +185,7 @@ async def run_replica(
     snapshot_sink: Callable[[SnapshotMeta], SnapshotSink] | None = None,
     on_promote: Callable[[int], Awaitable[None] | None] | None = None,
     link: ReplicaLink | None = None,
+    alternates: Sequence[tuple[str, int]] = (),
     idle_timeout_s: float = 5.0,
     handshake_timeout_s: float = 5.0,
     connect_timeout_s: float = 5.0,
@@ -213,6 +214,12 @@ async def run_replica(
             replica (after ``wal.epochs.start_epoch`` raised the log's epoch,
             before Promoted is sent; it may append, e.g. an EpochStarted record).
         link: a :class:`ReplicaLink` to update (one is made if None).
+        alternates: other addresses where the master may be (the cluster's
+            peers). A connection attempt that fails before streaming moves on
+            to the next address, so after a failover the replica finds the
+            new master by itself; a node that is not serving refuses the TCP
+            connection, and a master whose history this log is not a prefix
+            of refuses the position (diverged/ahead), which stops the replica.
         idle_timeout_s: a master silent this long is presumed gone (reconnect).
         task_status: receives the :class:`ReplicaLink` once the replica is
             streaming for the first time (so ``await tg.start(run_replica, ...)``
@@ -233,6 +240,7 @@ async def run_replica(
         on_promote, link or ReplicaLink(name, f"{master_host}:{master_port}"), idle_timeout_s,
         handshake_timeout_s, connect_timeout_s, backoff_initial_s, backoff_max_s, segment_max_bytes, task_status,
     )
+    runner.masters += [tuple(a) for a in alternates if tuple(a) != (master_host, master_port)]
     return await runner.run()
 
 
@@ -248,6 +256,7 @@ class _Replica:
         self.path = None if not self.owns_log else os.fspath(log_or_path)
         self.log: Log | None = None if self.owns_log else log_or_path
         self.host, self.port, self.secret, self.name = host, port, secret, name
+        self.masters: list[tuple[str, int]] = [(host, port)]
         self.on_records_durable = on_records_durable
         self.applied_lsn = applied_lsn
         self.snapshot_sink = snapshot_sink
@@ -299,6 +308,10 @@ class _Replica:
                     link._set(connected=False)
                 if self.reached_streaming:
                     attempt = 0
+                elif len(self.masters) > 1:  # try the next candidate master
+                    self.masters.append(self.masters.pop(0))
+                    self.host, self.port = self.masters[0]
+                    link._set(master=f"{self.host}:{self.port}")
                 delay = min(self.backoff_max, self.backoff_initial * (2 ** attempt)) * random.uniform(0.5, 1.0)
                 attempt = min(attempt + 1, 30)
                 link._set(state="backoff")

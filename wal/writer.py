@@ -56,6 +56,7 @@ from .fileops import OS_FILEOPS, FileOps
 from .format import (
     FORMAT_VERSION,
     MAX_PAYLOAD_BYTES,
+    SEGMENT_HEADER_SIZE,
     ZERO_HASH,
     Record,
     SegmentHeader,
@@ -64,7 +65,7 @@ from .format import (
     record_hash,
 )
 from .reader import LogReader, SegmentIndex
-from .segment import TornTail, create_segment, list_segments, read_segment_header, scan_segment
+from .segment import TornTail, create_segment, iter_frames, list_segments, read_segment_header, scan_segment
 
 __all__ = ["Log", "Appended", "DEFAULT_SEGMENT_MAX_BYTES"]
 
@@ -612,6 +613,74 @@ class Log:
                 raise WalError(f"epoch {epoch} is below the log's epoch {self._epoch}")
             self._ops.write_file_atomic(os.path.join(self.path, "EPOCH"), str(epoch).encode())
             self._epoch = epoch
+
+    # -- cutting a diverged tail (failover) -----------------------------------
+
+    def truncate_after(self, lsn: int, aside_path: str) -> int:
+        """Move every record after ``lsn`` into a new log at ``aside_path``, then cut them.
+
+        Used when this log diverged from its master's history at ``lsn``
+        (LOG-16): the tail is never deleted; it becomes a standalone log
+        directory (same log id, first LSN ``lsn + 1``, chained onto the hash
+        at ``lsn``) that ``walctl reconcile`` reads. Order: the aside log is
+        made durable first, then the segments are cut (truncate + fdatasync,
+        later segments unlinked, directory fsynced), so a crash in between
+        leaves the records in both places, never in neither. The ``EPOCHS``
+        history loses entries that start after ``lsn``.
+
+        The caller MUST have stopped appends. Returns the number of records moved.
+
+        Raises:
+            WalError: ``lsn`` is below the first retained record, or appends are pending.
+        """
+        with self._cond:
+            self._check_usable()
+            if self._pending or self._syncing or self._next_lsn != self._durable_lsn + 1:
+                raise WalError("truncate_after needs a quiet log: appends are in flight")
+            last = self._durable_lsn
+            if lsn >= last:
+                return 0
+            segs = list_segments(self.path)
+            if lsn + 1 < segs[0][0]:
+                raise WalError(f"cannot cut at LSN {lsn}: the log starts at {segs[0][0]}")
+            prev = self.hash_at(lsn) if lsn > 0 else ZERO_HASH
+            tail = list(self.read(lsn + 1, last))
+            aside = Log.create(aside_path, log_id=self.log_id, first_lsn=lsn + 1, prev_hash=prev,
+                               epoch=tail[0].epoch, fileops=self._ops)
+            try:
+                aside.append_records(tail)
+            finally:
+                aside.close()
+            # Find where LSN lsn+1 starts.
+            cut_seg = max(i for i, (first, _) in enumerate(segs) if first <= lsn + 1)
+            first, name = segs[cut_seg]
+            offset = None
+            for off, fh, _payload in iter_frames(os.path.join(self.path, name), SEGMENT_HEADER_SIZE):
+                if fh.lsn == lsn + 1:
+                    offset = off
+                    break
+            if offset is None:
+                raise WalError(f"record {lsn + 1} not found in segment {name}")
+            if self._fd is not None:
+                self._ops.close(self._fd)
+                self._fd = None
+            for _, later in reversed(segs[cut_seg + 1:]):
+                self._ops.unlink(os.path.join(self.path, later))
+                self.index.forget(later)
+            self._ops.truncate(os.path.join(self.path, name), offset)
+            self.index.forget(name)
+            self._ops.fsync_dir(self.path)
+            self._active_name, self._active_first = name, first
+            self._active_size = offset
+            self._fd = self._ops.open_append(os.path.join(self.path, name))
+            self._next_lsn = lsn + 1
+            self._last_hash = self._durable_hash = prev
+            self._durable_lsn = lsn
+            from .epochs import read_history_file, write_history  # local: epochs imports this module
+
+            entries = [e for e in read_history_file(self.path) if e.first_lsn <= lsn]
+            write_history(self.path, entries, self._ops)
+            return len(tail)
 
     # -- reading -----------------------------------------------------------
 
