@@ -53,6 +53,10 @@ class MailboxState:
     uids: set[int] = field(default_factory=set)
     # guid -> (uid, delivered_ms) of recent deliveries, for retry de-duplication (MS-6)
     recent: dict[bytes, tuple[int, int]] = field(default_factory=dict)
+    # prune ``recent`` when it grows past this; doubled after each prune so the
+    # pruning stays amortised O(1) per delivery even when every entry is
+    # still inside the window (a busy mailbox)
+    recent_prune_at: int = 1024
 
 
 @dataclass(frozen=True)
@@ -197,9 +201,10 @@ class DecisionState:
                 mb.uidnext = max(mb.uidnext, event.uid + 1)
                 mb.highestmodseq = max(mb.highestmodseq, event.modseq)
                 mb.recent[event.guid] = (event.uid, event.delivered_ms)
-                if dedup_window_ms and len(mb.recent) > 1024:
+                if dedup_window_ms and len(mb.recent) > mb.recent_prune_at:
                     cutoff = event.delivered_ms - dedup_window_ms
                     mb.recent = {g: v for g, v in mb.recent.items() if v[1] >= cutoff}
+                    mb.recent_prune_at = max(1024, 2 * len(mb.recent))
         elif isinstance(event, FlagsChanged):
             mb = self.by_id.get(event.mailbox_id)
             if mb is not None:
