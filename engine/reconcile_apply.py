@@ -298,11 +298,11 @@ class ApplyResult:
         return out
 
 
-def choose_survivor(node_log_dir: str, search: ForkSearch) -> str:
+def choose_survivor(node_log_dir: str, search: ForkSearch, search_dirs: tuple[str, str] | None = None) -> str:
     """``"a"`` or ``"b"``: the side whose last record the node's log contains.
 
     When it contains both ends (one log is a prefix of the other) the longer
-    side is the survivor. Raises NotSurvivorError when it contains neither.
+    side is the survivor; equal logs: the one in the node's own directory, else A. Raises NotSurvivorError when it contains neither.
     """
     with SeekReader(node_log_dir) as r:
         last = r.last()[0]
@@ -319,7 +319,9 @@ def choose_survivor(node_log_dir: str, search: ForkSearch) -> str:
             f"the node's log ({node_log_dir}) contains the end of neither log: it is not their survivor; "
             f"pass the surviving master's node directory to --apply"
         )
-    return max(hits)[1]
+    same_dir = {"a": os.path.realpath(search_dirs[0]) == os.path.realpath(node_log_dir),
+                "b": os.path.realpath(search_dirs[1]) == os.path.realpath(node_log_dir)} if search_dirs else {}
+    return max(hits, key=lambda h: (h[0], same_dir.get(h[1], False), h[1] == "a"))[1]
 
 
 def _report_path(node_dir: str, fork_lsn: int) -> str:
@@ -559,7 +561,7 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
     """
     progress = progress or _NoProgress()
     search = search_fork(dir_a, dir_b)
-    survivor = choose_survivor(node.log.path, search)
+    survivor = choose_survivor(node.log.path, search, (dir_a, dir_b))
     loser_dir = dir_b if survivor == "a" else dir_a
     rec = reconcile(dir_a, dir_b, names=_store_names(node), tail_dirs={survivor: node.log.path}, progress=progress)
     view = StoreView(node)

@@ -716,6 +716,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
 
         # -- copies: messages only the loser has (REC-5) ------------------------
         both_guids = {x.guid for pair in md.both for x in pair}
+        survivor_guids = {x.guid for x in sr.messages_in(st.mailbox_id)} if st is not None else set()
         floor = 0
         if md.same_id:
             floor = lt.max_uid + 1  # REC-6: never reuse a UID the loser's clients saw
@@ -732,6 +733,10 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 else:
                     rule, what = "REC-12", "already on the survivor"
                 decide(rule, label, f"{what}, at UID {present[0]}", guid=m.guid.hex(), lsn=m.lsn)
+                continue
+            if m.guid in survivor_guids:
+                decide("REC-5", label, "delivered on both sides and expunged on the survivor since: not copied back",
+                       guid=m.guid.hex(), lsn=m.lsn)
                 continue
             why = "delivered only on the loser"
             if m.expunged_lsn is not None:
