@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -43,11 +44,12 @@ from .mailerrors import (
 from .state import DecisionState, Duplicate
 from .store import MailboxInfo, MessageInfo, Store, remove_store_files, store_digest
 
-__all__ = ["Node", "Receipt", "NodeConfig", "LOG_DIR", "STORE_FILE"]
+__all__ = ["Node", "Receipt", "PlannedDeliveries", "NodeConfig", "LOG_DIR", "STORE_FILE"]
 
 LOG_DIR = "log.wal"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "node.json"
+DIVERGED_FILE = "diverged.json"
 
 
 @dataclass
@@ -86,6 +88,14 @@ class Receipt:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class PlannedDeliveries:
+    """Decided and enqueued deliveries (see :meth:`Node.plan_deliveries`): not yet durable."""
+
+    results: list  # Receipt | Exception per target
+    sync_lsn: int  # acknowledge only after log.sync_to(sync_lsn)
+
+
 class Node:
     """A mail store node. Thread-safe; see the module docstring."""
 
@@ -101,6 +111,8 @@ class Node:
         self._applied_cond = threading.Condition()
         self._applier_error: BaseException | None = None
         self._applier: threading.Thread | None = None
+        self._apply_lock = threading.RLock()  # held while applying; failover surgery takes it too
+        self.applied_lsn = store.applied_lsn  # cached for cheap reads (acks, status)
         self._checkpointer: threading.Thread | None = None
         self.checkpoint_error: BaseException | None = None
         self.on_delivered = None  # optional hook(receipt) for logging
@@ -208,26 +220,114 @@ class Node:
 
     def catch_up(self, batch: int = 512) -> int:
         """Apply every durable record the store has not applied yet."""
-        start = self.store.applied_lsn + 1
-        pending: list[Record] = []
-        replica = self.config.role == "replica"
-        for rec in self.log.read(start):
-            pending.append(rec)
-            if len(pending) >= batch:
-                self.store.apply_records(pending, replica=replica)
-                pending = []
-        if pending:
-            self.store.apply_records(pending, replica=replica)
+        with self._apply_lock:
+            start = self.store.applied_lsn + 1
+            pending: list[Record] = []
+            replica = self.config.role == "replica"
+            for rec in self.log.read(start):
+                pending.append(rec)
+                if len(pending) >= batch:
+                    self.applied_lsn = self.store.apply_records(pending, replica=replica)
+                    pending = []
+            if pending:
+                self.applied_lsn = self.store.apply_records(pending, replica=replica)
+            self.applied_lsn = self.store.applied_lsn
         with self._applied_cond:
             self._applied_cond.notify_all()
-        return self.store.applied_lsn
+        return self.applied_lsn
+
+    # -- roles and failover (specs/replication.md, failover) -------------------------
+
+    def set_role(self, role: str) -> None:
+        """Switch between master and replica durably (``node.json``).
+
+        Becoming master waits until the store applied the whole log, then
+        loads the decision state from it, so UIDs continue where the log ends.
+        """
+        if role not in ("master", "replica"):
+            raise ValueError("role must be master or replica")
+        with self._state_lock:
+            self.config.role = role
+            write_config(self.path, self.config)
+            self._configure_guard()
+        if role == "master":
+            self.catch_up()
+            with self._state_lock:
+                self._load_state()
+
+    def cut_diverged(self, fork_lsn: int) -> str:
+        """Move this log's records after ``fork_lsn`` aside (LOG-16) and make the
+        store match the cut log again. Returns the path of the diverged tail.
+
+        The tail becomes a log directory ``diverged/<stamp>-after-<lsn>.wal``
+        beside the node's log, listed in ``diverged.json`` until reconciled.
+        If the store applied past the fork, it is rebuilt from the log (the
+        log must still start at LSN 1; otherwise reseed this node).
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside_dir = os.path.join(self.path, "diverged")
+        os.makedirs(aside_dir, exist_ok=True)
+        aside = os.path.join(aside_dir, f"{stamp}-after-{fork_lsn}.wal")
+        with self._apply_lock, self._state_lock:
+            last = self.log.last_lsn
+            moved = self.log.truncate_after(fork_lsn, aside)
+            if self.store.applied_lsn > fork_lsn:
+                if self.log.first_lsn > 1:
+                    raise WalError(f"the store applied past the fork at LSN {fork_lsn} and the log no longer "
+                                   f"starts at LSN 1: reseed this node from its master")
+                store_path = self.store.path
+                self.store.close()
+                remove_store_files(store_path)
+                self.store = Store(store_path)
+                self.store.set_log_id(str(self.log.log_id))
+                self._configure_guard()
+                self.applied_lsn = 0
+            entries = self.diverged_tails()
+            entries.append({"path": aside, "fork_lsn": fork_lsn, "last_lsn": last, "records": moved,
+                            "cut_at": stamp, "reconciled": False})
+            _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+        self.catch_up()
+        return aside
+
+    def diverged_tails(self) -> list[dict]:
+        try:
+            with open(os.path.join(self.path, DIVERGED_FILE)) as f:
+                return json.load(f)["tails"]
+        except FileNotFoundError:
+            return []
+
+    def mark_reconciled(self, tail_path: str, report: str | None = None) -> None:
+        entries = self.diverged_tails()
+        for e in entries:
+            if os.path.abspath(e["path"]) == os.path.abspath(tail_path):
+                e["reconciled"] = True
+                e["report"] = report
+        _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+
+    def store_snapshot(self, dest: str) -> tuple[int, bytes]:
+        """Copy the store, consistently, to ``dest``; returns (applied LSN, its hash).
+
+        Used to seed a replica: the copy is the state after that LSN.
+        """
+        with self._apply_lock:
+            src = self.store.conn
+            row = src.execute("SELECT value FROM meta WHERE key='applied_hash'").fetchone()
+            applied = self.store.applied_lsn
+            dst = sqlite3.connect(dest)
+            try:
+                src.backup(dst)
+                dst.execute("DELETE FROM quarantine")
+                dst.commit()
+            finally:
+                dst.close()
+        return applied, bytes(row[0]) if row else bytes(32)
 
     def _apply_loop(self) -> None:
         try:
             while not self._stop.is_set():
                 target = self.log.last_lsn
                 self.retry_quarantined()
-                if self.store.applied_lsn >= target:
+                if self.applied_lsn >= target:
                     self.log.wait_for(target + 1, timeout=0.2)
                     continue
                 self.catch_up()
@@ -245,7 +345,7 @@ class Node:
     def wait_applied(self, lsn: int, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._applied_cond:
-            while self.store.applied_lsn < lsn:
+            while self.applied_lsn < lsn:
                 if self._applier_error is not None or self._stop.is_set():
                     return False
                 remaining = deadline - time.monotonic()
@@ -333,6 +433,22 @@ class Node:
         refused that target (others still deliver). Raises TemporaryFailure
         subclasses for node-wide problems (read-only, log failed).
         """
+        planned = self.plan_deliveries(targets, body, internaldate=internaldate, create=create)
+        self._sync(planned.sync_lsn)
+        return planned.results
+
+    def plan_deliveries(self, targets: list[tuple[str, tuple[str, ...]]], body: bytes, *,
+                        internaldate: float | None = None, create: bool = False,
+                        blocking: bool = True) -> "PlannedDeliveries | None":
+        """The first half of :meth:`deliver_many`: decide and enqueue, do not wait.
+
+        The returned receipts are NOT acknowledgements until
+        ``log.sync_to(planned.sync_lsn)`` returned (``deliver_many`` does
+        exactly that). ``sync_lsn`` also covers duplicates: a duplicate of a
+        delivery still waiting for its fsync is acknowledged only once that
+        one is durable. With ``blocking=False`` returns None instead of
+        waiting for the state lock (an event loop must not block on it).
+        """
         if len(body) > self.config.max_message_bytes:
             raise MessageTooLargeError(
                 f"message of {len(body)} bytes exceeds this node's limit of {self.config.max_message_bytes}"
@@ -341,8 +457,10 @@ class Node:
         now_ms = int(now * 1000)
         idate_ms = int((internaldate if internaldate is not None else now) * 1000)
         window_ms = self.config.dedup_window_s * 1000
-        results: list[Receipt | Exception | None] = [None] * len(targets)
-        with self._state_lock:
+        results: list = [None] * len(targets)
+        if not self._state_lock.acquire(blocking):
+            return None
+        try:
             self._check_writable()
             events = []
             owners: list[int | None] = []
@@ -361,39 +479,36 @@ class Node:
                     results[i] = exc
                     continue
                 if isinstance(plan, Duplicate):
-                    results[i] = ("dup", plan)  # type: ignore[assignment]
+                    results[i] = Receipt(mailbox, plan.uidvalidity, plan.uid, plan.guid.hex(), self.log.last_lsn,
+                                         duplicate=True)
                     continue
                 self.state.apply(plan, dedup_window_ms=window_ms)
                 events.append(plan)
                 owners.append(i)
-            if not events:
-                lsn = self.log.last_lsn
-                lsns = []
-            else:
+                results[i] = plan
+            if events:
                 try:
                     appended = self.log.enqueue([encode_event(e) for e in events])
-                except (LogFailedError, LogClosedError) as exc:
-                    self._load_state()  # undo tentative state changes
-                    raise StoreUnavailableError(str(exc)) from exc
-                lsns = [a.lsn for a in appended]
-                lsn = lsns[-1]
-        if events:
-            self._sync(lsn)
-        by_owner = {owners[k]: (events[k], lsns[k]) for k in range(len(events)) if owners[k] is not None}
-        out: list[Receipt | Exception] = []
-        for i, (mailbox, _) in enumerate(targets):
-            r = results[i]
-            if isinstance(r, tuple) and r[0] == "dup":
-                d: Duplicate = r[1]
-                out.append(Receipt(mailbox, d.uidvalidity, d.uid, d.guid.hex(), self.log.last_lsn, duplicate=True))
-            elif isinstance(r, Exception):
-                out.append(r)
-            else:
-                ev, ev_lsn = by_owner[i]
-                mb = self.state.by_id.get(ev.mailbox_id)
-                uidvalidity = mb.uidvalidity if mb else 0
-                out.append(Receipt(mailbox, uidvalidity, ev.uid, ev.guid.hex(), ev_lsn))
-        return out
+                except BaseException as exc:
+                    self._load_state()  # undo the tentative state changes: nothing was enqueued
+                    if isinstance(exc, (LogFailedError, LogClosedError)):
+                        raise StoreUnavailableError(str(exc)) from exc
+                    raise
+                for k, a in enumerate(appended):
+                    i = owners[k]
+                    if i is not None:
+                        ev = events[k]
+                        mb = self.state.by_id.get(ev.mailbox_id)
+                        results[i] = Receipt(targets[i][0], mb.uidvalidity if mb else 0, ev.uid, ev.guid.hex(), a.lsn)
+            # Everything enqueued so far: a duplicate's original may still be in flight.
+            sync_lsn = self.log._next_lsn - 1
+        finally:
+            self._state_lock.release()
+        return PlannedDeliveries(results, sync_lsn)
+
+    def wait_durable(self, lsn: int) -> None:
+        """Block until ``lsn`` is durable (the second half of :meth:`deliver_many`)."""
+        self._sync(lsn)
 
     def _write(self, plan_fn) -> int:
         with self._state_lock:
@@ -403,9 +518,42 @@ class Node:
         self._sync(lsn)
         return lsn
 
-    def create_mailbox(self, name: str) -> int:
-        """Create a mailbox; returns the durable LSN."""
-        return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time())))
+    def create_mailbox(self, name: str, *, uidvalidity: int | None = None) -> int:
+        """Create a mailbox; returns the durable LSN.
+
+        ``uidvalidity`` is for imports (MS-14): keep the value the mailbox had
+        elsewhere. Raises UidValidityReuseError if the name was used on this
+        node before and the value is not above every one given out here.
+        """
+        if uidvalidity is None:
+            return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time())))
+        used = name in self.store.tombstones().values()
+        return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time()),
+                                                          uidvalidity=uidvalidity, name_used_before=used))
+
+    def import_messages(self, mailbox: str, messages, *, uidnext: int | None = None) -> list[Receipt]:
+        """Append messages that keep the UIDs they had elsewhere (MS-14); one fsync.
+
+        ``messages`` are :class:`engine.state.ImportedMessage` values with
+        strictly increasing UIDs, each at least the mailbox's UIDNEXT.
+        ``uidnext`` raises the mailbox's UIDNEXT afterwards (a placeholder is
+        appended and expunged at ``uidnext - 1``). All or nothing: an invalid
+        message refuses the whole batch (UidOrderError, MessageTooLargeError,
+        BadFlagError) before anything is logged. Returns once durable.
+        """
+        messages = list(messages)
+        with self._state_lock:
+            self._check_writable()
+            mb = self.state.mailbox(mailbox)
+            events = self.state.plan_import(mailbox, messages, now_ms=int(time.time() * 1000), uidnext=uidnext,
+                                            max_message_bytes=self.config.max_message_bytes)
+            if not events:
+                return []
+            lsns = self._commit(events)
+            uidvalidity = mb.uidvalidity
+        self._sync(lsns[-1])
+        return [Receipt(mailbox, uidvalidity, ev.uid, ev.guid.hex(), lsn)
+                for ev, lsn, _ in zip(events, lsns, messages)]
 
     def rename_mailbox(self, old: str, new: str) -> int:
         return self._write(lambda: self.state.plan_rename(old, new))
@@ -548,7 +696,7 @@ class Node:
             "epoch": self.log.epoch,
             "last_lsn": self.log.last_lsn,
             "last_hash": self.log.last_hash.hex(),
-            "applied_lsn": self.store.applied_lsn,
+            "applied_lsn": self.applied_lsn,
             "writes_paused": self._writes_paused,
             "log_failed": str(self.log.failed) if self.log.failed else None,
             "applier_error": str(self._applier_error) if self._applier_error else None,
