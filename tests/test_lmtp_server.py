@@ -430,3 +430,25 @@ def test_walctl_serve_reject_policy_and_digest_while_running(tmp_path):
     with Node.open(node) as n:
         assert n.digest()["store"] == running["store"]
         assert n.digest()["applied_lsn"] == running["applied_lsn"]
+
+
+@pytest.mark.parametrize("faults,code,status", [
+    ({"fail_fdatasync_at": 1}, 451, "4.3.0"),  # EIO from fdatasync: the log fails
+    ({"fail_write_at": 1, "short_write": 100}, 452, "4.3.1"),  # ENOSPC mid-write: disk full
+])
+def test_log_failure_under_lmtp_defers_every_recipient_and_stays_failed(tmp_path, faults, code, status):
+    from tests.helpers import FaultyFileOps
+
+    node = str(tmp_path / "n")
+    with served_node(node) as runner:
+        c = client(runner)
+        assert lmtp_send(c, "a@x", ["ann@x", "bob@x"], make_message("before"))["ann@x"][0] == 250
+        runner.anode.node.log._ops = FaultyFileOps(**faults)  # the next write or fdatasync fails
+        replies = lmtp_send(c, "a@x", ["ann@x", "bob@x"], make_message("during"))
+        assert [(replies[r][0], replies[r][1][:5]) for r in ("ann@x", "bob@x")] == [(code, status)] * 2
+        later = lmtp_send(c, "a@x", ["ann@x"], make_message("later"))["ann@x"]
+        assert later[0] in (451, 452)  # sticky: nothing is acknowledged until the node is reopened
+        c.quit()
+        assert sum(line.startswith("deferred rcpt=") for line in runner.log_lines) == 3
+    with Node.open(node) as n:  # the acknowledged delivery is there
+        assert body_guid(make_message("before")).hex() in {m.guid for m in n.list_messages("user/ann/INBOX")}
