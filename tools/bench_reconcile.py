@@ -173,6 +173,19 @@ def _phase(name: str, a: str, b: str, fork_lsn: int) -> dict:
     return out
 
 
+def _evict(paths: list[str]) -> None:
+    """Drop these logs' pages from the page cache (only theirs: POSIX_FADV_DONTNEED per file)."""
+    for path in paths:
+        for n in os.listdir(path):
+            if n.endswith(".seg"):
+                fd = os.open(os.path.join(path, n), os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # dirty pages are not dropped
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def _run_child(name: str, a: str, b: str, fork_lsn: int) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "tools.bench_reconcile", name, a, b, str(fork_lsn)],
@@ -183,8 +196,12 @@ def _run_child(name: str, a: str, b: str, fork_lsn: int) -> dict:
     return json.loads(proc.stdout)
 
 
-def run_benchmark(records: int, directory: str | None = None) -> dict:
-    """Build the two logs, run every phase, return the report (see module docstring)."""
+def run_benchmark(records: int, directory: str | None = None, cold: bool = True) -> dict:
+    """Build the two logs, run every phase, return the report (see module docstring).
+
+    With ``cold`` the logs' pages are dropped from the page cache before each
+    phase, so ``disk_read_bytes`` and times include the disk.
+    """
     tmp = tempfile.mkdtemp(prefix="mailwal-bench-reconcile-", dir=directory)
     try:
         built = build_logs(tmp, records)
@@ -192,6 +209,8 @@ def run_benchmark(records: int, directory: str | None = None) -> dict:
         fork_lsn = built["shared"]
         rows = {}
         for name in ("baseline", "find_fork", "reconcile", "naive", "raw_all", "raw_tail"):
+            if cold:
+                _evict([a, b])
             rows[name] = _run_child(name, a, b, fork_lsn)
         total = built["log_bytes"]["a"] + built["log_bytes"]["b"]
         ff, rc = rows["find_fork"], rows["reconcile"]
@@ -199,6 +218,7 @@ def run_benchmark(records: int, directory: str | None = None) -> dict:
             "records": records, "shared": built["shared"], "tail_per_side": built["tail"],
             "log_bytes": built["log_bytes"], "build_seconds": built["build_seconds"],
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "dir": tmp},
+            "cache": "cold" if cold else "warm",
             "fork": {"expected": fork_lsn, "found": ff["fork"]},
             "phases": rows,
             "ratios": {
@@ -213,11 +233,12 @@ def run_benchmark(records: int, directory: str | None = None) -> dict:
             {"goal": "fork_found", "description": "the fork point found is the last shared record",
              "value": ff["fork"], "met": ff["fork"] == fork_lsn and rc["fork"] == fork_lsn},
             {"goal": "fork_search_reads_little",
-             "description": "finding the fork reads < 1 MiB and < 1% of the two logs (rchar)",
+             "description": "finding the fork reads < 1 MiB and < 1% of the logs",
              "value": ff["rchar"] / total, "met": ff["rchar"] < (1 << 20) and ff["rchar"] / total < 0.01},
             {"goal": "reconcile_reads_tails_only",
-             "description": "reconcile reads < 3x the diverged 1% (rchar vs both logs)",
-             "value": rc["rchar"] / total, "met": rc["rchar"] / total < 0.03},
+             "description": "reconcile reads < 2x the raw tails + 1 MiB (rchar)",
+             "value": rc["rchar"] / max(rows["raw_tail"]["rchar"], 1),
+             "met": rc["rchar"] < 2 * rows["raw_tail"]["rchar"] + (1 << 20)},
         ]
         return report
     finally:
@@ -236,23 +257,25 @@ def _render(report: dict) -> None:
         f"{report['machine']['cpus']} vCPU, Python {report['machine']['python']}; fork found at LSN "
         f"{report['fork']['found']:,} (expected {report['fork']['expected']:,})"
     )
-    t = Table(title="reconcile: time, memory and bytes read (each phase in a fresh interpreter)")
-    for col in ("phase", "seconds", "records read", "bytes read", "rchar", "of both logs", "peak RSS MiB"):
-        t.add_column(col, justify="right")
+    t = Table(title=f"reconcile: time, memory and bytes read ({report['cache']} page cache, each phase in a "
+                    f"fresh interpreter)")
+    for col in ("phase", "seconds", "records", "bytes read", "of logs", "from disk", "RSS MiB"):
+        t.add_column(col, justify="right", no_wrap=col == "phase")
     total = lb["a"] + lb["b"]
-    labels = {"baseline": "interpreter + imports", "find_fork": "find fork", "reconcile": "reconcile (fork+tails+diff)",
-              "naive": "compare from LSN 1", "raw_all": "raw read, all", "raw_tail": "raw read, tails"}
+    labels = {"baseline": "imports only", "find_fork": "find fork", "reconcile": "reconcile",
+              "naive": "compare from 1", "raw_all": "raw read all", "raw_tail": "raw read tails"}
     for name, row in report["phases"].items():
-        t.add_row(labels[name], f"{row['seconds']:.3f}", f"{row.get('records_read', ''):,}" if "records_read" in row else "",
-                  f"{row['bytes_read']:,}" if "bytes_read" in row else "", f"{row['rchar']:,}",
-                  f"{row['rchar'] / total:.3%}", f"{row['peak_rss_mib']:.1f}")
+        t.add_row(labels[name], f"{row['seconds']:.3f}", f"{row['records_read']:,}" if "records_read" in row else "",
+                  f"{row['rchar']:,}", f"{row['rchar'] / total:.2%}", f"{row['disk_read_bytes']:,}",
+                  f"{row['peak_rss_mib']:.0f}")
     console.print(t)
     gt = Table(title="goals")
     for col in ("goal", "measured", "met"):
         gt.add_column(col)
     for g in report["goals"]:
         v = g["value"]
-        gt.add_row(g["description"], f"{v:.4%}" if isinstance(v, float) else f"{v:,}", "yes" if g["met"] else "NO")
+        shown = f"{v:,}" if isinstance(v, int) else (f"{v:.2f}x" if g["goal"] == "reconcile_reads_tails_only" else f"{v:.4%}")
+        gt.add_row(g["description"], shown, "yes" if g["met"] else "NO")
     console.print(gt)
 
 
@@ -261,8 +284,10 @@ def _render(report: dict) -> None:
               help="Records in each log; the last 1% differ between the two.")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
               help="Where to build the scratch logs (deleted afterwards). Default: the system temp dir.")
+@click.option("--cache", type=click.Choice(["cold", "warm"]), default="cold", show_default=True,
+              help="cold: drop the two logs' pages from the page cache before each phase (only theirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
-def bench_reconcile(records: int, directory: str | None, as_json: bool) -> None:
+def bench_reconcile(records: int, directory: str | None, cache: str, as_json: bool) -> None:
     """Time, memory and bytes read to find a fork point and reconcile two logs.
 
     The two logs share 99% of their records; finding the fork point must
@@ -273,7 +298,7 @@ def bench_reconcile(records: int, directory: str | None, as_json: bool) -> None:
     Example:
         walctl bench reconcile --records 200000
     """
-    report = run_benchmark(records, directory)
+    report = run_benchmark(records, directory, cold=cache == "cold")
     if as_json:
         dump_json(report, indent=1)
     else:

@@ -48,6 +48,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
@@ -99,6 +100,7 @@ _SCAN_WINDOW_MAX_BYTES = 64 * 1024
 _WALK_MAX_RECORDS = 32
 _WALK_MAX_BYTES = 8 * 1024
 _STREAM_BUFFER_BYTES = 1 << 20
+_NONZERO = re.compile(rb"[^\x00]")
 _STREAM_ANCHOR_EVERY = 64  # streaming remembers every 64th frame start for later lookups
 
 
@@ -331,6 +333,7 @@ class SeekReader:
             k += 1
         needle = ab[8 - k:]
         lead = 4 + (8 - k)  # bytes of the frame before the needle
+        zero_needle = not any(needle)
         pos = start
         window = _SCAN_WINDOW_BYTES
         while pos < stop:
@@ -346,7 +349,15 @@ class SeekReader:
                 if fh is not None and a <= fh.lsn <= b and pos + c_rel + fh.frame_size <= end:
                     if self._successor_checks(i, name, pos + c_rel, fh):
                         return pos + c_rel, fh
-                j = buf.find(needle, j + 1) if needle else (j + 1 if j + 1 < len(buf) else -1)
+                nxt = j + 1
+                if zero_needle and not any(buf[c_rel + 4: j]):
+                    # Inside a run of zero bytes (LSN 0 is never valid): the next
+                    # candidate's LSN needs a non-zero byte, so jump past the run.
+                    m = _NONZERO.search(buf, j)
+                    if m is None:
+                        break
+                    nxt = m.start() + 1
+                j = buf.find(needle, nxt) if needle else (nxt if nxt < len(buf) else -1)
             pos += limit
         return None
 
