@@ -1,6 +1,8 @@
 """The control channel: how `walctl` talks to a running node (specs/control.md).
 
-One JSON object per line, request then response. A node listens on a Unix
+A client first sends the preamble ``MWCTL/1\n`` (so a node can serve
+control and replication on one port: replication starts with ``MWREPL``),
+then it is one JSON object per line, request then response. A node listens on a Unix
 socket ``NODE/control.sock`` (mode 0600: file permissions are the
 authentication) and, with ``--control HOST:PORT``, on TCP, where the client
 must first answer a challenge with the node's shared secret (CTL-2):
@@ -28,10 +30,12 @@ from typing import Any, Awaitable, Callable
 import anyio
 from anyio.abc import ByteStream
 
-__all__ = ["ControlClient", "serve_control", "ControlError", "encode_bytes", "decode_bytes", "MAX_LINE_BYTES"]
+__all__ = ["ControlClient", "serve_control", "serve_control_connection", "ControlError", "encode_bytes",
+           "decode_bytes", "MAX_LINE_BYTES", "PREAMBLE"]
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
 _HELLO = "mailwal-control/1"
+PREAMBLE = b"MWCTL/1\n"
 _CLIENT_TAG = b"mailwal-control-client"
 
 
@@ -96,10 +100,19 @@ async def _send(stream: ByteStream, obj: dict) -> None:
 Handler = Callable[[str, dict], Awaitable[Any]]
 
 
-async def _serve_connection(stream: ByteStream, handler: Handler, secret: bytes | None) -> None:
+async def serve_control_connection(stream: ByteStream, handler: Handler, secret: bytes | None,
+                                   *, preamble_read: bool = False) -> None:
+    """Serve one control connection (``preamble_read``: the caller consumed it)."""
     async with stream:
         reader = _LineReader(stream)
         try:
+            if not preamble_read:
+                with anyio.fail_after(10):
+                    while len(reader.buf) < len(PREAMBLE):
+                        reader.buf += await stream.receive(len(PREAMBLE) - len(reader.buf))
+                if bytes(reader.buf[:len(PREAMBLE)]) != PREAMBLE:
+                    return
+                del reader.buf[:len(PREAMBLE)]
             if secret is not None:
                 nonce = secrets.token_hex(32)
                 await _send(stream, {"hello": _HELLO, "nonce": nonce})
@@ -126,7 +139,8 @@ async def _serve_connection(stream: ByteStream, handler: Handler, secret: bytes 
                     raise
                 except Exception as exc:  # reported to the client, the node goes on
                     await _send(stream, {"ok": False, "error": str(exc), "type": type(exc).__name__})
-        except (ValueError, ControlError, anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError):
+        except (ValueError, ControlError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
+                TimeoutError, OSError):
             return
 
 
@@ -153,7 +167,7 @@ async def serve_control(handler: Handler, *, unix_path: str | None = None, tcp: 
         listeners.append((tl, secret))
     async with anyio.create_task_group() as tg:
         for listener, sec in listeners:
-            tg.start_soon(listener.serve, lambda s, sec=sec: _serve_connection(s, handler, sec))
+            tg.start_soon(listener.serve, lambda s, sec=sec: serve_control_connection(s, handler, sec))
         task_status.started(port)
 
 
@@ -163,6 +177,7 @@ class ControlClient:
     def __init__(self, sock: socket.socket, secret: bytes | None, timeout: float):
         self.sock = sock
         self.sock.settimeout(timeout)
+        self.sock.sendall(PREAMBLE)
         self.file = sock.makefile("rwb")
         hello = self._read()
         if hello.get("hello") != _HELLO:

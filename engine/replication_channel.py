@@ -17,7 +17,7 @@ import anyio.abc
 from .errors import ConnectionLostError
 from .protocol import NEED_DATA, Event, Message, ReplicationSession, State
 
-__all__ = ["Channel", "READ_SIZE", "log"]
+__all__ = ["Channel", "PrefixedStream", "READ_SIZE", "log"]
 
 READ_SIZE = 256 * 1024
 log = logging.getLogger("mailwal.replication")
@@ -93,3 +93,31 @@ def _peer_name(stream: anyio.abc.ByteStream) -> str:
     if isinstance(addr, tuple):
         return f"{addr[0]}:{addr[1]}"
     return str(addr)
+
+
+class PrefixedStream(anyio.abc.ByteStream):
+    """A byte stream that first yields ``prefix`` (bytes already read to
+    decide which protocol a connection speaks), then the wrapped stream."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, prefix: bytes):
+        self._stream = stream
+        self._prefix = prefix
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            return data
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    @property
+    def extra_attributes(self):
+        return self._stream.extra_attributes

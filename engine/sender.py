@@ -86,7 +86,7 @@ from .protocol import (
 )
 from .replication_channel import Channel, log
 
-__all__ = ["serve_replication", "ReplicationHub", "ReplicaStatus", "SnapshotSource", "cursor_name"]
+__all__ = ["serve_replication", "replication_handler", "ReplicationHub", "ReplicaStatus", "SnapshotSource", "cursor_name"]
 
 #: ``make_snapshot() -> (lsn, hash, log_id, epoch, chunks)``: the state after record ``lsn``.
 SnapshotSource = Callable[[], "tuple[int, bytes, uuid.UUID | bytes, int, Iterable[bytes]]"]
@@ -431,6 +431,28 @@ async def serve_replication(
             tg.start_soon(server.accept_loop, sub, tg)
         log.info("replication: serving log %s on %s:%s", log_.log_id, bound[0], bound[1])
         task_status.started((bound[0], bound[1]))
+
+
+def replication_handler(
+    log_: Log,
+    hub: ReplicationHub,
+    secret: bytes,
+    *,
+    make_snapshot: SnapshotSource | None = None,
+    heartbeat_interval_s: float = 1.0,
+    idle_timeout_s: float = 5.0,
+    handshake_timeout_s: float = 5.0,
+    max_unauthenticated: int = 64,
+    poll_interval_s: float = 0.25,
+) -> Callable[[anyio.abc.ByteStream], Any]:
+    """``async handle(stream)`` serving one replica connection, for callers that
+    own the listener (a node multiplexing replication and control on one port).
+    Same arguments and behaviour as :func:`serve_replication`."""
+    if hub.log is not log_:
+        raise ValueError("the hub must be built on the same Log that is served")
+    ReplicationSession(Role.MASTER, secret)  # validates the secret
+    return _Server(log_, hub, secret, make_snapshot, heartbeat_interval_s, idle_timeout_s,
+                   handshake_timeout_s, max_unauthenticated, poll_interval_s).handle
 
 
 class _Server:

@@ -409,9 +409,10 @@ class NodeRunner:
     LMTP front drained, before the node closes.
     """
 
-    def __init__(self, path: str, lmtp: LmtpConfig | None = None, *, handle_signals: bool = True,
+    def __init__(self, path: str, lmtp: LmtpConfig | None | bool = None, *, handle_signals: bool = True,
                  announce: Callable[[str], None] | None = None, threads: int | None = None):
         self.path = path
+        self.lmtp_enabled = lmtp is not False
         self.lmtp_config = lmtp or LmtpConfig()
         self.handle_signals = handle_signals
         self.announce = announce or (lambda msg: print(msg, flush=True))
@@ -453,21 +454,25 @@ class NodeRunner:
             async with anyio.create_task_group() as tg:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
-                self.lmtp = LmtpServer(anode, self.lmtp_config)
-                self.lmtp_address = await self.lmtp.start()
-                host, port = self.lmtp_address
-                self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: LMTP listening on "
-                              f"{host}:{port}")
+                if self.lmtp_enabled:
+                    self.lmtp = LmtpServer(anode, self.lmtp_config)
+                    self.lmtp_address = await self.lmtp.start()
+                    host, port = self.lmtp_address
+                    self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: LMTP listening on "
+                                  f"{host}:{port}")
+                else:
+                    self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: no LMTP front")
                 for name, service in self.services:
                     await tg.start(service, self)
                 self.ready.set()
                 task_status.started(self.lmtp_address)
                 await self._stop.wait()
-                clean = await self.lmtp.drain()
-                c = self.lmtp.counts
-                log.info("LMTP drained (%s): %d delivered, %d duplicate, %d deferred, %d rejected",
-                         "clean" if clean else "grace period exceeded", c["delivered"], c["duplicate"],
-                         c["deferred"], c["rejected"])
+                if self.lmtp is not None:
+                    clean = await self.lmtp.drain()
+                    c = self.lmtp.counts
+                    log.info("LMTP drained (%s): %d delivered, %d duplicate, %d deferred, %d rejected",
+                             "clean" if clean else "grace period exceeded", c["delivered"], c["duplicate"],
+                             c["deferred"], c["rejected"])
                 tg.cancel_scope.cancel()
         finally:
             await anode.aclose()

@@ -157,16 +157,28 @@ def _message_dict(m) -> dict:
 @click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
               help="Largest message the node stores (default 50 MiB).")
 def init(node: str, role: str, name: str, max_message_bytes: int | None) -> None:
-    """Create a node directory: its log, its store and node.json.
+    """Create a node directory: its log, its store, node.json, a commented
+    node.toml with every setting and its default, and a replication secret.
 
     \b
     Example:
         walctl init /var/lib/mailwal/node1
     """
+    from engine.config import DEFAULT_TOML
+    from engine.replication_auth import create_secret
+
     kwargs = {"max_message_bytes": max_message_bytes} if max_message_bytes else {}
     with _errors():
         Node.init(node, role=role, name=name, **kwargs).close()
-    click.echo(f"created {role} node {os.path.abspath(node)}")
+        toml = os.path.join(node, "node.toml")
+        if not os.path.exists(toml):
+            with open(toml, "w") as f:
+                f.write(DEFAULT_TOML)
+        secret = os.path.join(node, "replication.secret")
+        if not os.path.exists(secret):
+            create_secret(secret)
+    click.echo(f"created {role} node {os.path.abspath(node)} (settings: {toml}; replication secret: {secret}, "
+               f"copy it to every replica)")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import click
 
+from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
 from .cliutil import CONTEXT_SETTINGS
+from .cmd_cluster import CLUSTER_COMMANDS
 from .cmd_node import NODE_COMMANDS
 from .cmd_reconcile import reconcile
 from .walctl_bench import bench
@@ -45,3 +47,6 @@ cli.add_command(reconcile)
 bench.add_command(bench_reconcile)
 for _command in NODE_COMMANDS:
     cli.add_command(_command)
+for _command in CLUSTER_COMMANDS:  # serve here (with replication) replaces cmd_node's LMTP-only serve
+    cli.add_command(_command)
+bench.add_command(bench_lmtp_command)

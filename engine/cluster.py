@@ -1,0 +1,525 @@
+"""A node's place in its cluster: master or replica, failover, control.
+
+Theory of operation
+-------------------
+:class:`Cluster` is one :class:`~engine.server.NodeRunner` service. It owns:
+
+* the node's **listener** (``listen``): one TCP port multiplexing
+  replication (connections starting with ``MWREPL``) and control
+  (``MWCTL/1``). While the node is a replica, replication connections are
+  closed at once, so replicas looking for the master move on to the next
+  peer (engine.receiver ``alternates``).
+* the **control** handler (also on ``NODE/control.sock``): status, digest,
+  quarantine, soft failover, promotion, snapshots, reconcile.
+* as **master**: a :class:`~engine.sender.ReplicationHub`, the replication
+  handler, and synchronous replication for LMTP deliveries
+  (``sync_replicas``).
+* as **replica**: :func:`~engine.receiver.run_replica` on the node's log,
+  trying every peer; a divergence cuts the log's tail aside
+  (:meth:`Node.cut_diverged`), reconciles it into the master if configured,
+  and follows again; a promotion turns the node into the master.
+
+Soft failover (requirement c): the master refuses writes, waits until its
+in-flight records are durable, fences every replica (they confirm they hold
+everything), promotes the target with a new epoch, and becomes a replica of
+it. On any failure before the promotion it resumes as master.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from wal import Log, Record
+from wal.epochs import read_history
+
+from .control import PREAMBLE, ControlClient, ControlError, serve_control, serve_control_connection
+from .errors import DivergedError, ReplicationRefusedError, ReplicationTimeoutError, AuthenticationError
+from .events import EpochStarted
+from .mailerrors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure
+from .receiver import ReplicaLink, SnapshotMeta, run_replica
+from .replication_auth import load_secret
+from .replication_channel import PrefixedStream
+from .sender import ReplicationHub, replication_handler
+
+__all__ = ["ClusterConfig", "Cluster", "parse_address", "SyncReplicationBackend"]
+
+log = logging.getLogger("mailwal.cluster")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port). Raises ValueError with a clear message."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class ClusterConfig:
+    """Replication settings of one running node (``walctl serve/follow`` flags, ``[replication]``)."""
+
+    name: str = ""
+    listen: tuple[str, int] | None = None  # replication + control port (as master; control only as replica)
+    peers: list[tuple[str, int]] = field(default_factory=list)  # where a master may be
+    secret_file: str = ""
+    sync_replicas: int = 0
+    sync_timeout_s: float = 5.0
+    sync_fallback: str = "refuse"  # "refuse": 451 when fewer than K replicas acked; "async": accept anyway
+    auto_reconcile: bool = False
+    failover_timeout_s: float = 30.0
+    metrics: tuple[str, int] | None = None
+    reconnect_refused_s: float = 10.0
+
+
+class SyncReplicationBackend:
+    """The LMTP delivery backend in synchronous mode (``sync_replicas`` = K >= 1).
+
+    A message is acknowledged only once K replicas hold its records durably.
+    When they do not within ``sync_timeout_s``, the recipients get 451 (the
+    record stays in the log: the MTA's retry is de-duplicated), or with
+    ``sync_fallback = "async"`` the 250 goes out anyway and status says the
+    node is degraded.
+    """
+
+    def __init__(self, cluster: "Cluster", inner):
+        self.cluster = cluster
+        self.inner = inner
+        self.node = inner.node
+
+    @property
+    def role(self) -> str:
+        return self.inner.role
+
+    def mailbox_exists(self, name: str) -> bool:
+        return self.inner.mailbox_exists(name)
+
+    async def deliver_many(self, targets, body, *, create: bool = False):
+        results = await self.inner.deliver_many(targets, body, create=create)
+        cluster = self.cluster
+        k = cluster.config.sync_replicas
+        lsns = [r.lsn for r in results if hasattr(r, "lsn") and not getattr(r, "duplicate", False)]
+        if k <= 0 or not lsns or cluster.hub is None:
+            return results
+        try:
+            await cluster.hub.wait_replicated(max(lsns), k, cluster.config.sync_timeout_s)
+            cluster.sync_degraded = None
+        except ReplicationTimeoutError as exc:
+            if cluster.config.sync_fallback == "async":
+                cluster.sync_degraded = f"fell back to asynchronous: {exc}"
+                return results
+            cluster.sync_degraded = f"refusing: {exc}"
+            err = TemporaryFailure(f"fewer than {k} replica(s) confirmed the message in time: {exc}")
+            return [err if hasattr(r, "lsn") and not getattr(r, "duplicate", False) else r for r in results]
+        return results
+
+
+class Cluster:
+    """The cluster side of one running node; see the module docstring."""
+
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.runner = None
+        self.node = None
+        self.secret: bytes | None = None
+        self.hub: ReplicationHub | None = None
+        self.link: ReplicaLink | None = None
+        self.handler = None  # replication handler while master
+        self.sync_degraded: str | None = None
+        self.events: list[dict] = []  # failovers, promotions, divergences (for status)
+        self.listen_address: tuple[str, int] | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._role_scope: anyio.CancelScope | None = None
+        self._repl_scopes: set[anyio.CancelScope] = set()
+        self._metrics = None
+
+    # -- the NodeRunner service ------------------------------------------------------
+
+    async def service(self, runner, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        self.runner = runner
+        self.node = runner.anode.node
+        if self.config.secret_file:
+            self.secret = load_secret(self.config.secret_file)
+        if not self.config.name:
+            self.config.name = self.node.config.name
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(functools.partial(serve_control, self._control,
+                                             unix_path=os.path.join(self.node.path, "control.sock")))
+            if self.config.listen is not None:
+                if self.secret is None:
+                    raise ValueError("a replication listener needs a shared secret (secret_file)")
+                self.listen_address = await tg.start(self._listen)
+                runner.announce(f"node {self.config.name}: replication and control on "
+                                f"{self.listen_address[0]}:{self.listen_address[1]}")
+            if self.config.metrics is not None:
+                from .metrics import Metrics
+
+                self._metrics = Metrics()
+                port = self._metrics.serve(self.config.metrics[0], self.config.metrics[1], self.status)
+                runner.announce(f"node {self.config.name}: metrics on http://{self.config.metrics[0]}:{port}/metrics")
+            if runner.lmtp is not None:
+                runner.lmtp.backend = SyncReplicationBackend(self, runner.lmtp.backend)
+            self._start_role()
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                if self._metrics is not None:
+                    self._metrics.close()
+
+    def _start_role(self) -> None:
+        assert self._tg is not None
+        self._role_scope = anyio.CancelScope()
+        if self.node.role == "master":
+            self._tg.start_soon(self._master_role, self._role_scope)
+        else:
+            self._tg.start_soon(self._replica_role, self._role_scope)
+
+    # -- the listener --------------------------------------------------------------------
+
+    async def _listen(self, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.config.listen
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+        async with listener, anyio.create_task_group() as tg:
+            bound = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
+            task_status.started((bound[0], bound[1]))
+            while True:
+                try:
+                    stream = await listener.listeners[0].accept()
+                except OSError as exc:
+                    log.error("accept failed: %s", exc)
+                    await anyio.sleep(0.1)
+                    continue
+                tg.start_soon(self._dispatch, stream)
+
+    async def _dispatch(self, stream) -> None:
+        prefix = b""
+        try:
+            with anyio.fail_after(5):
+                while len(prefix) < 6:
+                    chunk = await stream.receive(6 - len(prefix))
+                    prefix += chunk
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            await stream.aclose()
+            return
+        if prefix == PREAMBLE[:6]:
+            await serve_control_connection(PrefixedStream(stream, prefix), self._control, self.secret)
+        elif self.handler is not None:
+            # Served inside a scope the role owns: a demotion cuts every
+            # replication connection (replicas then look for the new master).
+            scope = anyio.CancelScope()
+            self._repl_scopes.add(scope)
+            try:
+                with scope:
+                    await self.handler(PrefixedStream(stream, prefix))
+            finally:
+                self._repl_scopes.discard(scope)
+                if scope.cancel_called:
+                    with anyio.move_on_after(1, shield=True):
+                        await stream.aclose()
+        else:  # a replica: not serving replication, so replicas move on to the next peer
+            await stream.aclose()
+
+    # -- master ----------------------------------------------------------------------------
+
+    async def _master_role(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            node = self.node
+            self.hub = ReplicationHub(node.log)
+            if self.secret is not None:
+                self.handler = replication_handler(node.log, self.hub, self.secret,
+                                                   make_snapshot=self._make_snapshot)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.handler = None
+                self._stop_replication_connections()
+
+    def _make_snapshot(self):
+        tmpdir = tempfile.mkdtemp(prefix="mailwal-seed-")
+        path = os.path.join(tmpdir, "store.sqlite")
+        lsn, h = self.node.store_snapshot(path)
+
+        def chunks():
+            try:
+                with open(path, "rb") as f:
+                    while True:
+                        data = f.read(1 << 20)
+                        if not data:
+                            return
+                        yield data
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+
+        return lsn, h, self.node.log.log_id, self.node.log.epoch, chunks()
+
+    # -- replica ---------------------------------------------------------------------------
+
+    async def _replica_role(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            node = self.node
+            peers = [p for p in self.config.peers if p != self.listen_address and p != self.config.listen]
+            if not peers:
+                log.error("replica %s has no master address to follow", self.config.name)
+                return
+            self.link = link = ReplicaLink(self.config.name, f"{peers[0][0]}:{peers[0][1]}")
+            while True:
+                try:
+                    await run_replica(
+                        node.log, peers[0][0], peers[0][1], self.secret or b"", self.config.name,
+                        applied_lsn=lambda: min(node.applied_lsn, node.log.last_lsn), link=link,
+                        alternates=peers[1:], on_promote=self._on_promoted_by_master,
+                    )
+                except DivergedError as exc:
+                    await self._diverged(exc)
+                    continue
+                except (ReplicationRefusedError, AuthenticationError) as exc:
+                    self._event("refused", str(exc))
+                    await anyio.sleep(self.config.reconnect_refused_s)
+                    continue
+                # returned: promoted by the master (soft failover)
+                break
+        if link.state == "promoted":
+            self._event("promoted", f"promoted by the master to epoch {node.log.epoch}")
+            self._start_role()
+
+    async def _on_promoted_by_master(self, epoch: int) -> None:
+        """The epoch is started; become master and log EpochStarted before answering."""
+        await anyio.to_thread.run_sync(self._become_master_sync)
+
+    def _become_master_sync(self) -> dict:
+        from .failover import promote
+
+        node = self.node
+        node.set_role("master")
+        promotion = promote(node, epoch=node.log.epoch, node_name=self.config.name)
+        return promotion.to_dict()
+
+    async def _diverged(self, exc: DivergedError) -> None:
+        fork = exc.last_common_lsn
+        self._event("diverged", f"log diverged from the master's after LSN {fork}; cutting the tail aside")
+        tail = await anyio.to_thread.run_sync(self.node.cut_diverged, fork)
+        log.warning("diverged tail after LSN %d moved to %s", fork, tail)
+        if self.config.auto_reconcile:
+            try:
+                report = await anyio.to_thread.run_sync(self._reconcile_into_master, tail)
+                self.node.mark_reconciled(tail, report)
+                self._event("reconciled", f"tail {tail} reconciled into the master: {report}")
+            except Exception as exc:  # listed in status; the operator runs walctl reconcile
+                self._event("reconcile-failed", f"{tail}: {exc}")
+
+    def _reconcile_into_master(self, tail: str) -> str | None:
+        """Send the tail's records to the master's control port to reconcile there."""
+        if self.link is None or not self.link.master:
+            raise ControlError("no master known")
+        host, port = parse_address(self.link.master)
+        with Log.open(tail) as tail_log:
+            records = [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in tail_log.read(tail_log.first_lsn)]
+            first = tail_log.first_lsn
+            prev = tail_log.hash_at(first - 1)
+            log_id = str(tail_log.log_id)
+        with ControlClient.tcp(host, port, self.secret, timeout=300) as c:
+            result = c.call("reconcile_tail", log_id=log_id, first_lsn=first, prev_hash=prev, records=records)
+        return result.get("report")
+
+    # -- role changes --------------------------------------------------------------------------
+
+    async def soft_failover(self, to: str, timeout: float | None = None) -> dict:
+        """Requirement (c): drain, fence, promote ``to``, become its replica."""
+        node = self.node
+        if node.role != "master" or self.hub is None:
+            raise ReadOnlyNodeError("only the master can hand over; this node is a replica")
+        timeout = timeout or self.config.failover_timeout_s
+        started = time.monotonic()
+        node.pause_writes(f"soft failover to {to} in progress")
+        try:
+            await anyio.to_thread.run_sync(lambda: node.log.sync_to(node.log._next_lsn - 1))
+            drained = await self.hub.fence(timeout)
+            if drained.get(to) != node.log.last_lsn:
+                raise ReplicationTimeoutError(node.log.last_lsn, 1, sorted(drained))
+            new_epoch = max([node.log.epoch] + [e.epoch for e in read_history(node.log.path)]) + 1
+            promoted = await self.hub.promote(to, new_epoch, timeout)
+        except BaseException as exc:
+            # Abort: drop every replication connection (they leave the fence and reconnect) and resume.
+            self._restart_role()
+            node.resume_writes()
+            window = time.monotonic() - started
+            self._event("failover-aborted", f"to {to}: {exc!r}; writes refused for {window:.3f}s")
+            if isinstance(exc, Exception):
+                raise TemporaryFailure(f"soft failover to {to} aborted, this node is master again: {exc}") from exc
+            raise
+        # Hand over: this node becomes a replica of the new master.
+        await anyio.to_thread.run_sync(node.set_role, "replica")
+        node.resume_writes()  # writes are now refused because the role is replica
+        window = time.monotonic() - started
+        self._restart_role()
+        result = {"to": to, "epoch": promoted.epoch, "last_lsn": promoted.last_lsn,
+                  "last_hash": promoted.last_hash.hex(), "refused_writes_s": round(window, 4),
+                  "drained": drained}
+        self._event("failover", f"handed over to {to} in epoch {promoted.epoch}; writes refused for {window:.3f}s")
+        return result
+
+    def _stop_replication_connections(self) -> None:
+        for scope in list(self._repl_scopes):
+            scope.cancel()
+
+    def _restart_role(self) -> None:
+        if self._role_scope is not None:
+            self._role_scope.cancel()
+        self.hub = None
+        self.handler = None
+        self._stop_replication_connections()
+        self._start_role()
+
+    async def promote(self, force: bool = False) -> dict:
+        """Hard failover: make this replica the master (refused while its master serves, unless force)."""
+        node = self.node
+        if node.role == "master":
+            raise ControlError("this node is already the master")
+        link = self.link
+        if link is not None and link.connected and not force:
+            raise ControlError(f"the master at {link.master} is reachable and serving; use --force to promote anyway "
+                               f"(the old master must then be stopped or it will diverge)")
+        if self._role_scope is not None:
+            self._role_scope.cancel()
+            self._role_scope = None
+        await anyio.sleep(0)
+        promotion = await anyio.to_thread.run_sync(self._hard_promote_sync)
+        self._event("promoted", f"hard failover: master in epoch {promotion['epoch']}")
+        self._start_role()
+        return promotion
+
+    def _hard_promote_sync(self) -> dict:
+        from .failover import promote
+
+        node = self.node
+        node.set_role("master")
+        return promote(node, node_name=self.config.name).to_dict()
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def _event(self, kind: str, text: str) -> None:
+        log.warning("%s: %s", kind, text)
+        self.events.append({"time": time.time(), "kind": kind, "text": text})
+        del self.events[:-50]
+
+    def status(self) -> dict:
+        node = self.node
+        st = node.status()
+        st["log_bytes"] = node.log.size_bytes()
+        st["log_segments"] = node.log.segment_count()
+        st["listen"] = f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None
+        st["events"] = self.events[-10:]
+        st["diverged_tails"] = [t for t in node.diverged_tails() if not t.get("reconciled")]
+        if node.role == "master":
+            st["sync_replicas"] = self.config.sync_replicas
+            st["sync_mode"] = ("asynchronous" if self.config.sync_replicas <= 0 else
+                               f"synchronous (K={self.config.sync_replicas}, on timeout: {self.config.sync_fallback})")
+            st["sync_degraded"] = self.sync_degraded
+            reps = []
+            for r in (self.hub.status() if self.hub else []):
+                d = r.as_dict()
+                d["durable_lag_records"] = d.get("lag_records")
+                d["durable_lag_seconds"] = d.get("lag_seconds")
+                d["applied_lag_records"] = max(0, node.log.last_lsn - (d.get("applied_lsn") or 0))
+                reps.append(d)
+            st["replicas"] = reps
+        else:
+            link = self.link
+            st["master"] = link.master if link else None
+            st["connection"] = link.as_dict() if link else None
+            st["durable_lsn"] = node.log.last_lsn
+        return st
+
+    # -- control ------------------------------------------------------------------------------------
+
+    async def _control(self, op: str, args: dict) -> Any:
+        node = self.node
+        run = anyio.to_thread.run_sync
+        if op == "status":
+            return self.status()
+        if op == "digest":
+            return await run(node.digest)
+        if op == "failover":
+            return await self.soft_failover(args["to"], args.get("timeout"))
+        if op == "promote":
+            return await self.promote(bool(args.get("force")))
+        if op == "checkpoint":
+            return {"lsn": await run(node.checkpoint)}
+        if op == "quarantine_list":
+            return node.quarantined()
+        if op == "quarantine_show":
+            return node.quarantine_show(args["mailbox"])
+        if op == "quarantine_retry":
+            ok, msg = await run(node.quarantine_retry, args["mailbox"])
+            return {"released": ok, "message": msg}
+        if op == "quarantine_release":
+            ok, msg = await run(node.quarantine_release, args["mailbox"])
+            return {"released": ok, "message": msg}
+        if op == "quarantine_resync":
+            return await self.resync(args["mailbox"])
+        if op == "mailbox_snapshot":
+            await run(node._fresh)
+            snap = node.store.mailbox_snapshot(args["mailbox"])
+            if snap is None:
+                raise ControlError(f"no mailbox named {args['mailbox']!r} on this node")
+            return snap
+        if op == "verify_store":
+            return await run(node.verify_store)
+        if op == "reconcile_tail":
+            return await run(functools.partial(self._reconcile_tail, **args))
+        raise ControlError(f"unknown control operation {op!r}")
+
+    async def resync(self, mailbox: str) -> dict:
+        """MS-13: replace one mailbox with the master's copy, then replay what came after."""
+        if self.node.role == "master":
+            raise ControlError("the master has nothing to resync from; resync a replica")
+        if self.link is None or not self.link.master:
+            raise ControlError("no master known to resync from")
+        host, port = parse_address(self.link.master)
+
+        def fetch():
+            with ControlClient.tcp(host, port, self.secret, timeout=300) as c:
+                return c.call("mailbox_snapshot", mailbox=mailbox)
+
+        snap = await anyio.to_thread.run_sync(fetch)
+        replayed = await anyio.to_thread.run_sync(self.node.resync_mailbox, snap)
+        return {"mailbox": mailbox, "snapshot_lsn": snap["at_lsn"], "replayed": replayed,
+                "messages": len(snap["messages"])}
+
+    def _reconcile_tail(self, log_id: str, first_lsn: int, prev_hash: bytes, records: list, strategy: str = "renumber",
+                        destructive: bool = False) -> dict:
+        """Reconcile a diverged tail shipped by a former master into this master."""
+        from .reconcile_apply import apply_reconcile
+
+        node = self.node
+        if node.role != "master":
+            raise ReadOnlyNodeError("reconcile into the master, not a replica")
+        if uuid.UUID(log_id) != node.log.log_id:
+            raise ControlError("that tail belongs to another log")
+        tmp = tempfile.mkdtemp(prefix="mailwal-tail-", dir=node.path)
+        tail_dir = os.path.join(tmp, "tail.wal")
+        tail = Log.create(tail_dir, log_id=node.log.log_id, first_lsn=first_lsn, prev_hash=prev_hash,
+                          epoch=records[0][1] if records else 1)
+        try:
+            tail.append_records([Record(*r) for r in records])
+        finally:
+            tail.close()
+        kept = os.path.join(node.path, "reconcile", "tails")
+        os.makedirs(kept, exist_ok=True)
+        dest = os.path.join(kept, f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-after-{first_lsn - 1}.wal")
+        os.rename(tail_dir, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        result = apply_reconcile(node, node.log.path, dest, strategy=strategy, destructive=destructive)
+        return {"report": getattr(result, "report_path", None), "tail": dest}

@@ -1,0 +1,680 @@
+"""walctl commands for running nodes and clusters: serve, follow, status,
+failover, promote, quarantine, check, scrub.
+
+Running nodes are reached through their control channel (engine/control.py):
+``NODE/control.sock`` when NODE is given and the node runs, or
+``--connect HOST:PORT`` (the node's replication port) with the shared secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from engine.config import ConfigError, load_config
+from engine.control import ControlClient, ControlError
+from engine.replication_auth import create_secret, load_secret
+
+from .cliutil import CONTEXT_SETTINGS
+from .cmd_node import _errors, _host_port, _require_node, log_in_use, node_argument
+
+__all__ = ["CLUSTER_COMMANDS", "serve", "follow"]
+
+SECRET_FILE = "replication.secret"
+
+
+def _setup_logging(file: str | None, quiet: bool, as_json: bool) -> None:
+    handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
+    if as_json:
+        class _Json(logging.Formatter):
+            def format(self, rec: logging.LogRecord) -> str:
+                return json.dumps({"time": round(rec.created, 3), "level": rec.levelname.lower(),
+                                   "logger": rec.name, "message": rec.getMessage()})
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("mailwal")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _node_options(f):
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
+                     help="A node.toml (see `walctl init`); flags override it. Default: NODE/node.toml if present."),
+        click.option("--lmtp", default=None, metavar="HOST:PORT", help="LMTP front address ('' for none)."),
+        click.option("--listen", default=None, metavar="HOST:PORT",
+                     help="Replication and control port of this node."),
+        click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+                     help="Replication address of another node of the cluster (repeat)."),
+        click.option("--name", default=None, help="This node's name (default: node.json's)."),
+        click.option("--secret-file", default=None, type=click.Path(dir_okay=False),
+                     help="Shared replication secret (default NODE/replication.secret)."),
+        click.option("--sync-replicas", type=click.IntRange(min=0), default=None,
+                     help="Acknowledge only once K replicas hold the message durably (0: asynchronous)."),
+        click.option("--sync-timeout", type=click.FloatRange(min=0), default=None, help="Seconds to wait for them."),
+        click.option("--sync-fallback", type=click.Choice(["refuse", "async"]), default=None,
+                     help="When too few replicas answer: refuse (451) or accept anyway."),
+        click.option("--auto-reconcile/--no-auto-reconcile", default=None,
+                     help="Send a diverged tail to the master's reconciler automatically."),
+        click.option("--metrics", default=None, metavar="HOST:PORT", help="Prometheus endpoint."),
+        click.option("--unknown-recipients", type=click.Choice(["create", "reject"]), default=None,
+                     help="A recipient with no user/LOCAL/INBOX: create it, or answer 550 5.1.1."),
+        click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
+                     help="Refuse larger messages with 552 5.3.4."),
+        click.option("--log-file", default=None, type=click.Path(dir_okay=False), help="Log here, not stderr."),
+        click.option("--log-json", is_flag=True, default=None, help="One JSON object per log line."),
+        click.option("--quiet", is_flag=True, default=None, help="Log only warnings."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _settings(node: str, config_file, **flags) -> dict:
+    path = config_file or (os.path.join(node, "node.toml") if os.path.isfile(os.path.join(node, "node.toml")) else None)
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    def pick(flag, section, key):
+        value = flags.get(flag)
+        return cfg[section][key] if value is None else value
+
+    return {
+        "name": pick("name", "node", "name"),
+        "lmtp": pick("lmtp", "lmtp", "listen"),
+        "unknown_recipients": pick("unknown_recipients", "lmtp", "unknown_recipients"),
+        "max_message_bytes": flags.get("max_message_bytes") or cfg["lmtp"]["max_message_bytes"] or None,
+        "shutdown_grace_s": cfg["lmtp"]["shutdown_grace_s"],
+        "listen": pick("listen", "replication", "listen"),
+        "peers": list(flags.get("peers") or ()) or list(cfg["replication"]["peers"]),
+        "secret_file": pick("secret_file", "replication", "secret_file") or os.path.join(node, SECRET_FILE),
+        "sync_replicas": pick("sync_replicas", "replication", "sync_replicas"),
+        "sync_timeout_s": pick("sync_timeout", "replication", "sync_timeout_s"),
+        "sync_fallback": pick("sync_fallback", "replication", "sync_fallback"),
+        "auto_reconcile": pick("auto_reconcile", "replication", "auto_reconcile"),
+        "failover_timeout_s": cfg["replication"]["failover_timeout_s"],
+        "metrics": pick("metrics", "metrics", "listen"),
+        "log_file": pick("log_file", "log", "file") or None,
+        "log_json": pick("log_json", "log", "json"),
+        "quiet": pick("quiet", "log", "quiet"),
+    }
+
+
+def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
+    import anyio
+
+    from engine.cluster import Cluster, ClusterConfig, parse_address
+    from engine.server import LmtpConfig, NodeRunner
+
+    _setup_logging(s["log_file"], s["quiet"], s["log_json"])
+    try:
+        listen = parse_address(s["listen"]) if s["listen"] else None
+        peers = [parse_address(p) for p in list(masters) + s["peers"]]
+        metrics = parse_address(s["metrics"]) if s["metrics"] else None
+        lmtp = False
+        if s["lmtp"]:
+            host, port = parse_address(s["lmtp"])
+            lmtp = LmtpConfig(host=host, port=port, unknown_recipients=s["unknown_recipients"],
+                              max_message_bytes=s["max_message_bytes"], shutdown_grace_s=s["shutdown_grace_s"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if listen and not os.path.exists(s["secret_file"]):
+        raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
+                                   f"there (mode 0600), or pass --secret-file")
+    secret_file = s["secret_file"] if os.path.exists(s["secret_file"]) else ""
+    cluster = Cluster(ClusterConfig(
+        name=s["name"] or "", listen=listen, peers=peers, secret_file=secret_file,
+        sync_replicas=s["sync_replicas"], sync_timeout_s=s["sync_timeout_s"], sync_fallback=s["sync_fallback"],
+        auto_reconcile=s["auto_reconcile"], failover_timeout_s=s["failover_timeout_s"], metrics=metrics))
+    runner = NodeRunner(node, lmtp)
+    runner.add_service("cluster", cluster.service)
+    with _errors():
+        anyio.run(runner.run)
+    return 0
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@_node_options
+def serve(node: str, config_file, **flags) -> None:
+    """Run a master: LMTP front, replication for replicas, control, until SIGTERM.
+
+    A 250 goes out once the delivery is durable in the log (and, with
+    --sync-replicas K, on K replicas). Prints where it listens; logs one line
+    per recipient delivery. SIGTERM or SIGINT drains and exits 0.
+
+    \b
+    Example:
+        walctl serve node1 --lmtp 127.0.0.1:2424 --listen 127.0.0.1:7001
+    """
+    from engine.node import read_config, write_config
+
+    _require_node(node)
+    if log_in_use(node):
+        raise click.ClickException(f"node {node} is already running (its log is locked by another process)")
+    s = _settings(node, config_file, **flags)
+    with _errors():
+        cfg = read_config(node)
+    if cfg.role != "master":
+        raise click.ClickException(f"node {node} is a replica: run `walctl follow {node} --master HOST:PORT`, "
+                                   f"or promote it with `walctl promote {node}`")
+    if s["name"] and s["name"] != cfg.name:
+        cfg.name = s["name"]
+        write_config(os.path.abspath(node), cfg)
+    sys.exit(_run(node, s))
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.option("--master", "masters", multiple=True, metavar="HOST:PORT",
+              help="The master's replication address (repeat for every node that may be master).")
+@_node_options
+def follow(node: str, masters: tuple[str, ...], config_file, **flags) -> None:
+    """Run a replica of a master: an exact copy of its log, applied to its store.
+
+    Reconnects by itself with backoff, resumes at its durable LSN, and after
+    a failover finds the new master among --master/--peer addresses. A new
+    NODE is created and seeded from the master (a snapshot of its store plus
+    the log from there when the master no longer holds LSN 1). A replica
+    refuses deliveries (LMTP 451) until promoted.
+
+    \b
+    Example:
+        walctl follow node2 --master 127.0.0.1:7001 --listen 127.0.0.1:7002
+    """
+    from engine.node import LOG_DIR, Node, read_config, write_config
+
+    s = _settings(node, config_file, **flags)
+    if not masters and not s["peers"]:
+        raise click.UsageError("give the master's address with --master HOST:PORT")
+    if log_in_use(node):
+        raise click.ClickException(f"node {node} is already running (its log is locked by another process)")
+    if not os.path.isfile(os.path.join(node, "node.json")):
+        with _errors():
+            Node.init(node, role="replica", name=s["name"] or "", create_log=False)
+    with _errors():
+        cfg = read_config(node)
+        if cfg.role != "replica" or (s["name"] and s["name"] != cfg.name):
+            cfg.role = "replica"
+            cfg.name = s["name"] or cfg.name
+            write_config(os.path.abspath(node), cfg)
+    if not os.path.exists(s["secret_file"]):
+        raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
+                                   f"there (mode 0600), or pass --secret-file")
+    if not os.path.isdir(os.path.join(node, LOG_DIR)):
+        _seed(node, [*masters, *s["peers"]], s, cfg.name)
+    sys.exit(_run(node, s, masters=list(masters)))
+
+
+def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
+    """Create a new replica's log (and store, from a snapshot) from its master."""
+    import anyio
+
+    from engine.cluster import parse_address
+    from engine.node import LOG_DIR, STORE_FILE
+    from engine.receiver import run_replica
+
+    secret = load_secret(s["secret_file"])
+    addrs = [parse_address(a) for a in addresses]
+    store_path = os.path.join(node, STORE_FILE)
+
+    class Sink:
+        def __init__(self, meta):
+            self.meta = meta
+            self.tmp = store_path + ".seeding"
+            self.f = open(self.tmp, "wb")
+            self.n = 0
+
+        def write(self, data: bytes) -> None:
+            self.f.write(data)
+            self.n += len(data)
+
+        def commit(self) -> None:
+            from wal import OS_FILEOPS
+
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            for suffix in ("-wal", "-shm"):
+                if os.path.exists(store_path + suffix):
+                    os.unlink(store_path + suffix)
+            os.rename(self.tmp, store_path)
+            OS_FILEOPS.fsync_dir(node)
+            click.echo(f"seeded store from a snapshot at LSN {self.meta.lsn} ({self.n} bytes)", err=True)
+
+        def abort(self) -> None:
+            self.f.close()
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            link = await tg.start(lambda task_status: run_replica(
+                os.path.join(node, LOG_DIR), addrs[0][0], addrs[0][1], secret, name,
+                snapshot_sink=Sink, alternates=addrs[1:], task_status=task_status))
+            click.echo(f"seeding: following {link.master}", err=True)
+            tg.cancel_scope.cancel()
+
+    with _errors():
+        anyio.run(main)
+
+
+def _client(node: str | None, connect: str | None, secret_file: str | None) -> ControlClient:
+    try:
+        if connect:
+            host, port = _host_port(connect)
+            sf = secret_file or (os.path.join(node, SECRET_FILE) if node else None)
+            secret = load_secret(sf) if sf and os.path.exists(sf) else None
+            return ControlClient.tcp(host, port, secret)
+        return ControlClient.unix(os.path.join(node, "control.sock"))
+    except (OSError, ControlError) as exc:
+        where = connect or os.path.join(node, "control.sock")
+        raise click.ClickException(f"cannot reach the node at {where}: {exc}") from exc
+
+
+def _call(node: str | None, connect: str | None, secret_file: str | None, op: str, **args):
+    with _client(node, connect, secret_file) as c:
+        try:
+            return c.call(op, **args)
+        except ControlError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _running(node: str | None, connect: str | None) -> bool:
+    return bool(connect) or (node is not None and log_in_use(node) and os.path.exists(os.path.join(node, "control.sock")))
+
+
+connect_options = [
+    click.option("--connect", default=None, metavar="HOST:PORT", help="Reach a running node on its replication port."),
+    click.option("--secret-file", default=None, type=click.Path(dir_okay=False), help="Secret for --connect."),
+]
+
+
+def _with_connect(f):
+    for opt in reversed(connect_options):
+        f = opt(f)
+    return f
+
+
+def _offline_status(node: str) -> dict:
+    from engine.node import Node
+
+    n = Node.open(node, start_applier=False)
+    try:
+        st = n.status()
+        st["running"] = False
+        st["log_bytes"] = n.log.size_bytes()
+        st["log_segments"] = n.log.segment_count()
+        st["diverged_tails"] = [t for t in n.diverged_tails() if not t.get("reconciled")]
+        st["replicas"] = [{"name": name[len("replica."):], "connected": False, "durable_lsn": lsn,
+                           "durable_lag_records": max(0, n.log.last_lsn - lsn)}
+                          for name, lsn in n.log.cursors.list().items() if name.startswith("replica.")]
+        return st
+    finally:
+        n.close()
+
+
+def _print_status(st: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"node {st.get('node')} ({st.get('role')})", show_header=False)
+    for key in ("log_id", "epoch", "last_lsn", "last_hash", "applied_lsn", "listen", "master", "sync_mode",
+                "sync_degraded", "writes_paused", "log_failed", "applier_error", "quarantined",
+                "checkpoint_mismatches", "log_bytes", "log_segments"):
+        if st.get(key) not in (None, ""):
+            value = st[key]
+            if key == "last_hash":
+                value = str(value)[:16] + "…"
+            t.add_row(key, str(value))
+    conn = st.get("connection")
+    if conn:
+        t.add_row("connection", f"{conn.get('state')} ({'connected' if conn.get('connected') else 'not connected'}"
+                                f"{', since ' + time.strftime('%H:%M:%S', time.localtime(conn['since'])) if conn.get('since') else ''})")
+        if conn.get("last_error"):
+            t.add_row("last error", str(conn["last_error"]))
+    console.print(t)
+    if st.get("replicas"):
+        r = Table(title="replicas")
+        for col in ("name", "connected", "since", "durable", "applied", "lag rec", "lag bytes", "lag s", "last error"):
+            r.add_column(col)
+        for rep in st["replicas"]:
+            since = rep.get("since")
+            r.add_row(rep.get("name", "?"), "yes" if rep.get("connected") else "no",
+                      time.strftime("%H:%M:%S", time.localtime(since)) if since else "",
+                      str(rep.get("durable_lsn", "")), str(rep.get("applied_lsn", "")),
+                      str(rep.get("durable_lag_records", "")), str(rep.get("lag_bytes", "")),
+                      f"{rep['lag_seconds']:.3f}" if rep.get("lag_seconds") is not None else "",
+                      str(rep.get("last_error") or ""))
+        console.print(r)
+    for tail in st.get("diverged_tails") or []:
+        console.print(f"[yellow]diverged tail not reconciled:[/] {tail['path']} (after LSN {tail['fork_lsn']}, "
+                      f"{tail['records']} records): run `walctl reconcile`")
+    for ev in st.get("events") or []:
+        console.print(f"{time.strftime('%H:%M:%S', time.localtime(ev['time']))} {ev['kind']}: {ev['text']}")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("node", required=False, type=click.Path(file_okay=False))
+@_with_connect
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the same fields).")
+@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
+def status(node: str | None, connect: str | None, secret_file: str | None, as_json: bool, watch: float | None) -> None:
+    """Show a node's role, log position, store, replicas and their lag.
+
+    On a master: per replica name, connected (since), durable and applied
+    LSN, lag in records, bytes and seconds, last error. On a replica: its
+    master, connection state, durable and applied LSN.
+
+    \b
+    Example:
+        walctl status node1
+        walctl status --connect 127.0.0.1:7001 --secret-file node1/replication.secret --json
+    """
+    if node is None and not connect:
+        raise click.UsageError("give NODE or --connect HOST:PORT")
+    while True:
+        if _running(node, connect):
+            st = _call(node, connect, secret_file, "status")
+            st["running"] = True
+        else:
+            _require_node(node)
+            with _errors():
+                st = _offline_status(node)
+        if as_json:
+            click.echo(json.dumps(st, indent=2, default=str))
+        else:
+            if watch:
+                click.clear()
+            _print_status(st)
+        if not watch:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("node", required=False, type=click.Path(file_okay=False))
+@click.option("--to", "target", required=True, help="Name of the replica to hand the master role to.")
+@click.option("--timeout", type=float, default=None, help="Seconds before the failover is aborted.")
+@_with_connect
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def failover(node, target, timeout, connect, secret_file, as_json) -> None:
+    """Soft failover: drain every replication event, then hand the master role over.
+
+    The master refuses new writes (LMTP 451), waits until TARGET holds its
+    whole log durably, promotes it in a new epoch and becomes its replica;
+    the other replicas follow the new master by themselves. On timeout the
+    failover is aborted and the master resumes. Prints how long writes were
+    refused.
+
+    \b
+    Example:
+        walctl failover node1 --to node2
+    """
+    if node is None and not connect:
+        raise click.UsageError("give NODE or --connect HOST:PORT")
+    result = _call(node, connect, secret_file, "failover", to=target, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{target} is master in epoch {result['epoch']} from LSN {result['last_lsn']}; "
+                   f"writes were refused for {result['refused_writes_s']:.3f} s")
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("node", required=False, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Promote even if the old master still answers.")
+@_with_connect
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def promote(node, force, connect, secret_file, as_json) -> None:
+    """Hard failover: make this replica the master in a new epoch.
+
+    Refused while the replica's master is reachable and serving, unless
+    --force. A stopped node is promoted offline only with --force (nothing
+    can tell whether its master still serves). Other replicas join the new
+    master if their logs are a prefix of its history.
+
+    \b
+    Example:
+        walctl promote node2
+    """
+    if node is None and not connect:
+        raise click.UsageError("give NODE or --connect HOST:PORT")
+    if _running(node, connect):
+        result = _call(node, connect, secret_file, "promote", force=force)
+    else:
+        if not force:
+            raise click.ClickException(f"node {node} is not running: start it with `walctl follow` and promote it "
+                                       f"there (it checks whether its master still serves), or use --force")
+        from engine.failover import promote as do_promote
+        from engine.node import Node
+
+        _require_node(node)
+        with _errors():
+            n = Node.open(node)
+            try:
+                n.set_role("master")
+                result = do_promote(n).to_dict()
+            finally:
+                n.close()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"promoted: master in epoch {result['epoch']} from LSN {result['first_lsn']}")
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.argument("node", type=click.Path(file_okay=False))
+@click.pass_context
+def quarantine(ctx, node) -> None:
+    """Mailboxes held after failing to apply (or tripping the guard).
+
+    \b
+    Example:
+        walctl quarantine node2 list
+        walctl quarantine node2 resync user/bob/INBOX
+    """
+    _require_node(node)
+    ctx.obj = node
+
+
+def _q(node: str, op: str, **args):
+    if _running(node, None):
+        return _call(node, None, None, op, **args)
+    from engine.node import Node
+
+    with _errors():
+        n = Node.open(node, start_applier=False)
+        try:
+            if op == "quarantine_list":
+                return n.quarantined()
+            if op == "quarantine_show":
+                return n.quarantine_show(args["mailbox"])
+            if op in ("quarantine_retry", "quarantine_release"):
+                fn = n.quarantine_retry if op == "quarantine_retry" else n.quarantine_release
+                ok, msg = fn(args["mailbox"])
+                return {"released": ok, "message": msg}
+            raise click.ClickException("resync needs the node running and connected to its master")
+        finally:
+            n.close()
+
+
+def _q_echo(result, as_json: bool) -> None:
+    if as_json or not isinstance(result, (list, dict)):
+        click.echo(json.dumps(result, indent=2, default=str))
+    elif isinstance(result, list):
+        if not result:
+            click.echo("no mailbox is quarantined")
+        for row in result:
+            click.echo(f"{row['name']}  {row['kind']}  {row['state']}  from LSN {row['first_lsn']}  "
+                       f"held {row['held_records']}  {row['reason']}")
+    else:
+        for k, v in result.items():
+            click.echo(f"{k}: {v}")
+
+
+@quarantine.command(name="list", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def quarantine_list(node, as_json) -> None:
+    """List quarantined mailboxes: kind, state, first held LSN, reason."""
+    _q_echo(_q(node, "quarantine_list"), as_json)
+
+
+@quarantine.command(name="show", context_settings=CONTEXT_SETTINGS)
+@click.argument("mailbox")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def quarantine_show(node, mailbox, as_json) -> None:
+    """Show why MAILBOX is held."""
+    _q_echo(_q(node, "quarantine_show", mailbox=mailbox), as_json)
+
+
+def _q_action(op: str, doc: str):
+    @click.argument("mailbox")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_obj
+    def cmd(node, mailbox, as_json) -> None:
+        result = _q(node, op, mailbox=mailbox)
+        _q_echo(result, as_json)
+        if isinstance(result, dict) and result.get("released") is False:
+            sys.exit(1)
+
+    cmd.__doc__ = doc
+    return cmd
+
+
+quarantine.command(name="retry", context_settings=CONTEXT_SETTINGS)(
+    _q_action("quarantine_retry", "Apply MAILBOX's held records again (after fixing the cause)."))
+quarantine.command(name="release", context_settings=CONTEXT_SETTINGS)(
+    _q_action("quarantine_release", "Apply MAILBOX's held records, bypassing the guard (you confirmed them)."))
+quarantine.command(name="resync", context_settings=CONTEXT_SETTINGS)(
+    _q_action("quarantine_resync", "Replace MAILBOX with the master's copy, then replay later records."))
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--master", "master", required=True, metavar="HOST:PORT", help="The master's replication port.")
+@click.option("--replica", "replica", required=True, metavar="HOST:PORT", help="The replica's replication port.")
+@click.option("--secret-file", required=True, type=click.Path(dir_okay=False, exists=True), help="Shared secret.")
+@click.option("--repair", is_flag=True, help="Resync every mismatched mailbox from the master.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the replica.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def check(master, replica, secret_file, repair, timeout, as_json) -> None:
+    """Prove a replica pair consistent: every mailbox's digest at a common LSN.
+
+    The master logs a checkpoint; once the replica applied it, mailboxes
+    whose digest differs (or whose rows or bodies fail a full recompute on
+    the replica) are listed with what differs: UIDs missing on either side,
+    GUID mismatches, flag differences. --repair resyncs them. Exit 0 when
+    everything matches. After a crash of either node, run this.
+
+    \b
+    Example:
+        walctl check --master 127.0.0.1:7001 --replica 127.0.0.1:7002 --secret-file s
+    """
+    cp = _call(None, master, secret_file, "checkpoint")["lsn"]
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _call(None, replica, secret_file, "status")
+        if st.get("applied_lsn", 0) >= cp:
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the replica has not applied the checkpoint (LSN {cp}) after {timeout} s")
+        time.sleep(0.1)
+    held = [q for q in _call(None, replica, secret_file, "quarantine_list") if q["kind"] in ("digest", "error")]
+    problems = _call(None, replica, secret_file, "verify_store")
+    names = sorted({q["name"] for q in held} | set(problems))
+    report = {"checkpoint_lsn": cp, "ok": not names, "mismatched": []}
+    for name in names:
+        entry = {"mailbox": name, "reasons": [q["reason"] for q in held if q["name"] == name] + problems.get(name, [])}
+        try:
+            ms = _call(None, master, secret_file, "mailbox_snapshot", mailbox=name)
+            rs = _call(None, replica, secret_file, "mailbox_snapshot", mailbox=name)
+            mm = {m["uid"]: m for m in ms["messages"]}
+            rm = {m["uid"]: m for m in rs["messages"]}
+            entry["missing_on_replica"] = sorted(set(mm) - set(rm))
+            entry["missing_on_master"] = sorted(set(rm) - set(mm))
+            entry["guid_mismatch"] = sorted(u for u in set(mm) & set(rm) if mm[u]["guid"] != rm[u]["guid"])
+            entry["flag_differences"] = sorted(u for u in set(mm) & set(rm) if mm[u]["flags"] != rm[u]["flags"])
+        except click.ClickException as exc:
+            entry["detail_error"] = str(exc)
+        if repair:
+            entry["repair"] = _call(None, replica, secret_file, "quarantine_resync", mailbox=name)
+        report["mismatched"].append(entry)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo(f"checkpoint at LSN {cp}: " + ("all mailboxes match" if not names else f"{len(names)} mismatched"))
+        for e in report["mismatched"]:
+            click.echo(f"  {e['mailbox']}: {'; '.join(e['reasons'])}")
+            for k in ("missing_on_replica", "missing_on_master", "guid_mismatch", "flag_differences"):
+                if e.get(k):
+                    click.echo(f"    {k.replace('_', ' ')}: UIDs {e[k][:20]}")
+            if "repair" in e:
+                click.echo(f"    repaired: {e['repair']}")
+    sys.exit(0 if not names or repair else 1)
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@node_argument
+@click.option("--repair", is_flag=True, help="Resync damaged mailboxes from the master (running replica).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def scrub(node, repair, as_json) -> None:
+    """Rehash every log record against its hash and every body against its GUID.
+
+    Reports damage; with --repair, a running replica fetches good copies of
+    damaged mailboxes from its master. Exit 0 when nothing is damaged.
+
+    \b
+    Example:
+        walctl scrub node2 --repair
+    """
+    import wal
+    from engine.node import LOG_DIR
+
+    _require_node(node)
+    log_report = wal.verify(os.path.join(node, LOG_DIR))
+    if _running(node, None):
+        problems = _call(node, None, None, "verify_store")
+    else:
+        from engine.node import Node
+
+        with _errors():
+            n = Node.open(node, start_applier=False)
+            try:
+                problems = n.verify_store()
+            finally:
+                n.close()
+    repaired = {}
+    if repair and problems:
+        if not _running(node, None):
+            raise click.ClickException("--repair needs the node running as a replica (it fetches from the master)")
+        for name in problems:
+            repaired[name] = _call(node, None, None, "quarantine_resync", mailbox=name)
+    out = {"log": log_report.to_dict(), "mailboxes": problems, "repaired": repaired,
+           "ok": log_report.ok and (not problems or bool(repaired))}
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+    else:
+        click.echo(f"log: {'ok' if log_report.ok else 'DAMAGED: ' + str(log_report.error)} "
+                   f"({log_report.records} records)")
+        for name, probs in problems.items():
+            click.echo(f"  {name}: {'; '.join(probs)}" + ("  (repaired)" if name in repaired else ""))
+        if not problems:
+            click.echo("store: every body matches its GUID; every digest matches its rows")
+    sys.exit(0 if out["ok"] else 1)
+
+
+CLUSTER_COMMANDS = (serve, follow, status, failover, promote, quarantine, check, scrub)
