@@ -11,7 +11,7 @@ __all__ = [
     "MailStoreError", "RequestError", "TemporaryFailure",
     "BadMailboxNameError", "BadFlagError", "UnknownMailboxError", "MailboxExistsError",
     "UnknownUidError", "ReadOnlyNodeError", "StoreUnavailableError", "MessageTooLargeError",
-    "GuardRefusedError",
+    "GuardRefusedError", "UidOrderError", "UidValidityReuseError",
 ]
 
 
@@ -53,6 +53,14 @@ class MessageTooLargeError(RequestError):
 
 class GuardRefusedError(RequestError):
     """The operation would delete more than the configured guard allows (issue 6)."""
+
+
+class UidOrderError(RequestError):
+    """An imported message's UID is not above the mailbox's UIDNEXT, or UIDNEXT would decrease (MS-14)."""
+
+
+class UidValidityReuseError(RequestError):
+    """An import asked for a UIDVALIDITY that clients may have cached for another mailbox of that name (MS-14)."""
 
 
 class ReadOnlyNodeError(TemporaryFailure):

@@ -35,12 +35,24 @@ from .mailerrors import (
     BadFlagError,
     GuardRefusedError,
     MailboxExistsError,
+    MessageTooLargeError,
+    UidOrderError,
+    UidValidityReuseError,
     UnknownMailboxError,
     UnknownUidError,
     RequestError,
 )
 
-__all__ = ["MailboxState", "DecisionState", "Duplicate"]
+__all__ = ["MailboxState", "DecisionState", "Duplicate", "ImportedMessage", "UIDNEXT_PLACEHOLDER"]
+
+# MS-14: the body of the message an import appends and expunges at once to carry
+# a UIDNEXT above its last UID (every placeholder has this GUID).
+UIDNEXT_PLACEHOLDER = (
+    b"Subject: mailwal import placeholder\r\n"
+    b"X-Mailwal-Placeholder: uidnext\r\n"
+    b"\r\n"
+    b"An import appended and expunged this message to keep the source's UIDNEXT.\r\n"
+)
 
 
 @dataclass
@@ -60,6 +72,16 @@ class MailboxState:
 
 
 @dataclass(frozen=True)
+class ImportedMessage:
+    """One message brought in from another store with the UID it had there (MS-14)."""
+
+    uid: int
+    body: bytes
+    flags: tuple[str, ...] = ()
+    internaldate_ms: int = 0
+
+
+@dataclass(frozen=True)
 class Duplicate:
     """A delivery of the same bytes to the same mailbox within the window (MS-6)."""
 
@@ -76,6 +98,9 @@ class DecisionState:
         self.by_name: dict[str, MailboxState] = {}
         self.by_id: dict[str, MailboxState] = {}
         self.last_uidvalidity = 0
+        # Names deleted or renamed away since this state was built (MS-14 asks
+        # the caller for older ones: the store's tombstones).
+        self.retired_names: set[str] = set()
 
     # -- lookups -----------------------------------------------------------
 
@@ -87,12 +112,29 @@ class DecisionState:
 
     # -- planning (pure: raises RequestError or returns an event) ----------
 
-    def plan_create(self, name: str, *, new_id: str, now_s: int) -> MailboxCreated:
+    def plan_create(self, name: str, *, new_id: str, now_s: int, uidvalidity: int | None = None,
+                    name_used_before: bool = False) -> MailboxCreated:
+        """A new mailbox. ``uidvalidity`` (import only, MS-14) keeps the value
+        the mailbox had on another server; it is refused with
+        UidValidityReuseError when the name was used on this node before
+        (``name_used_before``, or retired since this state was built) and the
+        value is not above every UIDVALIDITY given out so far: clients may
+        have cached UIDs of the old mailbox under it."""
         validate_mailbox_name(name)
         if name in self.by_name:
             raise MailboxExistsError(f"mailbox {name!r} exists already")
-        # RFC 3501 2.3.1.1: a recreated name must get a greater UIDVALIDITY.
-        uidvalidity = max(now_s & 0xFFFFFFFF, self.last_uidvalidity + 1)
+        if uidvalidity is None:
+            # RFC 3501 2.3.1.1: a recreated name must get a greater UIDVALIDITY.
+            uidvalidity = max(now_s & 0xFFFFFFFF, self.last_uidvalidity + 1)
+        else:
+            if isinstance(uidvalidity, bool) or not isinstance(uidvalidity, int) or not 1 <= uidvalidity <= 0xFFFFFFFF:
+                raise RequestError(f"UIDVALIDITY must be a nonzero 32-bit number, got {uidvalidity!r}")
+            if (name_used_before or name in self.retired_names) and uidvalidity <= self.last_uidvalidity:
+                raise UidValidityReuseError(
+                    f"mailbox name {name!r} was used on this node before, and UIDVALIDITY {uidvalidity} is not above "
+                    f"every UIDVALIDITY given out here ({self.last_uidvalidity}): clients could confuse the old "
+                    f"mailbox's UIDs with the imported ones; import under another name or with a fresh UIDVALIDITY"
+                )
         return MailboxCreated(new_id, name, uidvalidity)
 
     def plan_rename(self, old: str, new: str) -> MailboxRenamed:
@@ -132,6 +174,61 @@ class DecisionState:
             mailbox_id=mb.mailbox_id, uid=mb.uidnext, modseq=mb.highestmodseq + 1, guid=guid, body=body,
             flags=flags, internaldate_ms=internaldate_ms, delivered_ms=now_ms,
         )
+
+    def plan_import(self, name: str, messages, *, now_ms: int, uidnext: int | None = None,
+                    max_message_bytes: int = 0) -> list[MessageAppended | MessagesExpunged]:
+        """Events appending ``messages`` (ImportedMessage) with their own UIDs (MS-14).
+
+        UIDs must be strictly increasing and at least the mailbox's UIDNEXT
+        (gaps are fine: expunged messages of the source). ``uidnext``, when
+        given, is the UIDNEXT the mailbox must have afterwards; if it exceeds
+        the last UID + 1, a placeholder (UIDNEXT_PLACEHOLDER) is appended at
+        ``uidnext - 1`` and expunged in the same batch, so UIDNEXT is carried
+        with the existing event types. Validates everything before returning:
+        the batch is all or nothing. De-duplication (MS-6) does not apply.
+
+        Raises UidOrderError, MessageTooLargeError, BadFlagError, UnknownMailboxError.
+        """
+        mb = self.mailbox(name)
+        expected = mb.uidnext
+        modseq = mb.highestmodseq
+        events: list[MessageAppended | MessagesExpunged] = []
+        for m in messages:
+            uid = m.uid
+            if isinstance(uid, bool) or not isinstance(uid, int) or not 1 <= uid <= 0xFFFFFFFF:
+                raise UidOrderError(f"UID {uid!r} is not a 32-bit number >= 1")
+            if uid < expected:
+                raise UidOrderError(
+                    f"cannot import UID {uid} into {name!r}: UIDs must be strictly increasing and at least the "
+                    f"mailbox's UIDNEXT ({expected})"
+                )
+            if max_message_bytes and len(m.body) > max_message_bytes:
+                raise MessageTooLargeError(
+                    f"message UID {uid} of {len(m.body)} bytes exceeds this node's limit of {max_message_bytes}"
+                )
+            modseq += 1
+            events.append(MessageAppended(
+                mailbox_id=mb.mailbox_id, uid=uid, modseq=modseq, guid=body_guid(m.body), body=m.body,
+                flags=normalize_flags(m.flags), internaldate_ms=int(m.internaldate_ms), delivered_ms=now_ms,
+            ))
+            expected = uid + 1
+        if uidnext is not None:
+            if isinstance(uidnext, bool) or not isinstance(uidnext, int) or not 1 <= uidnext <= 0xFFFFFFFF:
+                raise UidOrderError(f"UIDNEXT {uidnext!r} is not a 32-bit number >= 1")
+            if uidnext < expected:
+                raise UidOrderError(
+                    f"UIDNEXT {uidnext} of {name!r} would be below {expected} (the last UID + 1 or the mailbox's "
+                    f"UIDNEXT): UIDNEXT never decreases"
+                )
+            if uidnext > expected:
+                placeholder = uidnext - 1
+                events.append(MessageAppended(
+                    mailbox_id=mb.mailbox_id, uid=placeholder, modseq=modseq + 1,
+                    guid=body_guid(UIDNEXT_PLACEHOLDER), body=UIDNEXT_PLACEHOLDER, flags=("\\Deleted", "\\Seen"),
+                    internaldate_ms=now_ms, delivered_ms=now_ms,
+                ))
+                events.append(MessagesExpunged(mb.mailbox_id, (placeholder,), modseq + 2, now_ms))
+        return events
 
     def plan_flags(self, name: str, uids, op: str, flags, *, now_ms: int) -> FlagsChanged:
         mb = self.mailbox(name)
@@ -188,12 +285,14 @@ class DecisionState:
             mb = self.by_id.get(event.mailbox_id)
             if mb is not None:
                 self.by_name.pop(mb.name, None)
+                self.retired_names.add(mb.name)
                 mb.name = event.new_name
                 self.by_name[mb.name] = mb
         elif isinstance(event, MailboxDeleted):
             mb = self.by_id.pop(event.mailbox_id, None)
             if mb is not None:
                 self.by_name.pop(mb.name, None)
+                self.retired_names.add(mb.name)
         elif isinstance(event, MessageAppended):
             mb = self.by_id.get(event.mailbox_id)
             if mb is not None:
