@@ -15,6 +15,7 @@ from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
 from .cliutil import CONTEXT_SETTINGS
 from .cmd_cluster import CLUSTER_COMMANDS
+from .cmd_maildir import MAILDIR_COMMANDS
 from .cmd_node import NODE_COMMANDS
 from .cmd_reconcile import reconcile
 from .walctl_bench import bench
@@ -50,3 +51,5 @@ for _command in NODE_COMMANDS:
 for _command in CLUSTER_COMMANDS:  # serve here (with replication) replaces cmd_node's LMTP-only serve
     cli.add_command(_command)
 bench.add_command(bench_lmtp_command)
+for _command in MAILDIR_COMMANDS:  # export, import (Maildir)
+    cli.add_command(_command)
