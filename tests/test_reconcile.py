@@ -445,3 +445,36 @@ def test_rec7_loser_mailboxes_arrive_on_the_survivor(tmp_path):
         assert apply_reconcile(a, *logs(a, b)).plan.actions == []
     finally:
         a.close()
+
+
+def test_rec3_rec12_a_tail_cut_aside_reconciles_like_the_whole_log(tmp_path):
+    """The loser may be only its tail: a log directory starting at fork + 1 (as a divergence cut leaves it)."""
+    import wal
+
+    a, b = forked_nodes(tmp_path)
+    try:
+        a.deliver("INBOX", b"survivor")
+        b.deliver("INBOX", b"loser 1")
+        b.store_flags("INBOX", [1], "add", ["\\Flagged"])
+        b.deliver("Work", b"loser 2")
+        fork = 7
+        records = list(b.log.read(fork + 1))
+        b.close()
+        tail = str(tmp_path / "tail.wal")
+        with wal.Log.create(tail, log_id=b.log.log_id, first_lsn=fork + 1,
+                            prev_hash=wal.LogReader(b.log.path).hash_at(fork), epoch=records[0].epoch) as t:
+            t.append_records(records)
+        whole = reconcile(a.log.path, b.log.path)
+        part = reconcile(a.log.path, tail)
+        assert part.search.fork == whole.search.fork and part.search.fork.lsn == fork
+        assert part.diff.counts() == whole.diff.counts()
+        res = apply_reconcile(a, a.log.path, tail)
+        assert res.survivor == "a" and res.counts()["failed"] == 0
+        msgs = {x.guid: x for x in a.list_messages("INBOX")}
+        assert body_guid(b"loser 1").hex() in msgs
+        assert "\\Flagged" in msgs[body_guid(b"prefix message 1").hex()].flags
+        assert body_guid(b"loser 2").hex() in {x.guid for x in a.list_messages("Work")}
+        assert apply_reconcile(a, a.log.path, tail).plan.actions == []
+        assert apply_reconcile(a, a.log.path, b.log.path).plan.actions == []  # the same history either way
+    finally:
+        a.close()
