@@ -359,6 +359,16 @@ class LmtpServer:
                     if not conn.lost:
                         conn.transport.close()
 
+    def close_now(self) -> None:
+        """Stop listening and cut every connection at once (idempotent; after drain it finds none)."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+        for conn in list(self.connections):
+            conn.abort()
+
     async def drain(self, grace_s: float | None = None) -> bool:
         """Stop accepting; finish in-flight transactions; close every connection.
 
@@ -455,15 +465,18 @@ class NodeRunner:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
                 if self.lmtp_enabled:
+                    # Created first so services can wrap its backend; listening starts
+                    # only once every service is up (no mail before the node is ready).
                     self.lmtp = LmtpServer(anode, self.lmtp_config)
+                for name, service in self.services:
+                    await tg.start(service, self)
+                if self.lmtp is not None:
                     self.lmtp_address = await self.lmtp.start()
                     host, port = self.lmtp_address
                     self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: LMTP listening on "
                                   f"{host}:{port}")
                 else:
                     self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: no LMTP front")
-                for name, service in self.services:
-                    await tg.start(service, self)
                 self.ready.set()
                 task_status.started(self.lmtp_address)
                 await self._stop.wait()
@@ -475,6 +488,8 @@ class NodeRunner:
                              c["deferred"], c["rejected"])
                 tg.cancel_scope.cancel()
         finally:
+            if self.lmtp is not None:
+                self.lmtp.close_now()  # a failed service or a crash: no connection may outlive the node
             await anode.aclose()
             self.stopped.set()
             self.ready.set()

@@ -135,8 +135,12 @@ class ServeProcess:
             [sys.executable, "-m", "tools", "serve", node, "--lmtp", "127.0.0.1:0", *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
         )
-        line = self.proc.stdout.readline().decode()
-        if "listening on" not in line:
+        line = ""
+        for _ in range(20):  # services may announce themselves first
+            line = self.proc.stdout.readline().decode()
+            if not line or "LMTP listening on" in line:
+                break
+        if "LMTP listening on" not in line:
             self.proc.kill()
             self.proc.wait()
             self._stderr.close()

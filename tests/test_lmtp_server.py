@@ -452,3 +452,44 @@ def test_log_failure_under_lmtp_defers_every_recipient_and_stays_failed(tmp_path
         assert sum(line.startswith("deferred rcpt=") for line in runner.log_lines) == 3
     with Node.open(node) as n:  # the acknowledged delivery is there
         assert body_guid(make_message("before")).hex() in {m.guid for m in n.list_messages("user/ann/INBOX")}
+
+
+def test_runner_services_wrap_the_backend_and_a_failing_service_stops_everything(tmp_path):
+    from engine.server import NodeRunner
+
+    node = str(tmp_path / "n")
+    Node.init(node).close()
+    seen = {}
+
+    async def wrapping_service(runner, task_status=anyio.TASK_STATUS_IGNORED):
+        seen["backend"] = runner.lmtp.backend  # the service runs before LMTP listens
+        seen["listening"] = runner.lmtp_address
+        task_status.started()
+        await anyio.sleep_forever()
+
+    r = NodeRunner(node, LmtpConfig(port=0), handle_signals=False, announce=lambda m: None)
+    r.add_service("wrap", wrapping_service)
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            addr = await tg.start(r.run)
+            c = await anyio.to_thread.run_sync(lambda: client(addr[1]))
+            rep = await anyio.to_thread.run_sync(lambda: lmtp_send(c, "a@x", ["ann@x"], make_message("svc")))
+            c.close()
+            r.request_stop()
+            return rep
+
+    rep = anyio.run(main)
+    assert rep["ann@x"][0] == 250 and seen["listening"] is None and seen["backend"] is r.anode
+
+    async def broken(runner, task_status=anyio.TASK_STATUS_IGNORED):
+        raise OSError("cannot bind the control socket")
+
+    r2 = NodeRunner(node, LmtpConfig(port=0), handle_signals=False, announce=lambda m: None)
+    r2.add_service("broken", broken)
+    with pytest.raises(BaseException) as info:
+        anyio.run(r2.run)
+    assert "cannot bind" in repr(info.value) or any("cannot bind" in repr(e) for e in getattr(info.value, "exceptions", []))
+    assert r2.lmtp_address is None  # never listened: no MTA got an answer from a half-started node
+    with Node.open(node) as n:  # and the node was closed cleanly
+        assert [m.name for m in n.list_mailboxes()] == ["user/ann/INBOX"]

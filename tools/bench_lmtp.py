@@ -304,7 +304,7 @@ class _Server:
         if kind == "mailwal":
             from engine.node import Node
 
-            self.node = os.path.join(directory, "node")
+            self.node = os.path.join(directory, "n")
             Node.init(self.node).close()
             cmd = [sys.executable, "-m", "tools", "serve", self.node, "--lmtp", "127.0.0.1:0",
                    "--log-file", os.path.join(directory, "deliveries.log")]
@@ -313,7 +313,11 @@ class _Server:
         self.errlog = open(os.path.join(directory, "server.stderr"), "wb")
         self.proc = subprocess.Popen(cmd, cwd=_ROOT, stdout=subprocess.PIPE, stderr=self.errlog,
                                      stdin=subprocess.DEVNULL)
-        line = self.proc.stdout.readline().decode()
+        line = ""
+        for _ in range(20):  # services may announce themselves first
+            line = self.proc.stdout.readline().decode()
+            if not line or "listening on" in line:
+                break
         if "listening on" not in line:
             self.stop()
             raise RuntimeError(f"{kind} server did not start: {line!r}")
@@ -499,7 +503,7 @@ def run_lmtp_bench(directory: str | None = None, *, connections=CONNECTIONS, mes
                    clients=("smtp-source", "asyncio"), api: bool = True, profile: bool = True,
                    progress=None) -> dict:
     say = progress or (lambda msg: None)
-    base = tempfile.mkdtemp(prefix="mailwal-bench-lmtp-", dir=directory)
+    base = tempfile.mkdtemp(prefix="mwb", dir=directory)  # short: a node's control.sock path must fit AF_UNIX
     report: dict = {"machine": bench_wal.machine_info(base), "message_bytes": MESSAGE_BYTES, "messages": messages,
                     "runs": [], "node_api": [], "profile": None,
                     "smtp_source": bool(shutil.which("smtp-source") or os.path.exists("/usr/sbin/smtp-source"))}
@@ -516,7 +520,7 @@ def run_lmtp_bench(directory: str | None = None, *, connections=CONNECTIONS, mes
         for kind in variants:
             for c in connections:
                 for client in clients:
-                    d = tempfile.mkdtemp(prefix=f"{kind}-{c}-{client}-", dir=base)
+                    d = tempfile.mkdtemp(prefix=f"{kind[:2]}{c}", dir=base)
                     say(f"{kind} server, {client} client, {c} connections, {messages} messages")
                     srv = _Server(kind, d)
                     try:
