@@ -44,7 +44,13 @@ from wal import Log, Record
 from wal.epochs import read_history
 
 from .control import PREAMBLE, ControlClient, ControlError, serve_control, serve_control_connection
-from .errors import DivergedError, ReplicationRefusedError, ReplicationTimeoutError, AuthenticationError
+from .errors import (
+    AuthenticationError,
+    BehindRetentionError,
+    DivergedError,
+    ReplicationRefusedError,
+    ReplicationTimeoutError,
+)
 from .events import EpochStarted
 from .mailerrors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure
 from .receiver import ReplicaLink, SnapshotMeta, run_replica
@@ -80,6 +86,8 @@ class ClusterConfig:
     failover_timeout_s: float = 30.0
     metrics: tuple[str, int] | None = None
     reconnect_refused_s: float = 10.0
+    retention_max_bytes: int = 0  # 0: keep the whole log; else drop what nobody needs once the log is larger
+    retention_interval_s: float = 5.0
 
 
 class SyncReplicationBackend:
@@ -241,10 +249,45 @@ class Cluster:
                 self.handler = replication_handler(node.log, self.hub, self.secret,
                                                    make_snapshot=self._make_snapshot)
             try:
-                await anyio.sleep_forever()
+                while True:
+                    await anyio.sleep(self.config.retention_interval_s)
+                    if self.config.retention_max_bytes > 0:
+                        await anyio.to_thread.run_sync(self.apply_retention)
             finally:
                 self.handler = None
                 self._stop_replication_connections()
+
+    def apply_retention(self) -> list[str]:
+        """Drop whole segments nobody needs once the log passes ``retention_max_bytes``.
+
+        Never drops a record the store has not applied durably (the store is
+        checkpointed first) or a registered replica's cursor still needs.
+        When the log is still over the ceiling, the most-behind replica that is
+        not connected is marked lost (its cursor dropped: it must be reseeded).
+        """
+        node, log_ = self.node, self.node.log
+        dropped: list[str] = []
+        while log_.size_bytes() > self.config.retention_max_bytes:
+            with node._apply_lock:
+                node.store.conn.execute("PRAGMA wal_checkpoint(FULL)")
+                applied = node.store.applied_lsn
+            cursors = {n: v for n, v in log_.cursors.list().items() if n.startswith("replica.")}
+            floor = min([applied] + list(cursors.values()))
+            got = log_.drop_before(floor + 1)
+            dropped += got
+            if got or log_.size_bytes() <= self.config.retention_max_bytes:
+                if not got:
+                    break
+                continue
+            connected = {r.name for r in (self.hub.status() if self.hub else []) if r.connected}
+            idle = sorted((v, n) for n, v in cursors.items() if n[len("replica."):] not in connected and v < applied)
+            if not idle:
+                break  # connected replicas still need it: retention waits for them
+            lsn, name = idle[0]
+            log_.cursors.drop(name)
+            self._event("replica-lost", f"replica {name[len('replica.'):]} (at LSN {lsn}) is past the retention "
+                                        f"ceiling of {self.config.retention_max_bytes} bytes: it must be reseeded")
+        return dropped
 
     def _make_snapshot(self):
         tmpdir = tempfile.mkdtemp(prefix="mailwal-seed-")
@@ -283,6 +326,11 @@ class Cluster:
                     )
                 except DivergedError as exc:
                     await self._diverged(exc)
+                    continue
+                except BehindRetentionError as exc:
+                    self._event("lost", f"{exc}: this replica must be reseeded: stop it and run "
+                                        f"`walctl follow {node.path} --reseed ...`")
+                    await anyio.sleep(self.config.reconnect_refused_s)
                     continue
                 except (ReplicationRefusedError, AuthenticationError) as exc:
                     self._event("refused", str(exc))

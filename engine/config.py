@@ -50,6 +50,11 @@ sync_fallback = "refuse"
 auto_reconcile = false
 # Seconds a soft failover may take before it is aborted (the master then resumes).
 failover_timeout_s = 30.0
+# Master: once the log is larger than this many bytes, drop whole segments that the store and
+# every registered replica have (0 = keep the whole log, so `walctl rebuild` always works).
+# A disconnected replica that still needs a segment past this ceiling is marked lost and must
+# be reseeded (`walctl follow NODE --reseed`).
+retention_max_bytes = 0
 
 [metrics]
 # Prometheus endpoint (HOST:PORT, "" = none).

@@ -151,3 +151,45 @@ def test_sync_replication_refuses_without_replicas(cluster):
     assert mailer.send_one(a.lmtp, "u1", b"Subject: y\r\n\r\nwith a replica\r\n") == "acked"
     st = a.status()
     assert st["sync_replicas"] == 1 and "synchronous" in st["sync_mode"]
+
+
+def test_retention_marks_a_lost_replica_and_reseed_brings_it_back(cluster):
+    """Retention keeps what a replica needs, up to a ceiling; past it the replica is lost and reseeded."""
+    from engine.node import read_config, write_config
+
+    a, b = cluster["a"], cluster["b"]
+    cfg = read_config(a.path)
+    cfg.segment_max_bytes = 32 * 1024
+    write_config(a.path, cfg)
+    a.start("serve", extra=["--retention-max-bytes", str(96 * 1024)])
+    b.start("follow")
+    mailer = Mailer(cluster, threads=2)
+    big = b"x" * 3000
+    for i in range(60):
+        assert mailer.send_one(a.lmtp, f"u{i % 3}", b"Subject: %d\r\n\r\n%s\r\n" % (i, big)) == "acked"
+    cluster.wait_converged(["a", "b"])
+    deadline = time.time() + 30
+    while a.status()["log_bytes"] > 96 * 1024 + 40 * 1024 and time.time() < deadline:
+        time.sleep(0.2)
+    st = a.status()
+    assert st["log_bytes"] <= 96 * 1024 + 40 * 1024, st["log_bytes"]  # old segments went: b had them
+    first_lsn_before = st["last_lsn"]
+    b.kill()
+    for i in range(60):
+        assert mailer.send_one(a.lmtp, f"u{i % 3}", b"Subject: more %d\r\n\r\n%s\r\n" % (i, big)) == "acked"
+    deadline = time.time() + 30
+    while not any(e["kind"] == "replica-lost" for e in a.status()["events"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert any(e["kind"] == "replica-lost" for e in a.status()["events"])
+    b.start("follow")
+    deadline = time.time() + 30
+    while not any(e["kind"] == "lost" for e in b.status()["events"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert any(e["kind"] == "lost" for e in b.status()["events"])
+    assert b.status()["last_lsn"] < a.status()["last_lsn"]  # b was never silently skipped ahead
+    b.kill()
+    b.start("follow", extra=["--reseed"])
+    cluster.wait_converged(["a", "b"])
+    assert len(set(cluster.digests(["a", "b"]).values())) == 1
+    assert first_lsn_before > 0
+    assert glob.glob(os.path.join(b.path, "lost-*"))

@@ -63,6 +63,8 @@ def _node_options(f):
         click.option("--auto-reconcile/--no-auto-reconcile", default=None,
                      help="Send a diverged tail to the master's reconciler automatically."),
         click.option("--metrics", default=None, metavar="HOST:PORT", help="Prometheus endpoint."),
+        click.option("--retention-max-bytes", type=click.IntRange(min=0), default=None,
+                     help="Drop log segments nobody needs once the log is larger (0: keep everything)."),
         click.option("--unknown-recipients", type=click.Choice(["create", "reject"]), default=None,
                      help="A recipient with no user/LOCAL/INBOX: create it, or answer 550 5.1.1."),
         click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
@@ -101,6 +103,7 @@ def _settings(node: str, config_file, **flags) -> dict:
         "sync_fallback": pick("sync_fallback", "replication", "sync_fallback"),
         "auto_reconcile": pick("auto_reconcile", "replication", "auto_reconcile"),
         "failover_timeout_s": cfg["replication"]["failover_timeout_s"],
+        "retention_max_bytes": pick("retention_max_bytes", "replication", "retention_max_bytes"),
         "metrics": pick("metrics", "metrics", "listen"),
         "log_file": pick("log_file", "log", "file") or None,
         "log_json": pick("log_json", "log", "json"),
@@ -133,7 +136,8 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
     cluster = Cluster(ClusterConfig(
         name=s["name"] or "", listen=listen, peers=peers, secret_file=secret_file,
         sync_replicas=s["sync_replicas"], sync_timeout_s=s["sync_timeout_s"], sync_fallback=s["sync_fallback"],
-        auto_reconcile=s["auto_reconcile"], failover_timeout_s=s["failover_timeout_s"], metrics=metrics))
+        auto_reconcile=s["auto_reconcile"], failover_timeout_s=s["failover_timeout_s"], metrics=metrics,
+        retention_max_bytes=s["retention_max_bytes"]))
     runner = NodeRunner(node, lmtp)
     runner.add_service("cluster", cluster.service)
     with _errors():
@@ -176,8 +180,10 @@ def serve(node: str, config_file, **flags) -> None:
 @node_argument
 @click.option("--master", "masters", multiple=True, metavar="HOST:PORT",
               help="The master's replication address (repeat for every node that may be master).")
+@click.option("--reseed", is_flag=True,
+              help="Move this node's log and store aside (NODE/lost-STAMP/) and seed it anew from the master.")
 @_node_options
-def follow(node: str, masters: tuple[str, ...], config_file, **flags) -> None:
+def follow(node: str, masters: tuple[str, ...], reseed: bool, config_file, **flags) -> None:
     """Run a replica of a master: an exact copy of its log, applied to its store.
 
     Reconnects by itself with backoff, resumes at its durable LSN, and after
@@ -209,6 +215,13 @@ def follow(node: str, masters: tuple[str, ...], config_file, **flags) -> None:
     if not os.path.exists(s["secret_file"]):
         raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
                                    f"there (mode 0600), or pass --secret-file")
+    if reseed and os.path.isdir(os.path.join(node, LOG_DIR)):
+        aside = os.path.join(node, "lost-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+        os.makedirs(aside)
+        for name in (LOG_DIR, "store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
+            if os.path.exists(os.path.join(node, name)):
+                os.rename(os.path.join(node, name), os.path.join(aside, name))
+        click.echo(f"moved the old log and store to {aside}", err=True)
     if not os.path.isdir(os.path.join(node, LOG_DIR)):
         _seed(node, [*masters, *s["peers"]], s, cfg.name)
     sys.exit(_run(node, s, masters=list(masters)))
