@@ -64,6 +64,7 @@ def _deliver_until_killed(port: int, round_no: int, acked: list, stop: threading
 
 
 def test_kill_9_of_walctl_serve_loses_no_acknowledged_message(tmp_path):
+    """LMTP-16"""
     node = str(tmp_path / "n")
     Node.init(node).close()
     rng = random.Random(int(os.environ.get("CRASH_SEED", "2033")))

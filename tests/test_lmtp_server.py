@@ -60,6 +60,7 @@ def final_codes(lines: list[str]) -> list[int]:
 
 
 def test_single_delivery_is_stored_with_the_guid_of_the_bytes_sent(tmp_path):
+    """LMTP-4, LMTP-13"""
     node = str(tmp_path / "n")
     msg = make_message("single")
     with served_node(node) as runner:
@@ -73,6 +74,7 @@ def test_single_delivery_is_stored_with_the_guid_of_the_bytes_sent(tmp_path):
 
 
 def test_multi_recipient_message_gets_one_reply_each_and_one_fsync(tmp_path):
+    """LMTP-7, LMTP-8"""
     node = str(tmp_path / "n")
     with served_node(node) as runner:
         c = client(runner)
@@ -90,6 +92,7 @@ def test_multi_recipient_message_gets_one_reply_each_and_one_fsync(tmp_path):
 
 
 def test_recipient_reply_order_follows_rcpt_order_with_mixed_outcomes(tmp_path):
+    """LMTP-7"""
     node = str(tmp_path / "n")
     Node.init(node).close()
     with Node.open(node) as n:
@@ -104,6 +107,7 @@ def test_recipient_reply_order_follows_rcpt_order_with_mixed_outcomes(tmp_path):
 
 
 def test_unknown_recipient_policy_create_makes_the_inbox(tmp_path):
+    """LMTP-10"""
     node = str(tmp_path / "n")
     with served_node(node, unknown_recipients="create") as runner:
         c = client(runner)
@@ -114,6 +118,7 @@ def test_unknown_recipient_policy_create_makes_the_inbox(tmp_path):
 
 
 def test_unknown_recipient_policy_reject_answers_550_at_rcpt(tmp_path):
+    """LMTP-10"""
     node = str(tmp_path / "n")
     Node.init(node).close()
     with Node.open(node) as n:
@@ -130,6 +135,7 @@ def test_unknown_recipient_policy_reject_answers_550_at_rcpt(tmp_path):
 
 
 def test_plus_detail_goes_to_the_detail_mailbox_only_when_it_exists(tmp_path):
+    """LMTP-9"""
     node = str(tmp_path / "n")
     Node.init(node).close()
     with Node.open(node) as n:
@@ -146,6 +152,7 @@ def test_plus_detail_goes_to_the_detail_mailbox_only_when_it_exists(tmp_path):
 
 
 def test_retry_of_the_same_message_is_250_duplicate_and_stored_once(tmp_path):
+    """LMTP-12, LMTP-13"""
     node = str(tmp_path / "n")
     msg = make_message("retry")
     with served_node(node) as runner:
@@ -162,6 +169,7 @@ def test_retry_of_the_same_message_is_250_duplicate_and_stored_once(tmp_path):
 
 
 def test_size_limit_at_mail_and_after_data(tmp_path):
+    """LMTP-6"""
     node = str(tmp_path / "n")
     with served_node(node, max_message_bytes=10_000) as runner:
         c = client(runner)
@@ -187,6 +195,7 @@ def test_node_size_limit_applies_when_serve_sets_none(tmp_path):
 
 
 def test_bare_lf_in_the_message_is_refused_and_nothing_stored(tmp_path):
+    """LMTP-5"""
     node = str(tmp_path / "n")
     with served_node(node) as runner:
         c = client(runner)
@@ -198,6 +207,7 @@ def test_bare_lf_in_the_message_is_refused_and_nothing_stored(tmp_path):
 
 
 def test_raw_junk_bare_lf_long_lines_and_bad_sequence_never_crash_the_server(tmp_path):
+    """LMTP-2, LMTP-3"""
     node = str(tmp_path / "n")
     with served_node(node) as runner:
         port = runner.lmtp_address[1]
@@ -225,6 +235,7 @@ def test_raw_junk_bare_lf_long_lines_and_bad_sequence_never_crash_the_server(tmp
 
 
 def test_pipelined_transactions_on_a_raw_socket(tmp_path):
+    """LMTP-7"""
     node = str(tmp_path / "n")
     m1, m2 = make_message("pipe-1", 600), make_message("pipe-2", 600)
     with served_node(node) as runner:
@@ -248,6 +259,7 @@ def test_vrfy_noop_rset(tmp_path):
 
 
 def test_replica_answers_4xx(tmp_path):
+    """LMTP-11"""
     node = str(tmp_path / "r")
     with served_node(node, init={"role": "replica"}) as runner:
         c = client(runner)
@@ -258,6 +270,7 @@ def test_replica_answers_4xx(tmp_path):
 
 
 def test_writes_paused_after_rcpt_gives_451_after_data(tmp_path):
+    """LMTP-11"""
     node = str(tmp_path / "n")
     with served_node(node) as runner:
         c = client(runner)
@@ -308,6 +321,7 @@ def _disk_full() -> StoreUnavailableError:
     (RuntimeError("sqlite exploded"), 451, "4.3.0"),
 ])
 def test_store_failures_defer_every_recipient(exc, code, status):
+    """LMTP-11"""
     async def main():
         server = LmtpServer(FailingBackend(exc), LmtpConfig(port=0))
         ev = MessageReceived("a@x", (Recipient("ann@x"), Recipient("bob@x")), b"x\r\n")
@@ -332,7 +346,7 @@ def test_reply_for_receipts():
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1) for a tmpfs")
 def test_disk_full_gives_452_and_every_250_survives(tmp_path):
-    """A real full disk: walctl serve on a small tmpfs in a private mount namespace."""
+    """A real full disk: walctl serve on a small tmpfs in a private mount namespace. (LMTP-11)"""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     script = tmp_path / "full.py"
@@ -378,6 +392,7 @@ def test_disk_full_gives_452_and_every_250_survives(tmp_path):
 
 
 def test_sigterm_finishes_the_transaction_in_flight_then_exits_0(tmp_path):
+    """LMTP-14"""
     node = str(tmp_path / "n")
     Node.init(node).close()
     msg = make_message("in-flight")
@@ -437,6 +452,7 @@ def test_walctl_serve_reject_policy_and_digest_while_running(tmp_path):
     ({"fail_write_at": 1, "short_write": 100}, 452, "4.3.1"),  # ENOSPC mid-write: disk full
 ])
 def test_log_failure_under_lmtp_defers_every_recipient_and_stays_failed(tmp_path, faults, code, status):
+    """LMTP-11"""
     from tests.helpers import FaultyFileOps
 
     node = str(tmp_path / "n")
@@ -455,6 +471,7 @@ def test_log_failure_under_lmtp_defers_every_recipient_and_stays_failed(tmp_path
 
 
 def test_runner_services_wrap_the_backend_and_a_failing_service_stops_everything(tmp_path):
+    """LMTP-15"""
     from engine.server import NodeRunner
 
     node = str(tmp_path / "n")

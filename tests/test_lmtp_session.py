@@ -73,6 +73,7 @@ def ready(**kw) -> Driver:
 
 
 def test_greeting_and_lhlo_advertise_extensions():
+    """LMTP-1"""
     d = Driver()
     assert d.replies() == ["220 mx.test LMTP server ready"]
     lines = d.feed(b"LHLO client.test\r\n")
@@ -83,6 +84,7 @@ def test_greeting_and_lhlo_advertise_extensions():
 
 
 def test_helo_and_ehlo_are_refused_lmtp_uses_lhlo():
+    """LMTP-1"""
     d = Driver()
     d.replies()
     assert codes(d.feed(b"HELO x\r\n")) == [500]
@@ -104,6 +106,7 @@ def test_single_delivery_round_trip_with_enhanced_codes():
 
 
 def test_one_reply_per_accepted_recipient_in_order():
+    """LMTP-7"""
     d = ready()
     d.rcpt_reply = OK_RCPT
     d.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<r1@y>\r\nRCPT TO:<r2@y>\r\nRCPT TO:<r3@y>\r\nDATA\r\n")
@@ -134,6 +137,7 @@ def test_rejected_recipients_get_no_reply_after_data():
 
 
 def test_pipelined_commands_are_processed_in_order_and_pause_for_answers():
+    """LMTP-7"""
     d = ready()
     d.s.receive_data(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\nm\r\n.\r\nMAIL FROM:<c@x>\r\nRCPT TO:<d@y>\r\n"
                      b"DATA\r\nn\r\n.\r\nQUIT\r\n")
@@ -152,6 +156,7 @@ def test_pipelined_commands_are_processed_in_order_and_pause_for_answers():
 
 
 def test_dot_stuffing_is_undone_and_only_crlf_dot_crlf_ends_data():
+    """LMTP-4"""
     d = ready()
     d.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
     d.feed(b"..leading dot\r\n...\r\n.x\r\nnot .\r\n end\r\n")
@@ -176,6 +181,7 @@ def test_empty_message_and_terminator_split_across_reads():
 @given(st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20),
        st.integers(min_value=1, max_value=17))
 def test_dot_stuffed_body_round_trips_whatever_the_read_sizes(lines, chunk):
+    """LMTP-4"""
     body = b"".join(line + b"\r\n" for line in lines)
     stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
     wire = b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n" + stuffed + b".\r\nNOOP\r\n"
@@ -187,6 +193,7 @@ def test_dot_stuffed_body_round_trips_whatever_the_read_sizes(lines, chunk):
 
 
 def test_commands_out_of_order_get_503():
+    """LMTP-2"""
     d = Driver()
     d.replies()
     assert codes(d.feed(b"MAIL FROM:<a@x>\r\n")) == [503]  # before LHLO
@@ -203,6 +210,7 @@ def test_commands_out_of_order_get_503():
 
 
 def test_rset_noop_vrfy_help_quit():
+    """LMTP-2"""
     d = ready()
     d.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n")
     assert d.feed(b"RSET\r\n") == ["250 2.0.0 reset"]
@@ -217,6 +225,7 @@ def test_rset_noop_vrfy_help_quit():
 
 
 def test_mail_size_parameter_and_body_parameter():
+    """LMTP-6"""
     d = ready()
     assert d.feed(b"MAIL FROM:<a@x> SIZE=10001\r\n")[0].startswith("552 5.3.4")
     assert codes(d.feed(b"MAIL FROM:<a@x> SIZE=abc\r\n")) == [501]
@@ -226,6 +235,7 @@ def test_mail_size_parameter_and_body_parameter():
 
 
 def test_message_over_the_limit_is_refused_per_recipient_and_memory_stays_bounded():
+    """LMTP-6"""
     d = ready(max_message_bytes=1000)
     d.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n")
     line = b"x" * 98 + b"\r\n"
@@ -248,12 +258,14 @@ def test_message_exactly_at_the_limit_is_accepted_even_when_dot_stuffed():
 
 
 def test_bare_lf_in_a_command_is_refused():
+    """LMTP-3"""
     d = ready()
     assert d.feed(b"NOOP\n") == ["500 5.5.2 bare LF: command lines must end with CRLF"]
     assert codes(d.feed(b"NOOP\r\n")) == [250]
 
 
 def test_bare_lf_in_the_body_refuses_the_message_and_lf_dot_lf_does_not_end_it():
+    """LMTP-5"""
     d = ready()
     d.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
     assert d.feed(b"line one\n.\nMAIL FROM:<evil@x>\r\n") == []  # still inside DATA: no smuggled command
@@ -263,6 +275,7 @@ def test_bare_lf_in_the_body_refuses_the_message_and_lf_dot_lf_does_not_end_it()
 
 
 def test_over_long_command_line_is_refused_and_skipped():
+    """LMTP-3"""
     d = ready(max_command_bytes=512)
     lines = d.feed(b"NOOP " + b"x" * 600)
     assert codes(lines) == [500] and "too long" in lines[0]
@@ -272,6 +285,7 @@ def test_over_long_command_line_is_refused_and_skipped():
 
 
 def test_junk_gets_errors_then_the_session_closes():
+    """LMTP-3"""
     d = ready(max_errors=5)
     lines = d.feed(b"\x00\x01\x02 garbage\r\n" * 3 + b"\xff\xfe\r\n" + b"GET / HTTP/1.1\r\n" + b"NOOP\r\n")
     assert codes(lines) == [500, 500, 500, 500, 500, 421]
@@ -290,6 +304,7 @@ def test_bad_addresses_get_501():
 
 
 def test_too_many_recipients_get_452():
+    """LMTP-6"""
     d = ready(max_recipients=2)
     d.feed(b"MAIL FROM:<a@x>\r\n")
     assert codes(d.feed(b"RCPT TO:<a@y>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n")) == [250, 250, 452]
@@ -304,6 +319,7 @@ def test_end_of_input_mid_message_delivers_nothing():
 
 
 def test_8bit_body_is_kept_byte_for_byte():
+    """LMTP-4"""
     d = ready()
     body = "Subject: caf\u00e9\r\n\r\n\u00fcber \u2603\r\n".encode() + bytes(range(128, 256)) + b"\r\n"
     d.feed(b"MAIL FROM:<a@x> BODY=8BITMIME\r\nRCPT TO:<b@y>\r\nDATA\r\n" + body + b".\r\n")
@@ -340,6 +356,7 @@ def test_parse_path_and_split_address():
 
 
 def test_route_plain_detail_and_case():
+    """LMTP-9"""
     existing = {"user/bob/lists"}
     assert route_recipient("Bob@Example.org", existing.__contains__).mailbox == "user/bob/INBOX"
     assert route_recipient("bob+lists@x", existing.__contains__).mailbox == "user/bob/lists"

@@ -111,6 +111,7 @@ async def test_a_failed_fsync_fails_every_waiting_delivery_and_later_ones(tmp_pa
 
 
 def test_duplicate_of_an_in_flight_delivery_waits_for_its_fsync(tmp_path):
+    """LMTP-12"""
     with Node.init(str(tmp_path / "n")) as n:
         n.create_mailbox("user/a/INBOX")
         first = n.plan_deliveries([("user/a/INBOX", ())], b"same\r\n")

@@ -488,9 +488,13 @@ def node_api_bench(directory: str, threads: int, messages: int, size: int = MESS
 
 
 def _ceiling(directory: str, batch: float, bytes_per_record: float, cache: dict) -> dict:
+    """The raw write+fdatasync rate at ``batch`` records per sync: the median of three
+    measurements (the shared virtual disk's fsync latency drifts from second to second)."""
     b = max(1, int(round(batch)))
     if b not in cache:
-        cache[b] = bench_raw_sync(directory, b, max(600, b * 60), int(bytes_per_record))
+        runs = sorted((bench_raw_sync(directory, b, max(400, b * 40), int(bytes_per_record)) for _ in range(3)),
+                      key=lambda r: r["records_per_s"])
+        cache[b] = runs[1]
     return cache[b]
 
 
