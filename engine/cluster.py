@@ -527,6 +527,12 @@ class Cluster:
             return await run(node.verify_store)
         if op == "reconcile_tail":
             return await run(functools.partial(self._reconcile_tail, **args))
+        if op == "messages":  # uid, guid, flags, size, internaldate_ms, modseq per message
+            return [asdict(m) for m in await run(node.list_messages, args["mailbox"])]
+        if op == "store_flags":  # action: add | remove | replace; durable on return (master only)
+            lsn = await run(functools.partial(node.store_flags, args["mailbox"], list(args["uids"]),
+                                              args.get("action", "add"), list(args["flags"])))
+            return {"lsn": lsn}
         raise ControlError(f"unknown control operation {op!r}")
 
     async def resync(self, mailbox: str) -> dict:
