@@ -82,7 +82,7 @@ async def _reply(reader: asyncio.StreamReader) -> int:
 
 
 async def _connection(host: str, port: int, messages: list[bytes], rcpt: str, latencies: list[float],
-                      codes: collections.Counter) -> None:
+                      codes: collections.Counter, timeline: list | None = None) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         await _reply(reader)
@@ -100,6 +100,8 @@ async def _connection(host: str, port: int, messages: list[bytes], rcpt: str, la
             code = await _reply(reader)
             latencies.append(time.perf_counter() - t0)
             codes[code] += 1
+            if timeline is not None:
+                timeline.append((time.monotonic(), code, msg))
         writer.write(b"QUIT\r\n")
         await writer.drain()
         with contextlib.suppress(ConnectionError):
@@ -111,8 +113,12 @@ async def _connection(host: str, port: int, messages: list[bytes], rcpt: str, la
 
 
 def lmtp_load(host: str, port: int, connections: int, messages: int, *, size: int = MESSAGE_BYTES,
-              rcpt: str = RCPT, tag: str = "") -> dict:
-    """Deliver ``messages`` distinct messages over ``connections`` connections; time each one."""
+              rcpt: str = RCPT, tag: str = "", timeline: list | None = None) -> dict:
+    """Deliver ``messages`` distinct messages over ``connections`` connections; time each one.
+
+    ``timeline``, if given, receives ``(time.monotonic() when the final reply was read, its code,
+    the message bytes)`` per message (``walctl bench replication`` matches them to LSNs).
+    """
     tag = tag or f"{os.getpid()}-{time.time_ns()}"
     per = [[] for _ in range(connections)]
     for i in range(messages):
@@ -121,7 +127,7 @@ def lmtp_load(host: str, port: int, connections: int, messages: int, *, size: in
     codes: collections.Counter = collections.Counter()
 
     async def run():
-        await asyncio.gather(*(_connection(host, port, m, rcpt, latencies, codes) for m in per if m))
+        await asyncio.gather(*(_connection(host, port, m, rcpt, latencies, codes, timeline) for m in per if m))
 
     t0 = time.perf_counter()
     asyncio.run(run())
