@@ -164,12 +164,19 @@ def folder_dirname(relative: str) -> str:
 
 
 def folder_name(dirname: str) -> str:
-    """Inverse of :func:`folder_dirname`: ``.A.B`` -> ``A/B``, ``""`` -> INBOX."""
+    """Inverse of :func:`folder_dirname`: ``.A.B`` -> ``A/B``, ``""`` -> INBOX.
+
+    A component with non-ASCII characters cannot be modified UTF-7, so it is
+    taken as UTF-8 as it stands (Dovecot's ``:UTF-8`` layout option).
+    Raises ValueError for bytes that are not UTF-8 or malformed modified UTF-7.
+    """
     if dirname == "":
         return "INBOX"
     if not dirname.startswith(".") or dirname in (".", ".."):
         raise ValueError(f"{dirname!r} is not a Maildir++ folder directory")
-    return "/".join(mutf7_decode(p) for p in dirname[1:].split("."))
+    if any("\udc80" <= c <= "\udcff" for c in dirname):
+        raise ValueError(f"{dirname!r} is not valid UTF-8")
+    return "/".join(p if any(ord(c) > 0x7E for c in p) else mutf7_decode(p) for p in dirname[1:].split("."))
 
 
 def is_maildir(path: str) -> bool:

@@ -170,6 +170,9 @@ def _export_path(name: str, dest: str, prefix: str | None) -> tuple[str, bool]:
             raise MaildirLayoutError(
                 f"mailbox {name!r} is not a user's (user/NAME/...): export it with --mailbox-prefix"
             )
+        if m.group(1).startswith("."):
+            raise MaildirLayoutError(f"user directory {m.group(1)!r} of {name!r} would be hidden (it starts with "
+                                     f"'.'): export that user with --user")
         root, relative = os.path.join(dest, m.group(1)), m.group(2)
     else:
         if not name.startswith(prefix) or name == prefix:

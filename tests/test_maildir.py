@@ -101,6 +101,7 @@ def rich_node(path: str) -> str:
 
 
 def test_round_trip_keeps_uids_uidvalidity_uidnext_flags_guids_bodies_and_digests(tmp_path):
+    """MS-14, MS-15: export then import gives the same digests (UIDNEXT included) and bodies."""
     src = rich_node(str(tmp_path / "src"))
     out = tmp_path / "export"
     res = run("export", src, "--maildir", out)
@@ -371,6 +372,7 @@ def _tree_with_uidlist(tmp_path, uidlist: bytes, *, keywords: bytes | None = Non
 ], ids=["bad-uid", "no-file-name", "duplicate-uid", "duplicate-file", "no-uidvalidity", "version-2",
         "zero-uidvalidity", "empty", "keywords-bad-line", "keywords-duplicate", "keywords-bad-atom"])
 def test_bad_uidlist_or_keywords_is_a_clear_error_and_imports_nothing(tmp_path, uidlist, keywords, message):
+    """MS-15: the file and line are named; nothing is imported."""
     md = _tree_with_uidlist(tmp_path, uidlist, keywords=keywords)
     node = str(tmp_path / "n")
     run("init", node)
@@ -459,9 +461,12 @@ def test_export_refuses_names_and_targets_it_cannot_write(tmp_path):
         n.deliver("shared/news", body("n"), create=True)
         n.deliver("user/eve/v1.2", body("v"), create=True)
         n.deliver("user/kw/INBOX", body("k"), create=True, flags=[f"k{i}" for i in range(27)])
+        n.deliver("user/.dot/INBOX", body("d"), create=True)
     res = run("export", src, "--maildir", tmp_path / "a", ok=False)
     assert res.exit_code == 1 and "'shared/news' is not a user's" in res.output and "--mailbox-prefix" in res.output
     assert not (tmp_path / "a").exists()  # checked before anything was written
+    res = run("export", src, "user/.dot/INBOX", "--maildir", tmp_path / "b", ok=False)
+    assert res.exit_code == 1 and "would be hidden" in res.output
     res = run("export", src, "user/eve/v1.2", "--maildir", tmp_path / "b", ok=False)
     assert res.exit_code == 1 and "contains '.'" in res.output
     res = run("export", src, "user/kw/INBOX", "--maildir", tmp_path / "c", ok=False)
@@ -520,6 +525,7 @@ def test_export_of_a_running_node_reads_its_store_read_only(tmp_path):
 
 
 def test_import_operations_refuse_out_of_order_uids_and_reused_uidvalidity(tmp_path):
+    """MS-14: UIDs at least UIDNEXT and increasing, all or nothing; UIDVALIDITY of a used name refused."""
     path = str(tmp_path / "n")
     with Node.init(path) as n:
         n.create_mailbox("user/a/INBOX", uidvalidity=77)  # any value for a name never used here
@@ -571,6 +577,10 @@ def test_modified_utf7_examples():
     assert folder_dirname("A/B c") == ".A.B c" and folder_name(".INBOX.child") == "INBOX/child"
     with pytest.raises(ValueError):
         mutf7_decode("&AB")
+    # Dovecot's :UTF-8 layout option: a component that cannot be modified UTF-7 is UTF-8 as it stands.
+    assert folder_name(".Entwürfe.x") == "Entwürfe/x"
+    with pytest.raises(ValueError):
+        folder_name(".bad\udcff")
 
 
 _component = st.text(st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/.*%"),
