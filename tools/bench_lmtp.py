@@ -650,6 +650,43 @@ def _render(report: dict) -> None:
             console.print(ft)
 
 
+def render_markdown(report: dict) -> str:
+    """The report as README-ready markdown: one row per server and connection count."""
+    m = report["machine"]
+    out = [f"Machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
+           f"{m['fs_type']} on {m['device']} ({m['device_kind']}); {report['message_bytes']} B messages, "
+           f"{report['messages']} per row, 1 recipient, 1 mailbox.", ""]
+    rows: dict = {}
+    for r in report["runs"]:
+        rows.setdefault((r["server"], r["connections"]), {})[r["client"]] = r
+    out.append("| server | conns | deliveries/s (smtp-source) | deliveries/s (asyncio client) | p50 ms | p99 ms "
+               "| avg batch | raw write+fdatasync at that batch | vs raw |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (server, conns), by in rows.items():
+        src, aio = by.get("smtp-source"), by.get("asyncio")
+        ref = aio or src
+        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            server, conns,
+            f"{src['deliveries_per_s']:,.0f}" if src else "-",
+            f"{aio['deliveries_per_s']:,.0f}" if aio else "-",
+            f"{aio['p50_ms']:.2f}" if aio else "-", f"{aio['p99_ms']:.2f}" if aio else "-",
+            f"{ref['avg_batch']:.1f}" if "avg_batch" in ref else "",
+            f"{ref['raw_per_s']:,.0f} (b={ref['raw_batch']})" if "raw_per_s" in ref else "",
+            f"{ref['ratio_vs_raw']:.0%}" if "ratio_vs_raw" in ref else ""))
+    if report["node_api"]:
+        out += ["", "| Node.deliver() threads | deliveries/s | p50 ms | p99 ms | avg batch | raw at that batch | vs raw |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["node_api"]:
+            out.append(f"| {r['threads']} | {r['deliveries_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                       f"{r['avg_batch']:.1f} | {r['raw_per_s']:,.0f} (b={r['raw_batch']}) | {r['ratio_vs_raw']:.0%} |")
+    p = report.get("profile")
+    if p and "skipped" not in p:
+        out += ["", f"Profile (py-spy, GIL-holding samples of `walctl serve` under {p['connections']} connections, "
+                    f"{p['samples']} samples):", "", "| component | share |", "|---|---:|"]
+        out += [f"| {c['component']} | {c['share']:.0%} |" for c in p["components"]]
+    return "\n".join(out) + "\n"
+
+
 def _make_command():
     import click
 
@@ -657,6 +694,7 @@ def _make_command():
 
     @click.command(name="lmtp", context_settings=CONTEXT_SETTINGS)
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+    @click.option("--markdown", is_flag=True, help="Print README-ready markdown tables instead.")
     @click.option("--target", default=None, metavar="HOST:PORT",
                   help="Load this LMTP server instead of starting walctl serve and the comparison servers.")
     @click.option("--messages", type=click.IntRange(min=1), default=3000, show_default=True,
@@ -669,7 +707,7 @@ def _make_command():
     @click.option("--only-mailwal", is_flag=True, help="Skip the Maildir, null and aiosmtpd servers.")
     @click.option("--no-api", is_flag=True, help="Skip the Node.deliver() thread benchmark.")
     @click.option("--no-profile", is_flag=True, help="Skip the py-spy profile of the server.")
-    def bench_lmtp(as_json, target, messages, connections, directory, clients, only_mailwal, no_api, no_profile):
+    def bench_lmtp(as_json, markdown, target, messages, connections, directory, clients, only_mailwal, no_api, no_profile):
         """Benchmark LMTP deliveries: throughput and latency against ceilings.
 
         Starts `walctl serve` on a fresh node per row and delivers 4 KiB
@@ -700,6 +738,8 @@ def _make_command():
         )
         if as_json:
             dump_json(report, indent=2)
+        elif markdown:
+            click.echo(render_markdown(report), nl=False)
         else:
             _render(report)
 
