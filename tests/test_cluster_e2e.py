@@ -193,3 +193,28 @@ def test_retention_marks_a_lost_replica_and_reseed_brings_it_back(cluster):
     assert len(set(cluster.digests(["a", "b"]).values())) == 1
     assert first_lsn_before > 0
     assert glob.glob(os.path.join(b.path, "lost-*"))
+
+
+def test_double_failover_and_back(cluster):
+    """A -> B -> A: epochs 2 and 3; every node ends identical, nothing lost."""
+    a, b, c = cluster["a"], cluster["b"], cluster["c"]
+    a.start("serve")
+    b.start("follow")
+    c.start("follow")
+    mailer = Mailer(cluster, threads=2)
+    mailer.start()
+    time.sleep(0.8)
+    assert a.control("failover", to="b")["epoch"] == 2
+    time.sleep(0.8)
+    cluster.wait_converged(["a", "b", "c"], timeout=30)
+    assert b.control("failover", to="a")["epoch"] == 3
+    time.sleep(0.8)
+    mailer.stop()
+    sts = cluster.wait_converged(["a", "b", "c"])
+    assert sts["a"]["role"] == "master" and sts["a"]["epoch"] == 3
+    assert assert_all_present_once(a, mailer) > 5
+    assert len(set(cluster.digests(["a", "b", "c"]).values())) == 1
+    for x, y in (("a", "b"), ("a", "c")):
+        p = walctl("reconcile", os.path.join(cluster[x].path, "log.wal"), os.path.join(cluster[y].path, "log.wal"),
+                   "--json", check=False)
+        assert p.returncode == 0 and json.loads(p.stdout)["diverged"] is False, p.stdout + p.stderr
