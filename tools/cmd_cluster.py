@@ -235,9 +235,18 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
     from engine.node import LOG_DIR, STORE_FILE
     from engine.receiver import run_replica
 
+    from .cliutil import stderr_console
+
     secret = load_secret(s["secret_file"])
     addrs = [parse_address(a) for a in addresses]
     store_path = os.path.join(node, STORE_FILE)
+    console = stderr_console()  # a progress bar on a terminal, nothing in pipes
+    progress = None
+    if console is not None:
+        from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+
+        progress = Progress(SpinnerColumn(), TextColumn("seeding {task.description}"), DownloadColumn(),
+                            TransferSpeedColumn(), console=console, transient=True)
 
     class Sink:
         def __init__(self, meta):
@@ -249,6 +258,8 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
         def write(self, data: bytes) -> None:
             self.f.write(data)
             self.n += len(data)
+            if progress is not None:
+                progress.update(task, completed=self.n)
 
         def commit(self) -> None:
             from wal import OS_FILEOPS
@@ -276,8 +287,13 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
             click.echo(f"seeding: following {link.master}", err=True)
             tg.cancel_scope.cancel()
 
+    task = progress.add_task(f"store snapshot from {addresses[0]}", total=None) if progress else None
     with _errors():
-        anyio.run(main)
+        if progress is not None:
+            with progress:
+                anyio.run(main)
+        else:
+            anyio.run(main)
 
 
 def _client(node: str | None, connect: str | None, secret_file: str | None) -> ControlClient:
