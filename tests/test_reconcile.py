@@ -20,7 +20,6 @@ from engine.events import (
     MessageAppended,
     MessagesExpunged,
     body_guid,
-    decode_event,
 )
 from engine.node import Node, rebuild_store
 from engine.reconcile_apply import (

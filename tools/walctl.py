@@ -23,6 +23,7 @@ from .walctl_cursor import cursor
 from .walctl_repair import repair
 from .walctl_replay import replay
 from .walctl_verify import verify
+from .torture import torture
 
 __all__ = ["cli"]
 
@@ -51,5 +52,6 @@ for _command in NODE_COMMANDS:
 for _command in CLUSTER_COMMANDS:  # serve here (with replication) replaces cmd_node's LMTP-only serve
     cli.add_command(_command)
 bench.add_command(bench_lmtp_command)
+cli.add_command(torture)
 for _command in MAILDIR_COMMANDS:  # export, import (Maildir)
     cli.add_command(_command)
