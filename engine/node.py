@@ -612,13 +612,18 @@ class Node:
         return lsn
 
     def retry_quarantined(self, now_ms: int | None = None) -> None:
-        """Retry mailboxes whose automatic retry is due (applier thread)."""
+        """Retry mailboxes whose automatic retry is due (applier thread).
+
+        Holds the apply lock like every other pass over the store: cut_diverged
+        replaces the store under that lock, and must not close it under this loop.
+        """
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        for mid in self.store.retries_due(now_ms):
-            first = self.store.quarantine_first_lsn(mid)
-            if first is not None:
-                self.store.reapply_mailbox(mid, self.log.read(first), now_ms=now_ms,
-                                           max_attempts=self.config.apply_retries)
+        with self._apply_lock:
+            for mid in self.store.retries_due(now_ms):
+                first = self.store.quarantine_first_lsn(mid)
+                if first is not None:
+                    self.store.reapply_mailbox(mid, self.log.read(first), now_ms=now_ms,
+                                               max_attempts=self.config.apply_retries)
 
     def quarantined(self) -> list[dict]:
         return self.store.quarantined()
