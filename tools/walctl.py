@@ -13,6 +13,7 @@ import click
 
 from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
+from .bench_replication import bench_replication_command
 from .cliutil import CONTEXT_SETTINGS
 from .cmd_cluster import CLUSTER_COMMANDS
 from .cmd_maildir import MAILDIR_COMMANDS
@@ -53,5 +54,6 @@ for _command in CLUSTER_COMMANDS:  # serve here (with replication) replaces cmd_
     cli.add_command(_command)
 bench.add_command(bench_lmtp_command)
 cli.add_command(torture)
+bench.add_command(bench_replication_command)
 for _command in MAILDIR_COMMANDS:  # export, import (Maildir)
     cli.add_command(_command)

@@ -1,0 +1,827 @@
+"""``walctl bench replication``: what replication costs the master, and how far behind replicas are.
+
+Every figure comes from real ``walctl serve`` / ``walctl follow`` processes
+on 127.0.0.1, fresh nodes per measurement, 4 KiB messages delivered over
+LMTP by ``tools.bench_lmtp``'s asyncio client:
+
+1. **Throughput**: LMTP deliveries/s from 64 connections to a master alone,
+   to a master with two asynchronous replicas, and to a master with two
+   replicas and ``--sync-replicas 1``. The three run alternately for
+   ``rounds`` rounds; the median round of each is reported. Each row also
+   says how far the replicas were behind when the load ended and how long
+   they took to hold everything (an asynchronous replica that falls behind
+   hides its cost in lag, not throughput).
+2. **Lag**: a burst of 2,000 messages from 8 connections to a master with two
+   asynchronous replicas. For each message, the client notes the monotonic
+   time it read the final 250. A separate poller process asks each
+   replica's control socket (``NODE/control.sock``, op ``status``) for its
+   durable LSN (``Log.last_lsn``: set only after the replica's
+   ``fdatasync``) every ``POLL_INTERVAL_S``, noting the monotonic time before
+   each request and after each reply (CLOCK_MONOTONIC is one clock for all
+   processes of the machine). Afterwards the master's log is read and each
+   message is matched to its record's LSN by GUID (blake3 of the bytes). A
+   message's lag on a replica is the reply time of the first poll that
+   showed a durable LSN >= its LSN, minus its 250 time: an upper bound,
+   too late by at most one poll interval plus one round trip (the
+   ``resolution`` figures; the lower bound is the request time of the poll
+   before it). A record already durable on the replica when the client read
+   the 250 counts as 0 (counted in ``before_250``).
+3. **Late start**: a master that has delivered 100 messages; a new replica
+   directory is started with ``walctl follow`` (it is seeded from LSN 1) and
+   timed from ``Popen`` until its control socket reports a durable LSN equal
+   to the master's last (polled every ``LATE_POLL_S``). Python's start-up and
+   imports are included; the floor for them is measured too.
+4. **Catch-up**: a replica that was following is stopped; the master's log
+   grows by ``catchup_mib`` MiB of 4 KiB messages (``Node.deliver_many`` in
+   threads, no LMTP, to build it quickly); then ``walctl serve`` runs on it
+   again and the replica is restarted and timed until its durable LSN equals
+   the master's. The ceiling, in the same run, is reading the master's
+   segment files in 1 MiB chunks and hashing them with blake3 (warm cache,
+   like the replica's master, which just wrote them); a second ceiling hashes
+   per 4 KiB piece, as the format hashes each record.
+
+Speeds are never asserted by tests; ``tests/test_bench_replication.py`` runs a
+tiny configuration and checks the figures exist.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from . import bench_lmtp, bench_wal
+
+__all__ = ["run_replication_bench", "bench_replication_command", "main", "GOALS"]
+
+MESSAGE_BYTES = bench_lmtp.MESSAGE_BYTES
+THROUGHPUT_CONNECTIONS = 64
+LAG_MESSAGES = 2000
+LAG_CONNECTIONS = 8
+LATE_MESSAGES = 100
+LATE_RUNS = 3
+CATCHUP_MIB = 1024
+POLL_INTERVAL_S = 0.002  # lag poller: one status request per replica per interval
+LATE_POLL_S = 0.005
+CATCHUP_POLL_S = 0.02
+CATCHUP_MAILBOXES = 64  # one body to this many mailboxes per deliver_many (one fsync)
+CATCHUP_THREADS = 2
+START_TIMEOUT_S = 60.0
+CONVERGE_TIMEOUT_S = 600.0
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 1024 * 1024
+
+GOALS = {
+    "async_replicas_cost": ("two asynchronous replicas cost <= 15% of master throughput", 0.15),
+    "lag_p99_s": ("replication lag p99 < 100 ms (2,000-message burst, 8 connections)", 0.100),
+    "late_start_s": ("a replica started after 100 deliveries holds them within 2 s (worst run)", 2.0),
+    "catchup_ratio": ("catch-up >= 50% of raw read + blake3 of the same log", 0.50),
+}
+#: Measured by the project on these machines with the other systems' own replication (the brief's anchors).
+ANCHORS = {
+    "lag_p99_s": {"Cyrus 3.6": 1.55, "Dovecot 2.3": 6.1},
+    "late_start_s": {"Cyrus 3.6": 19.5, "Dovecot 2.3": 297.0},
+}
+
+
+# -- child processes ---------------------------------------------------------------------------
+
+
+class _Walctl:
+    """One ``walctl serve`` or ``walctl follow`` child; its output goes to ``NAME.out``, its log to ``NAME.log``."""
+
+    def __init__(self, node: str, args: list[str]):
+        self.node = node
+        self.out_path = node + ".out"
+        self.out = open(self.out_path, "ab")
+        self.out_offset = self.out.tell()  # a restarted node appends: read only this run's lines
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools", *args, "--log-file", node + ".log"], cwd=_ROOT,
+                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.node, "control.sock")
+
+    def wait_output(self, *needles: str, timeout: float = START_TIMEOUT_S) -> dict[str, str]:
+        """The first output line containing each needle (waits for all of them)."""
+        deadline = time.monotonic() + timeout
+        found: dict[str, str] = {}
+        while True:
+            with open(self.out_path, "rb") as f:
+                f.seek(self.out_offset)
+                for line in f.read().decode("utf-8", errors="replace").splitlines():
+                    for n in needles:
+                        if n in line and n not in found:
+                            found[n] = line.strip()
+            if len(found) == len(needles):
+                return found
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"walctl exited {self.proc.returncode} before printing {needles}: "
+                                   f"see {self.out_path} and {self.node}.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"walctl did not print {needles} within {timeout:g} s: see {self.out_path}")
+            time.sleep(0.02)
+
+    def status(self, timeout: float = 30.0) -> dict:
+        from engine.control import ControlClient
+
+        with ControlClient.unix(self.control_socket, timeout=timeout) as c:
+            return c.call("status")
+
+    def try_status(self) -> dict | None:
+        """Status, or None while the control socket is not up yet (raises if the process died)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"walctl exited {self.proc.returncode}: see {self.out_path} and {self.node}.log")
+        if not os.path.exists(self.control_socket):
+            return None
+        try:
+            return self.status(timeout=10)
+        except OSError:
+            return None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+
+
+def _address(line: str) -> int:
+    """The port at the end of an announcement such as '... listening on 127.0.0.1:2424'."""
+    return int(line.rstrip().rsplit(":", 1)[1])
+
+
+class _Master:
+    def __init__(self, path: str, *, sync_replicas: int = 0, init: bool = True):
+        if init:
+            from engine.node import Node
+            from engine.replication_auth import create_secret
+
+            Node.init(path, name=os.path.basename(path)).close()
+            create_secret(os.path.join(path, "replication.secret"))
+        self.path = path
+        self.secret = os.path.join(path, "replication.secret")
+        self.proc = _Walctl(path, ["serve", path, "--lmtp", "127.0.0.1:0", "--listen", "127.0.0.1:0",
+                                   "--sync-replicas", str(sync_replicas)])
+        try:
+            lines = self.proc.wait_output("LMTP listening on", "replication and control on")
+        except BaseException:
+            self.proc.stop()
+            raise
+        self.lmtp_port = _address(lines["LMTP listening on"])
+        self.listen_port = _address(lines["replication and control on"])
+
+    def status(self) -> dict:
+        return self.proc.status()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def _start_replica(master: _Master, path: str) -> _Walctl:
+    return _Walctl(path, ["follow", path, "--master", f"127.0.0.1:{master.listen_port}", "--lmtp", "",
+                          "--name", os.path.basename(path), "--secret-file", master.secret])
+
+
+def _wait(predicate, what: str, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def _wait_streaming(master: _Master, names: list[str], timeout: float = START_TIMEOUT_S) -> None:
+    def ok():
+        reps = {r["name"]: r for r in master.status().get("replicas", [])}
+        return all(n in reps and reps[n]["connected"] for n in names)
+
+    _wait(ok, f"replicas {names} to stream from the master", timeout)
+
+
+def _wait_caught_up(master: _Master, names: list[str], timeout: float = CONVERGE_TIMEOUT_S) -> dict:
+    def ok():
+        st = master.status()
+        reps = {r["name"]: r for r in st.get("replicas", [])}
+        if all(n in reps and reps[n]["durable_lsn"] >= st["last_lsn"] for n in names):
+            return st
+        return None
+
+    return _wait(ok, f"replicas {names} to hold the master's last LSN", timeout, 0.01)
+
+
+class _Cluster:
+    """A fresh master (``walctl serve``) and ``replicas`` fresh replicas (``walctl follow``) under ``directory``."""
+
+    def __init__(self, directory: str, *, replicas: int = 0, sync_replicas: int = 0):
+        self.master = _Master(os.path.join(directory, "m"), sync_replicas=sync_replicas)
+        self.replicas: list[_Walctl] = []
+        try:
+            for i in range(replicas):
+                self.replicas.append(_start_replica(self.master, os.path.join(directory, f"r{i + 1}")))
+            _wait_streaming(self.master, self.names)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def names(self) -> list[str]:
+        return [os.path.basename(r.node) for r in self.replicas]
+
+    def stop(self) -> None:
+        for r in self.replicas:
+            r.stop()
+        self.master.stop()
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+# -- 1. throughput -----------------------------------------------------------------------------
+
+MODES = (
+    ("alone", "master alone", 0, 0),
+    ("async", "2 asynchronous replicas", 2, 0),
+    ("sync", "2 replicas, --sync-replicas 1", 2, 1),
+)
+
+
+def _throughput_row(base: str, mode: str, replicas: int, sync: int, messages: int, connections: int,
+                    tag: str) -> dict:
+    d = tempfile.mkdtemp(prefix=f"t{mode[:2]}", dir=base)
+    cluster = _Cluster(d, replicas=replicas, sync_replicas=sync)
+    try:
+        load = bench_lmtp.lmtp_load("127.0.0.1", cluster.master.lmtp_port, connections, messages, tag=tag)
+        t_end = time.monotonic()
+        row = {"mode": mode, "replicas": replicas, "sync_replicas": sync, **load}
+        if replicas:
+            st = cluster.master.status()
+            row["behind_at_end_records"] = max(r["lag_records"] for r in st["replicas"])
+            _wait_caught_up(cluster.master, cluster.names)
+            row["caught_up_after_s"] = time.monotonic() - t_end
+    finally:
+        cluster.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    return row
+
+
+def bench_throughput(base: str, messages: int, rounds: int, connections: int = THROUGHPUT_CONNECTIONS,
+                     say=lambda m: None) -> dict:
+    rows: dict[str, list[dict]] = {m[0]: [] for m in MODES}
+    for rnd in range(rounds):
+        order = MODES if rnd % 2 == 0 else tuple(reversed(MODES))  # alternate against drift
+        for mode, label, replicas, sync in order:
+            say(f"throughput round {rnd + 1}/{rounds}: {label}, {connections} connections, {messages} messages")
+            rows[mode].append(_throughput_row(base, mode, replicas, sync, messages, connections,
+                                              tag=f"tp-{mode}-{rnd}-{time.time_ns()}"))
+    out: dict = {"connections": connections, "messages": messages, "rounds": rounds, "rows": [], "all_rounds": rows}
+    medians = {}
+    for mode, label, replicas, sync in MODES:
+        runs = sorted(rows[mode], key=lambda r: r["deliveries_per_s"])
+        med = runs[len(runs) // 2]
+        medians[mode] = med["deliveries_per_s"]
+        out["rows"].append({"label": label, **med,
+                            "min_deliveries_per_s": runs[0]["deliveries_per_s"],
+                            "max_deliveries_per_s": runs[-1]["deliveries_per_s"]})
+    alone = medians["alone"] or 1.0
+    for r in out["rows"]:
+        r["vs_alone"] = r["deliveries_per_s"] / alone
+    out["async_vs_alone"] = medians["async"] / alone
+    out["async_cost"] = 1.0 - out["async_vs_alone"]
+    out["sync_vs_alone"] = medians["sync"] / alone
+    return out
+
+
+# -- 2. lag under a burst ----------------------------------------------------------------------
+
+
+def _guid_lsns(log_dir: str) -> dict[bytes, int]:
+    """GUID -> LSN of every MessageAppended record of a (stopped) log."""
+    from engine.events import MessageAppended, decode_event
+    from wal import LogReader
+
+    out: dict[bytes, int] = {}
+    for rec in LogReader(log_dir).records(1):
+        if rec.type == MessageAppended.TYPE:
+            out[decode_event(rec.type, rec.payload).guid] = rec.lsn
+    return out
+
+
+def _start_poller(sockets: list[str], out_path: str, interval: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tools.bench_replication", "poll", out_path, repr(interval),
+                             *sockets], cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    line = proc.stdout.readline().decode()
+    if not line.startswith("polling"):
+        proc.kill()
+        _, err = proc.communicate()
+        raise RuntimeError(f"the lag poller did not start: {line!r} {err.decode(errors='replace')[-500:]}")
+    return proc
+
+
+def _stop_poller(proc: subprocess.Popen, out_path: str) -> dict:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        raise RuntimeError(f"the lag poller failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
+    with open(out_path) as f:
+        return json.load(f)
+
+
+def lag_figures(timeline: list[tuple[float, int, bytes]], guid_lsn: dict[bytes, int],
+                changes: list[list[float]]) -> dict:
+    """Per-message lag on one replica from the client's 250 times and the poller's samples.
+
+    ``changes`` are the poller's ``(t_lo, t_hi, durable_lsn)`` rows: the
+    replica's durable LSN became ``durable_lsn`` after ``t_lo`` (the request
+    time of the previous poll, which showed less) and no later than ``t_hi``
+    (the reply time of the poll that showed it).
+    """
+    from engine.events import body_guid
+
+    lsns = [c[2] for c in changes]
+    lags, lows, windows = [], [], []
+    before = missing = 0
+    for t250, code, msg in timeline:
+        if code != 250:
+            continue
+        lsn = guid_lsn.get(body_guid(msg))
+        if lsn is None:
+            missing += 1
+            continue
+        i = bisect.bisect_left(lsns, lsn)
+        if i == len(lsns):
+            missing += 1
+            continue
+        t_lo, t_hi, _ = changes[i]
+        lag = t_hi - t250
+        if lag < 0:
+            before += 1
+        lags.append(max(0.0, lag))
+        lows.append(max(0.0, t_lo - t250))
+        windows.append(t_hi - t_lo)
+    return {
+        "messages": len(lags),
+        "not_seen": missing,
+        "before_250": before,
+        "p50_s": _percentile(lags, 0.50),
+        "p99_s": _percentile(lags, 0.99),
+        "max_s": max(lags, default=0.0),
+        "mean_s": statistics.fmean(lags) if lags else 0.0,
+        "p99_lower_bound_s": _percentile(lows, 0.99),
+        "resolution_p50_s": _percentile(windows, 0.50),
+        "resolution_p99_s": _percentile(windows, 0.99),
+        "_lags": lags,
+    }
+
+
+def bench_lag(base: str, messages: int = LAG_MESSAGES, connections: int = LAG_CONNECTIONS,
+              interval: float = POLL_INTERVAL_S) -> dict:
+    d = tempfile.mkdtemp(prefix="lag", dir=base)
+    cluster = _Cluster(d, replicas=2)
+    timeline: list = []
+    try:
+        out_path = os.path.join(d, "poll.json")
+        poller = _start_poller([r.control_socket for r in cluster.replicas], out_path, interval)
+        try:
+            load = bench_lmtp.lmtp_load("127.0.0.1", cluster.master.lmtp_port, connections, messages,
+                                        tag=f"lag-{time.time_ns()}", timeline=timeline)
+            t_end = time.monotonic()
+            _wait_caught_up(cluster.master, cluster.names)
+            caught_up_s = time.monotonic() - t_end
+            time.sleep(max(0.05, 5 * interval))
+        finally:
+            polled = _stop_poller(poller, out_path)
+    finally:
+        cluster.stop()
+    guid_lsn = _guid_lsns(os.path.join(cluster.master.path, "log.wal"))
+    per = []
+    every: list[float] = []
+    for name, changes, polls, span in zip(cluster.names, polled["changes"], polled["polls"], polled["spans"]):
+        fig = lag_figures(timeline, guid_lsn, changes)
+        every += fig.pop("_lags")
+        fig.update(replica=name, polls=polls, polls_per_s=polls / span if span else 0.0)
+        per.append(fig)
+    shutil.rmtree(d, ignore_errors=True)
+    return {
+        "messages": messages,
+        "connections": connections,
+        "poll_interval_s": interval,
+        "ok": load["ok"],
+        "errors": load["errors"],
+        "deliveries_per_s": load["deliveries_per_s"],
+        "master_p50_ms": load["p50_ms"],
+        "master_p99_ms": load["p99_ms"],
+        "caught_up_after_burst_s": caught_up_s,
+        "replicas": per,
+        "p50_s": _percentile(every, 0.50),
+        "p99_s": _percentile(every, 0.99),
+        "max_s": max(every, default=0.0),
+    }
+
+
+def poll_main(out_path: str, interval: float, sockets: list[str]) -> int:
+    """The lag poller child: durable LSN of each replica, as fast as ``interval`` allows, until SIGTERM.
+
+    Writes ``{"changes": [[[t_lo, t_hi, lsn], ...] per socket], "polls": [...], "spans": [...]}``
+    (monotonic seconds) to ``out_path``.
+    """
+    from engine.control import ControlClient
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    clients = [ControlClient.unix(s, timeout=30) for s in sockets]
+    n = len(clients)
+    changes: list[list[list[float]]] = [[] for _ in range(n)]
+    last: list[int | None] = [None] * n
+    prev_t: list[float | None] = [None] * n
+    polls = [0] * n
+    first = time.monotonic()
+    print("polling", flush=True)
+    while not stop.is_set():
+        for i, c in enumerate(clients):
+            t_send = time.monotonic()
+            lsn = c.call("status")["durable_lsn"]
+            t_recv = time.monotonic()
+            if lsn != last[i]:
+                changes[i].append([prev_t[i] if prev_t[i] is not None else t_send, t_recv, lsn])
+                last[i] = lsn
+            prev_t[i] = t_send
+            polls[i] += 1
+        time.sleep(interval)
+    span = time.monotonic() - first
+    for c in clients:
+        c.close()
+    with open(out_path, "w") as f:
+        json.dump({"changes": changes, "polls": polls, "spans": [span] * n}, f)
+    return 0
+
+
+# -- 3. late start -----------------------------------------------------------------------------
+
+
+def _time_replica(master_lsn: int, replica: _Walctl, poll_s: float, timeout: float) -> dict:
+    """Seconds from the replica's Popen until it answers, streams, holds ``master_lsn`` durably, applies it."""
+    t0 = replica.started
+    out: dict = {}
+    deadline = t0 + timeout
+    while True:
+        st = replica.try_status()
+        now = time.monotonic()
+        if st is not None:
+            out.setdefault("control_up_s", now - t0)
+            conn = st.get("connection") or {}
+            if conn.get("state") == "streaming":
+                out.setdefault("streaming_s", now - t0)
+            if st["durable_lsn"] >= master_lsn:
+                out.setdefault("durable_s", now - t0)
+            if st["applied_lsn"] >= master_lsn:
+                out.setdefault("applied_s", now - t0)
+            if "durable_s" in out and "applied_s" in out:
+                out.setdefault("streaming_s", out["durable_s"])
+                return out
+        if now > deadline:
+            raise RuntimeError(f"replica {replica.node} did not reach LSN {master_lsn} within {timeout:g} s: {st}")
+        time.sleep(poll_s)
+
+
+def _startup_floor() -> float:
+    """Seconds for ``walctl --version``: the interpreter and the command line's imports."""
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "tools", "--version"], cwd=_ROOT, capture_output=True, text=True)
+    seconds = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"walctl --version exited {p.returncode}: {p.stderr[-500:]}")
+    return seconds
+
+
+def bench_late_start(base: str, messages: int = LATE_MESSAGES, runs: int = LATE_RUNS) -> dict:
+    d = tempfile.mkdtemp(prefix="late", dir=base)
+    cluster = _Cluster(d, replicas=0)
+    results = []
+    try:
+        load = bench_lmtp.lmtp_load("127.0.0.1", cluster.master.lmtp_port, 8, messages, tag=f"late-{time.time_ns()}")
+        master_lsn = cluster.master.status()["last_lsn"]
+        for k in range(runs):
+            replica = _start_replica(cluster.master, os.path.join(d, f"late{k + 1}"))
+            try:
+                results.append(_time_replica(master_lsn, replica, LATE_POLL_S, CONVERGE_TIMEOUT_S))
+            finally:
+                replica.stop()
+    finally:
+        cluster.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    durable = sorted(r["durable_s"] for r in results)
+    return {
+        "messages": messages,
+        "delivered": load["ok"],
+        "master_lsn": master_lsn,
+        "runs": results,
+        "durable_median_s": durable[len(durable) // 2],
+        "durable_worst_s": durable[-1],
+        "startup_floor_s": _startup_floor(),
+    }
+
+
+# -- 4. catch-up ---------------------------------------------------------------------------------
+
+
+def _grow(node_path: str, add_bytes: int, threads: int = CATCHUP_THREADS) -> dict:
+    """Append ~``add_bytes`` of 4 KiB message records to a stopped node with Node.deliver_many from threads."""
+    from engine.node import Node
+
+    node = Node.open(node_path)
+    try:
+        target = node.log.size_bytes() + add_bytes
+        targets = [(f"user/c{i}/INBOX", ()) for i in range(CATCHUP_MAILBOXES)]
+        node.deliver_many(targets, bench_lmtp.bench_message("catchup-create"), create=True)
+        t0 = time.perf_counter()
+
+        def work(k: int) -> None:
+            i = 0
+            while node.log.size_bytes() < target:
+                node.deliver_many(targets, bench_lmtp.bench_message(f"catchup-{k}-{i}"))
+                i += 1
+
+        ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        seconds = time.perf_counter() - t0
+        return {"last_lsn": node.log.last_lsn, "log_bytes": node.log.size_bytes(), "build_s": seconds}
+    finally:
+        node.close()
+
+
+def bench_catchup(base: str, catchup_mib: float, say=lambda m: None) -> dict:
+    d = tempfile.mkdtemp(prefix="cu", dir=base)
+    master_path, replica_path = os.path.join(d, "m"), os.path.join(d, "r1")
+    master = _Master(master_path)
+    try:  # a replica that follows, then stops
+        replica = _start_replica(master, replica_path)
+        try:
+            _wait_streaming(master, ["r1"])
+            _wait_caught_up(master, ["r1"])
+        finally:
+            replica.stop()
+    finally:
+        master.stop()
+    from wal import Log
+
+    with Log.open(os.path.join(replica_path, "log.wal")) as lg:
+        replica_lsn, replica_bytes = lg.last_lsn, lg.size_bytes()
+    say(f"catch-up: growing the master's log by {catchup_mib:g} MiB (Node.deliver_many, {CATCHUP_THREADS} threads)")
+    built = _grow(master_path, int(catchup_mib * MIB))
+    master = _Master(master_path, init=False)
+    try:
+        st = master.status()
+        target = st["last_lsn"]
+        log_dir = os.path.join(master_path, "log.wal")
+        behind_bytes = st["log_bytes"] - replica_bytes
+        say("catch-up: raw read + blake3 of the master's log (ceiling)")
+        raw = bench_wal.bench_raw_read_hash(log_dir)
+        say(f"catch-up: replica {behind_bytes / MIB:,.0f} MiB ({target - replica_lsn:,} records) behind")
+        replica = _start_replica(master, replica_path)
+        try:
+            timing = _time_replica(target, replica, CATCHUP_POLL_S, CONVERGE_TIMEOUT_S)
+        finally:
+            replica.stop()
+        raw_after = bench_wal.bench_raw_read_hash(log_dir)
+        pieces = bench_wal.bench_raw_read_hash_pieces(log_dir, MESSAGE_BYTES + 64)
+    finally:
+        master.stop()
+    shutil.rmtree(d, ignore_errors=True)
+    ceiling = max(raw["mb_per_s"], raw_after["mb_per_s"])  # the faster of two reads: the stricter ceiling
+    from_start = behind_bytes / timing["durable_s"] / 1e6
+    streaming_s = max(1e-9, timing["durable_s"] - timing["streaming_s"])
+    while_streaming = behind_bytes / streaming_s / 1e6
+    return {
+        "catchup_mib": catchup_mib,
+        "behind_bytes": behind_bytes,
+        "behind_records": target - replica_lsn,
+        "build": built,
+        "replica": timing,
+        "mb_per_s": from_start,
+        "mb_per_s_while_streaming": while_streaming,
+        "applied_mb_per_s": behind_bytes / timing["applied_s"] / 1e6,
+        "raw_read_hash_mb_per_s": ceiling,
+        "raw_read_hash_runs": [raw, raw_after],
+        "raw_per_record_hash_mb_per_s": pieces["mb_per_s"],
+        "ratio_vs_raw": from_start / ceiling,
+        "ratio_vs_raw_while_streaming": while_streaming / ceiling,
+        "ratio_vs_raw_per_record": from_start / pieces["mb_per_s"],
+    }
+
+
+# -- the whole run ---------------------------------------------------------------------------------
+
+
+def _goal(name: str, value: float, met: bool) -> dict:
+    desc, target = GOALS[name]
+    return {"goal": name, "description": desc, "target": target, "value": value, "met": met}
+
+
+def run_replication_bench(directory: str | None = None, *, messages: int = 5000, rounds: int = 3,
+                          lag_messages: int = LAG_MESSAGES, late_messages: int = LATE_MESSAGES,
+                          late_runs: int = LATE_RUNS, catchup_mib: float = CATCHUP_MIB, progress=None) -> dict:
+    say = progress or (lambda msg: None)
+    base = tempfile.mkdtemp(prefix="mwr", dir=directory)  # short: a node's control.sock path must fit AF_UNIX
+    report: dict = {"machine": bench_wal.machine_info(base), "message_bytes": MESSAGE_BYTES,
+                    "loadavg": {"start": _loadavg()}}
+    try:
+        report["throughput"] = bench_throughput(base, messages, rounds, say=say)
+        report["loadavg"]["after_throughput"] = _loadavg()
+        say(f"lag: burst of {lag_messages} messages from {LAG_CONNECTIONS} connections, 2 asynchronous replicas")
+        report["lag"] = bench_lag(base, lag_messages)
+        report["loadavg"]["after_lag"] = _loadavg()
+        say(f"late start: a new replica after {late_messages} deliveries ({late_runs} runs)")
+        report["late_start"] = bench_late_start(base, late_messages, late_runs)
+        report["loadavg"]["after_late_start"] = _loadavg()
+        report["catchup"] = bench_catchup(base, catchup_mib, say=say)
+        report["loadavg"]["end"] = _loadavg()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    tp, lag, late, cu = report["throughput"], report["lag"], report["late_start"], report["catchup"]
+    report["goals"] = [
+        _goal("async_replicas_cost", tp["async_cost"], tp["async_cost"] <= GOALS["async_replicas_cost"][1]),
+        _goal("lag_p99_s", lag["p99_s"], lag["p99_s"] < GOALS["lag_p99_s"][1]),
+        _goal("late_start_s", late["durable_worst_s"], late["durable_worst_s"] <= GOALS["late_start_s"][1]),
+        _goal("catchup_ratio", cu["ratio_vs_raw"], cu["ratio_vs_raw"] >= GOALS["catchup_ratio"][1]),
+    ]
+    report["anchors"] = ANCHORS
+    return report
+
+
+# -- rendering and the click command ---------------------------------------------------------------
+
+
+def _render(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    m = report["machine"]
+    la = report["loadavg"]
+    console.print(f"machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
+                  f"{m['fs_type']} on {m['device']} ({m['device_kind']}), dir {m['dir']}; "
+                  f"load average at start {la['start'][0]:.2f}, at end {la.get('end', ['?'])[0]}")
+    tp = report["throughput"]
+    t = Table(title=f"1. LMTP throughput: {report['message_bytes']} B messages, {tp['connections']} connections, "
+                    f"{tp['messages']} per run, median of {tp['rounds']} rounds")
+    for col in ("master", "deliveries/s", "min..max", "vs alone", "p50 ms", "p99 ms", "errors",
+                "replicas behind at end", "caught up after"):
+        t.add_column(col, justify="right")
+    for r in tp["rows"]:
+        t.add_row(r["label"], f"{r['deliveries_per_s']:,.0f}",
+                  f"{r['min_deliveries_per_s']:,.0f}..{r['max_deliveries_per_s']:,.0f}", f"{r['vs_alone']:.0%}",
+                  f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(sum(r["errors"].values())) if r["errors"] else "0",
+                  f"{r['behind_at_end_records']:,} rec" if "behind_at_end_records" in r else "-",
+                  f"{r['caught_up_after_s']:.2f} s" if "caught_up_after_s" in r else "-")
+    console.print(t)
+    lag = report["lag"]
+    lt = Table(title=f"2. replication lag: 250 to durable on the replica, burst of {lag['messages']:,} messages "
+                     f"from {lag['connections']} connections ({lag['deliveries_per_s']:,.0f} deliveries/s; "
+                     f"master p50 {lag['master_p50_ms']:.1f} ms, p99 {lag['master_p99_ms']:.1f} ms)")
+    for col in ("replica", "messages", "p50 ms", "p99 ms", "max ms", "p99 lower bound ms", "durable before 250",
+                "resolution p50/p99 ms", "polls/s"):
+        lt.add_column(col, justify="right")
+    for r in lag["replicas"]:
+        lt.add_row(r["replica"], f"{r['messages']:,}", f"{r['p50_s'] * 1000:.1f}", f"{r['p99_s'] * 1000:.1f}",
+                   f"{r['max_s'] * 1000:.1f}", f"{r['p99_lower_bound_s'] * 1000:.1f}", f"{r['before_250']:,}",
+                   f"{r['resolution_p50_s'] * 1000:.1f}/{r['resolution_p99_s'] * 1000:.1f}", f"{r['polls_per_s']:,.0f}")
+    lt.add_row("both", "", f"{lag['p50_s'] * 1000:.1f}", f"{lag['p99_s'] * 1000:.1f}", f"{lag['max_s'] * 1000:.1f}",
+               "", "", "", "")
+    console.print(lt)
+    late = report["late_start"]
+    st = Table(title=f"3. late start: new replica after {late['messages']} deliveries (master LSN "
+                     f"{late['master_lsn']}); seconds from process start "
+                     f"(walctl start-up floor {late['startup_floor_s']:.2f} s)")
+    for col in ("run", "control up", "streaming", "durable = master", "applied = master"):
+        st.add_column(col, justify="right")
+    for i, r in enumerate(late["runs"], 1):
+        st.add_row(str(i), f"{r['control_up_s']:.2f}", f"{r['streaming_s']:.2f}", f"{r['durable_s']:.2f}",
+                   f"{r['applied_s']:.2f}")
+    console.print(st)
+    cu = report["catchup"]
+    ct = Table(title=f"4. catch-up: replica {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) "
+                     f"behind; master log built in {cu['build']['build_s']:.1f} s")
+    for col in ("pass", "seconds", "MB/s", "vs raw read+blake3", "vs raw per-record blake3"):
+        ct.add_column(col, justify="right")
+    ct.add_row("raw read + blake3, 1 MiB calls (ceiling)", "", f"{cu['raw_read_hash_mb_per_s']:,.0f}", "100%", "")
+    ct.add_row("raw read + blake3 per 4 KiB record", "", f"{cu['raw_per_record_hash_mb_per_s']:,.0f}",
+               f"{cu['raw_per_record_hash_mb_per_s'] / cu['raw_read_hash_mb_per_s']:.0%}", "100%")
+    rep = cu["replica"]
+    ct.add_row("replica: process start to durable = master", f"{rep['durable_s']:.2f}", f"{cu['mb_per_s']:,.0f}",
+               f"{cu['ratio_vs_raw']:.0%}", f"{cu['ratio_vs_raw_per_record']:.0%}")
+    ct.add_row("replica: streaming to durable = master", f"{rep['durable_s'] - rep['streaming_s']:.2f}",
+               f"{cu['mb_per_s_while_streaming']:,.0f}", f"{cu['ratio_vs_raw_while_streaming']:.0%}", "")
+    ct.add_row("replica: process start to applied = master", f"{rep['applied_s']:.2f}",
+               f"{cu['applied_mb_per_s']:,.0f}", "", "")
+    console.print(ct)
+    gt = Table(title="goals")
+    for col in ("goal", "measured", "met", "anchors"):
+        gt.add_column(col)
+    for g in report["goals"]:
+        if g["goal"] == "lag_p99_s":
+            value = f"{g['value'] * 1000:.1f} ms"
+        elif g["goal"] == "late_start_s":
+            value = f"{g['value']:.2f} s"
+        else:
+            value = f"{g['value']:.0%}"
+        anchors = ", ".join(f"{k} {v:g} s" for k, v in report["anchors"].get(g["goal"], {}).items())
+        gt.add_row(g["description"], value, "yes" if g["met"] else "NO", anchors)
+    console.print(gt)
+
+
+def _make_command():
+    import click
+
+    from .cliutil import CONTEXT_SETTINGS, dump_json, stderr_console
+
+    @click.command(name="replication", context_settings=CONTEXT_SETTINGS)
+    @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+    @click.option("--messages", type=click.IntRange(min=1), default=5000, show_default=True,
+                  help="Messages per throughput run (64 connections).")
+    @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+                  help="Throughput rounds (the three setups alternate); the median round is reported.")
+    @click.option("--lag-messages", type=click.IntRange(min=1), default=LAG_MESSAGES, show_default=True,
+                  help="Messages in the lag burst (8 connections).")
+    @click.option("--late-messages", type=click.IntRange(min=1), default=LATE_MESSAGES, show_default=True,
+                  help="Messages the master holds before a new replica starts.")
+    @click.option("--late-runs", type=click.IntRange(min=1), default=LATE_RUNS, show_default=True,
+                  help="New replicas started one after another for the late-start figure (worst is the goal).")
+    @click.option("--catchup-mib", type=click.FloatRange(min=0.0, min_open=True), default=CATCHUP_MIB,
+                  show_default=True, help="How far behind (MiB of log) the catch-up replica is.")
+    @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+                  help="Where the scratch nodes go (the disk under test). Default: the system temp dir.")
+    def bench_replication(as_json, messages, rounds, lag_messages, late_messages, late_runs, catchup_mib, directory):
+        """Benchmark replication: master throughput, lag, late start, catch-up.
+
+        Starts real `walctl serve` and `walctl follow` processes on 127.0.0.1
+        and measures: LMTP deliveries/s of 4 KiB messages from 64 connections
+        to a master alone, with two asynchronous replicas, and with
+        --sync-replicas 1; the lag from each message's 250 until it is durable
+        on each replica under a 2,000-message burst (replicas' durable LSN
+        polled on their control sockets); how long a replica started after
+        100 deliveries takes to hold them; and the catch-up rate of a replica
+        --catchup-mib behind, next to reading and hashing the same log raw.
+        Scratch nodes are deleted afterwards.
+
+        \b
+        Example:
+            walctl bench replication --dir /var/lib/mailwal
+            walctl bench replication --json --messages 200 --catchup-mib 8 | jq '.goals'
+        """
+        console = stderr_console()
+        say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        report = run_replication_bench(directory, messages=messages, rounds=rounds, lag_messages=lag_messages,
+                                       late_messages=late_messages, late_runs=late_runs, catchup_mib=catchup_mib,
+                                       progress=say)
+        if as_json:
+            dump_json(report, indent=2)
+        else:
+            _render(report)
+
+    return bench_replication
+
+
+bench_replication_command = _make_command()
+
+
+def main(argv: list[str]) -> int:
+    """``python -m tools.bench_replication poll OUT INTERVAL SOCKET...``: the lag poller child."""
+    if len(argv) < 4 or argv[0] != "poll":
+        print("usage: python -m tools.bench_replication poll OUT INTERVAL SOCKET...", file=sys.stderr)
+        return 2
+    return poll_main(argv[1], float(argv[2]), argv[3:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
