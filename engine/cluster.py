@@ -525,6 +525,15 @@ class Cluster:
             return snap
         if op == "verify_store":
             return await run(node.verify_store)
+        if op == "reconcile_apply":
+            from .reconcile_apply import apply_reconcile
+
+            result = await run(functools.partial(
+                apply_reconcile, node, args["dir_a"], args["dir_b"], strategy=args.get("strategy", "renumber"),
+                destructive=bool(args.get("destructive")), dry_run=bool(args.get("dry_run"))))
+            doc = result.to_dict()
+            doc["failed"] = result.counts()["failed"] > 0
+            return doc
         if op == "reconcile_tail":
             return await run(functools.partial(self._reconcile_tail, **args))
         if op == "messages":  # uid, guid, flags, size, internaldate_ms, modseq per message

@@ -297,12 +297,7 @@ class Node:
             return []
 
     def mark_reconciled(self, tail_path: str, report: str | None = None) -> None:
-        entries = self.diverged_tails()
-        for e in entries:
-            if os.path.abspath(e["path"]) == os.path.abspath(tail_path):
-                e["reconciled"] = True
-                e["report"] = report
-        _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+        mark_tail_reconciled(tail_path, report)
 
     def store_snapshot(self, dest: str) -> tuple[int, bytes]:
         """Copy the store, consistently, to ``dest``; returns (applied LSN, its hash).
@@ -708,6 +703,27 @@ class Node:
             "quarantined": len(self.store.quarantined()),
             "checkpoint_mismatches": len(self.store.mismatches),
         }
+
+
+def mark_tail_reconciled(tail_path: str, report: str | None = None) -> bool:
+    """If ``tail_path`` is a node's ``diverged/*.wal``, mark it reconciled in that
+    node's ``diverged.json`` (status stops listing it). Returns whether it was one."""
+    tail_path = os.path.abspath(tail_path)
+    node_dir = os.path.dirname(os.path.dirname(tail_path))
+    listing = os.path.join(node_dir, DIVERGED_FILE)
+    if os.path.basename(os.path.dirname(tail_path)) != "diverged" or not os.path.exists(listing):
+        return False
+    with open(listing) as f:
+        entries = json.load(f)["tails"]
+    hit = False
+    for e in entries:
+        if os.path.abspath(e["path"]) == tail_path:
+            e["reconciled"] = True
+            e["report"] = report
+            hit = True
+    if hit:
+        _write_json_atomic(listing, {"tails": entries})
+    return hit
 
 
 def read_config(path: str) -> NodeConfig:

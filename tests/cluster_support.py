@@ -42,12 +42,13 @@ class NodeProc:
         self.proc: subprocess.Popen | None = None
         self.log = open(os.path.join(cluster.dir, f"{name}.out"), "ab")
 
-    def start(self, mode: str, extra=()) -> None:
+    def start(self, mode: str, extra=(), auto_reconcile: bool = True) -> None:
         peers = []
         for other in self.cluster.nodes.values():
             peers += ["--peer", f"127.0.0.1:{other.listen}"]
         args = [mode, self.path, "--listen", f"127.0.0.1:{self.listen}", "--lmtp", f"127.0.0.1:{self.lmtp}",
-                *peers, "--secret-file", self.cluster.secret, "--name", self.name, "--auto-reconcile", *extra]
+                *peers, "--secret-file", self.cluster.secret, "--name", self.name,
+                "--auto-reconcile" if auto_reconcile else "--no-auto-reconcile", *extra]
         self.proc = subprocess.Popen(WALCTL + args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_control()
 

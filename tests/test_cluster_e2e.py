@@ -218,3 +218,33 @@ def test_double_failover_and_back(cluster):
         p = walctl("reconcile", os.path.join(cluster[x].path, "log.wal"), os.path.join(cluster[y].path, "log.wal"),
                    "--json", check=False)
         assert p.returncode == 0 and json.loads(p.stdout)["diverged"] is False, p.stdout + p.stderr
+
+
+def test_diverged_tail_listed_until_the_operator_reconciles_it(cluster):
+    """Without auto-reconcile the tail waits in status; `walctl reconcile --apply` on the running master takes it."""
+    a, b = cluster["a"], cluster["b"]
+    a.start("serve", auto_reconcile=False)
+    b.start("follow", auto_reconcile=False)
+    mailer = Mailer(cluster, threads=1, users=2)
+    mailer.deliver(6)
+    cluster.wait_converged(["a", "b"])
+    b.kill()
+    mailer.deliver(4)  # only on a
+    a.kill()
+    b.start("follow", auto_reconcile=False)
+    b.control("promote")
+    mailer.deliver(3)  # only on b
+    a.start("follow", auto_reconcile=False)
+    cluster.wait_converged(["a", "b"])
+    tails = a.status()["diverged_tails"]
+    assert len(tails) == 1 and tails[0]["records"] == 4 and not tails[0]["reconciled"]
+    p = walctl("reconcile", os.path.join(b.path, "log.wal"), tails[0]["path"], "--json", check=False)
+    assert p.returncode == 1 and json.loads(p.stdout)["diverged"] is True
+    p = walctl("reconcile", os.path.join(b.path, "log.wal"), tails[0]["path"], "--apply", b.path, "--json",
+               check=False)
+    assert p.returncode == 1, p.stdout + p.stderr  # still "diverged" (REC exit codes); the apply succeeded
+    assert json.loads(p.stdout)["apply"]["failed"] == 0
+    assert a.status()["diverged_tails"] == []
+    cluster.wait_converged(["a", "b"])
+    assert assert_all_present_once(b, mailer) == 13
+    assert_all_present_once(a, mailer)

@@ -167,6 +167,12 @@ def _print_apply(doc: dict) -> None:
         click.echo(f"report: {doc['report']}")
 
 
+def _running(node: str) -> bool:
+    from .cmd_node import log_in_use
+
+    return log_in_use(node) and os.path.exists(os.path.join(node, "control.sock"))
+
+
 @click.command(name="reconcile", context_settings=CONTEXT_SETTINGS)
 @click.argument("log_a", metavar="A", type=click.Path(exists=True, file_okay=False, dir_okay=True))
 @click.argument("log_b", metavar="B", type=click.Path(exists=True, file_okay=False, dir_okay=True))
@@ -213,7 +219,19 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
         if not wal.LogReader(path).segments():
             raise ReconcileCliError(f"{path} is not a mailwal log (no segment files)")
     with _errors(), _progress() as bar:
-        if apply_node:
+        doc: dict = {}
+        if apply_node and _running(apply_node):
+            # The survivor runs (`walctl serve`): apply through its control channel.
+            from engine.control import ControlClient, ControlError
+
+            try:
+                with ControlClient.unix(os.path.join(apply_node, "control.sock"), timeout=3600) as c:
+                    doc = c.call("reconcile_apply", dir_a=os.path.abspath(log_a), dir_b=os.path.abspath(log_b),
+                                 strategy=strategy, destructive=apply_destructive, dry_run=dry_run)
+            except (OSError, ControlError) as exc:
+                raise ReconcileCliError(f"the running node {apply_node} could not apply: {exc}") from exc
+            failed = doc.get("failed", False)
+        elif apply_node:
             from engine.node import Node
 
             node = Node.open(os.path.abspath(apply_node))
@@ -224,7 +242,12 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
                 node.close()
             doc = result.to_dict()
             failed = result.counts()["failed"] > 0
-        else:
+        if apply_node and not dry_run and not failed:
+            from engine.node import mark_tail_reconciled
+
+            for path in (log_a, log_b):
+                mark_tail_reconciled(path, doc.get("report"))
+        if not apply_node:
             doc = run_reconcile(log_a, log_b, scan_prefix_names=names, progress=bar).to_dict()
             failed = False
     if as_json:
