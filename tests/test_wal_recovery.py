@@ -289,3 +289,22 @@ def test_LOG_9_damage_spanning_several_records_before_the_final_batch_is_corrupt
     assert (ei.value.offset, ei.value.lsn) == (off, lsn)
     assert read_bytes(seg) == bad  # nothing trimmed
     assert not wal.verify(path).ok
+
+
+def test_LOG_9_open_fails_on_a_truncated_sealed_segment(tmp_path):
+    """A sealed (non-last) segment that lost its end fails the open loudly, naming it."""
+    from wal import CorruptRecordError, Log
+
+    path = str(tmp_path / "t.wal")
+    log = Log.create(path, segment_max_bytes=400)
+    for i in range(20):
+        log.append(1, b"r%03d" % i * 10)
+    log.close()
+    segs = sorted(p for p in os.listdir(path) if p.endswith(".seg"))
+    first = os.path.join(path, segs[0])
+    size = os.path.getsize(first)
+    with open(first, "r+b") as f:
+        f.truncate(size - 7)
+    with pytest.raises(CorruptRecordError) as exc:
+        Log.open(path)
+    assert exc.value.segment == segs[0]

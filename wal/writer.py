@@ -36,6 +36,7 @@ synced by the batch before, so only the last segment can be torn.
 from __future__ import annotations
 
 import fcntl
+import struct
 import os
 import threading
 import time
@@ -60,6 +61,7 @@ from .format import (
     ZERO_HASH,
     Record,
     SegmentHeader,
+    decode_frame_header,
     encode_frame,
     payload_hash,
     record_hash,
@@ -109,6 +111,49 @@ def _release_chain(waiters: list[list]) -> None:
         waiter[2] = following[1]
     if waiters:
         waiters[0][1].release()
+
+
+_SEALED_TAIL_BYTES = 256 * 1024
+
+
+def _check_sealed_end(path: str, header: SegmentHeader, nxt: SegmentHeader) -> None:
+    """LOG-9 at open: a sealed segment must end exactly with the record the next
+    segment's header chains onto (LSN ``nxt.first_lsn - 1``, hash ``nxt.prev_hash``).
+
+    Cheap: looks for that frame in the segment's last 256 KiB (a walk of the
+    frame headers when the last record is larger). A sealed segment that was
+    truncated, extended or whose last record changed fails the open; damage
+    further inside is found by readers and ``verify`` (LOG-11, LOG-15).
+    """
+    name = os.path.basename(path)
+    want_lsn = nxt.first_lsn - 1
+    size = os.path.getsize(path)
+    if want_lsn < header.first_lsn:  # an empty sealed segment: header only, chained through
+        if size != SEGMENT_HEADER_SIZE or nxt.prev_hash != header.prev_hash:
+            raise CorruptRecordError(name, SEGMENT_HEADER_SIZE, header.first_lsn,
+                                     "empty sealed segment does not chain onto the next")
+        return
+    start = max(SEGMENT_HEADER_SIZE, size - _SEALED_TAIL_BYTES)
+    with open(path, "rb") as f:
+        f.seek(start)
+        tail = f.read()
+    needle = struct.pack("<Q", want_lsn)
+    pos = tail.rfind(needle)
+    while pos != -1:
+        off = pos - 4
+        if off >= 0:
+            fh = decode_frame_header(tail, off)
+            if fh is not None and fh.lsn == want_lsn and start + off + fh.frame_size == size:
+                if fh.hash != nxt.prev_hash:
+                    raise CorruptRecordError(name, start + off, want_lsn,
+                                             "last record does not chain onto the next segment's header")
+                return
+        pos = tail.rfind(needle, 0, max(pos, 0))
+    for off, fh, _payload in iter_frames(path, SEGMENT_HEADER_SIZE):  # a large last record: walk headers
+        if fh.lsn == want_lsn and off + fh.frame_size == size and fh.hash == nxt.prev_hash:
+            return
+    raise CorruptRecordError(name, size, want_lsn,
+                             f"sealed segment does not end with record {want_lsn} (truncated or damaged)")
 
 
 class Log:
@@ -245,6 +290,8 @@ class Log:
             if h.first_lsn != first:
                 raise CorruptRecordError(name, 0, first, f"file name says LSN {first}, header says {h.first_lsn}")
         self.log_id = uuid.UUID(bytes=log_id)
+        for (first, name), h, nxt in zip(segs, headers, headers[1:]):
+            _check_sealed_end(os.path.join(self.path, name), h, nxt)
         last_first, last_name = segs[-1]
         scan = scan_segment(
             os.path.join(self.path, last_name),
