@@ -248,3 +248,18 @@ def test_diverged_tail_listed_until_the_operator_reconciles_it(cluster):
     cluster.wait_converged(["a", "b"])
     assert assert_all_present_once(b, mailer) == 13
     assert_all_present_once(a, mailer)
+
+
+def test_a_second_master_refuses_to_serve(cluster):
+    """After a hard failover, the old master started with `serve` refuses: no split brain."""
+    a, b = cluster["a"], cluster["b"]
+    a.start("serve")
+    b.start("follow")
+    cluster.wait_converged(["a", "b"])
+    a.kill()
+    b.control("promote")
+    with pytest.raises(AssertionError, match="exited"):
+        a.start("serve")
+    assert "already the master" in open(a.log.name).read()
+    a.start("follow")
+    cluster.wait_converged(["a", "b"])

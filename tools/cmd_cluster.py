@@ -173,7 +173,35 @@ def serve(node: str, config_file, **flags) -> None:
     if s["name"] and s["name"] != cfg.name:
         cfg.name = s["name"]
         write_config(os.path.abspath(node), cfg)
+    other = _other_master(s)
+    if other is not None:
+        raise click.ClickException(
+            f"{other['node']} at {other['address']} is already the master (epoch {other['epoch']}, "
+            f"LSN {other['last_lsn']}): two masters would split the cluster. After a failover, restart this "
+            f"node as a replica: `walctl follow {node} --master {other['address']} ...` (its diverged records, "
+            f"if any, are cut aside and reconciled)")
     sys.exit(_run(node, s))
+
+
+def _other_master(s: dict) -> dict | None:
+    """A reachable peer that is master already (checked before serving as master)."""
+    from engine.cluster import parse_address
+
+    if not s["peers"] or not os.path.exists(s["secret_file"]):
+        return None
+    secret = load_secret(s["secret_file"])
+    for peer in s["peers"]:
+        if peer == s["listen"]:
+            continue
+        try:
+            host, port = parse_address(peer)
+            with ControlClient.tcp(host, port, secret, timeout=1.0) as c:
+                st = c.call("status")
+        except (OSError, ControlError, ValueError):
+            continue
+        if st.get("role") == "master":
+            return {"node": st.get("node"), "address": peer, "epoch": st.get("epoch"), "last_lsn": st.get("last_lsn")}
+    return None
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
