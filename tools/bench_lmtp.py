@@ -498,6 +498,7 @@ def _ceiling(directory: str, batch: float, bytes_per_record: float, cache: dict)
     measurements (the shared virtual disk's fsync latency drifts from second to second)."""
     b = max(1, int(round(batch)))
     if b not in cache:
+        os.sync()  # the store's dirty pages from the run just before would compete with the ceiling's fsyncs
         runs = sorted((bench_raw_sync(directory, b, max(400, b * 40), int(bytes_per_record)) for _ in range(3)),
                       key=lambda r: r["records_per_s"])
         cache[b] = runs[1]
