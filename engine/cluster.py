@@ -536,6 +536,8 @@ class Cluster:
             return doc
         if op == "reconcile_tail":
             return await run(functools.partial(self._reconcile_tail, **args))
+        if op == "mailboxes":  # name, uidvalidity, uidnext, highestmodseq, messages, digest per mailbox
+            return [asdict(m) for m in await run(node.list_mailboxes)]
         if op == "messages":  # uid, guid, flags, size, internaldate_ms, modseq per message
             return [asdict(m) for m in await run(node.list_messages, args["mailbox"])]
         if op == "store_flags":  # action: add | remove | replace; durable on return (master only)
