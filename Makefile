@@ -2,8 +2,9 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+MINUTES ?= 2
 
-.PHONY: test demo venv bench clean
+.PHONY: test demo venv bench torture clean
 
 $(BIN)/walctl: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -22,6 +23,9 @@ demo: venv
 
 bench: venv
 	$(BIN)/walctl bench wal
+
+torture: venv
+	$(BIN)/walctl torture --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis demo-nodes
