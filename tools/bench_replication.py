@@ -215,6 +215,15 @@ def _wait_streaming(master: _Master, names: list[str], timeout: float = START_TI
     _wait(ok, f"replicas {names} to stream from the master", timeout)
 
 
+def _wait_replica_streaming(replica: _Walctl, timeout: float = START_TIMEOUT_S) -> None:
+    """Until the replica itself says it streams (the master already lists it while it is being seeded)."""
+    def ok():
+        st = replica.try_status()
+        return st is not None and (st.get("connection") or {}).get("state") == "streaming"
+
+    _wait(ok, f"replica {replica.node} to stream", timeout)
+
+
 def _wait_caught_up(master: _Master, names: list[str], timeout: float = CONVERGE_TIMEOUT_S) -> dict:
     def ok():
         st = master.status()
@@ -235,6 +244,8 @@ class _Cluster:
         try:
             for i in range(replicas):
                 self.replicas.append(_start_replica(self.master, os.path.join(directory, f"r{i + 1}")))
+            for r in self.replicas:
+                _wait_replica_streaming(r)
             _wait_streaming(self.master, self.names)
         except BaseException:
             self.stop()
@@ -248,6 +259,13 @@ class _Cluster:
         for r in self.replicas:
             r.stop()
         self.master.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _loadavg() -> list[float]:
@@ -275,6 +293,8 @@ def _throughput_row(base: str, mode: str, replicas: int, sync: int, messages: in
     d = tempfile.mkdtemp(prefix=f"t{mode[:2]}", dir=base)
     cluster = _Cluster(d, replicas=replicas, sync_replicas=sync)
     try:
+        pids = [cluster.master.proc.proc.pid] + [r.proc.pid for r in cluster.replicas]
+        cpu0 = [_cpu_seconds(p) for p in pids]
         load = bench_lmtp.lmtp_load("127.0.0.1", cluster.master.lmtp_port, connections, messages, tag=tag)
         t_end = time.monotonic()
         row = {"mode": mode, "replicas": replicas, "sync_replicas": sync, **load}
@@ -283,6 +303,12 @@ def _throughput_row(base: str, mode: str, replicas: int, sync: int, messages: in
             row["behind_at_end_records"] = max(r["lag_records"] for r in st["replicas"])
             _wait_caught_up(cluster.master, cluster.names)
             row["caught_up_after_s"] = time.monotonic() - t_end
+        # CPU per delivery (until the replicas hold everything): what replication costs each process,
+        # independent of how the machine's cores are shared between them.
+        cpu = [_cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
+        ok = max(1, load["ok"])
+        row["master_cpu_us_per_delivery"] = cpu[0] / ok * 1e6
+        row["replica_cpu_us_per_delivery"] = [c / ok * 1e6 for c in cpu[1:]]
     finally:
         cluster.stop()
     shutil.rmtree(d, ignore_errors=True)
@@ -313,6 +339,11 @@ def bench_throughput(base: str, messages: int, rounds: int, connections: int = T
     out["async_vs_alone"] = medians["async"] / alone
     out["async_cost"] = 1.0 - out["async_vs_alone"]
     out["sync_vs_alone"] = medians["sync"] / alone
+    # The master's own CPU per delivery (median over rounds): what replication adds on the master,
+    # less sensitive than deliveries/s to how the shared cores are split between the processes.
+    cpu = {mode: statistics.median(r["master_cpu_us_per_delivery"] for r in rows[mode]) for mode, *_ in MODES}
+    out["master_cpu_us_per_delivery"] = cpu
+    out["async_master_cpu_vs_alone"] = cpu["async"] / cpu["alone"] if cpu["alone"] else 0.0
     return out
 
 
@@ -585,6 +616,7 @@ def bench_catchup(base: str, catchup_mib: float, say=lambda m: None) -> dict:
     try:  # a replica that follows, then stops
         replica = _start_replica(master, replica_path)
         try:
+            _wait_replica_streaming(replica)
             _wait_streaming(master, ["r1"])
             _wait_caught_up(master, ["r1"])
         finally:
@@ -694,15 +726,20 @@ def _render(report: dict) -> None:
     t = Table(title=f"1. LMTP throughput: {report['message_bytes']} B messages, {tp['connections']} connections, "
                     f"{tp['messages']} per run, median of {tp['rounds']} rounds")
     for col in ("master", "deliveries/s", "min..max", "vs alone", "p50 ms", "p99 ms", "errors",
-                "replicas behind at end", "caught up after"):
+                "replicas behind at end", "caught up after", "master CPU µs/msg", "replica CPU µs/msg"):
         t.add_column(col, justify="right")
     for r in tp["rows"]:
         t.add_row(r["label"], f"{r['deliveries_per_s']:,.0f}",
                   f"{r['min_deliveries_per_s']:,.0f}..{r['max_deliveries_per_s']:,.0f}", f"{r['vs_alone']:.0%}",
                   f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(sum(r["errors"].values())) if r["errors"] else "0",
                   f"{r['behind_at_end_records']:,} rec" if "behind_at_end_records" in r else "-",
-                  f"{r['caught_up_after_s']:.2f} s" if "caught_up_after_s" in r else "-")
+                  f"{r['caught_up_after_s']:.2f} s" if "caught_up_after_s" in r else "-",
+                  f"{r['master_cpu_us_per_delivery']:,.0f}",
+                  ", ".join(f"{c:,.0f}" for c in r["replica_cpu_us_per_delivery"]) or "-")
     console.print(t)
+    cpu = tp["master_cpu_us_per_delivery"]
+    console.print(f"master CPU per delivery (median of rounds): alone {cpu['alone']:,.0f} µs, 2 async replicas "
+                  f"{cpu['async']:,.0f} µs ({tp['async_master_cpu_vs_alone']:.0%}), sync {cpu['sync']:,.0f} µs")
     lag = report["lag"]
     lt = Table(title=f"2. replication lag: 250 to durable on the replica, burst of {lag['messages']:,} messages "
                      f"from {lag['connections']} connections ({lag['deliveries_per_s']:,.0f} deliveries/s; "
