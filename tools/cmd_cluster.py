@@ -424,7 +424,7 @@ def _print_status(st: dict) -> None:
 @click.argument("node", required=False, type=click.Path(file_okay=False))
 @_with_connect
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the same fields).")
-@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
+@click.option("--watch", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C.")
 def status(node: str | None, connect: str | None, secret_file: str | None, as_json: bool, watch: float | None) -> None:
     """Show a node's role, log position, store, replicas and their lag.
 
@@ -439,26 +439,36 @@ def status(node: str | None, connect: str | None, secret_file: str | None, as_js
     """
     if node is None and not connect:
         raise click.UsageError("give NODE or --connect HOST:PORT")
-    while True:
-        if _running(node, connect):
-            st = _call(node, connect, secret_file, "status")
-            st["running"] = True
-        else:
-            _require_node(node)
-            with _errors():
-                st = _offline_status(node)
-        if as_json:
-            click.echo(json.dumps(st, indent=2, default=str))
-        else:
-            if watch:
-                click.clear()
-            _print_status(st)
-        if not watch:
-            return
-        try:
+    if not watch:
+        _show_status(node, connect, secret_file, as_json, clear=False)
+        return
+    try:
+        _show_status(node, connect, secret_file, as_json, clear=True)  # a bad NODE or address fails at once
+        while True:
             time.sleep(watch)
-        except KeyboardInterrupt:
-            return
+            try:
+                _show_status(node, connect, secret_file, as_json, clear=True)
+            except click.ClickException as exc:
+                # Watching: a node that stops or restarts is shown as such, not the end of the watch.
+                click.echo(f"{time.strftime('%H:%M:%S')} {exc.format_message()}", err=True)
+    except KeyboardInterrupt:
+        return
+
+
+def _show_status(node: str | None, connect: str | None, secret_file: str | None, as_json: bool, clear: bool) -> None:
+    if _running(node, connect):
+        st = _call(node, connect, secret_file, "status")
+        st["running"] = True
+    else:
+        _require_node(node)
+        with _errors():
+            st = _offline_status(node)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+    else:
+        if clear:
+            click.clear()
+        _print_status(st)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
