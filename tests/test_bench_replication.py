@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from engine.events import body_guid
-from tools.bench_replication import GOALS, lag_figures
+from tools.bench_replication import GOALS, lag_figures, render_markdown
 from tools.walctl import cli
 
 
@@ -53,6 +53,10 @@ def test_bench_replication_small_run_reports_every_figure(tmp_path):
     for g in report["goals"]:
         assert isinstance(g["met"], bool) and isinstance(g["value"], float)
     assert report["machine"]["cpus"] >= 1 and len(report["loadavg"]["start"]) == 3
+
+    md = render_markdown(report)  # what the README's tables come from
+    assert all(desc in md for desc, _ in GOALS.values())
+    assert "| 2 replicas, --sync-replicas 1 |" in md and "| both |" in md and "| run 1 |" in md
 
 
 def test_lag_is_first_poll_showing_the_lsn_minus_the_250():

@@ -60,7 +60,7 @@ import time
 
 from . import bench_lmtp, bench_wal
 
-__all__ = ["run_replication_bench", "bench_replication_command", "main", "GOALS"]
+__all__ = ["run_replication_bench", "render_markdown", "bench_replication_command", "main", "GOALS"]
 
 MESSAGE_BYTES = bench_lmtp.MESSAGE_BYTES
 THROUGHPUT_CONNECTIONS = 64
@@ -795,6 +795,63 @@ def _render(report: dict) -> None:
     console.print(gt)
 
 
+def render_markdown(report: dict) -> str:
+    """The report as README-ready markdown tables."""
+    m, la = report["machine"], report["loadavg"]
+    out = [f"Machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
+           f"{m['fs_type']} on {m['device']}; load average {la['start'][0]:.1f} at the start, "
+           f"{la.get('end', ['?'])[0]} at the end.", ""]
+    tp = report["throughput"]
+    out += [f"| master ({tp['connections']} connections, {tp['messages']:,} messages, median of {tp['rounds']}) "
+            "| deliveries/s | min..max | vs alone | p50 ms | p99 ms | replicas behind at end | master CPU µs/msg "
+            "| each replica CPU µs/msg |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in tp["rows"]:
+        out.append(f"| {r['label']} | {r['deliveries_per_s']:,.0f} | {r['min_deliveries_per_s']:,.0f}.."
+                   f"{r['max_deliveries_per_s']:,.0f} | {r['vs_alone']:.0%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                   + (f"{r['behind_at_end_records']:,} records" if "behind_at_end_records" in r else "")
+                   + f" | {r['master_cpu_us_per_delivery']:,.0f} | "
+                   + ", ".join(f"{c:,.0f}" for c in r["replica_cpu_us_per_delivery"]) + " |")
+    lag = report["lag"]
+    out += ["", f"| lag, 250 to durable on the replica ({lag['messages']:,}-message burst, {lag['connections']} "
+            f"connections, {lag['deliveries_per_s']:,.0f}/s) | p50 ms | p99 ms | max ms | p99 lower bound ms "
+            "| poll resolution p50/p99 ms |", "|---|---:|---:|---:|---:|---:|"]
+    for r in lag["replicas"]:
+        out.append(f"| {r['replica']} | {r['p50_s'] * 1000:.1f} | {r['p99_s'] * 1000:.1f} | {r['max_s'] * 1000:.1f} | "
+                   f"{r['p99_lower_bound_s'] * 1000:.1f} | {r['resolution_p50_s'] * 1000:.1f}/"
+                   f"{r['resolution_p99_s'] * 1000:.1f} |")
+    out.append(f"| both | {lag['p50_s'] * 1000:.1f} | {lag['p99_s'] * 1000:.1f} | {lag['max_s'] * 1000:.1f} | | |")
+    late = report["late_start"]
+    out += ["", f"| late start, {late['messages']} messages on the master (s from `Popen`) | control socket answers "
+            "| streaming | durable = master | applied = master |", "|---|---:|---:|---:|---:|"]
+    for i, r in enumerate(late["runs"], 1):
+        out.append(f"| run {i} | {r['control_up_s']:.2f} | {r['streaming_s']:.2f} | {r['durable_s']:.2f} | "
+                   f"{r['applied_s']:.2f} |")
+    out.append(f"| (`walctl --version`: {late['startup_floor_s']:.2f}) | | | | |")
+    cu = report["catchup"]
+    rep = cu["replica"]
+    out += ["", f"| catch-up, {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) behind | seconds "
+            "| MB/s | vs raw read+blake3 |", "|---|---:|---:|---:|",
+            f"| raw read + blake3, 1 MiB calls (ceiling) | | {cu['raw_read_hash_mb_per_s']:,.0f} | 100% |",
+            f"| raw read + blake3 per 4 KiB record | | {cu['raw_per_record_hash_mb_per_s']:,.0f} | "
+            f"{cu['raw_per_record_hash_mb_per_s'] / cu['raw_read_hash_mb_per_s']:.0%} |",
+            f"| replica, process start to durable = master | {rep['durable_s']:.1f} | {cu['mb_per_s']:,.0f} | "
+            f"{cu['ratio_vs_raw']:.1%} |",
+            f"| replica, streaming to durable = master | {rep['durable_s'] - rep['streaming_s']:.1f} | "
+            f"{cu['mb_per_s_while_streaming']:,.0f} | {cu['ratio_vs_raw_while_streaming']:.1%} |",
+            f"| replica, process start to applied = master | {rep['applied_s']:.1f} | {cu['applied_mb_per_s']:,.0f} | |"]
+    out += ["", "| goal | measured | met | anchors |", "|---|---:|---|---|"]
+    for g in report["goals"]:
+        if g["goal"] == "lag_p99_s":
+            value = f"{g['value'] * 1000:.1f} ms"
+        elif g["goal"] == "late_start_s":
+            value = f"{g['value']:.2f} s"
+        else:
+            value = f"{g['value']:.0%}"
+        anchors = ", ".join(f"{k} {v:g} s" for k, v in report["anchors"].get(g["goal"], {}).items())
+        out.append(f"| {g['description']} | {value} | {'yes' if g['met'] else '**no**'} | {anchors} |")
+    return "\n".join(out) + "\n"
+
+
 def _make_command():
     import click
 
@@ -802,6 +859,7 @@ def _make_command():
 
     @click.command(name="replication", context_settings=CONTEXT_SETTINGS)
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+    @click.option("--markdown", is_flag=True, help="Print README-ready markdown tables instead.")
     @click.option("--messages", type=click.IntRange(min=1), default=5000, show_default=True,
                   help="Messages per throughput run (64 connections).")
     @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
@@ -816,7 +874,8 @@ def _make_command():
                   show_default=True, help="How far behind (MiB of log) the catch-up replica is.")
     @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
                   help="Where the scratch nodes go (the disk under test). Default: the system temp dir.")
-    def bench_replication(as_json, messages, rounds, lag_messages, late_messages, late_runs, catchup_mib, directory):
+    def bench_replication(as_json, markdown, messages, rounds, lag_messages, late_messages, late_runs, catchup_mib,
+                          directory):
         """Benchmark replication: master throughput, lag, late start, catch-up.
 
         Starts real `walctl serve` and `walctl follow` processes on 127.0.0.1
@@ -843,6 +902,8 @@ def _make_command():
                                        progress=say)
         if as_json:
             dump_json(report, indent=2)
+        elif markdown:
+            click.echo(render_markdown(report), nl=False)
         else:
             _render(report)
 
