@@ -48,6 +48,7 @@ def test_bench_replication_small_run_reports_every_figure(tmp_path):
     assert cu["behind_bytes"] >= 2**20 and cu["behind_records"] > 0
     assert cu["replica"]["durable_s"] > 0 and cu["mb_per_s"] > 0 and cu["raw_read_hash_mb_per_s"] > 0
     assert cu["ratio_vs_raw"] == cu["mb_per_s"] / cu["raw_read_hash_mb_per_s"]
+    assert cu["raw_copy_mb_per_s"] > 0 and cu["raw_per_record_hash_mb_per_s"] > 0
 
     assert {g["goal"] for g in report["goals"]} == set(GOALS)
     for g in report["goals"]:
