@@ -115,11 +115,8 @@ class Cluster:
 
     def args(self, mode: str, name: str) -> list[str]:
         peers = [x for n in NAMES for x in ("--peer", self.repl[n])]
-        out = [mode, self.path(name), "--lmtp", "%s:%d" % self.lmtp[name], "--listen", self.repl[name], *peers,
-               "--name", name, "--auto-reconcile"]
-        if mode == "follow":
-            out += ["--secret-file", os.path.join(self.root, SECRET)]
-        return out
+        return [mode, self.path(name), "--lmtp", "%s:%d" % self.lmtp[name], "--listen", self.repl[name], *peers,
+                "--name", name, "--auto-reconcile", "--secret-file", os.path.join(self.root, SECRET)]
 
     def start(self, mode: str, name: str, *, quiet: bool = False) -> None:
         """Start ``walctl serve|follow`` for ``name``; its output goes to DEMO_DIR/<name>.log."""
@@ -505,6 +502,15 @@ def run_demo(cl: Cluster) -> bool:
     return ok
 
 
+def _walctl_path() -> str:
+    """How to call walctl from here: the virtualenv's script when there is one."""
+    script = os.path.join(os.path.dirname(sys.executable), "walctl")
+    if os.path.exists(script):
+        rel = os.path.relpath(script)
+        return script if rel.startswith("..") else rel
+    return "walctl"
+
+
 def main() -> int:
     from .cmd_node import log_in_use
 
@@ -530,12 +536,13 @@ def main() -> int:
         stopped = cl.stop_all()
         say("\nstopping the nodes (SIGTERM): " + ", ".join(f"{n} (pid {pid}) exited {rc}" for n, pid, rc in stopped))
     say(f"\nThe node directories are left in ./{DEMO_DIR} (a, b, c, their logs NAME.log, the secret).")
+    w = _walctl_path()
     say("Look at them with, for example:")
-    say(f"  walctl status {DEMO_DIR}/c          walctl messages {DEMO_DIR}/c user/alice/INBOX")
-    say(f"  walctl verify {DEMO_DIR}/b/log.wal   ls {DEMO_DIR}/b/diverged {DEMO_DIR}/c/reconcile")
-    say("Start a node again by hand (SIGTERM or Ctrl-C stops it), e.g.:")
+    say(f"  {w} status {DEMO_DIR}/c          {w} messages {DEMO_DIR}/c user/alice/INBOX")
+    say(f"  {w} verify {DEMO_DIR}/b/log.wal   ls {DEMO_DIR}/b/diverged {DEMO_DIR}/c/reconcile")
     if "c" in cmdlines:
-        say("  walctl " + " ".join(cl.args("serve", "c")))
+        say("Start a node again by hand (SIGTERM or Ctrl-C stops it), e.g. the master c:")
+        say(f"  {w} " + " ".join(cl.args("serve", "c")))
     say("Rerun the whole demo (it starts afresh): make demo")
     say("\ndemo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
