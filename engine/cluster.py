@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,7 @@ class ClusterConfig:
     failover_timeout_s: float = 30.0
     metrics: tuple[str, int] | None = None
     reconnect_refused_s: float = 10.0
+    reconcile_retry_s: float = 5.0  # auto_reconcile: how often a tail not reconciled yet is tried again
     retention_max_bytes: int = 0  # 0: keep the whole log; else drop what nobody needs once the log is larger
     retention_interval_s: float = 5.0
 
@@ -150,6 +152,12 @@ class Cluster:
         self._role_scope: anyio.CancelScope | None = None
         self._repl_scopes: set[anyio.CancelScope] = set()
         self._metrics = None
+        # Diverged tails: cutting, reconciling and marking them take this lock (one at a time,
+        # and diverged.json is rewritten by one writer). Applies on this node as master take
+        # _apply_lock: two overlapping tails applied at once would both copy the same message.
+        self._tail_lock = anyio.Lock()
+        self._tail_errors: dict[str, str] = {}
+        self._apply_lock = threading.Lock()
 
     # -- the NodeRunner service ------------------------------------------------------
 
@@ -179,6 +187,8 @@ class Cluster:
             if runner.lmtp is not None:
                 runner.lmtp.backend = SyncReplicationBackend(self, runner.lmtp.backend)
             self._start_role()
+            if self.config.auto_reconcile:
+                tg.start_soon(self._retry_tails)
             task_status.started()
             try:
                 await anyio.sleep_forever()
@@ -357,15 +367,64 @@ class Cluster:
     async def _diverged(self, exc: DivergedError) -> None:
         fork = exc.last_common_lsn
         self._event("diverged", f"log diverged from the master's after LSN {fork}; cutting the tail aside")
-        tail = await anyio.to_thread.run_sync(self.node.cut_diverged, fork)
+        async with self._tail_lock:
+            tail = await anyio.to_thread.run_sync(self.node.cut_diverged, fork)
         log.warning("diverged tail after LSN %d moved to %s", fork, tail)
         if self.config.auto_reconcile:
+            await self._reconcile_pending_tail(tail, remote=True)
+
+    async def _retry_tails(self) -> None:
+        """Auto-reconcile keeps trying every diverged tail not reconciled yet.
+
+        The first attempt (right after the cut) fails when the master is
+        killed, demoted or unreachable meanwhile; without a retry the tail's
+        acknowledged deliveries would stay out of the cluster. An apply is
+        idempotent (REC-12): a tail the master applied without answering
+        plans nothing the second time. A node that has become master
+        reconciles its own tails into itself.
+        """
+        while True:
+            await anyio.sleep(self.config.reconcile_retry_s)
+            for tail in [t["path"] for t in self.node.diverged_tails() if not t.get("reconciled")]:
+                if not await self._reconcile_pending_tail(tail):
+                    break
+
+    async def _reconcile_pending_tail(self, tail: str, *, remote: bool = False) -> bool:
+        """One attempt to reconcile ``tail`` (into the master, or into this node
+        when it is master); marks it reconciled on success.
+
+        ``remote``: right after the cut the link is not streaming (the master
+        refused this log), yet the master it knows is the one to send it to.
+        """
+        async with self._tail_lock:
+            if not any(t["path"] == tail and not t.get("reconciled") for t in self.node.diverged_tails()):
+                return True
             try:
-                report = await anyio.to_thread.run_sync(self._reconcile_into_master, tail)
-                self.node.mark_reconciled(tail, report)
-                self._event("reconciled", f"tail {tail} reconciled into the master: {report}")
-            except Exception as exc:  # listed in status; the operator runs walctl reconcile
-                self._event("reconcile-failed", f"{tail}: {exc}")
+                if self.node.role == "master" and not remote:
+                    report = await anyio.to_thread.run_sync(self._reconcile_locally, tail)
+                    where = "into this node (master)"
+                elif remote or (self.link is not None and self.link.state == "streaming"):
+                    report = await anyio.to_thread.run_sync(self._reconcile_into_master, tail)
+                    where = "into the master"
+                else:
+                    return False
+            except Exception as exc:  # listed in status and retried; the operator may run walctl reconcile
+                if self._tail_errors.get(tail) != str(exc):
+                    self._tail_errors[tail] = str(exc)
+                    self._event("reconcile-failed", f"{tail}: {exc} (retried every {self.config.reconcile_retry_s:g} s)")
+                return False
+            self._tail_errors.pop(tail, None)
+            self.node.mark_reconciled(tail, report)
+            self._event("reconciled", f"tail {tail} reconciled {where}: {report}")
+            return True
+
+    def _reconcile_locally(self, tail: str) -> str | None:
+        """Apply one of this node's own diverged tails to itself (it is the master now)."""
+        from .reconcile_apply import apply_reconcile
+
+        with self._apply_lock:
+            result = apply_reconcile(self.node, self.node.log.path, tail)
+        return getattr(result, "report_path", None)
 
     def _reconcile_into_master(self, tail: str) -> str | None:
         """Send the tail's records to the master's control port to reconcile there."""
@@ -384,7 +443,17 @@ class Cluster:
     # -- role changes --------------------------------------------------------------------------
 
     async def soft_failover(self, to: str, timeout: float | None = None) -> dict:
-        """Requirement (c): drain, fence, promote ``to``, become its replica."""
+        """Requirement (c): drain, fence, promote ``to``, become its replica (CTL-4).
+
+        Until the target has confirmed it holds the whole log (Drained), a
+        failure aborts and this node resumes as master: nobody else can be
+        master then. From the moment Promote may leave, this node is durably a
+        replica *first* (``node.json``), so a lost Promoted reply or a crash
+        can never leave two masters (found by the spin model,
+        BUG_RESUME_AFTER_PROMOTE): at worst the cluster has no master and the
+        operator promotes one (`walctl promote`); nothing is lost, the target
+        holds every record.
+        """
         node = self.node
         if node.role != "master" or self.hub is None:
             raise ReadOnlyNodeError("only the master can hand over; this node is a replica")
@@ -397,9 +466,9 @@ class Cluster:
             if drained.get(to) != node.log.last_lsn:
                 raise ReplicationTimeoutError(node.log.last_lsn, 1, sorted(drained))
             new_epoch = max([node.log.epoch] + [e.epoch for e in read_history(node.log.path)]) + 1
-            promoted = await self.hub.promote(to, new_epoch, timeout)
         except BaseException as exc:
-            # Abort: drop every replication connection (they leave the fence and reconnect) and resume.
+            # Abort before any Promote: drop every replication connection (they
+            # leave the fence and reconnect) and resume as master.
             self._restart_role()
             node.resume_writes()
             window = time.monotonic() - started
@@ -407,9 +476,22 @@ class Cluster:
             if isinstance(exc, Exception):
                 raise TemporaryFailure(f"soft failover to {to} aborted, this node is master again: {exc}") from exc
             raise
-        # Hand over: this node becomes a replica of the new master.
+        # Point of no return: become a replica durably before Promote can leave.
         await anyio.to_thread.run_sync(node.set_role, "replica")
-        node.resume_writes()  # writes are now refused because the role is replica
+        node.resume_writes()  # writes are refused now because the role is replica
+        try:
+            promoted = await self.hub.promote(to, new_epoch, timeout)
+        except BaseException as exc:
+            window = time.monotonic() - started
+            self._restart_role()
+            self._event("failover-uncertain",
+                        f"{to} did not confirm its promotion to epoch {new_epoch} ({exc!r}); this node stays a "
+                        f"replica. If {to} is not master, promote a node with `walctl promote` (every replica "
+                        f"drained holds the whole log)")
+            if isinstance(exc, Exception):
+                raise TemporaryFailure(f"{to} did not confirm its promotion ({exc}); this node is now a replica: "
+                                       f"check `walctl status` and promote a node if none is master") from exc
+            raise
         window = time.monotonic() - started
         self._restart_role()
         result = {"to": to, "epoch": promoted.epoch, "last_lsn": promoted.last_lsn,
@@ -528,9 +610,12 @@ class Cluster:
         if op == "reconcile_apply":
             from .reconcile_apply import apply_reconcile
 
-            result = await run(functools.partial(
-                apply_reconcile, node, args["dir_a"], args["dir_b"], strategy=args.get("strategy", "renumber"),
-                destructive=bool(args.get("destructive")), dry_run=bool(args.get("dry_run"))))
+            def apply():
+                with self._apply_lock:
+                    return apply_reconcile(node, args["dir_a"], args["dir_b"], strategy=args.get("strategy", "renumber"),
+                                           destructive=bool(args.get("destructive")), dry_run=bool(args.get("dry_run")))
+
+            result = await run(apply)
             doc = result.to_dict()
             doc["failed"] = result.counts()["failed"] > 0
             return doc
@@ -583,8 +668,10 @@ class Cluster:
             tail.close()
         kept = os.path.join(node.path, "reconcile", "tails")
         os.makedirs(kept, exist_ok=True)
-        dest = os.path.join(kept, f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-after-{first_lsn - 1}.wal")
+        dest = os.path.join(kept, f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-after-{first_lsn - 1}-"
+                                  f"{uuid.uuid4().hex[:8]}.wal")  # two replicas may send tails in the same second
         os.rename(tail_dir, dest)
         shutil.rmtree(tmp, ignore_errors=True)
-        result = apply_reconcile(node, node.log.path, dest, strategy=strategy, destructive=destructive)
+        with self._apply_lock:  # one apply at a time: overlapping tails must not both copy a message
+            result = apply_reconcile(node, node.log.path, dest, strategy=strategy, destructive=destructive)
         return {"report": getattr(result, "report_path", None), "tail": dest}
