@@ -118,7 +118,8 @@ class SyncReplicationBackend:
         results = await self.inner.deliver_many(targets, body, create=create)
         cluster = self.cluster
         k = cluster.config.sync_replicas
-        lsns = [r.lsn for r in results if hasattr(r, "lsn") and not getattr(r, "duplicate", False)]
+        # A duplicate's receipt LSN is at or after its original's: waiting for it covers the original.
+        lsns = [r.lsn for r in results if hasattr(r, "lsn")]
         if k <= 0 or not lsns or cluster.hub is None:
             return results
         try:
@@ -130,7 +131,7 @@ class SyncReplicationBackend:
                 return results
             cluster.sync_degraded = f"refusing: {exc}"
             err = TemporaryFailure(f"fewer than {k} replica(s) confirmed the message in time: {exc}")
-            return [err if hasattr(r, "lsn") and not getattr(r, "duplicate", False) else r for r in results]
+            return [err if hasattr(r, "lsn") else r for r in results]
         return results
 
 
@@ -170,8 +171,11 @@ class Cluster:
             self.config.name = self.node.config.name
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await tg.start(functools.partial(serve_control, self._control,
-                                             unix_path=os.path.join(self.node.path, "control.sock")))
+            sock_path = os.path.join(self.node.path, "control.sock")
+            if len(os.fsencode(sock_path)) < 100:  # AF_UNIX paths are limited to ~107 bytes
+                await tg.start(functools.partial(serve_control, self._control, unix_path=sock_path))
+            else:
+                log.warning("node path too long for %s: local control only over --listen (TCP)", sock_path)
             if self.config.listen is not None:
                 if self.secret is None:
                     raise ValueError("a replication listener needs a shared secret (secret_file)")

@@ -49,6 +49,7 @@ __all__ = ["Node", "Receipt", "PlannedDeliveries", "NodeConfig", "LOG_DIR", "STO
 LOG_DIR = "log.wal"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "node.json"
+MAX_BODY_BYTES = 60 * 1024 * 1024  # a record payload is at most 64 MiB (LOG-4); leave room for the other fields
 DIVERGED_FILE = "diverged.json"
 
 
@@ -444,9 +445,10 @@ class Node:
         one is durable. With ``blocking=False`` returns None instead of
         waiting for the state lock (an event loop must not block on it).
         """
-        if len(body) > self.config.max_message_bytes:
+        if len(body) > min(self.config.max_message_bytes, MAX_BODY_BYTES):
             raise MessageTooLargeError(
-                f"message of {len(body)} bytes exceeds this node's limit of {self.config.max_message_bytes}"
+                f"message of {len(body)} bytes exceeds this node's limit of "
+                f"{min(self.config.max_message_bytes, MAX_BODY_BYTES)}"
             )
         now = time.time()
         now_ms = int(now * 1000)

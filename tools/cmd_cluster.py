@@ -118,6 +118,9 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
     from engine.server import LmtpConfig, NodeRunner
 
     _setup_logging(s["log_file"], s["quiet"], s["log_json"])
+    # A thread whose fdatasync returned should get the GIL quickly: the default
+    # 5 ms switch interval added ~1 ms to a lone delivery (measured: 434/s vs 1,178/s).
+    sys.setswitchinterval(0.0005)
     try:
         listen = parse_address(s["listen"]) if s["listen"] else None
         peers = [parse_address(p) for p in list(masters) + s["peers"]]

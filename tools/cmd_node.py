@@ -183,50 +183,6 @@ def init(node: str, role: str, name: str, max_message_bytes: int | None) -> None
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @node_argument
-@click.option("--lmtp", "lmtp", default="127.0.0.1:2424", show_default=True, metavar="HOST:PORT",
-              help="Where the LMTP server listens (port 0 picks a free port; the address is printed).")
-@click.option("--unknown-recipients", type=click.Choice(["create", "reject"]), default="create", show_default=True,
-              help="A recipient with no user/LOCAL/INBOX: create it on first delivery, or answer 550 5.1.1.")
-@click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
-              help="Refuse larger messages with 552 5.3.4 (default: the node's limit).")
-@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds SIGTERM waits for open transactions before cutting them.")
-@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
-              help="Append the delivery log here instead of stderr.")
-@click.option("--quiet", is_flag=True, help="Log only warnings (no line per delivery).")
-def serve(node: str, lmtp: str, unknown_recipients: str, max_message_bytes: int | None, shutdown_grace: float,
-          log_file: str | None, quiet: bool) -> None:
-    """Run a node with an LMTP server (RFC 2033) until SIGTERM.
-
-    Prints where it listens, then logs one line per recipient delivery
-    (recipient, mailbox, UID, GUID, LSN, latency). A 250 is sent only once
-    the delivery is durable in the log. SIGTERM or SIGINT drains: stop
-    accepting, finish in-flight deliveries, exit 0.
-
-    \b
-    Example:
-        walctl serve node1 --lmtp 127.0.0.1:2424 --unknown-recipients reject
-    """
-    from engine.server import LmtpConfig, run_node
-
-    _require_node(node)
-    host, port = _host_port(lmtp)
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    root = logging.getLogger("mailwal")
-    root.addHandler(handler)
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    config = LmtpConfig(host=host, port=port, unknown_recipients=unknown_recipients,
-                        max_message_bytes=max_message_bytes, shutdown_grace_s=shutdown_grace)
-    if log_in_use(node):
-        raise click.ClickException(f"node {node} is already running (its log is locked by another process)")
-    with _errors():
-        rc = run_node(node, config)
-    sys.exit(rc)
-
-
-@click.command(context_settings=CONTEXT_SETTINGS)
-@node_argument
 @click.argument("mailbox")
 @click.option("--flags", default="", help="Flags to store with the message, comma- or space-separated (\\Seen,work).")
 @click.option("--create", is_flag=True, help="Create MAILBOX first if it does not exist.")
@@ -415,4 +371,4 @@ def messages(node: str, mailbox_name: str, as_json: bool) -> None:
         click.echo(f"{r['uid']:>6}  {r['guid']}  {r['size']:>8}  modseq={r['modseq']}  {' '.join(r['flags'])}")
 
 
-NODE_COMMANDS = (init, serve, deliver, digest, rebuild, mailbox, messages)
+NODE_COMMANDS = (init, deliver, digest, rebuild, mailbox, messages)  # serve/follow: tools/cmd_cluster.py
