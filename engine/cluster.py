@@ -55,6 +55,7 @@ from .errors import (
 from .events import EpochStarted
 from .mailerrors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure
 from .receiver import ReplicaLink, SnapshotMeta, run_replica
+from .reconcile_apply import ReconcileError
 from .replication_auth import load_secret
 from .replication_channel import PrefixedStream
 from .sender import ReplicationHub, replication_handler
@@ -135,6 +136,13 @@ class SyncReplicationBackend:
         return results
 
 
+def _check_applied(result) -> None:
+    """Raise unless a reconcile apply completed: a tail is reconciled only when every
+    action was done or skipped (e.g. a soft failover made the survivor read-only midway)."""
+    if result.status != "done" or result.counts()["failed"]:
+        raise ReconcileError(f"reconcile apply {result.status}: {result.counts()}; report {result.report_path}")
+
+
 class Cluster:
     """The cluster side of one running node; see the module docstring."""
 
@@ -185,8 +193,16 @@ class Cluster:
             if self.config.metrics is not None:
                 from .metrics import Metrics
 
-                self._metrics = Metrics()
-                port = self._metrics.serve(self.config.metrics[0], self.config.metrics[1], self.status)
+                self._metrics = m = Metrics()
+                port = m.serve(self.config.metrics[0], self.config.metrics[1], self.status)
+
+                def on_sync(records: int, seconds: float) -> None:
+                    m.fsync_seconds.observe(seconds)
+                    m.batch_records.observe(records)
+
+                self.node.log.on_sync = on_sync
+                if runner.lmtp is not None:
+                    runner.lmtp.on_delivery = self._count_delivery
                 runner.announce(f"node {self.config.name}: metrics on http://{self.config.metrics[0]}:{port}/metrics")
             if runner.lmtp is not None:
                 runner.lmtp.backend = SyncReplicationBackend(self, runner.lmtp.backend)
@@ -199,6 +215,23 @@ class Cluster:
             finally:
                 if self._metrics is not None:
                     self._metrics.close()
+
+    def _count_delivery(self, d: dict) -> None:
+        """LMTP per-recipient outcome -> metrics (deliveries, refusals by reason, latency)."""
+        m = self._metrics
+        if m is None:
+            return
+        if d["outcome"] in ("delivered", "duplicate"):
+            m.deliveries.labels(d["outcome"]).inc()
+            m.append_seconds.observe(d["latency_ms"] / 1000)
+        else:
+            parts = (d.get("reply") or "").split(" ", 2)
+            m.refusals.labels(parts[1] if len(parts) > 1 else d["outcome"]).inc()
+
+    def _count_reconcile(self, result) -> None:
+        if self._metrics is not None:
+            for r in result.results:
+                self._metrics.reconcile_decisions.labels(r.get("kind", "?")).inc()
 
     def _start_role(self) -> None:
         assert self._tg is not None
@@ -428,6 +461,7 @@ class Cluster:
 
         with self._apply_lock:
             result = apply_reconcile(self.node, self.node.log.path, tail)
+        _check_applied(result)
         return getattr(result, "report_path", None)
 
     def _reconcile_into_master(self, tail: str) -> str | None:
@@ -620,6 +654,7 @@ class Cluster:
                                            destructive=bool(args.get("destructive")), dry_run=bool(args.get("dry_run")))
 
             result = await run(apply)
+            self._count_reconcile(result)
             doc = result.to_dict()
             doc["failed"] = result.counts()["failed"] > 0
             return doc
@@ -678,4 +713,6 @@ class Cluster:
         shutil.rmtree(tmp, ignore_errors=True)
         with self._apply_lock:  # one apply at a time: overlapping tails must not both copy a message
             result = apply_reconcile(node, node.log.path, dest, strategy=strategy, destructive=destructive)
+        self._count_reconcile(result)
+        _check_applied(result)  # a failed apply must leave the tail pending on its node (it is retried)
         return {"report": getattr(result, "report_path", None), "tail": dest}

@@ -263,3 +263,30 @@ def test_a_second_master_refuses_to_serve(cluster):
     assert "already the master" in open(a.log.name).read()
     a.start("follow")
     cluster.wait_converged(["a", "b"])
+
+
+def test_metrics_count_deliveries_refusals_and_group_commits(cluster):
+    import urllib.request
+
+    from tests.cluster_support import free_port
+
+    a, b = cluster["a"], cluster["b"]
+    port = free_port()
+    a.start("serve", extra=["--metrics", f"127.0.0.1:{port}"])
+    b.start("follow")
+    mailer = Mailer(cluster, threads=1)
+    mailer.deliver(5)
+    assert mailer.send_one(b.lmtp, "u1", b"Subject: to a replica\r\n\r\nx\r\n") == "temp"
+    cluster.wait_converged(["a", "b"])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("mailwal_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values['mailwal_deliveries_total{outcome="delivered"}'] == 5
+    assert values["mailwal_fsync_seconds_count"] >= 1
+    assert values["mailwal_group_commit_records_sum"] >= 5
+    assert values["mailwal_append_seconds_count"] == 5
+    assert values["mailwal_replicas_connected"] == 1
+    assert values['mailwal_replica_lag_records{kind="durable",replica="b"}'] == 0

@@ -184,6 +184,9 @@ class Log:
         self.cursors = CursorStore(self.path, ops)
         self.torn_tails: list[TornTail] = []
         self.fsync_count = 0
+        # Optional observer: on_sync(records in the batch, seconds of write+fdatasync),
+        # called by the syncing thread after each successful group commit (metrics).
+        self.on_sync = None
         self.batch_count = 0
         # Filled by _recover():
         self.log_id = uuid.UUID(int=0)
@@ -635,10 +638,13 @@ class Log:
             encode_frame(p.lsn, p.epoch, p.type, p.payload, p.hash, batch_back=p.lsn - first.lsn) for p in batch
         )
         assert self._fd is not None
+        started = time.perf_counter()
         self._ops.write_all(self._fd, data)
         self._ops.fdatasync(self._fd)
         self.fsync_count += 1
         self.batch_count += 1
+        if self.on_sync is not None:
+            self.on_sync(len(batch), time.perf_counter() - started)
         return len(data)
 
     def _rotate(self, first_lsn: int, prev_hash: bytes) -> None:
