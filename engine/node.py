@@ -137,8 +137,11 @@ class Node:
         return None  # type: ignore[return-value]
 
     @classmethod
-    def open(cls, path: str, *, start_applier: bool = True) -> "Node":
-        """Open a node: recover the log, catch the store up, load the state."""
+    def open(cls, path: str, *, start_applier: bool = True, on_progress=None) -> "Node":
+        """Open a node: recover the log, catch the store up, load the state.
+
+        ``on_progress(applied_lsn, last_lsn)`` reports the catch-up (see :meth:`catch_up`).
+        """
         path = os.path.abspath(path)
         cfg = read_config(path)
         log = Log.open(os.path.join(path, LOG_DIR), segment_max_bytes=cfg.segment_max_bytes)
@@ -147,7 +150,7 @@ class Node:
         node._configure_guard()
         try:
             node._check_lineage()
-            node.catch_up()
+            node.catch_up(on_progress=on_progress)
             node._load_state()
         except BaseException:
             store.close()
@@ -219,8 +222,11 @@ class Node:
 
     # -- the store follows the log ------------------------------------------------
 
-    def catch_up(self, batch: int = 512) -> int:
-        """Apply every durable record the store has not applied yet."""
+    def catch_up(self, batch: int = 512, on_progress=None) -> int:
+        """Apply every durable record the store has not applied yet.
+
+        ``on_progress(applied_lsn, last_lsn)`` is called after each batch (progress bars).
+        """
         with self._apply_lock:
             start = self.store.applied_lsn + 1
             pending: list[Record] = []
@@ -230,6 +236,8 @@ class Node:
                 if len(pending) >= batch:
                     self.applied_lsn = self.store.apply_records(pending, replica=replica)
                     pending = []
+                    if on_progress is not None:
+                        on_progress(self.applied_lsn, self.log.last_lsn)
             if pending:
                 self.applied_lsn = self.store.apply_records(pending, replica=replica)
             self.applied_lsn = self.store.applied_lsn
@@ -748,11 +756,11 @@ def _write_json_atomic(path: str, data: dict) -> None:
     OS_FILEOPS.write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
 
 
-def rebuild_store(path: str) -> dict:
+def rebuild_store(path: str, on_progress=None) -> dict:
     """Recreate a node's store from its log alone; returns the new digest."""
     path = os.path.abspath(path)
     remove_store_files(os.path.join(path, STORE_FILE))
-    node = Node.open(path, start_applier=False)
+    node = Node.open(path, start_applier=False, on_progress=on_progress)
     try:
         if node.log.first_lsn > 1:
             raise WalError(

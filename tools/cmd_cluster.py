@@ -714,8 +714,10 @@ def scrub(node, repair, as_json) -> None:
     import wal
     from engine.node import LOG_DIR
 
+    from .walctl_verify import _run_verify
+
     _require_node(node)
-    log_report = wal.verify(os.path.join(node, LOG_DIR))
+    log_report = _run_verify(os.path.join(node, LOG_DIR))  # progress bar on a terminal
     if _running(node, None):
         problems = _call(node, None, None, "verify_store")
     else:

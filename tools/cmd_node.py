@@ -267,8 +267,20 @@ def rebuild(node: str, as_json: bool) -> None:
     _require_node(node)
     if log_in_use(node):
         raise click.ClickException(f"node {node} is running: stop `walctl serve` before rebuilding its store")
+    from .cliutil import stderr_console
+
+    console = stderr_console()  # a progress bar on a terminal, nothing in pipes
     with _errors():
-        d = rebuild_store(node)
+        if console is None:
+            d = rebuild_store(node)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("rebuild: applying records"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), console=console, transient=True) as progress:
+                task = progress.add_task("rebuild", total=None)
+                d = rebuild_store(node, on_progress=lambda applied, last: progress.update(
+                    task, completed=applied, total=last))
     _print_digest(d, as_json, "rebuilt from the log")
 
 
