@@ -1,0 +1,140 @@
+"""Diverged tails under faults: regressions for what `walctl torture` found.
+
+* A tail whose apply failed on the master (every action refused: the master
+  was handing over in a soft failover) was marked reconciled anyway, so the
+  messages only the old master had were lost.
+* Two tails forking at the same LSN (two replicas of a dead master) applied
+  at the same time on the new master both redelivered the collided messages:
+  duplicates.
+* A tail whose first reconcile attempt failed (master killed or demoted
+  meanwhile) was never tried again.
+"""
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from engine.cluster import Cluster, ClusterConfig
+from engine.node import Node
+from engine.reconcile_apply import ReconcileError
+from tests.cluster_support import Cluster as ProcCluster
+from tests.cluster_support import Mailer, assert_all_present_once
+
+MAILBOX = "user/u/INBOX"
+
+
+def forked_nodes(tmp_path, shared=10, ours=20, theirs=20):
+    """Node a (survivor) and a copy b that forked from it after ``shared`` deliveries;
+    both then deliver to the same mailbox, so their UIDs collide. Returns (a, b, fork LSN)."""
+    a = Node.init(str(tmp_path / "a"), name="a")
+    for i in range(shared):
+        a.deliver(MAILBOX, b"Subject: shared %d\r\n\r\nboth sides\r\n" % i, create=True)
+    fork = a.log.last_lsn
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
+    for i in range(ours):
+        a.deliver(MAILBOX, b"Subject: survivor %d\r\n\r\nonly on a\r\n" % i)
+    for i in range(theirs):
+        b.deliver(MAILBOX, b"Subject: loser %d\r\n\r\nonly on b\r\n" % i)
+    return a, b, fork
+
+
+def tail_args(node: Node, fork: int) -> dict:
+    return {"log_id": str(node.log.log_id), "first_lsn": fork + 1, "prev_hash": node.log.hash_at(fork),
+            "records": [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in node.log.read(fork + 1)]}
+
+
+def cluster_on(node: Node) -> Cluster:
+    c = Cluster(ClusterConfig(name=node.config.name))
+    c.node = node
+    return c
+
+
+def assert_each_once(node: Node, n: int) -> None:
+    guids = [m.guid for m in node.list_messages(MAILBOX)]
+    assert len(guids) == n and len(set(guids)) == n, (len(guids), len(set(guids)))
+
+
+def test_a_failed_apply_is_not_reported_as_reconciled(tmp_path):
+    a, b, fork = forked_nodes(tmp_path)
+    try:
+        args = tail_args(b, fork)
+        c = cluster_on(a)
+        a.pause_writes("soft failover to b in progress")
+        with pytest.raises(ReconcileError, match="failed"):
+            c._reconcile_tail(**args)
+        a.resume_writes()
+        out = c._reconcile_tail(**args)  # the replica's retry: now it applies
+        assert os.path.exists(out["report"])
+        assert_each_once(a, 10 + 20 + 20)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_applies_of_overlapping_tails_copy_each_message_once(tmp_path):
+    a, b, fork = forked_nodes(tmp_path, ours=40, theirs=40)
+    try:
+        args = tail_args(b, fork)
+        c = cluster_on(a)
+        errors = []
+
+        def ship():
+            try:
+                c._reconcile_tail(**args)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ship) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        assert_each_once(a, 10 + 40 + 40)
+        uids = [m.uid for m in a.list_messages(MAILBOX)]
+        assert len(uids) == len(set(uids))
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    c = ProcCluster(tmp_path, names=("a", "b"))
+    yield c
+    c.stop()
+
+
+def test_a_pending_tail_is_reconciled_once_auto_reconcile_can_reach_the_master(procs):
+    """A tail left unreconciled (here: auto-reconcile was off when it was cut) is
+    retried by a node running with --auto-reconcile, without operator action."""
+    a, b = procs["a"], procs["b"]
+    a.start("serve", auto_reconcile=False)
+    b.start("follow", auto_reconcile=False)
+    mailer = Mailer(procs, threads=1, users=2)
+    mailer.deliver(6)
+    procs.wait_converged(["a", "b"])
+    b.kill()
+    mailer.deliver(4)  # only on a
+    a.kill()
+    b.start("follow", auto_reconcile=False)
+    b.control("promote")
+    mailer.deliver(3)  # only on b
+    a.start("follow", auto_reconcile=False)
+    procs.wait_converged(["a", "b"])
+    assert [t["records"] for t in a.status()["diverged_tails"]] == [4]
+    a.kill()
+    a.start("follow", extra=["--quiet"], auto_reconcile=True)
+    deadline = time.monotonic() + 60
+    while a.status()["diverged_tails"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert a.status()["diverged_tails"] == []
+    assert any(e["kind"] == "reconciled" for e in a.status()["events"])
+    procs.wait_converged(["a", "b"])
+    assert assert_all_present_once(b, mailer) == 13
+    assert_all_present_once(a, mailer)
