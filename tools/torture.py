@@ -358,7 +358,10 @@ class Torture:
         self.tmpfs_mount = path
 
     def _walctl(self, args: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run(WALCTL + args, capture_output=True, text=True, timeout=timeout)
+        try:
+            r = subprocess.run(WALCTL + args, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            r = subprocess.CompletedProcess(exc.cmd, -1, "", f"timed out after {timeout} s: {exc.stderr or ''}")
         if check and r.returncode != 0:
             raise RuntimeError(f"walctl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         return r
@@ -802,9 +805,15 @@ class Torture:
 
     def fault_soft_failover(self, f: Fault) -> dict:
         master = self.current_master()
-        st = self.status(master) or {}
-        streaming = {r["name"] for r in st.get("replicas") or [] if r.get("connected")}
-        target = self._pick([n for n in self.replicas() if n.name in streaming], f.pick, "streaming replica")
+        deadline = time.monotonic() + 15.0
+        while True:  # like an operator, wait (a while) for a replica that streams from the master
+            st = self.status(master) or {}
+            streaming = {r["name"] for r in st.get("replicas") or [] if r.get("connected")}
+            candidates = [n for n in self.replicas() if n.name in streaming]
+            if candidates or time.monotonic() > deadline:
+                break
+            self.sleep(0.5)
+        target = self._pick(candidates, f.pick, "streaming replica (waited 15 s)")
         slowed = None
         if f.param < 0.3:  # hand over through a slow link
             slowed = self.proxies[(target.index, master.index)][0]
