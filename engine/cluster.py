@@ -397,8 +397,15 @@ class Cluster:
         from .failover import promote
 
         node = self.node
-        node.set_role("master")
-        promotion = promote(node, epoch=node.log.epoch, node_name=self.config.name)
+        # Writes stay refused until EpochStarted is the new epoch's first record:
+        # a delivery slipping in between would make the promotion fail (race found
+        # by the double-failover test under load).
+        node.pause_writes("promotion in progress")
+        try:
+            node.set_role("master")
+            promotion = promote(node, epoch=node.log.epoch, node_name=self.config.name)
+        finally:
+            node.resume_writes()
         return promotion.to_dict()
 
     async def _diverged(self, exc: DivergedError) -> None:
@@ -572,8 +579,12 @@ class Cluster:
         from .failover import promote
 
         node = self.node
-        node.set_role("master")
-        return promote(node, node_name=self.config.name).to_dict()
+        node.pause_writes("promotion in progress")  # see _become_master_sync
+        try:
+            node.set_role("master")
+            return promote(node, node_name=self.config.name).to_dict()
+        finally:
+            node.resume_writes()
 
     # -- status ---------------------------------------------------------------------------------
 
