@@ -414,7 +414,8 @@ def _print_status(st: dict) -> None:
                       str(rep.get("durable_lsn", "")), str(rep.get("applied_lsn", "")),
                       str(rep.get("durable_lag_records", "")), str(rep.get("lag_bytes", "")),
                       f"{rep['lag_seconds']:.3f}" if rep.get("lag_seconds") is not None else "",
-                      str(rep.get("last_error") or ""))
+                      # a connected replica's last error is history (kept in --json as last_error)
+                      "" if rep.get("connected") else str(rep.get("last_error") or ""))
         console.print(r)
     for tail in st.get("diverged_tails") or []:
         console.print(f"[yellow]diverged tail not reconciled:[/] {tail['path']} (after LSN {tail['fork_lsn']}, "
