@@ -24,7 +24,8 @@ def test_bench_replication_small_run_reports_every_figure(tmp_path):
     assert [r["mode"] for r in tp["rows"]] == ["alone", "async", "sync"]
     for r in tp["rows"]:
         assert r["ok"] == 40 and r["errors"] == {} and r["deliveries_per_s"] > 0 and r["connections"] == 64
-        assert r["master_cpu_us_per_delivery"] > 0 and len(r["replica_cpu_us_per_delivery"]) == r["replicas"]
+        # /proc CPU times tick every 10 ms: 40 deliveries may read as 0 on a fast run
+        assert r["master_cpu_us_per_delivery"] >= 0 and len(r["replica_cpu_us_per_delivery"]) == r["replicas"]
     for r in tp["rows"][1:]:  # with replicas: they end up holding everything
         assert r["replicas"] == 2 and r["caught_up_after_s"] >= 0 and r["behind_at_end_records"] >= 0
     assert tp["rows"][2]["sync_replicas"] == 1
