@@ -30,7 +30,7 @@ def test_bench_replication_small_run_reports_every_figure(tmp_path):
         assert r["replicas"] == 2 and r["caught_up_after_s"] >= 0 and r["behind_at_end_records"] >= 0
     assert tp["rows"][2]["sync_replicas"] == 1
     assert tp["async_vs_alone"] > 0 and abs(tp["async_cost"] - (1 - tp["async_vs_alone"])) < 1e-9
-    assert set(tp["master_cpu_us_per_delivery"]) == {"alone", "async", "sync"} and tp["async_master_cpu_vs_alone"] > 0
+    assert set(tp["master_cpu_us_per_delivery"]) == {"alone", "async", "sync"} and tp["async_master_cpu_vs_alone"] >= 0
 
     lag = report["lag"]
     assert lag["ok"] == 30 and lag["connections"] == 8
