@@ -655,15 +655,22 @@ def check(master, replica, secret_file, repair, timeout, as_json) -> None:
     Example:
         walctl check --master 127.0.0.1:7001 --replica 127.0.0.1:7002 --secret-file s
     """
+    import contextlib
+
+    from .cliutil import stderr_console
+
     cp = _call(None, master, secret_file, "checkpoint")["lsn"]
     deadline = time.monotonic() + timeout
-    while True:
-        st = _call(None, replica, secret_file, "status")
-        if st.get("applied_lsn", 0) >= cp:
-            break
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"the replica has not applied the checkpoint (LSN {cp}) after {timeout} s")
-        time.sleep(0.1)
+    console = stderr_console()  # a spinner on a terminal, nothing in pipes
+    with console.status(f"waiting for the replica to apply the checkpoint at LSN {cp}") if console \
+            else contextlib.nullcontext():
+        while True:
+            st = _call(None, replica, secret_file, "status")
+            if st.get("applied_lsn", 0) >= cp:
+                break
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"the replica has not applied the checkpoint (LSN {cp}) after {timeout} s")
+            time.sleep(0.1)
     held = [q for q in _call(None, replica, secret_file, "quarantine_list") if q["kind"] in ("digest", "error")]
     problems = _call(None, replica, secret_file, "verify_store")
     names = sorted({q["name"] for q in held} | set(problems))

@@ -110,6 +110,28 @@ def _body_text(rec: wal.Record) -> str | None:
     return None
 
 
+def _progress_bar(log: str, first: int, to_lsn: int | None):
+    """(Progress, task) on stderr when stderr is a terminal and the records go
+    elsewhere (a file or a pipe); None otherwise, so output stays clean."""
+    from .cliutil import stderr_console
+
+    console = stderr_console()
+    if console is None or sys.stdout.isatty():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    last = to_lsn
+    if last is None:
+        from wal.epochs import SeekReader
+
+        with SeekReader(log) as r:
+            last = r.last()[0]
+    progress = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), console=console, transient=True)
+    task = progress.add_task("replay", total=max(0, last - first + 1))
+    progress.start()
+    return progress, task
+
+
 @click.command(name="replay")
 @log_argument
 @click.option("--from", "start", metavar="CURSOR",
@@ -138,8 +160,11 @@ def replay(log: str, start: str | None, to_lsn: int | None, as_json: bool, bodie
         require_log(log)
         first = resolve_start(log, start)
         reader = wal.LogReader(log)
+        bar = _progress_bar(log, first, to_lsn) if not follow else None  # stderr on a terminal, stdout elsewhere
         try:
             for rec in reader.records(first, to_lsn, follow=follow, stop=stop):
+                if bar is not None and rec.lsn % 256 == 0:
+                    bar[0].update(bar[1], completed=rec.lsn - first + 1)
                 view = record_view(rec, bodies=bodies)
                 if as_json:
                     click.echo(json.dumps(view, ensure_ascii=False))
@@ -157,3 +182,6 @@ def replay(log: str, start: str | None, to_lsn: int | None, as_json: bool, bodie
             # The reader of our output went away (e.g. `| head`): stop quietly.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            if bar is not None:
+                bar[0].stop()
