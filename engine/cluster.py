@@ -414,8 +414,10 @@ class Cluster:
         async with self._tail_lock:
             tail = await anyio.to_thread.run_sync(self.node.cut_diverged, fork)
         log.warning("diverged tail after LSN %d moved to %s", fork, tail)
-        if self.config.auto_reconcile:
-            await self._reconcile_pending_tail(tail, remote=True)
+        if self.config.auto_reconcile and self._tg is not None:
+            # In the background: this replica follows its master again at once instead of
+            # falling behind for as long as the master takes to apply the tail.
+            self._tg.start_soon(functools.partial(self._reconcile_pending_tail, tail, remote=True))
 
     async def _retry_tails(self) -> None:
         """Auto-reconcile keeps trying every diverged tail not reconciled yet.
