@@ -97,7 +97,8 @@ FAULT_KINDS = {
 WARMUP_S = 3.0  # deliveries only, so every mailbox exists before the first fault
 FLAGS = ("\\Seen", "\\Flagged", "\\Answered", "$Torture")
 LMTP_TIMEOUT_S = 8.0
-QUIESCENCE_TIMEOUT_S = 180.0
+QUIESCENCE_TIMEOUT_S = 120.0  # without progress
+QUIESCENCE_MAX_S = 3600.0
 # control errors that prove a flag change was not made (refused before anything was logged)
 _FLAG_PERM_TYPES = {"UnknownUidError", "UnknownMailboxError", "BadFlagError", "BadMailboxNameError", "RequestError"}
 
@@ -1034,12 +1035,21 @@ class Torture:
 
     def wait_quiescence(self) -> dict:
         """Until every node is at the master's last LSN and hash, applied, with no unreconciled tail."""
-        deadline = time.monotonic() + QUIESCENCE_TIMEOUT_S
+        # Reconciling big tails after many failovers takes a while: wait as long as
+        # something moves, and give up after QUIESCENCE_TIMEOUT_S without any progress.
+        started = time.monotonic()
+        deadline = started + QUIESCENCE_TIMEOUT_S
         stable = 0
         last = None
-        while time.monotonic() < deadline:
+        progress = None
+        while time.monotonic() < deadline and time.monotonic() - started < QUIESCENCE_MAX_S:
             self.supervise()
             sts = {n.name: self.status(n) for n in self.nodes}
+            now_progress = tuple((k, s["last_lsn"], s["applied_lsn"], len(s.get("diverged_tails") or []))
+                                 if s else (k, None) for k, s in sts.items())
+            if now_progress != progress:
+                progress = now_progress
+                deadline = time.monotonic() + QUIESCENCE_TIMEOUT_S
             problems = []
             if any(s is None for s in sts.values()):
                 problems.append(f"not answering: {[k for k, s in sts.items() if s is None]}")
@@ -1063,8 +1073,9 @@ class Torture:
             if not problems:
                 stable += 1
                 if stable >= 3:
-                    self.event("quiescent")
-                    return {"ok": True, "after_s": self.now()}
+                    self.event("quiescent", waited_s=round(time.monotonic() - started, 1))
+                    self.progress(f"[{self.now():7.1f}s] quiescent after {time.monotonic() - started:.0f} s")
+                    return {"ok": True, "after_s": self.now(), "waited_s": round(time.monotonic() - started, 1)}
             else:
                 stable = 0
             time.sleep(1.0)
@@ -1210,6 +1221,7 @@ class Torture:
             "unexpected_exits": self.unexpected_exits,
             "reconcile": {**rcounts, "conflicts": sum(r["conflicts"] for r in reports)},
             "cursor_samples": len(self.cursor_samples),
+            "quiescent_after_s": quiet.get("waited_s"),
             "final": {"master": nodes[0]["name"] if nodes else None, "last_lsn": nodes[0]["last_lsn"] if nodes else None,
                       "epoch": nodes[0].get("epoch") if nodes else None},
             "verdicts": {name: {"ok": v["ok"], "checked": v["checked"], "violations": v["violations"][:5]}
