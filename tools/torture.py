@@ -1271,23 +1271,22 @@ class Torture:
                 self._portal_cm.__exit__(None, None, None)
             self._portal_cm = None
         if self.tmpfs_mount:
-            if self.keep_tmpfs_contents:
-                saved = self.tmpfs_mount + ".saved"
-                with contextlib.suppress(OSError):
-                    shutil.copytree(self.tmpfs_mount, saved, symlinks=True,
-                                    ignore=shutil.ignore_patterns("control.sock", "ballast"))
+            # the node on the tmpfs is copied out first, so a kept run directory is complete
+            saved = self.tmpfs_mount + ".saved"
+            with contextlib.suppress(OSError):
+                shutil.copytree(self.tmpfs_mount, saved, symlinks=True,
+                                ignore=shutil.ignore_patterns("control.sock", "ballast"))
             r = subprocess.run(["umount", self.tmpfs_mount], capture_output=True, text=True)
             if r.returncode != 0:
                 subprocess.run(["umount", "-l", self.tmpfs_mount], capture_output=True)
-            if self.keep_tmpfs_contents and os.path.isdir(self.tmpfs_mount + ".saved"):
-                os.rmdir(self.tmpfs_mount)
-                os.rename(self.tmpfs_mount + ".saved", self.tmpfs_mount)
+            if os.path.isdir(saved):
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.tmpfs_mount)
+                    os.rename(saved, self.tmpfs_mount)
             self.tmpfs_mount = None
         if self._events_file is not None:
             self._events_file.close()
             self._events_file = None
-
-    keep_tmpfs_contents = True
 
 
 # -- LMTP ---------------------------------------------------------------------------------------
@@ -1400,7 +1399,8 @@ def _print_summary(s: dict) -> None:
 @click.option("--nodes", type=click.IntRange(min=2, max=7), default=3, show_default=True, help="Cluster size.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (progress still goes to stderr).")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
-              help="Run directory (must be empty or absent; default: a new temporary directory).")
+              help="Run directory, kept (must be empty or absent). Default: a temporary directory, removed when "
+                   "every verdict holds unless --keep.")
 @click.option("--keep", is_flag=True, help="Keep the run directory (it is always kept when a verdict fails).")
 @click.option("--clients", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="Concurrent LMTP client threads.")
