@@ -512,7 +512,8 @@ class Cluster:
             drained = await self.hub.fence(timeout)
             if drained.get(to) != node.log.last_lsn:
                 raise ReplicationTimeoutError(node.log.last_lsn, 1, sorted(drained))
-            new_epoch = max([node.log.epoch] + [e.epoch for e in read_history(node.log.path)]) + 1
+            new_epoch = max([node.log.epoch] + [e.epoch for e in read_history(node.log.path)]
+                            + self.hub.replica_epochs()) + 1
         except BaseException as exc:
             # Abort before any Promote: drop every replication connection (they
             # leave the fence and reconnect) and resume as master.
@@ -572,19 +573,37 @@ class Cluster:
             self._role_scope.cancel()
             self._role_scope = None
         await anyio.sleep(0)
-        promotion = await anyio.to_thread.run_sync(self._hard_promote_sync)
+        seen = await anyio.to_thread.run_sync(self._peer_epochs)
+        promotion = await anyio.to_thread.run_sync(self._hard_promote_sync, max(seen, default=0))
         self._event("promoted", f"hard failover: master in epoch {promotion['epoch']}")
         self._start_role()
         return promotion
 
-    def _hard_promote_sync(self) -> dict:
+    def _peer_epochs(self) -> list[int]:
+        """The epochs of the other nodes that answer (2 s each). A replica that lagged
+        may not know the epochs a newer branch used; promoting it at its own top + 1
+        would reuse one (two histories, one epoch), and a later Promote to a node
+        already in that epoch would fail."""
+        out = []
+        for host, port in self.config.peers:
+            if (host, port) in (self.listen_address, self.config.listen):
+                continue
+            try:
+                with ControlClient.tcp(host, port, self.secret, timeout=2) as c:
+                    out.append(int(c.call("status")["epoch"]))
+            except (OSError, ControlError, ValueError, KeyError, TypeError):
+                pass
+        return out
+
+    def _hard_promote_sync(self, floor_epoch: int = 0) -> dict:
         from .failover import promote
 
         node = self.node
         node.pause_writes("promotion in progress")  # see _become_master_sync
         try:
             node.set_role("master")
-            return promote(node, node_name=self.config.name).to_dict()
+            top = max([node.log.epoch] + [e.epoch for e in read_history(node.log.path)])
+            return promote(node, epoch=max(top, floor_epoch) + 1, node_name=self.config.name).to_dict()
         finally:
             node.resume_writes()
 

@@ -519,6 +519,10 @@ class _Replica:
         """
         lg = self.log
         assert lg is not None
+        if ev.new_epoch <= lg.epoch:
+            # This log already saw that epoch (on another branch): refuse, and stay a replica,
+            # rather than fail the whole node; the master's failover then does not complete.
+            raise RemoteProtocolError(f"Promote to epoch {ev.new_epoch} is not above this log's epoch {lg.epoch}")
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(start_epoch, lg, ev.new_epoch)
         reply = Promoted(ev.new_epoch, lg.last_lsn, lg.last_hash)

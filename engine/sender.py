@@ -249,6 +249,17 @@ class ReplicationHub:
 
     # -- failover (minimal; REP-14, REP-15) ----------------------------------------
 
+    def replica_epochs(self) -> list[int]:
+        """The epoch each connected replica's log is at (its Position). A replica can
+        have seen a higher epoch than this master, on a branch this master never had
+        (it lagged when that branch's master was promoted): a new epoch must exceed it."""
+        out = []
+        for r in self._replicas.values():
+            pos = getattr(r.conn.chan.session, "position", None) if r.conn is not None else None
+            if pos is not None:
+                out.append(pos.epoch)
+        return out
+
     async def fence(self, timeout: float) -> dict[str, int]:
         """Tell every streaming replica that the log ends at its current last LSN
         and wait for their Drained replies.

@@ -8,6 +8,10 @@
   duplicates.
 * A tail whose first reconcile attempt failed (master killed or demoted
   meanwhile) was never tried again.
+* A replica that lagged through two failovers and was then promoted reused
+  an epoch of the branch it never saw; a soft failover from it to a node of
+  that branch sent Promote at an epoch that node's log already had, and the
+  node crashed (the cluster was left without a master).
 """
 
 import os
@@ -138,3 +142,55 @@ def test_a_pending_tail_is_reconciled_once_auto_reconcile_can_reach_the_master(p
     procs.wait_converged(["a", "b"])
     assert assert_all_present_once(b, mailer) == 13
     assert_all_present_once(a, mailer)
+
+
+@pytest.fixture
+def trio(tmp_path):
+    c = ProcCluster(tmp_path, names=("a", "b", "c"))
+    yield c
+    c.stop()
+
+
+def wait_streaming(node, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (node.status().get("connection") or {}).get("state") == "streaming":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{node.name} is not streaming: {node.status().get('connection')}")
+
+
+def test_a_lagging_replica_promoted_later_never_reuses_an_epoch(trio):
+    a, b, c = trio["a"], trio["b"], trio["c"]
+    a.start("serve")
+    b.start("follow")
+    c.start("follow")
+    mailer = Mailer(trio, threads=1, users=2)
+    mailer.deliver(5)
+    trio.wait_converged(["a", "b", "c"])
+    c.kill()  # c stays in epoch 1
+    a.kill()
+    b.control("promote")  # epoch 2
+    a.start("follow")
+    wait_streaming(a)
+    assert b.control("failover", to="a")["epoch"] == 3
+    mailer.deliver(5)
+    trio.wait_converged(["a", "b"])
+    a.kill()  # master of epoch 3 gone; b (epoch 3) is left, c knows only epoch 1
+    c.start("follow")
+    promoted = c.control("promote")
+    assert promoted["epoch"] > 3  # above every epoch another node has seen
+    mailer.deliver(5)
+    wait_streaming(b)  # b's epoch-2/3 records diverged: cut aside and reconciled into c
+    result = c.control("failover", to="b")
+    assert result["epoch"] > promoted["epoch"]
+    assert b.status()["role"] == "master"
+    a.start("follow")
+    mailer.deliver(5)
+    deadline = time.monotonic() + 60
+    while any(n.status()["diverged_tails"] for n in (a, b, c)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    trio.wait_converged(["a", "b", "c"])
+    assert assert_all_present_once(b, mailer) == 20
+    for n in (a, c):
+        assert_all_present_once(n, mailer)
