@@ -268,7 +268,7 @@ class Torture:
         self.faults_run: Counter = Counter()
         self.faults_skipped: Counter = Counter()
         self.skip_reasons: dict[str, str] = {}
-        self.failovers = {"soft": 0, "hard": 0, "soft_aborted": 0}
+        self.failovers = {"soft": 0, "hard": 0, "soft_aborted": 0, "operator": 0}
         self.unexpected_exits = 0
         self.findings: list[dict] = []  # harness-level problems (become a verdict)
         self.skewed: set[str] = set()
@@ -500,6 +500,33 @@ class Torture:
         if len(masters) > 1:
             self.finding("more than one node is master", masters=[m.name for m in masters])
         raise SkipFault(f"no single running master ({[m.name for m in masters]})")
+
+    def ensure_master(self, grace_s: float = 5.0) -> None:
+        """What an operator does when no node is master (a soft failover whose target did
+        not confirm leaves none, by design): promote the running replica with the longest
+        log, with `walctl promote` (which refuses while a master serves)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            running = self.running()
+            sts = {n.name: self.status(n) for n in running}
+            if any(st and st.get("role") == "master" for st in sts.values()) or not running:
+                return
+            if time.monotonic() > deadline:
+                break
+            self.sleep(0.5)
+        candidates = sorted((n for n in running if sts.get(n.name)),
+                            key=lambda n: (sts[n.name]["last_lsn"], n.name), reverse=True)
+        for node in candidates:
+            r = self._walctl(["promote", node.path, "--json"], timeout=60, check=False)
+            if r.returncode == 0:
+                self.master = node
+                self.failovers["operator"] += 1
+                self.event("operator-promote", node=node.name, result=r.stdout.strip()[-500:])
+                self.progress(f"  no master: promoted {node.name} as an operator would")
+                return
+            self.event("operator-promote-refused", node=node.name, error=r.stderr.strip()[-500:])
+        self.finding("no master, and no replica could be promoted", statuses={k: (v or {}).get("role")
+                                                                               for k, v in sts.items()})
 
     def replicas(self) -> list[NodeProc]:
         return [n for n in self.running() if n is not self.master]
@@ -970,6 +997,7 @@ class Torture:
                 if time.monotonic() - phase_start >= self.seconds:
                     not_run += 1
                     continue
+                self.ensure_master()
                 self.run_fault(f)
             left = self.seconds - (time.monotonic() - phase_start)
             if left > 0:
@@ -1022,6 +1050,7 @@ class Torture:
                 self._recover_if_failed(n)
         if self.master is not None:
             self._recover_if_failed(self.master)
+        self.ensure_master()
 
     def drain_pending(self, timeout_s: float = 90.0) -> None:
         """Let the clients retry what is pending until nothing is (an MTA's queue run after an outage)."""
@@ -1377,7 +1406,8 @@ def _print_summary(s: dict) -> None:
     for kind, why in s["skipped_features"].items():
         echo(f"  unavailable  {kind}: {why}")
     fd = s["failover_detail"]
-    echo(f"  failovers    {s['failovers']} ({fd['soft']} soft, {fd['hard']} hard; {fd['soft_aborted']} soft aborted)")
+    echo(f"  failovers    {s['failovers']} ({fd['soft']} soft, {fd['hard']} hard; {fd['soft_aborted']} soft aborted; "
+         f"{fd['operator']} promotions by the operator after a failover left no master)")
     rc = s["reconcile"]
     echo(f"  reconciles   {rc.get('reports', 0)} reports, {rc.get('copy_message', 0)} messages copied back, "
          f"{rc.get('redeliver', 0)} renumbered, {rc.get('set_flags', 0)} flag changes, "
