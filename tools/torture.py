@@ -949,7 +949,7 @@ class Torture:
     def _detach_tracer(self, node: NodeProc) -> None:
         if node.tracer is not None:
             with contextlib.suppress(ProcessLookupError):
-                node.tracer.send_signal(signal.SIGINT)  # strace detaches cleanly
+                node.tracer.send_signal(signal.SIGTERM)  # strace detaches cleanly (SIGINT may be ignored)
             try:
                 node.tracer.wait(15)
             except subprocess.TimeoutExpired:
