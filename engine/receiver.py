@@ -337,6 +337,10 @@ class _Replica:
 
     async def _connect_once(self) -> None:
         """One connection's life; it ends by raising (or by a promotion)."""
+        # The link names the address this connection goes to: a link passed in again after a
+        # divergence still named the master of the previous run, and the cluster sent its
+        # diverged tail there (to a node that was no longer master) on every retry.
+        self.link._set(master=f"{self.host}:{self.port}")
         with anyio.fail_after(self.connect):
             stream = await anyio.connect_tcp(self.host, self.port)
         chan = Channel(stream, ReplicationSession(Role.REPLICA, self.secret), write_timeout_s=self.idle)
