@@ -382,6 +382,7 @@ class Torture:
 
     def _env(self, node: NodeProc) -> dict:
         env = dict(os.environ)
+        env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack into the node's log
         if node.clock_file is not None:
             # Wall clock only: monotonic time never jumps on a real machine, and timers depend on it.
             env.update(LD_PRELOAD=self.features.faketime_lib, FAKETIME_TIMESTAMP_FILE=node.clock_file,
@@ -1284,6 +1285,15 @@ class Torture:
     def teardown(self) -> None:
         self.stop_clients.set()
         self.stop_sampler.set()
+        if self.findings:
+            # something was wrong: leave every thread's stack in the node logs for the post-mortem
+            for n in self.nodes:
+                if n.alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(n.proc.pid, signal.SIGCONT)
+                        os.kill(n.proc.pid, signal.SIGABRT)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        n.proc.wait(10)
         for n in self.nodes:
             with contextlib.suppress(Exception):
                 self._detach_tracer(n)
