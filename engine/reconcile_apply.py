@@ -346,6 +346,14 @@ def _write_report(path: str, result: ApplyResult) -> None:
     OS_FILEOPS.write_file_atomic(path, json.dumps(doc, indent=1, sort_keys=False).encode() + b"\n")
 
 
+class _AlreadyPresent(Exception):
+    """A copy found its message already in the mailbox (delivered again since the plan)."""
+
+    def __init__(self, uid: int):
+        super().__init__(uid)
+        self.uid = uid
+
+
 class _Executor:
     """Carries out plan actions on a node, re-checking each target first."""
 
@@ -383,24 +391,39 @@ class _Executor:
         return idx
 
     def _append(self, mailbox_id: str, body: bytes, flags, internaldate_ms: int, delivered_ms: int,
-                uid_floor: int) -> tuple[int, int]:
+                uid_floor: int, *, moving_uid: int | None = None) -> tuple[int, int]:
         """Append a message under the node's state lock, at a UID >= ``uid_floor`` (REC-6).
 
         The node's own delivery path would refuse a GUID it saw recently (MS-6
-        dedup) and cannot skip UIDs, hence the event is planned here.
+        dedup) and cannot skip UIDs, hence the event is planned here. Raises
+        _AlreadyPresent, logging nothing, when the message was delivered to the
+        mailbox since the plan was made (at a UID other than ``moving_uid``, the
+        one a redelivery moves away from).
         """
         box: dict = {}
+        guid = body_guid(body)
 
         def plan_fn():
             mb = self.node.state.by_id.get(mailbox_id)
             if mb is None:
                 raise ReconcileError(f"mailbox {mailbox_id} disappeared from the survivor")
+            # The GUID index was read from the store before this action; a delivery since
+            # (the MTA retrying a message the old master had acknowledged) is only in the
+            # decision state's recent deliveries, read here under the same lock the
+            # delivery path holds.
+            seen = mb.recent.get(guid)
+            if seen is not None and seen[0] != moving_uid and seen[0] in mb.uids:
+                raise _AlreadyPresent(seen[0])
             ev = MessageAppended(mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, body_guid(body), body,
                                  tuple(flags), internaldate_ms, delivered_ms)
             box["ev"] = ev
             return ev
 
-        lsn = self.node._write(plan_fn)
+        try:
+            lsn = self.node._write(plan_fn)
+        except _AlreadyPresent as present:
+            self._guids.setdefault(mailbox_id, {}).setdefault(guid, []).append(present.uid)
+            raise
         uid = box["ev"].uid
         self._guids.setdefault(mailbox_id, {}).setdefault(box["ev"].guid, []).append(uid)
         return uid, lsn
@@ -439,8 +462,11 @@ class _Executor:
             msg = f"loser record {rec.lsn} is not the delivery of GUID {guid.hex()[:16]}"
             log.warning(msg)
             return {"status": "failed", "why": msg}
-        uid, lsn = self._append(mb.mailbox_id, ev.body, act.detail["flags"], ev.internaldate_ms, ev.delivered_ms,
-                                act.detail["uid_floor"])
+        try:
+            uid, lsn = self._append(mb.mailbox_id, ev.body, act.detail["flags"], ev.internaldate_ms, ev.delivered_ms,
+                                    act.detail["uid_floor"])
+        except _AlreadyPresent as present:
+            return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
         return {"status": "done", "uid": uid, "lsn": lsn}
 
     def _check_guid(self, act: Action, mailbox_id: str, uid: int, guid_hex: str) -> tuple | None:
@@ -483,7 +509,11 @@ class _Executor:
         if others:
             return {"status": "skipped", "why": f"already at UID {others[0]} as well"}
         body = self.node.fetch(mb.name, uid)
-        new_uid, lsn = self._append(mb.mailbox_id, body, row[2], row[3], row[4], act.detail["uid_floor"])
+        try:
+            new_uid, lsn = self._append(mb.mailbox_id, body, row[2], row[3], row[4], act.detail["uid_floor"],
+                                        moving_uid=uid)
+        except _AlreadyPresent as present:
+            return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
         return {"status": "done", "uid": new_uid, "lsn": lsn}
 
     def _do_expunge(self, act: Action) -> dict:

@@ -1,0 +1,65 @@
+"""REC-5: a reconcile copies a message that is only in the loser's tail; if the MTA's
+retry of that same message reaches the survivor while the apply runs (after
+the executor built its GUID index for the mailbox, before the copy), the
+mailbox used to end with two copies (found by walctl torture). The copy is
+now checked again under the node's write lock.
+"""
+
+import logging
+import shutil
+
+from engine.node import Node
+from engine.reconcile_apply import apply_reconcile
+
+MAILBOX = "user/u/INBOX"
+
+
+def test_an_mta_retry_during_the_apply_is_not_copied_twice(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    a = Node.init(str(tmp_path / "a"), name="a")
+    for i in range(3):
+        a.deliver(MAILBOX, b"Subject: s%d\r\n\r\nshared\r\n" % i, create=True)
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
+    tail = [b"Subject: t%d\r\n\r\nonly in the old master's tail\r\n" % i for i in range(3)]
+    for body in tail:
+        b.deliver(MAILBOX, body)  # acknowledged by the old master, which then died
+    b.close()
+    retried = []
+
+    def on_action(i, act, result):
+        if not retried:  # the MTA retries the last one on the new master mid-apply
+            retried.append(a.deliver(MAILBOX, tail[2]))
+
+    try:
+        apply_reconcile(a, a.log.path, str(tmp_path / "b" / "log.wal"), on_action=on_action)
+        guids = [m.guid for m in a.list_messages(MAILBOX)]
+        assert len(guids) == len(set(guids)) == 6
+    finally:
+        a.close()
+
+
+def test_a_collided_message_delivered_moments_ago_still_moves_to_a_fresh_uid(tmp_path):
+    """REC-6 with the recheck: the survivor's own colliding delivery is recent, yet it is the one
+    being moved, so it must be delivered again at a fresh UID (not taken for an MTA retry)."""
+    a = Node.init(str(tmp_path / "a"), name="a")
+    a.deliver(MAILBOX, b"Subject: shared\r\n\r\nbefore the fork\r\n", create=True)
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
+    survivor_body = b"Subject: new master\r\n\r\nafter the failover\r\n"
+    loser_body = b"Subject: old master\r\n\r\nacknowledged before the crash\r\n"
+    assert a.deliver(MAILBOX, survivor_body).uid == b.deliver(MAILBOX, loser_body).uid == 2
+    b.close()
+    try:
+        result = apply_reconcile(a, a.log.path, str(tmp_path / "b" / "log.wal"))
+        done = [act.kind for act, r in zip(result.plan.actions, result.results) if r["status"] == "done"]
+        assert done == ["copy_message", "redeliver", "expunge"]
+        rows = {m.guid: m.uid for m in a.list_messages(MAILBOX)}
+        assert len(rows) == 3 and len(a.list_messages(MAILBOX)) == 3
+        from engine.events import body_guid
+
+        assert rows[body_guid(survivor_body).hex()] > 2 and rows[body_guid(loser_body).hex()] > 2
+    finally:
+        a.close()
