@@ -580,7 +580,8 @@ class Cluster:
         return promotion
 
     def _peer_epochs(self) -> list[int]:
-        """The epochs of the other nodes that answer (2 s each). A replica that lagged
+        """The epochs of the other nodes that answer (5 s each: a busy node is slow to, and a
+        dead one refuses at once). A replica that lagged
         may not know the epochs a newer branch used; promoting it at its own top + 1
         would reuse one (two histories, one epoch), and a later Promote to a node
         already in that epoch would fail."""
@@ -589,7 +590,7 @@ class Cluster:
             if (host, port) in (self.listen_address, self.config.listen):
                 continue
             try:
-                with ControlClient.tcp(host, port, self.secret, timeout=2) as c:
+                with ControlClient.tcp(host, port, self.secret, timeout=5) as c:
                     out.append(int(c.call("status")["epoch"]))
             except (OSError, ControlError, ValueError, KeyError, TypeError):
                 pass
@@ -614,9 +615,11 @@ class Cluster:
         self.events.append({"time": time.time(), "kind": kind, "text": text})
         del self.events[:-50]
 
-    def status(self) -> dict:
+    def status(self, node_status: dict | None = None) -> dict:
+        """Cluster status; ``node_status``: :meth:`Node.status`, read off the event loop
+        by the control handler (it waits while a diverged tail's cut swaps the store)."""
         node = self.node
-        st = node.status()
+        st = node_status if node_status is not None else node.status()
         st["log_bytes"] = node.log.size_bytes()
         st["log_segments"] = node.log.segment_count()
         st["listen"] = f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None
@@ -648,7 +651,7 @@ class Cluster:
         node = self.node
         run = anyio.to_thread.run_sync
         if op == "status":
-            return self.status()
+            return self.status(await run(node.status))
         if op == "digest":
             return await run(node.digest)
         if op == "failover":

@@ -699,6 +699,10 @@ class Node:
         return self.store.digest()
 
     def status(self) -> dict:
+        """The node's state for ``walctl status``. Blocks while :meth:`cut_diverged` swaps
+        the store (its state lock): a status read in that window met a closed database."""
+        with self._state_lock:
+            quarantined = len(self.store.quarantined())
         return {
             "node": self.config.name,
             "role": self.config.role,
@@ -710,7 +714,7 @@ class Node:
             "writes_paused": self._writes_paused,
             "log_failed": str(self.log.failed) if self.log.failed else None,
             "applier_error": str(self._applier_error) if self._applier_error else None,
-            "quarantined": len(self.store.quarantined()),
+            "quarantined": quarantined,
             "checkpoint_mismatches": len(self.store.mismatches),
         }
 

@@ -14,6 +14,7 @@
   node crashed (the cluster was left without a master).
 """
 
+import json
 import os
 import shutil
 import threading
@@ -22,7 +23,8 @@ import time
 import pytest
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.node import Node
+from engine.control import ControlError
+from engine.node import DIVERGED_FILE, Node
 from engine.reconcile_apply import ReconcileError
 from tests.cluster_support import Cluster as ProcCluster
 from tests.cluster_support import Mailer, assert_all_present_once
@@ -160,6 +162,39 @@ def wait_streaming(node, timeout=60):
     raise AssertionError(f"{node.name} is not streaming: {node.status().get('connection')}")
 
 
+def promote(node, timeout=60):
+    """`walctl promote` as an operator runs it after killing the master: until the replica
+    has seen its connection end (it refuses while its master is serving)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return node.control("promote")
+        except ControlError as exc:
+            if "reachable and serving" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def tails_cut(node) -> int:
+    """How many diverged tails ``node`` has cut aside, reconciled or not (its diverged.json)."""
+    try:
+        with open(os.path.join(node.path, DIVERGED_FILE)) as f:
+            return len(json.load(f)["tails"])
+    except FileNotFoundError:
+        return 0
+
+
+def wait_tails_reconciled(nodes, cut_on, timeout=60):
+    """Until ``cut_on`` has cut a diverged tail and no node has one left to reconcile
+    (a restarted follower cuts its tail only once it has reached its master)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tails_cut(cut_on) and not any(n.status()["diverged_tails"] for n in nodes):
+            return
+        time.sleep(0.2)
+    raise AssertionError({n.name: n.status()["diverged_tails"] for n in nodes})
+
+
 def test_a_lagging_replica_promoted_later_never_reuses_an_epoch(trio):
     a, b, c = trio["a"], trio["b"], trio["c"]
     a.start("serve")
@@ -170,7 +205,7 @@ def test_a_lagging_replica_promoted_later_never_reuses_an_epoch(trio):
     trio.wait_converged(["a", "b", "c"])
     c.kill()  # c stays in epoch 1
     a.kill()
-    b.control("promote")  # epoch 2
+    promote(b)  # epoch 2
     a.start("follow")
     wait_streaming(a)
     assert b.control("failover", to="a")["epoch"] == 3
@@ -178,7 +213,7 @@ def test_a_lagging_replica_promoted_later_never_reuses_an_epoch(trio):
     trio.wait_converged(["a", "b"])
     a.kill()  # master of epoch 3 gone; b (epoch 3) is left, c knows only epoch 1
     c.start("follow")
-    promoted = c.control("promote")
+    promoted = promote(c)
     assert promoted["epoch"] > 3  # above every epoch another node has seen
     mailer.deliver(5)
     wait_streaming(b)  # b's epoch-2/3 records diverged: cut aside and reconciled into c
@@ -187,9 +222,7 @@ def test_a_lagging_replica_promoted_later_never_reuses_an_epoch(trio):
     assert b.status()["role"] == "master"
     a.start("follow")
     mailer.deliver(5)
-    deadline = time.monotonic() + 60
-    while any(n.status()["diverged_tails"] for n in (a, b, c)) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_tails_reconciled((a, b, c), cut_on=a)  # a's epoch-2/3 records: cut aside, all already on b
     trio.wait_converged(["a", "b", "c"])
     assert assert_all_present_once(b, mailer) == 20
     for n in (a, c):
