@@ -642,17 +642,23 @@ class Node:
     def quarantine_show(self, name: str) -> dict:
         return self._quarantine_row(name)
 
+    # The three operator repairs below hold the apply lock, like every pass over the
+    # store: the applier thread shares the store's connection, and a repair running
+    # beside an apply batch would interleave their transactions.
+
     def quarantine_retry(self, name: str) -> tuple[bool, str]:
         """Try the held records again now (after the admin fixed the cause)."""
-        row = self._quarantine_row(name)
-        return self.store.reapply_mailbox(row["mailbox_id"], self.log.read(row["first_lsn"]),
-                                          max_attempts=10**9)
+        with self._apply_lock:
+            row = self._quarantine_row(name)
+            return self.store.reapply_mailbox(row["mailbox_id"], self.log.read(row["first_lsn"]),
+                                              max_attempts=10**9)
 
     def quarantine_release(self, name: str) -> tuple[bool, str]:
         """Apply the held records with the guard bypassed (the admin confirmed them)."""
-        row = self._quarantine_row(name)
-        return self.store.reapply_mailbox(row["mailbox_id"], self.log.read(row["first_lsn"]),
-                                          bypass_guard=True, max_attempts=10**9)
+        with self._apply_lock:
+            row = self._quarantine_row(name)
+            return self.store.reapply_mailbox(row["mailbox_id"], self.log.read(row["first_lsn"]),
+                                              bypass_guard=True, max_attempts=10**9)
 
     def resync_mailbox(self, snapshot: dict) -> int:
         """Replace one mailbox with a master's snapshot, then replay this
@@ -660,7 +666,8 @@ class Node:
         at = snapshot["at_lsn"]
         if not self.wait_applied(at, timeout=30):
             raise StoreUnavailableError(f"this node has not applied LSN {at} yet; retry when it caught up")
-        return self.store.replace_mailbox(snapshot, self.log.read(at + 1) if at < self.log.last_lsn else iter(()))
+        with self._apply_lock:
+            return self.store.replace_mailbox(snapshot, self.log.read(at + 1) if at < self.log.last_lsn else iter(()))
 
     def verify_store(self) -> dict[str, list[str]]:
         self._fresh()

@@ -214,3 +214,35 @@ def test_master_refuses_huge_recursive_delete(tmp_path):
         assert len(m.list_mailboxes()) == 7
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("repair", ["retry", "release", "resync"])
+def test_operator_repairs_wait_for_the_applier(pair, repair):
+    """quarantine retry/release and resync share the store with the applier thread:
+    each waits for the apply lock instead of running beside an apply batch."""
+    import threading
+
+    m, r = pair
+    deliver_some(m, ["user/a/INBOX"], 2)
+    ship(m, r)
+    a_id = r.store.mailbox("user/a/INBOX").mailbox_id
+    with sqlite3.connect(r.store.path) as db:
+        db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)", (a_id, 3, b"\0" * 32, "", 0, 0, 0, 1, 1))
+    deliver_some(m, ["user/a/INBOX"], 2, tag="x")
+    ship(m, r)
+    assert r.quarantined()[0]["name"] == "user/a/INBOX"
+    with sqlite3.connect(r.store.path) as db:
+        db.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=3 AND lsn=1", (a_id,))
+    run = {"retry": lambda: r.quarantine_retry("user/a/INBOX"),
+           "release": lambda: r.quarantine_release("user/a/INBOX"),
+           "resync": lambda: r.resync_mailbox(m.store.mailbox_snapshot("user/a/INBOX"))}[repair]
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (run(), done.set()))
+    with r._apply_lock:  # an apply pass in progress
+        worker.start()
+        assert not done.wait(0.3)
+        assert r.quarantined()[0]["name"] == "user/a/INBOX"
+    assert done.wait(30)
+    worker.join()
+    assert r.quarantined() == []
+    assert digests(m) == digests(r)
