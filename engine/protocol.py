@@ -47,14 +47,16 @@ import enum
 import hmac
 import re
 import struct
-from dataclasses import dataclass, fields
+import zlib
+from dataclasses import dataclass, field, fields
 from hashlib import sha256
 from typing import Any, ClassVar, Iterable, Union
 
 import blake3
 import cbor2
 
-from wal.format import HASH_SIZE, MAX_PAYLOAD_BYTES, ZERO_HASH, Record
+from wal.format import FRAME_HEADER_SIZE as LOG_FRAME_HEADER_BYTES
+from wal.format import HASH_SIZE, MAX_PAYLOAD_BYTES, ZERO_HASH, Record, encode_frame
 
 from .errors import (
     AuthenticationError,
@@ -86,7 +88,7 @@ __all__ = [
 
 # -- constants (REP-1, REP-2, REP-3) ------------------------------------------
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: REP-1: the first 8 bytes each side sends: magic "MWREPL" then the version (u16, big-endian).
 PREAMBLE = b"MWREPL" + struct.pack(">H", PROTOCOL_VERSION)
 _FRAME_HEADER = struct.Struct(">IB")  # REP-2: body length (u32 BE), message type (u8)
@@ -431,6 +433,11 @@ class SnapshotEnd(Message):
         _bytes(SnapshotEnd, "digest", self.digest, HASH_SIZE)
 
 
+#: LOG-4 frame header (specs/log-format.md): payload_len lsn epoch type flags batch_back | head CRC | hash.
+_LOG_FRAME = struct.Struct("<IQQHHII32s")
+assert _LOG_FRAME.size == LOG_FRAME_HEADER_BYTES
+
+
 @dataclass(frozen=True, slots=True)
 class AppendBatch(Message):
     """Master -> replica: consecutive records to append (REP-11).
@@ -438,10 +445,22 @@ class AppendBatch(Message):
     At most :data:`MAX_BATCH_RECORDS` records and :data:`BATCH_SOFT_MAX_BYTES`
     payload bytes, except that a single record may be as large as a record
     can be. LSNs are consecutive; epochs never decrease.
+
+    On the wire (REP-11) the body is ``{"frames": bytes}``: the records as
+    LOG-4 frames (specs/log-format.md), one after the other, each with
+    ``flags = 0`` and ``batch_back = lsn - first LSN of the batch``, so the
+    encoding is unique. The encoded frame is computed once and cached
+    (:meth:`encoded`): a master sends the same batch object to every replica
+    that needs it and encodes it once.
     """
 
     TYPE: ClassVar[int] = 13
+    #: The body's field names (the dataclass holds the decoded records instead).
+    WIRE_FIELDS: ClassVar[frozenset[str]] = frozenset({"frames"})
     records: tuple[Record, ...]
+    _payload_bytes: int = field(default=0, init=False, compare=False, repr=False)
+    _frames: bytes | memoryview | None = field(default=None, init=False, compare=False, repr=False)
+    _encoded: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         recs = self.records
@@ -466,6 +485,18 @@ class AppendBatch(Message):
             prev = r
         if len(recs) > 1 and total > BATCH_SOFT_MAX_BYTES:
             _fail(AppendBatch, f"{total} payload bytes in {len(recs)} records exceeds {BATCH_SOFT_MAX_BYTES}")
+        object.__setattr__(self, "_payload_bytes", total)
+
+    @classmethod
+    def _checked(cls, records: tuple[Record, ...], payload_bytes: int, frames: bytes | None) -> "AppendBatch":
+        """A batch whose records the caller has already checked against every
+        rule of ``__post_init__`` (the wire parser does, field by field)."""
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "records", records)
+        object.__setattr__(obj, "_payload_bytes", payload_bytes)
+        object.__setattr__(obj, "_frames", frames)
+        object.__setattr__(obj, "_encoded", None)
+        return obj
 
     @property
     def first_lsn(self) -> int:
@@ -475,26 +506,139 @@ class AppendBatch(Message):
     def last_lsn(self) -> int:
         return self.records[-1].lsn
 
+    @property
+    def payload_bytes(self) -> int:
+        """The sum of the records' payload sizes."""
+        return self._payload_bytes
+
+    def since(self, lsn: int) -> "AppendBatch":
+        """The records from ``lsn`` on (``first_lsn < lsn <= last_lsn``) as a batch of their own."""
+        i = lsn - self.first_lsn
+        if not 0 < i < len(self.records):
+            raise LocalProtocolError(f"LSN {lsn} is not inside batch {self.first_lsn}..{self.last_lsn}")
+        rest = self.records[i:]
+        return AppendBatch._checked(rest, sum(len(r.payload) for r in rest), None)
+
+    def until(self, lsn: int) -> "AppendBatch":
+        """The records up to ``lsn`` (``first_lsn <= lsn < last_lsn``) as a batch of their own."""
+        i = lsn - self.first_lsn + 1
+        if not 0 < i < len(self.records):
+            raise LocalProtocolError(f"LSN {lsn} is not inside batch {self.first_lsn}..{self.last_lsn} (or is its end)")
+        head = self.records[:i]
+        return AppendBatch._checked(head, sum(len(r.payload) for r in head), None)
+
+    def frames(self) -> bytes:
+        """The records as LOG-4 frames (the wire body's ``frames``)."""
+        if type(self._frames) is memoryview:
+            return bytes(self._frames)
+        if self._frames is None:
+            first = self.records[0].lsn
+            data = b"".join(encode_frame(r.lsn, r.epoch, r.type, r.payload, r.hash, batch_back=r.lsn - first)
+                            for r in self.records)
+            object.__setattr__(self, "_frames", data)
+            return data
+        return self._frames
+
+    def encoded(self) -> bytes:
+        """This message's frame (REP-2), computed once."""
+        if self._encoded is None:
+            frames = self.frames()
+            head = _frames_envelope(len(frames))
+            data = b"".join((_FRAME_HEADER.pack(len(head) + len(frames), self.TYPE), head, frames))
+            object.__setattr__(self, "_encoded", data)
+            object.__setattr__(self, "_frames", None)  # the frame holds the bytes; keep one copy
+        return self._encoded  # type: ignore[return-value]
+
+    @property
+    def wire_bytes(self) -> int:
+        """The size of this message's frame (header included)."""
+        return len(self.encoded())
+
     def _wire(self) -> dict[str, Any]:
-        return {"records": [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in self.records]}
+        return {"frames": self.frames()}
 
     @classmethod
     def _from_wire(cls, body: dict[str, Any]) -> "AppendBatch":
-        raw = body["records"]
-        if type(raw) is not list:
-            _fail(cls, "records must be an array")
-        out = []
-        for item in raw:
-            if type(item) is not list or len(item) != 5:
-                _fail(cls, "each record must be [lsn, epoch, type, payload, hash]")
-            lsn, epoch, type_, payload, hash_ = item
-            _uint(cls, "lsn", lsn, 1)
-            _uint(cls, "epoch", epoch, 1)
-            _uint(cls, "type", type_, 0, 0xFFFF)
-            _bytes(cls, "payload", payload, max_size=MAX_PAYLOAD_BYTES)
-            _bytes(cls, "hash", hash_, HASH_SIZE)
-            out.append(Record(lsn, epoch, type_, payload, hash_))
-        return cls(tuple(out))
+        data = body["frames"]
+        if type(data) is not bytes:
+            _fail(cls, "frames must be a byte string")
+        return cls._parse_frames(data)
+
+    @classmethod
+    def _parse_frames(cls, data: bytes | memoryview) -> "AppendBatch":
+        """REP-11: LOG-4 frames -> records, every header field checked (so the
+        encoding is canonical). Record hashes are not checked here: the
+        replica's ``Log.append_records`` verifies the chain onto its log."""
+        view = memoryview(data)
+        n = len(view)
+        unpack, crc32, head = _LOG_FRAME.unpack_from, zlib.crc32, LOG_FRAME_HEADER_BYTES
+        out: list[Record] = []
+        pos = total = 0
+        first = prev_epoch = 0
+        while pos < n:
+            if n - pos < head:
+                _fail(cls, f"frame at byte {pos}: {n - pos} bytes left, a frame header needs {head}")
+            plen, lsn, epoch, type_, flags, back, crc, hash_ = unpack(data, pos)
+            if crc32(view[pos : pos + 28]) != crc:
+                _fail(cls, f"frame at byte {pos}: header check mismatch")
+            if not out:
+                first, prev_epoch = lsn, epoch
+                if lsn < 1:
+                    _fail(cls, "lsn=0 is outside 1..")
+            elif lsn != first + len(out):
+                _fail(cls, f"LSNs are not consecutive ({first + len(out) - 1} then {lsn})")
+            if epoch < 1:
+                _fail(cls, f"epoch=0 is outside 1.. (LSN {lsn})")
+            if epoch < prev_epoch:
+                _fail(cls, f"epoch goes back from {prev_epoch} to {epoch} at LSN {lsn}")
+            if flags != 0 or back != lsn - first:
+                _fail(cls, f"frame of LSN {lsn}: flags must be 0 and batch_back {lsn - first} (REP-11)")
+            if plen > MAX_PAYLOAD_BYTES or pos + head + plen > n:
+                _fail(cls, f"frame of LSN {lsn}: payload of {plen} bytes does not fit the batch")
+            if len(out) >= MAX_BATCH_RECORDS:
+                _fail(cls, f"more than {MAX_BATCH_RECORDS} records")
+            start = pos + head
+            out.append(Record(lsn, epoch, type_, bytes(view[start : start + plen]), hash_))
+            total += plen
+            prev_epoch = epoch
+            pos = start + plen
+        if not out:
+            _fail(cls, "a batch holds at least one record")
+        if len(out) > 1 and total > BATCH_SOFT_MAX_BYTES:
+            _fail(cls, f"{total} payload bytes in {len(out)} records exceeds {BATCH_SOFT_MAX_BYTES}")
+        return cls._checked(tuple(out), total, view)
+
+
+def _frames_envelope(size: int) -> bytes:
+    """Canonical CBOR of ``{"frames": <byte string of size bytes>}`` up to the bytes themselves."""
+    if size < 24:
+        head = bytes((0x40 + size,))
+    elif size < 1 << 8:
+        head = b"\x58" + size.to_bytes(1, "big")
+    elif size < 1 << 16:
+        head = b"\x59" + size.to_bytes(2, "big")
+    elif size < 1 << 32:
+        head = b"\x5a" + size.to_bytes(4, "big")
+    else:
+        head = b"\x5b" + size.to_bytes(8, "big")
+    return b"\xa1\x66frames" + head
+
+
+def _decode_append_batch(body: bytes) -> "AppendBatch":
+    """REP-2 for AppendBatch without a general CBOR pass over megabytes: the
+    body must be exactly the canonical envelope followed by the frames."""
+    if body[:8] != b"\xa1\x66frames" or len(body) < 9:
+        raise RemoteProtocolError("AppendBatch body must be the canonical CBOR map {\"frames\": bytes}")
+    for n in (0, 1, 2, 4, 8):  # the byte string's head: 1 byte plus n length bytes
+        size = len(body) - 9 - n
+        if size >= 0 and _frames_envelope(size) == body[: 9 + n]:
+            break
+    else:
+        raise RemoteProtocolError("AppendBatch body is not canonical CBOR of {\"frames\": bytes} (REP-2)")
+    try:
+        return AppendBatch._parse_frames(memoryview(body)[9 + n :])
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,7 +737,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Promote, Promoted, Goodbye,
     )
 }
-_FIELD_NAMES = {cls: frozenset(f.name for f in fields(cls)) for cls in MESSAGE_TYPES.values()}
+_FIELD_NAMES = {cls: getattr(cls, "WIRE_FIELDS", None) or frozenset(f.name for f in fields(cls))
+                for cls in MESSAGE_TYPES.values()}
 
 
 # -- events that are not wire messages ----------------------------------------
@@ -664,6 +809,8 @@ _PREAUTH_STATES = frozenset({State.HELLO, State.CHALLENGE, State.REPLICA_PROOF, 
 
 def encode_message(msg: Message) -> bytes:
     """The frame for ``msg``: u32 body length, u8 type, canonical CBOR body (REP-2)."""
+    if type(msg) is AppendBatch:
+        return msg.encoded()  # computed once per batch, whoever it is sent to
     body = cbor2.dumps(msg._wire(), canonical=True)
     return _FRAME_HEADER.pack(len(body), msg.TYPE) + body
 
@@ -681,6 +828,8 @@ def decode_body(type_code: int, body: bytes) -> Message:
     cls = MESSAGE_TYPES.get(type_code)
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {type_code}")
+    if cls is AppendBatch:
+        return _decode_append_batch(body)
     try:
         value = cbor2.loads(body)
     except _CBOR_ERRORS as exc:

@@ -10,12 +10,16 @@ Theory of operation
 2. Answer the master's probes (REP-8). A refusal (diverged, ahead, wrong log,
    behind retention, no seed, bad secret) raises the matching typed error and
    stops the replica; its log is left exactly as it was (INV-NoSilentTruncate).
-3. Stream (REP-11, REP-12): append each batch with ``Log.append_records`` in a
-   worker thread (it checks LSN continuity and the hash chain and returns only
-   once fdatasynced), call ``on_records_durable(records)``, then send an Ack
-   with ``durable_lsn`` and ``applied_lsn()`` (INV-NoAckBeforeDurable). Batches
-   that arrived together are appended together (one fsync). Heartbeats are
-   answered with an Ack too, so acks flow even when idle.
+3. Stream (REP-11, REP-12): two tasks. The receiving task reads and decodes
+   frames and queues AppendBatches (a bounded queue: backpressure on the
+   master); the appending task appends everything queued at that moment with
+   one ``Log.append_records`` call in a worker thread (it checks LSN
+   continuity and the hash chain and returns only once fdatasynced: one fsync
+   for all of it), calls ``on_records_durable(records)``, then sends an Ack
+   with ``durable_lsn`` and ``applied_lsn()`` (INV-NoAckBeforeDurable). So
+   receiving the next batches overlaps writing and syncing the last ones.
+   Heartbeats are answered with an Ack at once, so acks flow even when idle;
+   acks never go back (one lock computes and sends them).
 4. If the connection breaks, times out (no message for ``idle_timeout_s``) or
    the master misbehaves, reconnect with exponential backoff and jitter and
    resume at the durable LSN: no gaps, no duplicates (REP-11).
@@ -49,7 +53,6 @@ from .errors import (
 )
 from .protocol import (
     BATCH_SOFT_MAX_BYTES,
-    NEED_DATA,
     Accept,
     Ack,
     AppendBatch,
@@ -83,6 +86,8 @@ __all__ = ["run_replica", "ReplicaLink", "SnapshotMeta", "SnapshotSink"]
 
 #: Batches already received are appended together up to this many payload bytes (one fsync).
 COALESCE_MAX_BYTES = 4 * BATCH_SOFT_MAX_BYTES
+#: Received batches waiting for the appending task (each at most BATCH_SOFT_MAX_BYTES of payload).
+APPEND_QUEUE_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -453,9 +458,10 @@ class _Replica:
     async def _ack(self, chan: Channel) -> None:
         lg = self.log
         assert lg is not None
-        durable = min(lg.last_lsn, chan.session.last_lsn)
-        applied = durable if self.applied_lsn is None else max(0, min(int(self.applied_lsn()), durable))
-        await chan.send(Ack(durable, applied))
+        async with self._ack_lock:  # computed and sent under one lock: acks never go back
+            durable = min(lg.last_lsn, chan.session.last_lsn)
+            applied = durable if self.applied_lsn is None else max(0, min(int(self.applied_lsn()), durable))
+            await chan.send(Ack(durable, applied))
         self.link._set(durable_lsn=durable, applied_lsn=applied)
 
     async def _stream(self, chan: Channel) -> None:
@@ -467,34 +473,33 @@ class _Replica:
         if not self.started:
             self.started = True
             self.task_status.started(self.link)
+        self._ack_lock = anyio.Lock()
+        self._drain_lock = anyio.Lock()
         await self._ack(chan)  # tells the master where we are, and our applied LSN
-        pending = None
+        send_q, recv_q = anyio.create_memory_object_stream[AppendBatch](APPEND_QUEUE_BATCHES)
+        errors: list[BaseException] = []
+        async with send_q, recv_q, anyio.create_task_group() as tg:
+
+            async def guarded(fn, *args) -> None:
+                try:
+                    await fn(*args)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:  # the first failure ends the connection, as itself
+                    errors.append(exc)
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(guarded, self._append_loop, chan, recv_q)
+            tg.start_soon(guarded, self._receive_loop, chan, send_q)
+        if errors:
+            raise errors[0]
+
+    async def _receive_loop(self, chan: Channel, queue: Any) -> None:
+        """Decode frames; batches go to the appending task, the rest is answered here."""
         while True:
-            if pending is not None:
-                ev, pending = self._check_end(pending), None
-            else:
-                ev = await self._recv(chan)
+            ev = await self._recv(chan)
             if isinstance(ev, AppendBatch):
-                records = list(ev.records)
-                size = sum(len(r.payload) for r in records)
-                while size < COALESCE_MAX_BYTES:
-                    nxt = chan.receive_nowait()
-                    if nxt is NEED_DATA:
-                        break
-                    if not isinstance(nxt, AppendBatch):
-                        pending = nxt
-                        break
-                    records.extend(nxt.records)
-                    size += sum(len(r.payload) for r in nxt.records)
-                # INV-NoAckBeforeDurable: append_records returns after fdatasync.
-                await anyio.to_thread.run_sync(lg.append_records, records)
-                self.link._set(durable_lsn=lg.last_lsn, master_lsn=max(self.link.master_lsn or 0, lg.last_lsn))
-                if self.on_records_durable is not None:
-                    result = self.on_records_durable(records)
-                    if inspect.isawaitable(result):
-                        await result
-                await self._ack(chan)
-                await self._maybe_drained(chan)
+                await queue.send(ev)
             elif isinstance(ev, Heartbeat):
                 self.link._set(master_lsn=ev.master_lsn)
                 await self._ack(chan)
@@ -502,16 +507,49 @@ class _Replica:
                 self.link._set(state="fenced", master_lsn=ev.last_lsn)
                 await self._maybe_drained(chan)
             elif isinstance(ev, Promote):
+                # Promoted names the last record received: wait until it is appended.
+                await self.link.wait_durable(chan.session.last_lsn)
                 await self._promote(chan, ev)
+
+    async def _append_loop(self, chan: Channel, queue: Any) -> None:
+        """Append what is queued, one fsync for all of it; then ack (INV-NoAckBeforeDurable)."""
+        lg = self.log
+        assert lg is not None
+        while True:
+            batch = await queue.receive()
+            records = list(batch.records)
+            size = batch.payload_bytes
+            while size < COALESCE_MAX_BYTES:
+                try:
+                    nxt = queue.receive_nowait()
+                except anyio.WouldBlock:
+                    break
+                records.extend(nxt.records)
+                size += nxt.payload_bytes
+            try:
+                # INV-NoAckBeforeDurable: append_records returns after fdatasync.
+                await anyio.to_thread.run_sync(lg.append_records, records)
+            except OutOfOrderError as exc:
+                log.error("replica %s: the master's records %d..%d do not extend this log (%s); "
+                          "nothing was appended, reconnecting", self.name, records[0].lsn, records[-1].lsn, exc)
+                raise
+            self.link._set(durable_lsn=lg.last_lsn, master_lsn=max(self.link.master_lsn or 0, lg.last_lsn))
+            if self.on_records_durable is not None:
+                result = self.on_records_durable(records)
+                if inspect.isawaitable(result):
+                    await result
+            await self._ack(chan)
+            await self._maybe_drained(chan)
 
     async def _maybe_drained(self, chan: Channel) -> None:
         session = chan.session
         lg = self.log
         assert lg is not None
-        if session.state is State.FENCING and session.fence is not None and lg.last_lsn == session.fence.last_lsn:
-            if session.acked_lsn < lg.last_lsn:
-                await self._ack(chan)
-            await chan.send(Drained(lg.last_lsn, lg.last_hash))
+        async with self._drain_lock:  # both tasks call this: one Drained
+            if session.state is State.FENCING and session.fence is not None and lg.last_lsn == session.fence.last_lsn:
+                if session.acked_lsn < lg.last_lsn:
+                    await self._ack(chan)
+                await chan.send(Drained(lg.last_lsn, lg.last_hash))
 
     async def _promote(self, chan: Channel, ev: Promote) -> None:
         """REP-15 (minimal): start the new epoch, run the hook, answer Promoted.

@@ -19,7 +19,7 @@ from .protocol import NEED_DATA, Event, Message, ReplicationSession, State
 
 __all__ = ["Channel", "PrefixedStream", "READ_SIZE", "log"]
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 log = logging.getLogger("mailwal.replication")
 
 _STREAM_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)

@@ -14,13 +14,18 @@ replica connection in its own task, which owns one
    last common LSN) and answered with Accept or Refuse; a SeedRequest is
    answered with Accept from LSN 1, a snapshot from ``make_snapshot``, or
    Refuse (REP-7..REP-10).
-3. *Stream* (REP-11, REP-12): a reader task pulls durable records from disk
-   (in a worker thread, waiting with ``Log.wait_for``) into a small bounded
-   memory stream; a writer task sends them as AppendBatch frames, or a
-   Heartbeat when idle; an ack task reads Acks and updates the hub. A slow or
-   stalled replica fills its own TCP buffer and its own two-batch outbox and
-   then simply stops being read for: it never slows the master's appends or
-   other replicas, and costs bounded memory.
+3. *Stream* (REP-11, REP-12, REP-20): a reader task feeds a small bounded
+   outbox; a writer task sends its AppendBatch frames, or a Heartbeat when
+   idle; an ack task reads Acks and updates the hub. A replica that has
+   caught up is fed from the hub's :class:`~engine.replication_tail.TailBuffer`:
+   the newest durable records, read from disk once by whichever stream needs
+   them first (one worker-thread hop that waits with ``Log.wait_for`` and
+   reads), verified and encoded once, shared by every replica. A replica
+   behind the buffer reads from disk on its own until it reaches it. A slow
+   or stalled replica fills its own TCP buffer and its own two-batch outbox
+   and then simply stops being read for: it never slows the master's appends
+   or other replicas, and costs bounded memory (the buffer drops its oldest
+   batches whoever still wants them).
 
 :class:`ReplicationHub` is the master's view of its replicas for status,
 synchronous replication (:meth:`ReplicationHub.wait_replicated`) and
@@ -82,9 +87,11 @@ from .protocol import (
     SnapshotBegin,
     SnapshotChunk,
     State,
+    batch_records,
     decide_seed,
 )
 from .replication_channel import Channel, log
+from .replication_tail import TailBuffer
 
 __all__ = ["serve_replication", "replication_handler", "ReplicationHub", "ReplicaStatus", "SnapshotSource", "cursor_name"]
 
@@ -92,6 +99,10 @@ __all__ = ["serve_replication", "replication_handler", "ReplicationHub", "Replic
 SnapshotSource = Callable[[], "tuple[int, bytes, uuid.UUID | bytes, int, Iterable[bytes]]"]
 
 OUTBOX_ITEMS = 2  # batches (or commands) queued per replica between reader and writer
+#: The shared buffer of recent durable records (payload and encoded frames counted).
+TAIL_MAX_BYTES = 32 * 1024 * 1024
+#: A fill of the shared buffer reads at most this many payload bytes at once.
+TAIL_READ_MAX_BYTES = BATCH_SOFT_MAX_BYTES
 
 
 def cursor_name(replica: str) -> str:
@@ -173,13 +184,24 @@ class ReplicationHub:
         log: the master's log.
         cursor_interval_s: persist a replica's cursor at most this often...
         cursor_every_records: ...unless it moved by at least this many records.
+        tail_max_bytes: memory bound of the shared buffer of recent records.
         clock: monotonic clock (seconds) for lag ages.
         wall_clock: wall-clock time for ``since`` stamps.
     """
 
-    def __init__(self, log: Log, *, cursor_interval_s: float = 0.1, cursor_every_records: int = 1000,
+    def __init__(self, log: Log, *, cursor_interval_s: float = 1.0, cursor_every_records: int = 100_000,
+                 tail_max_bytes: int = TAIL_MAX_BYTES,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.log = log
+        self.tail = TailBuffer(tail_max_bytes)
+        self._tail_lock = anyio.Lock()
+        self._tail_limiter = anyio.CapacityLimiter(1)
+        # Counters (tests, metrics): fills of the shared buffer and the records they read (each once,
+        # whatever the number of replicas); batches read from disk by one stream for itself; batches sent.
+        self.tail_reads = 0
+        self.tail_records = 0
+        self.disk_batches = 0
+        self.batches_sent = 0
         self.cursor_interval_s = cursor_interval_s
         self.cursor_every_records = cursor_every_records
         self._clock = clock
@@ -353,10 +375,64 @@ class ReplicationHub:
         if r is not None:
             r.last_error = f"refused ({refuse.code}): {refuse.detail}"
 
-    def _sent(self, conn: _Connection, batch: list[Record]) -> None:
+    def _sent(self, conn: _Connection, batch: AppendBatch) -> None:
         r = self._replicas[conn.name]
-        r.inflight.append((batch[-1].lsn, sum(len(x.payload) for x in batch), self._clock()))
+        r.inflight.append((batch.last_lsn, batch.payload_bytes, self._clock()))
+        self.batches_sent += 1
         self._notify()
+
+    async def _tail_fetch(self, lsn: int, poll_s: float) -> None:
+        """Make the shared buffer hold ``lsn`` once it is durable, waiting up to ``poll_s``.
+
+        One caller at a time reads (in one worker-thread hop: wait, then read
+        and verify); the others wait for the lock and then find the records
+        already there. Returns early when ``lsn`` is held; returning without
+        it means nothing new within ``poll_s`` (or the log closed or failed:
+        the caller checks).
+        """
+        tail = self.tail
+        async with self._tail_lock:
+            end = tail.end_lsn
+            if end is not None and end >= lsn:
+                return
+            if end is not None and end != lsn - 1:
+                tail.clear()  # this stream went past a stale buffer (read from disk): restart it here
+            prev_hash = tail.last_hash
+            batches = await anyio.to_thread.run_sync(self._fill_tail, lsn, prev_hash, poll_s,
+                                                     abandon_on_cancel=True, limiter=self._tail_limiter)
+            if batches is None:  # the log does not continue the buffer: it was rewritten under it
+                log.error("replication: the master's log no longer continues the buffered records at LSN %d; "
+                          "dropping the buffer", lsn - 1)
+                tail.clear()
+            elif batches and tail.end_lsn == (None if prev_hash is None else lsn - 1):
+                tail.extend(batches)
+                self.tail_reads += 1
+                self.tail_records += sum(len(b.records) for b in batches)
+
+    def _fill_tail(self, lsn: int, prev_hash: bytes | None, poll_s: float) -> list[AppendBatch] | None:
+        """Worker thread: wait for ``lsn`` to be durable, then read what is durable from it.
+
+        With ``prev_hash`` (the buffer's last record), the read starts one
+        record earlier and checks that record's hash: None if it differs.
+        """
+        lg = self.log
+        if lg.last_lsn < lsn:
+            lg.wait_for(lsn, poll_s)
+            if lg.last_lsn < lsn:
+                return []
+        first = lsn - 1 if prev_hash is not None and lsn > 1 else lsn
+        records: list[Record] = []
+        size = 0
+        for rec in lg.read(first, lg.last_lsn):
+            if rec.lsn < lsn:
+                if rec.hash != prev_hash:
+                    return None
+                continue
+            records.append(rec)
+            size += len(rec.payload)
+            if size >= TAIL_READ_MAX_BYTES:
+                break
+        return batch_records(records) if records else []
 
     def _acked(self, conn: _Connection, ack: Ack) -> None:
         r = self._replicas[conn.name]
@@ -699,29 +775,48 @@ class _Server:
             conn.task_group.cancel_scope.cancel()
 
     async def _read_log(self, conn: _Connection, out: Any, start_lsn: int) -> None:
-        """Feed durable records from disk into the bounded outbox (backpressure)."""
+        """Feed batches into the bounded outbox (backpressure): from the shared
+        buffer once this replica has reached it, from disk while it is behind."""
         lg = self.log
+        hub = self.hub
+        tail = hub.tail
         limiter = anyio.CapacityLimiter(1)
         next_lsn = start_lsn
         while True:
-            if conn.fence_lsn is not None and next_lsn > conn.fence_lsn:
+            fence = conn.fence_lsn
+            if fence is not None and next_lsn > fence:
                 return  # REP-14: nothing past the fence
-            last = lg.last_lsn if conn.fence_lsn is None else min(lg.last_lsn, conn.fence_lsn)
-            if last < next_lsn:
+            got = tail.take(next_lsn, BATCH_SOFT_MAX_BYTES)
+            if got is None:  # before the buffer (or it is empty): from disk, up to where it starts
+                last = lg.last_lsn
+                start = tail.start_lsn
+                if start is not None and start > next_lsn:
+                    last = min(last, start - 1)
+                if fence is not None:
+                    last = min(last, fence)
+                if last >= next_lsn:
+                    batch = await anyio.to_thread.run_sync(self._read_batch, next_lsn, last, limiter=limiter)
+                    if not batch:
+                        await anyio.sleep(self.poll)
+                        continue
+                    msg = AppendBatch(tuple(batch))
+                    hub.disk_batches += 1
+                    await out.send(msg)
+                    next_lsn = msg.last_lsn + 1
+                    continue
+                got = []
+            if not got:
                 t0 = time.monotonic()
-                ok = await anyio.to_thread.run_sync(lg.wait_for, next_lsn, self.poll,
-                                                    abandon_on_cancel=True, limiter=limiter)
-                if not ok and time.monotonic() - t0 < self.poll / 2:  # closed or failed log
+                await hub._tail_fetch(next_lsn, self.poll)
+                if tail.end_lsn is None or tail.end_lsn < next_lsn:
                     if lg.failed is not None:
                         raise lg.failed
-                    await anyio.sleep(self.poll)
+                    if time.monotonic() - t0 < self.poll / 2 and lg.last_lsn < next_lsn:
+                        await anyio.sleep(self.poll)  # a closed log: wait_for returns at once
                 continue
-            batch = await anyio.to_thread.run_sync(self._read_batch, next_lsn, last, limiter=limiter)
-            if not batch:
-                await anyio.sleep(self.poll)
-                continue
-            await out.send(batch)
-            next_lsn = batch[-1].lsn + 1
+            for msg in got:
+                await out.send(msg)
+                next_lsn = msg.last_lsn + 1
 
     def _read_batch(self, first: int, last: int) -> list[Record]:
         """Runs in a worker thread: records first..last, within REP-11's bounds."""
@@ -744,12 +839,13 @@ class _Server:
             if item is None:
                 if state in (State.STREAMING, State.FENCING, State.DRAINED):
                     await chan.send(Heartbeat(self.log.last_lsn))
-            elif isinstance(item, list):
-                if conn.fence_lsn is not None:  # read before the fence was set: never ship past it
-                    item = [r for r in item if r.lsn <= conn.fence_lsn]
-                if item and state in (State.STREAMING, State.FENCING):
+            elif isinstance(item, AppendBatch):
+                fence = conn.fence_lsn
+                if fence is not None and item.last_lsn > fence:  # read before the fence was set: never ship past it
+                    item = item.until(fence) if item.first_lsn <= fence else None
+                if item is not None and state in (State.STREAMING, State.FENCING):
                     self.hub._sent(conn, item)
-                    await chan.send(AppendBatch(tuple(item)))
+                    await chan.send(item)
                 # else PROMOTING: the replica became master at what it has
             else:
                 await chan.send(item)  # Fence / Promote from the hub
