@@ -28,11 +28,12 @@ from .format import (
     FRAME_HEADER_SIZE,
     MAX_PAYLOAD_BYTES,
     ZERO_HASH,
+    encode_frame,
     payload_hash,
     record_hash,
 )
 
-__all__ = ["walk_frames", "verify_hash", "payload_digest", "chain_hash", "CHUNK_BYTES"]
+__all__ = ["walk_frames", "verify_hash", "payload_digest", "chain_hash", "frame_head", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 1 << 20
 
@@ -41,12 +42,17 @@ _FRAME = struct.Struct("<IQQHHII32s")
 assert _FRAME.size == FRAME_HEADER_SIZE
 # LOG-5: domain || prev_hash || lsn epoch type payload_len || blake3(payload).
 _CHAIN = struct.Struct(f"<{len(_HASH_DOMAIN)}s32sQQHI32s")
+# LOG-4 again, for writing: the head's 28 bytes, then CRC and record hash.
+_HEAD = struct.Struct("<IQQHHI")
+_CRC_HASH = struct.Struct("<I32s")
 _SMALL_PAYLOAD = 1 << 20  # below this, blake3 on one thread (what payload_hash does too)
 
 _blake3 = blake3.blake3
 _crc32 = zlib.crc32
 _unpack_from = _FRAME.unpack_from
 _chain_pack = _CHAIN.pack
+_head_pack = _HEAD.pack
+_crc_hash_pack = _CRC_HASH.pack
 
 
 def payload_digest(payload) -> bytes:
@@ -66,10 +72,18 @@ def verify_hash(prev: bytes, lsn: int, epoch: int, type_: int, payload) -> bytes
     return _blake3(_chain_pack(_HASH_DOMAIN, prev, lsn, epoch, type_, n, ph)).digest()
 
 
-# The fast hashes must be the normative ones, bit for bit.
+def frame_head(payload_len: int, lsn: int, epoch: int, type_: int, batch_back: int, hash_: bytes) -> bytes:
+    """The 64-byte frame header of a record (LOG-4), as :func:`wal.format.encode_frame`
+    writes it in front of the payload (flags 0)."""
+    head = _head_pack(payload_len, lsn, epoch, type_, 0, batch_back)
+    return head + _crc_hash_pack(_crc32(head), hash_)
+
+
+# The fast hashes and header must be the normative ones, bit for bit.
 assert payload_digest(memoryview(b"abc")) == payload_hash(b"abc")
 assert chain_hash(ZERO_HASH, 7, 3, 2, 3, payload_hash(b"abc")) == record_hash(ZERO_HASH, 7, 3, 2, 3, payload_hash(b"abc"))
 assert verify_hash(ZERO_HASH, 7, 3, 2, b"abc") == record_hash(ZERO_HASH, 7, 3, 2, 3, payload_hash(b"abc"))
+assert frame_head(3, 7, 3, 2, 5, b"h" * 32) + b"abc" == encode_frame(7, 3, 2, b"abc", b"h" * 32, batch_back=5)
 
 
 def walk_frames(path: str, start_offset: int, end_offset: int | None = None) -> Iterator[tuple]:

@@ -4,33 +4,43 @@ Theory of operation
 -------------------
 One :class:`Log` object owns a log directory for writing (LOG-14: one writer
 per directory, enforced with an ``fcntl`` lock on ``LOCK``). Appenders call
-:meth:`Log.append` from any number of threads:
+:meth:`Log.append` from any number of threads. Records travel in *batches*
+(:class:`_Batch`); at any moment there is at most one *open* batch (taking
+records) and at most one *in-flight* batch (being written and synced).
 
-1. Outside any lock, the payload is hashed (blake3).
-2. Under the log lock, the record gets the next LSN and its chained hash
-   (LOG-5) and joins the *pending batch*.
-3. The appender then waits until its LSN is durable. If no sync is running,
-   it becomes the *leader*: it takes the whole pending batch, releases the
-   lock, writes the batch with one ``write`` and one ``fdatasync``, and
-   releases the appenders whose records that sync covered. Appenders that
-   arrive during a sync form the next batch, so N concurrent appenders share
-   far fewer than N fsyncs (group commit).
-4. An appender that finds a sync running *parks* on a lock of its own; the
-   syncing thread releases exactly the parked appenders its sync made
-   durable, so nobody is woken just to find it must wait again.
-5. When a sync ends and records are already pending again, the disk is kept
-   busy: the next batch goes to the log's *flusher* thread (started on first
-   need), which keeps syncing batches until none is pending, while the
-   leader returns to its caller. A lone appender never involves the flusher.
+1. Outside any lock, the appender hashes its payload (blake3).
+2. Under the log lock it gives the record its LSN and chained hash (LOG-5)
+   and encodes the whole 64-byte frame header (LOG-4; ``batch_back`` is
+   known here because the open batch is exactly the next write), then adds
+   header and payload to the open batch. The writing thread only joins the
+   pieces: one ``write`` and one ``fdatasync`` per batch.
+3. If nothing is in flight, the appender *leads*: it takes the open batch,
+   writes and syncs it outside the lock, and returns. Otherwise it parks on
+   its batch's *gate*, a lock held from the batch's creation until the batch
+   is durable (or failed). Releasing a gate wakes one parked appender, which
+   releases the gate again as it leaves, so a batch's appenders wake one
+   after another (under the GIL they run one at a time anyway; waking all
+   at once makes them fight over it). Nothing is allocated or sorted per
+   waiting record; the completion is signalled once per batch.
+4. When a sync ends and the open batch has records, the disk is kept busy:
+   the syncing thread takes it at once. A leading appender hands it to the
+   log's *flusher* thread (started on first need) and returns to its caller;
+   the flusher keeps syncing batches until none is open. A lone appender
+   never involves the flusher.
+5. :meth:`Log.notify_durable` registers a callback on a batch instead of a
+   parked thread (the async face resolves all of a batch's futures with one
+   callback); registering the same callable for many records of one batch
+   calls it once.
 
 Nothing is acknowledged before its batch's ``fdatasync`` returned. If a write
 or fdatasync fails, the log enters the *failed* state for good (LOG-12): the
-failed batch and every later append raise :class:`LogFailedError`, and the
-fd is never synced again. Reopening the log recovers from what is on disk.
+failed batch, the open batch behind it and every later append raise
+:class:`LogFailedError`, and the fd is never synced again. Reopening the log
+recovers from what is on disk.
 
 A batch never spans segments. Before writing a batch into a full segment,
-the leader creates the next segment (LOG-2); the previous one was fully
-synced by the batch before, so only the last segment can be torn.
+the syncing thread creates the next segment (LOG-2); the previous one was
+fully synced by the batch before, so only the last segment can be torn.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import blake3
+
 from .cursors import CursorStore
 from .errors import (
     CorruptRecordError,
@@ -55,6 +67,7 @@ from .errors import (
 )
 from .fileops import OS_FILEOPS, FileOps
 from .format import (
+    _HASH_DOMAIN,
     FORMAT_VERSION,
     MAX_PAYLOAD_BYTES,
     SEGMENT_HEADER_SIZE,
@@ -62,10 +75,9 @@ from .format import (
     Record,
     SegmentHeader,
     decode_frame_header,
-    encode_frame,
     payload_hash,
-    record_hash,
 )
+from .framewalk import _CHAIN, _SMALL_PAYLOAD, frame_head, payload_digest
 from .reader import LogReader, SegmentIndex
 from .segment import TornTail, create_segment, iter_frames, list_segments, read_segment_header, scan_segment
 
@@ -73,6 +85,8 @@ __all__ = ["Log", "Appended", "DEFAULT_SEGMENT_MAX_BYTES"]
 
 DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 _U64_MAX = (1 << 64) - 1
+_blake3 = blake3.blake3
+_chain_pack = _CHAIN.pack
 
 
 def _check_field(name: str, value: int, maximum: int) -> None:
@@ -90,27 +104,28 @@ class Appended:
     epoch: int
 
 
-@dataclass(slots=True)
-class _Pending:
-    lsn: int
-    epoch: int
-    type: int
-    payload: bytes
-    hash: bytes
+_allocate_lock = threading.Lock
 
 
-def _release_chain(waiters: list[list]) -> None:
-    """Wake parked appenders one after another, not all at once.
+class _Batch:
+    """Records bound for one ``write`` + ``fdatasync`` (see the theory of operation).
 
-    Only the first is released here; each woken appender releases the next
-    (``waiter[2]``) as soon as it runs. Under the GIL the woken threads run
-    one at a time anyway, and waking dozens at once makes them fight over
-    the interpreter lock (many context switches per record).
+    ``gate`` is held from creation until the batch is durable or failed;
+    then it is released once and every parked appender acquires and
+    releases it in turn (a latch that wakes its waiters one by one).
     """
-    for waiter, following in zip(waiters, waiters[1:]):
-        waiter[2] = following[1]
-    if waiters:
-        waiters[0][1].release()
+
+    __slots__ = ("parts", "first_lsn", "last_lsn", "last_hash", "gate", "error", "callbacks")
+
+    def __init__(self, first_lsn: int):
+        self.parts: list = []  # frame header, payload, frame header, payload, ...
+        self.first_lsn = first_lsn
+        self.last_lsn = first_lsn - 1
+        self.last_hash = b""
+        self.gate = _allocate_lock()
+        self.gate.acquire()
+        self.error: WalError | None = None  # set before the gate opens when the batch will never be durable
+        self.callbacks: dict | None = None  # notify_durable callables (a dict: each called once)
 
 
 _SEALED_TAIL_BYTES = 256 * 1024
@@ -168,12 +183,10 @@ class Log:
         self.segment_max_bytes = segment_max_bytes
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._pending: list[_Pending] = []
-        self._syncing = False  # a batch is being written and synced (by a leader or the flusher)
-        self._closing = False  # close() has begun: no new batch is handed to the flusher
-        # Parked appenders: [LSN each waits for, a lock it blocks on, the next one to wake].
-        self._waiters: list[list] = []
-        self._handoff: list[_Pending] | None = None  # the next batch, for the flusher
+        self._open: _Batch | None = None  # taking records; the next batch written
+        self._inflight: _Batch | None = None  # being written and synced (by a leader or the flusher)
+        self._closing = False  # close() has begun: no new batch is taken
+        self._handoff: _Batch | None = None  # an in-flight batch given to the flusher, not yet picked up
         self._flush_cond = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
         self._failed: LogFailedError | None = None
@@ -349,12 +362,15 @@ class Log:
         """
         with self._cond:
             self._closing = True
-            while self._syncing or self._handoff is not None:
+            while self._inflight is not None or self._handoff is not None:
                 self._cond.wait()
             if self._closed:
                 return
             self._closed = True
-            parked, self._waiters = self._waiters, []
+            dropped, self._open = self._open, None
+            if dropped is not None:
+                dropped.error = LogClosedError(
+                    f"log {self.path} was closed before LSNs {dropped.first_lsn}..{dropped.last_lsn} became durable")
             self._cond.notify_all()
             self._flush_cond.notify_all()
             flusher = self._flusher
@@ -364,7 +380,8 @@ class Log:
                 except OSError:
                     pass
                 self._fd = None
-        _release_chain(parked)
+        if dropped is not None:
+            self._settle(dropped)
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join()
         self._release_lock()
@@ -416,22 +433,58 @@ class Log:
             LogFailedError: this or an earlier sync failed (nothing acknowledged).
             LogClosedError: the log was closed.
         """
-        return self.append_many([(type_, payload)], epoch=epoch)[0]
+        # The single-record path of enqueue + sync_to, inlined: this is the
+        # per-record cost every appender thread pays.
+        n = len(payload)
+        if n > MAX_PAYLOAD_BYTES:
+            raise WalError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+        if type_.__class__ is not int or not 0 <= type_ <= 0xFFFF:
+            _check_field("type", type_, 0xFFFF)
+        if epoch is not None:
+            _check_field("epoch", epoch, _U64_MAX)
+        ph = _blake3(payload).digest() if n < _SMALL_PAYLOAD else payload_hash(payload)
+        with self._lock:
+            if self._closed or self._failed is not None:
+                self._check_usable()
+            ep = self._epoch if epoch is None else epoch
+            if ep < self._epoch:
+                raise WalError(f"epoch {ep} is below the log's epoch {self._epoch}: epochs never decrease along a log")
+            lsn = self._next_lsn
+            h = _blake3(_chain_pack(_HASH_DOMAIN, self._last_hash, lsn, ep, type_, n, ph)).digest()
+            b = self._open
+            if b is None:
+                b = self._open = _Batch(lsn)
+            b.parts += (frame_head(n, lsn, ep, type_, lsn - b.first_lsn, h), payload)
+            b.last_lsn = lsn
+            b.last_hash = h
+            self._next_lsn = lsn + 1
+            self._last_hash = h
+            self._epoch = ep
+            lead = self._inflight is None
+            if lead:
+                self._open = None
+                self._inflight = b
+        if lead:
+            self._lead(b)
+        else:
+            self._await(b, lsn)
+        return Appended(lsn, h, ep)
 
     def append_many(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
         """Append several records with consecutive LSNs; returns once all are durable."""
         out = self.enqueue(items, epoch=epoch)
         if out:
-            self._wait_durable(out[-1].lsn)  # just enqueued: sync_to's extra checks are moot
+            self._wait_durable(out[-1].lsn)
         return out
 
     def enqueue(self, items: Sequence[tuple[int, bytes]], *, epoch: int | None = None) -> list[Appended]:
         """Give records their LSNs and hashes *without* waiting for durability.
 
         The returned values are NOT acknowledgements: call :meth:`sync_to`
-        with the last LSN before telling anyone. This split lets a caller
-        decide something under its own lock (say, a mailbox UID) in LSN order
-        while the fsync wait is shared with other appenders (group commit).
+        (or :meth:`notify_durable`) with the last LSN before telling anyone.
+        This split lets a caller decide something under its own lock (say, a
+        mailbox UID) in LSN order while the fsync wait is shared with other
+        appenders (group commit).
         """
         # Check every item before touching state: a bad item must not leave
         # earlier items of the same call enqueued (they would be written by
@@ -442,22 +495,30 @@ class Log:
             _check_field("type", type_, 0xFFFF)
         if epoch is not None:
             _check_field("epoch", epoch, _U64_MAX)
-        p_hashes = [payload_hash(p) for _, p in items]
-        with self._cond:
+        p_hashes = [payload_digest(p) for _, p in items]
+        with self._lock:
             self._check_usable()
             ep = self._epoch if epoch is None else epoch
             if ep < self._epoch:
                 raise WalError(f"epoch {ep} is below the log's epoch {self._epoch}: epochs never decrease along a log")
             out = []
+            if not items:
+                return out
+            lsn, prev = self._next_lsn, self._last_hash
+            b = self._open
+            if b is None:
+                b = self._open = _Batch(lsn)
+            parts, first = b.parts, b.first_lsn
             for (type_, payload), ph in zip(items, p_hashes):
-                lsn = self._next_lsn
-                h = record_hash(self._last_hash, lsn, ep, type_, len(payload), ph)
-                self._pending.append(_Pending(lsn, ep, type_, payload, h))
-                self._next_lsn = lsn + 1
-                self._last_hash = h
-                out.append(Appended(lsn, h, ep))
-            if out:
-                self._epoch = ep  # later appends must not go below it either
+                n = len(payload)
+                prev = _blake3(_chain_pack(_HASH_DOMAIN, prev, lsn, ep, type_, n, ph)).digest()
+                parts += (frame_head(n, lsn, ep, type_, lsn - first, prev), payload)
+                out.append(Appended(lsn, prev, ep))
+                lsn += 1
+            b.last_lsn = lsn - 1
+            b.last_hash = prev
+            self._next_lsn, self._last_hash = lsn, prev
+            self._epoch = ep  # later appends must not go below it either
         return out
 
     def sync_to(self, lsn: int) -> None:
@@ -467,12 +528,58 @@ class Log:
             LogFailedError: the sync covering ``lsn`` (or an earlier one) failed.
             LogClosedError: the log was closed first.
         """
-        with self._cond:
-            if self._durable_lsn >= lsn:
-                return
-            if lsn >= self._next_lsn:
+        if self._durable_lsn >= lsn:  # only grows, and only after its fdatasync returned
+            return
+        with self._lock:
+            if lsn >= self._next_lsn and self._durable_lsn < lsn:
                 raise WalError(f"LSN {lsn} was never enqueued (the next LSN is {self._next_lsn})")
         self._wait_durable(lsn)
+
+    def notify_durable(self, lsn: int, callback) -> None:
+        """Call ``callback(durable_lsn, error)`` once record ``lsn`` is durable
+        (``error`` None) or never will be (``error`` the LogFailedError or
+        LogClosedError an appender would get).
+
+        The callback runs in the thread that synced the batch holding ``lsn``
+        (or at once in this thread when ``lsn`` is already settled); it must
+        be quick and must not raise (an exception it raises is ignored).
+        ``durable_lsn`` is the last LSN of that batch: every record up to it
+        is durable. The same callable registered for several records of one
+        batch is called once for that batch. Starts a sync if none is
+        running, so the record is written without any thread waiting.
+
+        Raises:
+            WalError: ``lsn`` was never enqueued.
+        """
+        kick = None
+        with self._lock:
+            if self._durable_lsn >= lsn:
+                settled = (self._durable_lsn, None)
+            elif lsn >= self._next_lsn:
+                raise WalError(f"LSN {lsn} was never enqueued (the next LSN is {self._next_lsn})")
+            elif self._failed is not None:
+                settled = (self._durable_lsn, LogFailedError(f"{self._failed} (LSN {lsn} was not acknowledged)"))
+            elif self._closed:
+                settled = (self._durable_lsn, LogClosedError(f"log {self.path} was closed before LSN {lsn} became durable"))
+            else:
+                settled = None
+                b = self._inflight
+                if b is None or lsn > b.last_lsn:
+                    b = self._open
+                if b.callbacks is None:
+                    b.callbacks = {callback: None}
+                else:
+                    b.callbacks[callback] = None
+                if self._inflight is None:
+                    self._open = None
+                    self._inflight = kick = b
+        if settled is not None:
+            try:
+                callback(*settled)
+            except Exception:
+                pass  # documented: a callback must not raise; the log's state is unaffected
+        elif kick is not None:
+            self._hand_to_flusher(kick)
 
     def append_records(self, records: Sequence[Record]) -> None:
         """Append records made elsewhere (a replica copying its master).
@@ -486,24 +593,38 @@ class Log:
         """
         if not records:
             return
-        p_hashes = [payload_hash(r.payload) for r in records]
-        with self._cond:
+        p_hashes = [payload_digest(r.payload) for r in records]
+        with self._lock:
             self._check_usable()
             lsn, prev = self._next_lsn, self._last_hash
             staged = []
             for r, ph in zip(records, p_hashes):
                 if r.lsn != lsn:
                     raise OutOfOrderError(lsn, r.lsn)
-                h = record_hash(prev, r.lsn, r.epoch, r.type, len(r.payload), ph)
+                n = len(r.payload)
+                h = _blake3(_chain_pack(_HASH_DOMAIN, prev, lsn, r.epoch, r.type, n, ph)).digest()
                 if h != r.hash:
                     raise OutOfOrderError(lsn, r.lsn, "record hash does not chain onto this log")
-                staged.append(_Pending(r.lsn, r.epoch, r.type, r.payload, h))
+                staged.append((n, r, h))
                 lsn, prev = lsn + 1, h
-            self._pending.extend(staged)
+            b = self._open
+            if b is None:
+                b = self._open = _Batch(self._next_lsn)
+            parts, first = b.parts, b.first_lsn
+            for n, r, h in staged:
+                parts += (frame_head(n, r.lsn, r.epoch, r.type, r.lsn - first, h), r.payload)
+            b.last_lsn = lsn - 1
+            b.last_hash = prev
             self._next_lsn, self._last_hash = lsn, prev
             if records[-1].epoch > self._epoch:
                 self._epoch = records[-1].epoch
         self._wait_durable(lsn - 1)
+
+    @property
+    def _pending(self) -> list:
+        """The payloads of the open batch (records enqueued, no sync started)."""
+        b = self._open
+        return [] if b is None else b.parts[1::2]
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -518,98 +639,110 @@ class Log:
             LogFailedError: the sync covering ``lsn`` (or an earlier one) failed.
             LogClosedError: the log was closed before ``lsn`` became durable.
         """
-        while True:
-            # ``_durable_lsn`` only grows, and only after the fdatasync that
-            # covers it returned, so this unlocked read never acknowledges early.
+        # ``_durable_lsn`` only grows, and only after the fdatasync that
+        # covers it returned, so this unlocked read never acknowledges early.
+        if self._durable_lsn >= lsn:
+            return
+        with self._lock:
             if self._durable_lsn >= lsn:
                 return
-            gate = None
-            with self._lock:
-                if self._durable_lsn >= lsn:
-                    return
-                if self._failed is not None:
-                    raise LogFailedError(f"{self._failed} (LSN {lsn} was not acknowledged)")
-                if self._closed:
-                    raise LogClosedError(f"log {self.path} was closed before LSN {lsn} became durable")
-                if self._syncing:
-                    gate = threading.Lock()
-                    gate.acquire()
-                    waiter = [lsn, gate, None]
-                    self._waiters.append(waiter)
-                else:
-                    batch, self._pending = self._pending, []
-                    self._syncing = True
-            if gate is not None:
-                try:
-                    gate.acquire()  # released by the thread whose sync covers lsn (or fails, or close)
-                except BaseException:
-                    self._abandon(waiter)  # e.g. Ctrl-C in the main thread: keep the chain going
-                    raise
-                if waiter[2] is not None:
-                    waiter[2].release()  # pass the wake-up on (see _release_chain)
-                continue
-            following = self._run_batch(batch)
-            if following is not None:
-                self._hand_to_flusher(following)
+            if self._failed is not None:
+                raise LogFailedError(f"{self._failed} (LSN {lsn} was not acknowledged)") from self._failed.__cause__
+            if self._closed:
+                raise LogClosedError(f"log {self.path} was closed before LSN {lsn} became durable")
+            b = self._inflight
+            if b is None or lsn > b.last_lsn:
+                b = self._open  # not None: lsn was enqueued and is neither durable nor in flight
+            lead = self._inflight is None
+            if lead:
+                self._open = None
+                self._inflight = b
+        if lead:
+            self._lead(b)
+        else:
+            self._await(b, lsn)
 
-    def _abandon(self, waiter: list) -> None:
-        """A parked appender stops waiting: unpark it, or if a sync already put it in
-        a wake-up chain, wake the next one now (that one is durable too)."""
-        with self._lock:
-            for i, parked in enumerate(self._waiters):
-                if parked is waiter:
-                    del self._waiters[i]
-                    return
-        if waiter[2] is not None:
-            waiter[2].release()
+    def _await(self, b: _Batch, lsn: int) -> None:
+        """Park until batch ``b`` (holding ``lsn``) is settled; raise if it failed.
 
-    def _run_batch(self, batch: list[_Pending]) -> list[_Pending] | None:
-        """Write and sync ``batch`` (``_syncing`` is set), then publish the result.
+        ``with b.gate`` releases the gate again on the way out, which wakes the
+        next appender parked on the same batch (see :class:`_Batch`). An
+        interrupted wait (Ctrl-C) holds nothing, so the chain stays intact.
+        """
+        with b.gate:
+            pass
+        error = b.error
+        if error is not None:
+            if isinstance(error, LogFailedError):
+                raise LogFailedError(f"{error} (LSN {lsn} was not acknowledged)") from error.__cause__
+            raise error.__class__(str(error))
 
-        Releases the parked appenders the sync made durable. Returns the next
-        batch (already taken, ``_syncing`` still set) when records arrived
-        meanwhile, else None. On failure fails the log for good (LOG-12),
-        releases every parked appender and raises the sticky LogFailedError.
+    def _lead(self, b: _Batch) -> None:
+        """Sync in-flight batch ``b`` in this thread; hand the next one to the flusher."""
+        following = self._sync(b)
+        if following is not None:
+            self._hand_to_flusher(following)
+
+    def _sync(self, b: _Batch) -> _Batch | None:
+        """Write and fdatasync in-flight batch ``b``, publish the result, settle the batch.
+
+        Returns the next batch (already taken as in flight) when records
+        arrived meanwhile, else None. On failure fails the log for good
+        (LOG-12), settles ``b`` and the open batch behind it with the failure,
+        and raises the sticky LogFailedError.
         """
         error: BaseException | None = None
         written = 0
         try:
-            written = self._write_batch(batch)
+            written = self._write_batch(b)
         except BaseException as exc:  # any failure fails the log (LOG-12)
             error = exc
-        following = None
+        dropped = following = None
         with self._lock:
-            if error is not None:
-                self._syncing = False
-                self._failed = LogFailedError(
-                    f"log {self.path} failed while syncing LSNs {batch[0].lsn}..{batch[-1].lsn}: {error}; "
+            if error is None:
+                self._durable_lsn = b.last_lsn
+                self._durable_hash = b.last_hash
+                self._active_size += written
+                following = self._open
+                if following is not None and not self._closing:
+                    self._open = None
+                else:
+                    following = None
+                self._inflight = following
+            else:
+                failed = self._failed = LogFailedError(
+                    f"log {self.path} failed while syncing LSNs {b.first_lsn}..{b.last_lsn}: {error}; "
                     f"it refuses writes until reopened"
                 )
-                self._failed.__cause__ = error
-                release, self._waiters = self._waiters, []
-            else:
-                last = batch[-1]
-                self._durable_lsn = last.lsn
-                self._durable_hash = last.hash
-                self._active_size += written
-                release, keep = [], []
-                for waiter in self._waiters:
-                    (release if waiter[0] <= last.lsn else keep).append(waiter)
-                self._waiters = keep
-                if self._pending and not self._closing:
-                    following, self._pending = self._pending, []
-                else:
-                    self._syncing = False
+                failed.__cause__ = error
+                b.error = failed
+                dropped, self._open = self._open, None
+                if dropped is not None:
+                    dropped.error = failed
+                self._inflight = None
             self._cond.notify_all()
-        _release_chain(release)
+        self._settle(b)
         if error is not None:
-            raise self._failed
+            if dropped is not None:
+                self._settle(dropped)
+            raise b.error
         return following
 
-    def _hand_to_flusher(self, batch: list[_Pending]) -> None:
-        """Give a taken batch (``_syncing`` set) to the flusher thread, starting it if needed."""
+    def _settle(self, b: _Batch) -> None:
+        """Open ``b``'s gate (its parked appenders wake one by one) and run its callbacks."""
+        b.gate.release()
+        if b.callbacks:
+            settled = (self._durable_lsn if b.error is not None else b.last_lsn, b.error)
+            for callback in b.callbacks:
+                try:
+                    callback(*settled)
+                except Exception:
+                    pass  # documented in notify_durable: a callback must not raise
+
+    def _hand_to_flusher(self, b: _Batch) -> None:
+        """Give an in-flight batch to the flusher thread, starting it if needed."""
         with self._lock:
-            self._handoff = batch
+            self._handoff = b
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_loop, name=f"wal-flusher {self.path}", daemon=True)
                 self._flusher.start()
@@ -623,20 +756,17 @@ class Log:
                     self._flush_cond.wait()
                 if self._handoff is None:
                     return
-                batch, self._handoff = self._handoff, None
+                b, self._handoff = self._handoff, None
             try:
-                while batch is not None:
-                    batch = self._run_batch(batch)
+                while b is not None:
+                    b = self._sync(b)
             except LogFailedError:
-                pass  # sticky; every parked appender was released with the failure
+                pass  # sticky; the failed batches were settled with the failure
 
-    def _write_batch(self, batch: list[_Pending]) -> int:
-        first = batch[0]
-        if self._active_size >= self.segment_max_bytes and self._active_first < first.lsn:
-            self._rotate(first.lsn, self._durable_hash)
-        data = b"".join(
-            encode_frame(p.lsn, p.epoch, p.type, p.payload, p.hash, batch_back=p.lsn - first.lsn) for p in batch
-        )
+    def _write_batch(self, b: _Batch) -> int:
+        if self._active_size >= self.segment_max_bytes and self._active_first < b.first_lsn:
+            self._rotate(b.first_lsn, self._durable_hash)
+        data = b"".join(b.parts)
         assert self._fd is not None
         started = time.perf_counter()
         self._ops.write_all(self._fd, data)
@@ -644,7 +774,7 @@ class Log:
         self.fsync_count += 1
         self.batch_count += 1
         if self.on_sync is not None:
-            self.on_sync(len(batch), time.perf_counter() - started)
+            self.on_sync(b.last_lsn - b.first_lsn + 1, time.perf_counter() - started)
         return len(data)
 
     def _rotate(self, first_lsn: int, prev_hash: bytes) -> None:
@@ -688,7 +818,7 @@ class Log:
         """
         with self._cond:
             self._check_usable()
-            if self._pending or self._syncing or self._next_lsn != self._durable_lsn + 1:
+            if self._open is not None or self._inflight is not None or self._next_lsn != self._durable_lsn + 1:
                 raise WalError("truncate_after needs a quiet log: appends are in flight")
             last = self._durable_lsn
             if lsn >= last:
