@@ -34,7 +34,11 @@ def run_and_kill(path, kill_after_acks, *, threads=4, size=300, prefix=()):
             if "ack" in event:
                 acks[event["ack"]] = event["hash"]
         proc.send_signal(signal.SIGKILL)
-        rest, err = proc.communicate(timeout=30)
+        # Not communicate(): it reads the pipe directly and would skip what
+        # readline() already buffered, leaving ``rest`` to start mid-line.
+        rest = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
