@@ -11,12 +11,12 @@ make every delivery pay its own fsync.
 Deliveries take a faster path on the asyncio backend: the decision and
 the enqueue (``Node.plan_deliveries``, tens of microseconds, never blocking:
 it gives up if the state lock is busy and falls back to a worker thread) run
-in the event loop, and one "durability" thread waits for the fsyncs of
-everything enqueued so far and wakes all the deliveries it covers at once.
-That replaces one thread hand-off per delivery with one per fsync batch;
-``walctl bench lmtp`` measured the hand-offs as the largest cost of a
-delivery. The acknowledgement rule is unchanged: a delivery returns only
-after its record (and the original of a duplicate) is durable.
+in the event loop, and the log's ``notify_durable`` callback, called once
+per fsync batch by the thread that synced it, resolves every delivery the
+batch made durable with one ``call_soon_threadsafe``. No thread hand-off per
+delivery; ``walctl bench lmtp`` measured the hand-offs as the largest cost
+of a delivery. The acknowledgement rule is unchanged: a delivery returns
+only after its record (and the original of a duplicate) is durable.
 
 Cancellation: a delivery already handed to a thread runs to completion (the
 thread cannot be interrupted); anyio then drops the result. The record may
@@ -32,75 +32,72 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
-import queue
-import threading
 from typing import Any, Callable, Iterable
 
 import anyio
 
+from wal import Log
+
+from .mailerrors import StoreUnavailableError
 from .node import Node, Receipt
 from .store import MailboxInfo, MessageInfo
 
-__all__ = ["AsyncNode", "DEFAULT_THREADS"]
+__all__ = ["AsyncNode", "DurableFutures", "DEFAULT_THREADS"]
 
 DEFAULT_THREADS = 256
 
 
-class _Durability:
-    """One thread that waits for fsyncs on behalf of deliveries planned in an event loop."""
+class DurableFutures:
+    """Futures for log records enqueued in one asyncio event loop, resolved per log batch.
 
-    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop):
-        self.node = node
+    ``wait(lsn)`` (call it in the loop) returns a future that completes once
+    record ``lsn`` is durable, or fails with StoreUnavailableError when the
+    log failed or closed first. Each record registers the same callback with ``Log.notify_durable``;
+    the log calls it once per batch, from the thread that synced the batch,
+    and the callback makes one ``call_soon_threadsafe`` into the loop, which
+    resolves every waiting future the batch made durable. No thread waits
+    on behalf of the loop, and the loop is woken once per fsync, not once
+    per delivery. LSNs are planned in the loop in order, so the waiting
+    futures are sorted by LSN.
+    """
+
+    def __init__(self, log: Log, loop: asyncio.AbstractEventLoop):
+        self.log = log
         self.loop = loop
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="mailwal-durability", daemon=True)
-        self.thread.start()
+        self.waiting: collections.deque = collections.deque()  # (lsn, future), ascending LSN
+        self._on_durable = self._from_log  # one bound method: the log calls it once per batch
 
     def wait(self, lsn: int) -> asyncio.Future:
         fut = self.loop.create_future()
-        self.queue.put((lsn, fut))
+        if self.log.last_lsn >= lsn:  # durable already (say, a duplicate of a synced delivery)
+            fut.set_result(None)
+            return fut
+        self.waiting.append((lsn, fut))
+        self.log.notify_durable(lsn, self._on_durable)
         return fut
 
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join(30)
+    def _from_log(self, durable_lsn: int, error: BaseException | None) -> None:
+        # In the syncing thread (or this loop's, when already settled): hand over to the loop.
+        try:
+            self.loop.call_soon_threadsafe(self._resolve, durable_lsn, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self.queue.get()
-            if first is None:
-                return
-            items = [first]
-            while True:  # everything queued meanwhile shares this wait (and the log's fsync)
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                items.append(item)
-            error: BaseException | None = None
-            try:
-                self.node.wait_durable(max(lsn for lsn, _ in items))
-            except BaseException as exc:  # handed to every waiter; the log is failed or closed
-                error = exc
-            try:
-                self.loop.call_soon_threadsafe(_resolve, items, error)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                return
-
-
-def _resolve(items: list, error: BaseException | None) -> None:
-    for _, fut in items:
-        if fut.done():
-            continue
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(error)
+    def _resolve(self, durable_lsn: int, error: BaseException | None) -> None:
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= durable_lsn:
+            _, fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        if error is not None:  # the log failed or closed: nothing after durable_lsn will be
+            while waiting:
+                _, fut = waiting.popleft()
+                if not fut.done():
+                    exc = StoreUnavailableError(str(error))
+                    exc.__cause__ = error
+                    fut.set_exception(exc)
 
 
 class AsyncNode:
@@ -110,7 +107,7 @@ class AsyncNode:
         self.node = node
         self.limiter = anyio.CapacityLimiter(threads)
         self.fast_path = fast_path
-        self._durability: _Durability | None = None
+        self._durability: DurableFutures | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -128,9 +125,7 @@ class AsyncNode:
     async def aclose(self) -> None:
         """Close the node. Shielded: a cancelled caller still closes it cleanly."""
         with anyio.CancelScope(shield=True):
-            if self._durability is not None:
-                await anyio.to_thread.run_sync(self._durability.stop)
-                self._durability = None
+            self._durability = None
             await anyio.to_thread.run_sync(self.node.close)
 
     async def __aenter__(self) -> "AsyncNode":
@@ -181,9 +176,7 @@ class AsyncNode:
                 if planned is not None:
                     d = self._durability
                     if d is None or d.loop is not loop:
-                        if d is not None:
-                            d.queue.put(None)  # the previous loop is gone; let its thread end
-                        d = self._durability = _Durability(self.node, loop)
+                        d = self._durability = DurableFutures(self.node.log, loop)
                     await d.wait(planned.sync_lsn)
                     return planned.results
         return await self._run(self.node.deliver_many, targets, body, internaldate=internaldate, create=create)

@@ -25,6 +25,10 @@ def test_bench_wal_json_has_all_fields(tmp_path):
         assert a["p50_ms"] <= a["p99_ms"]
         assert a["raw_nominal_batch"] == a["threads"]
     assert rep["appends"][0]["fsyncs"] == 64  # one appender: one fsync per record
+    (tasks,) = rep["async_appends"]
+    assert tasks["mode"] == "asyncio tasks" and tasks["threads"] == 64 and tasks["records"] == 64
+    assert tasks["fsyncs"] >= 1 and tasks["fsyncs_per_record"] <= 1 and tasks["ratio_vs_raw_nominal"] > 0
+    assert len(tasks["all_rounds"]) == 2
     read = rep["read"]
     assert read["log"]["records"] > 0
     assert read["verify"]["records"] == read["replay"]["records"] == read["log"]["records"]
@@ -34,7 +38,7 @@ def test_bench_wal_json_has_all_fields(tmp_path):
         assert read[key]["ratio_vs_raw"] > 0 and read[key]["ratio_vs_raw_per_record"] > 0
     assert rep["verify_rss"]["peak_rss_mib"] >= rep["verify_rss"]["baseline_rss_mib"] > 0
     assert {g["goal"] for g in rep["goals"]} == {
-        "appenders_64_vs_raw_batch_64", "appenders_1_vs_raw_batch_1", "verify_vs_raw_read_hash",
+        "appenders_64_vs_raw_batch_64", "appenders_1_vs_raw_batch_1", "tasks_64_vs_raw_batch_64", "verify_vs_raw_read_hash",
         "replay_vs_raw_read_hash", "verify_peak_rss_mib",
     }
     assert all(isinstance(g["met"], bool) for g in rep["goals"])

@@ -40,14 +40,20 @@ def _render(report: dict) -> None:
     for col in ("appenders", "records/s", "MB/s", "fsyncs/rec", "avg batch", "p50 ms", "p99 ms",
                 "raw rec/s @avg batch", "log/raw", "raw rec/s @batch=appenders", "log/raw"):
         t.add_column(col, justify="right")
-    for a in report["appends"]:
+    for a in report["appends"] + report.get("async_appends", []):
+        who = str(a["threads"]) if a.get("mode", "threads") == "threads" else f"{a['threads']} asyncio tasks"
         t.add_row(
-            str(a["threads"]), f"{a['records_per_s']:,.0f}", f"{a['mb_per_s']:,.1f}", f"{a['fsyncs_per_record']:.3f}",
+            who, f"{a['records_per_s']:,.0f}", f"{a['mb_per_s']:,.1f}", f"{a['fsyncs_per_record']:.3f}",
             f"{a['avg_batch']:.1f}", f"{a['p50_ms']:.2f}", f"{a['p99_ms']:.2f}",
             f"{a['raw_records_per_s']:,.0f} (b={a['raw_batch']})", f"{a['ratio_vs_raw']:.0%}",
             f"{a['raw_nominal_records_per_s']:,.0f} (b={a['raw_nominal_batch']})", f"{a['ratio_vs_raw_nominal']:.0%}",
         )
     console.print(t)
+    for a in report["appends"] + report.get("async_appends", []):
+        if len(a.get("all_rounds", [])) > 1:
+            console.print(f"  {a['threads']} {a.get('mode', 'threads')}, every round (records/s, log/raw at batch "
+                          f"{a['threads']}): " + ", ".join(f"{x['records_per_s']:,.0f} {x['ratio_vs_raw_nominal']:.0%}"
+                                                           for x in a["all_rounds"]))
     r = report["read"]
     rt = Table(title=f"reading a {r['log']['bytes'] / 2**20:,.0f} MiB log ({r['log']['records']:,} records), warm cache")
     for col in ("pass", "MB/s", "records/s", "seconds", "vs raw read+blake3", "vs raw per-record blake3"):
