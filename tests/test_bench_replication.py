@@ -52,6 +52,10 @@ def test_bench_replication_small_run_reports_every_figure(tmp_path):
     assert cu["replica"]["durable_s"] > 0 and cu["mb_per_s"] > 0 and cu["raw_read_hash_mb_per_s"] > 0
     assert cu["ratio_vs_raw"] == cu["mb_per_s"] / cu["raw_read_hash_mb_per_s"]
     assert cu["raw_copy_mb_per_s"] > 0 and cu["raw_per_record_hash_mb_per_s"] > 0
+    # the rate is records made durable in the replica's log; the store's apply is reported on its own
+    assert cu["records_per_s"] == cu["behind_records"] / cu["replica"]["durable_s"]
+    assert cu["applied_records_per_s"] == cu["behind_records"] / cu["replica"]["applied_s"]
+    assert cu["raw_read_mb_per_s"] > 0 and cu["ratio_vs_raw_copy"] == cu["mb_per_s"] / cu["raw_copy_mb_per_s"]
 
     assert {g["goal"] for g in report["goals"]} == set(GOALS)
     for g in report["goals"]:
@@ -61,6 +65,7 @@ def test_bench_replication_small_run_reports_every_figure(tmp_path):
     md = render_markdown(report)  # what the README's tables come from
     assert all(desc in md for desc, _ in GOALS.values())
     assert "| 2 replicas, --sync-replicas 1 |" in md and "| both |" in md and "| run 1 |" in md
+    assert "| replica: Popen to durable = master (the goal's rate) |" in md
 
 
 def test_lag_is_first_poll_showing_the_lsn_minus_the_250():

@@ -35,11 +35,20 @@ LMTP by ``tools.bench_lmtp``'s asyncio client:
    grows by ``catchup_mib`` MiB of 4 KiB messages (``Node.deliver_many`` in
    threads, no LMTP, to build it quickly); then ``walctl serve`` runs on it
    again and the replica is restarted and timed until its durable LSN equals
-   the master's. The ceiling, in the same run, is reading the master's
-   segment files in 1 MiB chunks and hashing them with blake3 (warm cache,
-   like the replica's master, which just wrote them); a second ceiling hashes
-   per 4 KiB piece, as the format hashes each record; a third also writes the
-   bytes to one file with an fdatasync every 8 MiB (the least a replica does).
+   the master's. **Catch-up rate** = the log bytes (and records) the replica
+   was behind, made durable in its own log (fdatasynced, verified against the
+   hash chain), divided by the seconds from the replica's ``Popen`` (and,
+   separately, from the moment it streams) until its durable LSN equals the
+   master's. Its store applying the same records is timed and reported
+   separately (``applied``): the store follows the log and is not what the
+   goal measures. The goal's ceiling, in the same run, is the **raw read
+   rate** of the master's segment files: 1 MiB ``readinto`` calls hashed with
+   blake3 (warm cache, like the replica's master, which just wrote them); a
+   plain read without hashing is shown too. Two lower ceilings show what
+   the work itself costs: blake3 per 4 KiB piece (the format hashes each
+   record), and read + blake3 + write to one file with an fdatasync every
+   8 MiB (the least any replica does with those bytes: it cannot be faster
+   than copying them durably to its disk).
 
 Speeds are never asserted by tests; ``tests/test_bench_replication.py`` runs a
 tiny configuration and checks the figures exist.
@@ -84,7 +93,7 @@ GOALS = {
     "async_replicas_cost": ("two asynchronous replicas cost <= 15% of master throughput", 0.15),
     "lag_p99_s": ("replication lag p99 < 100 ms (2,000-message burst, 8 connections)", 0.100),
     "late_start_s": ("a replica started after 100 deliveries holds them within 2 s (worst run)", 2.0),
-    "catchup_ratio": ("catch-up >= 50% of raw read + blake3 of the same log", 0.50),
+    "catchup_ratio": ("catch-up (durable in the replica's log) >= 50% of raw read + blake3 of the same log", 0.50),
 }
 #: Measured by the project on these machines with the other systems' own replication (the brief's anchors).
 ANCHORS = {
@@ -693,6 +702,22 @@ def bench_raw_copy(log_dir: str, dest_dir: str, sync_bytes: int = 8 * MIB) -> di
     return {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6, "sync_bytes": sync_bytes}
 
 
+def bench_raw_read(log_dir: str) -> dict:
+    """The plain read rate of the segment files: 1 MiB ``readinto`` calls, no hashing (warm cache)."""
+    buf = bytearray(MIB)
+    total = 0
+    t0 = time.perf_counter()
+    for seg in bench_wal._segment_files(log_dir):
+        with open(seg, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                total += n
+    seconds = time.perf_counter() - t0
+    return {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6}
+
+
 def bench_catchup(base: str, catchup_mib: float, say=lambda m: None) -> dict:
     d = tempfile.mkdtemp(prefix="cu", dir=base)
     master_path, replica_path = os.path.join(d, "m"), os.path.join(d, "r1")
@@ -728,32 +753,41 @@ def bench_catchup(base: str, catchup_mib: float, say=lambda m: None) -> dict:
         finally:
             replica.stop()
         raw_after = bench_wal.bench_raw_read_hash(log_dir)
+        plain = bench_raw_read(log_dir)
         pieces = bench_wal.bench_raw_read_hash_pieces(log_dir, MESSAGE_BYTES + 64)
         copy = bench_raw_copy(log_dir, d)
     finally:
         master.stop()
     shutil.rmtree(d, ignore_errors=True)
     ceiling = max(raw["mb_per_s"], raw_after["mb_per_s"])  # the faster of two reads: the stricter ceiling
+    behind_records = target - replica_lsn
     from_start = behind_bytes / timing["durable_s"] / 1e6
     streaming_s = max(1e-9, timing["durable_s"] - timing["streaming_s"])
     while_streaming = behind_bytes / streaming_s / 1e6
     return {
         "catchup_mib": catchup_mib,
         "behind_bytes": behind_bytes,
-        "behind_records": target - replica_lsn,
+        "behind_records": behind_records,
         "build": built,
         "replica": timing,
+        "definition": "log bytes the replica was behind, durable in its own log, per second from its Popen "
+                      "(mb_per_s) or from streaming (mb_per_s_while_streaming); store apply timed separately",
         "mb_per_s": from_start,
+        "records_per_s": behind_records / timing["durable_s"],
         "mb_per_s_while_streaming": while_streaming,
+        "records_per_s_while_streaming": behind_records / streaming_s,
         "applied_mb_per_s": behind_bytes / timing["applied_s"] / 1e6,
+        "applied_records_per_s": behind_records / timing["applied_s"],
         "raw_read_hash_mb_per_s": ceiling,
         "raw_read_hash_runs": [raw, raw_after],
+        "raw_read_mb_per_s": plain["mb_per_s"],
         "raw_per_record_hash_mb_per_s": pieces["mb_per_s"],
         "ratio_vs_raw": from_start / ceiling,
         "ratio_vs_raw_while_streaming": while_streaming / ceiling,
         "ratio_vs_raw_per_record": from_start / pieces["mb_per_s"],
         "raw_copy_mb_per_s": copy["mb_per_s"],
         "ratio_vs_raw_copy": from_start / copy["mb_per_s"],
+        "ratio_vs_raw_copy_while_streaming": while_streaming / copy["mb_per_s"],
     }
 
 
@@ -853,21 +887,12 @@ def _render(report: dict) -> None:
     console.print(st)
     cu = report["catchup"]
     ct = Table(title=f"4. catch-up: replica {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) "
-                     f"behind; master log built in {cu['build']['build_s']:.1f} s")
-    for col in ("pass", "seconds", "MB/s", "vs raw read+blake3", "vs raw per-record blake3"):
+                     f"behind; master log built in {cu['build']['build_s']:.1f} s; rate = bytes durable in the "
+                     f"replica's log per second")
+    for col in ("pass", "seconds", "MB/s", "records/s", "vs raw read+blake3", "vs raw copy"):
         ct.add_column(col, justify="right")
-    ct.add_row("raw read + blake3, 1 MiB calls (ceiling)", "", f"{cu['raw_read_hash_mb_per_s']:,.0f}", "100%", "")
-    ct.add_row("raw read + blake3 per 4 KiB record", "", f"{cu['raw_per_record_hash_mb_per_s']:,.0f}",
-               f"{cu['raw_per_record_hash_mb_per_s'] / cu['raw_read_hash_mb_per_s']:.0%}", "100%")
-    ct.add_row("raw read + blake3 + write + fdatasync per 8 MiB", "", f"{cu['raw_copy_mb_per_s']:,.0f}",
-               f"{cu['raw_copy_mb_per_s'] / cu['raw_read_hash_mb_per_s']:.0%}", "")
-    rep = cu["replica"]
-    ct.add_row("replica: process start to durable = master", f"{rep['durable_s']:.2f}", f"{cu['mb_per_s']:,.0f}",
-               f"{cu['ratio_vs_raw']:.0%}", f"{cu['ratio_vs_raw_per_record']:.0%}")
-    ct.add_row("replica: streaming to durable = master", f"{rep['durable_s'] - rep['streaming_s']:.2f}",
-               f"{cu['mb_per_s_while_streaming']:,.0f}", f"{cu['ratio_vs_raw_while_streaming']:.0%}", "")
-    ct.add_row("replica: process start to applied = master", f"{rep['applied_s']:.2f}",
-               f"{cu['applied_mb_per_s']:,.0f}", "", "")
+    for label, row in _catchup_rows(cu):
+        ct.add_row(label, *row)
     console.print(ct)
     gt = Table(title="goals")
     for col in ("goal", "measured", "met", "anchors"):
@@ -882,6 +907,34 @@ def _render(report: dict) -> None:
         anchors = ", ".join(f"{k} {v:g} s" for k, v in report["anchors"].get(g["goal"], {}).items())
         gt.add_row(g["description"], value, "yes" if g["met"] else "NO", anchors)
     console.print(gt)
+
+
+def _catchup_rows(cu: dict) -> list[tuple[str, tuple[str, ...]]]:
+    """The catch-up table's rows: the ceilings, then the replica (durable, then applied)."""
+    ceiling, copy = cu["raw_read_hash_mb_per_s"], cu["raw_copy_mb_per_s"]
+    rep = cu["replica"]
+    rows = []
+    if "raw_read_mb_per_s" in cu:
+        rows.append(("raw read, 1 MiB calls, no hashing", ("", f"{cu['raw_read_mb_per_s']:,.0f}", "",
+                                                          f"{cu['raw_read_mb_per_s'] / ceiling:.0%}", "")))
+    rows += [
+        ("raw read + blake3, 1 MiB calls (the goal's ceiling)", ("", f"{ceiling:,.0f}", "", "100%", "")),
+        ("raw read + blake3 per 4 KiB record", ("", f"{cu['raw_per_record_hash_mb_per_s']:,.0f}", "",
+                                                f"{cu['raw_per_record_hash_mb_per_s'] / ceiling:.0%}", "")),
+        ("raw copy: read + blake3 + write + fdatasync per 8 MiB", ("", f"{copy:,.0f}", "", f"{copy / ceiling:.0%}",
+                                                                   "100%")),
+        ("replica: Popen to durable = master (the goal's rate)",
+         (f"{rep['durable_s']:.1f}", f"{cu['mb_per_s']:,.0f}", f"{cu.get('records_per_s', 0):,.0f}",
+          f"{cu['ratio_vs_raw']:.1%}", f"{cu['mb_per_s'] / copy:.0%}")),
+        ("replica: streaming to durable = master",
+         (f"{rep['durable_s'] - rep['streaming_s']:.1f}", f"{cu['mb_per_s_while_streaming']:,.0f}",
+          f"{cu.get('records_per_s_while_streaming', 0):,.0f}", f"{cu['ratio_vs_raw_while_streaming']:.1%}",
+          f"{cu['mb_per_s_while_streaming'] / copy:.0%}")),
+        ("replica's store: Popen to applied = master (not the goal)",
+         (f"{rep['applied_s']:.1f}", f"{cu['applied_mb_per_s']:,.0f}", f"{cu.get('applied_records_per_s', 0):,.0f}",
+          "", "")),
+    ]
+    return rows
 
 
 def render_markdown(report: dict) -> str:
@@ -917,19 +970,9 @@ def render_markdown(report: dict) -> str:
                    f"{r['applied_s']:.2f} |")
     out.append(f"| (`walctl --version`: {late['startup_floor_s']:.2f}) | | | | |")
     cu = report["catchup"]
-    rep = cu["replica"]
-    out += ["", f"| catch-up, {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) behind | seconds "
-            "| MB/s | vs raw read+blake3 |", "|---|---:|---:|---:|",
-            f"| raw read + blake3, 1 MiB calls (ceiling) | | {cu['raw_read_hash_mb_per_s']:,.0f} | 100% |",
-            f"| raw read + blake3 per 4 KiB record | | {cu['raw_per_record_hash_mb_per_s']:,.0f} | "
-            f"{cu['raw_per_record_hash_mb_per_s'] / cu['raw_read_hash_mb_per_s']:.0%} |",
-            f"| raw read + blake3 + write + fdatasync per 8 MiB | | {cu['raw_copy_mb_per_s']:,.0f} | "
-            f"{cu['raw_copy_mb_per_s'] / cu['raw_read_hash_mb_per_s']:.0%} |",
-            f"| replica, process start to durable = master | {rep['durable_s']:.1f} | {cu['mb_per_s']:,.0f} | "
-            f"{cu['ratio_vs_raw']:.1%} |",
-            f"| replica, streaming to durable = master | {rep['durable_s'] - rep['streaming_s']:.1f} | "
-            f"{cu['mb_per_s_while_streaming']:,.0f} | {cu['ratio_vs_raw_while_streaming']:.1%} |",
-            f"| replica, process start to applied = master | {rep['applied_s']:.1f} | {cu['applied_mb_per_s']:,.0f} | |"]
+    out += ["", f"| catch-up, {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) behind "
+            "| seconds | MB/s | records/s | vs raw read+blake3 | vs raw copy |", "|---|---:|---:|---:|---:|---:|"]
+    out += [f"| {label} | " + " | ".join(row) + " |" for label, row in _catchup_rows(cu)]
     out += ["", "| goal | measured | met | anchors |", "|---|---:|---|---|"]
     for g in report["goals"]:
         if g["goal"] == "lag_p99_s":
