@@ -1050,7 +1050,8 @@ class ReplicationSession:
         if avail < FRAME_HEADER_BYTES + length:
             return self._at_eof(partial=True)
         start = self._pos + FRAME_HEADER_BYTES
-        body = bytes(self._buf[start : start + length])
+        with memoryview(self._buf) as view:  # one copy (slicing the bytearray first would make two)
+            body = view[start : start + length].tobytes()
         self._consume(FRAME_HEADER_BYTES + length)
         msg = decode_body(type_code, body)
         if isinstance(msg, Proof) and self.role is Role.MASTER and self._state is State.REPLICA_PROOF:
