@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 from .errors import CorruptRecordError, UnsupportedVersionError
 from .fileops import FileOps
-from .framewalk import verify_hash, walk_frames
+from .framewalk import WalkStop, verified_frames, walk_frames
 from .format import (
     FRAME_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -182,28 +182,31 @@ def scan_segment(
         last_hash=header.prev_hash, file_size=file_size,
     )
     offset = SEGMENT_HEADER_SIZE
-    expected = header.first_lsn
     prev = header.prev_hash
-    failure = None
     records = 0
     index = scan.index
-    for off, plen, lsn, epoch, type_, _back, hash_, payload in walk_frames(path, offset, file_size):
-        if lsn != expected:
-            failure = f"frame has LSN {lsn}, expected {expected}"
-            break
-        if verify_hash(prev, lsn, epoch, type_, payload) != hash_:
-            failure = "record hash mismatch"
-            break
-        if records % INDEX_STRIDE == 0:
-            index.append((lsn, off))
-        if on_record is not None:
-            on_record(Record(lsn, epoch, type_, bytes(payload), hash_))
-        records += 1
-        offset = off + FRAME_HEADER_SIZE + plen
-        if on_bytes is not None:
-            on_bytes(FRAME_HEADER_SIZE + plen)
-        prev = hash_
-        expected += 1
+    stop = WalkStop()
+    frames = verified_frames(path, offset, header.first_lsn, prev, stop, file_size)
+    if on_record is None and on_bytes is None:  # verify and recovery: the bare loop
+        for off, plen, lsn, _epoch, _type, hash_, _payload in frames:
+            if records % INDEX_STRIDE == 0:
+                index.append((lsn, off))
+            records += 1
+            offset = off + FRAME_HEADER_SIZE + plen
+            prev = hash_
+    else:
+        for off, plen, lsn, epoch, type_, hash_, payload in frames:
+            if records % INDEX_STRIDE == 0:
+                index.append((lsn, off))
+            if on_record is not None:
+                on_record(Record(lsn, epoch, type_, bytes(payload), hash_))
+            records += 1
+            offset = off + FRAME_HEADER_SIZE + plen
+            if on_bytes is not None:
+                on_bytes(FRAME_HEADER_SIZE + plen)
+            prev = hash_
+    expected = header.first_lsn + records
+    failure = stop.reason
     if failure is None and offset < file_size:
         failure = _frame_failure(path, offset, expected, file_size)
     scan.records = records
