@@ -25,7 +25,11 @@ def test_bench_lmtp_small_run_reports_every_row(tmp_path):
     for c in (1, 3):
         m = rows[("mailwal", c)]
         assert m["avg_batch"] >= 1 and m["raw_per_s"] > 0 and m["ratio_vs_raw"] > 0
-    assert [a["threads"] for a in report["node_api"]] == [1, 3]
+    assert [(a["mode"], a["threads"]) for a in report["node_api"]] == [
+        ("threads", 1), ("threads", 3), ("tasks", 1), ("tasks", 3)]
+    for a in report["node_api"]:
+        assert a["deliveries_per_s"] > 0 and a["avg_batch"] >= 1 and a["raw_nominal_batch"] == a["threads"]
+        assert a["ratio_vs_raw"] > 0 and a["ratio_vs_raw_nominal"] > 0
     assert report["machine"]["cpus"] >= 1
 
 
