@@ -769,8 +769,10 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             uids = tgt.uids_of(lm.guid)
             return sm, (tgt.messages.get(uids[0]) if uids else None)
 
+        # A message the loser expunged (or lost with its mailbox) stays on the survivor
+        # unless destructive (REC-10), and then its flags are the loser's like any other's.
         touched = [m for m in lr.messages.values()
-                   if m.mailbox_id == lt.mailbox_id and m.alive and (m.explicit or m.baseline)]
+                   if m.mailbox_id == lt.mailbox_id and (m.alive or not destructive) and (m.explicit or m.baseline)]
         for lm in sorted(touched, key=lambda m: (m.key[0], m.uid)):
             sm, vm = survivor_msg(lm.key, lm)
             if vm is None:

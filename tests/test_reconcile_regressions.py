@@ -63,3 +63,33 @@ def test_a_collided_message_delivered_moments_ago_still_moves_to_a_fresh_uid(tmp
         assert rows[body_guid(survivor_body).hex()] > 2 and rows[body_guid(loser_body).hex()] > 2
     finally:
         a.close()
+
+
+def test_flags_the_loser_set_before_expunging_apply_when_the_expunge_does_not(tmp_path):
+    """REC-8 with REC-10 (shrunk from the Hypothesis model, seeds 235 and 237): the loser
+    flagged a message from before the fork, then expunged it. Without --apply-destructive
+    the message stays on the survivor, with the loser's flag; with it, the message goes."""
+    for destructive in (False, True):
+        base = tmp_path / str(destructive)
+        a = Node.init(str(base / "a"), name="a")
+        a.deliver(MAILBOX, b"Subject: prefix\r\n\r\nfrom before the fork\r\n", create=True)
+        a.close()
+        shutil.copytree(base / "a", base / "b")
+        a, b = Node.open(str(base / "a")), Node.open(str(base / "b"))
+        a.deliver(MAILBOX, b"Subject: a\r\n\r\nafter the fork on a\r\n")
+        b.deliver(MAILBOX, b"Subject: b\r\n\r\nafter the fork on b\r\n")
+        b.store_flags(MAILBOX, [1], "add", ["\\Seen"])
+        b.expunge(MAILBOX, [1])
+        b.close()
+        try:
+            result = apply_reconcile(a, a.log.path, str(base / "b" / "log.wal"), destructive=destructive)
+            assert result.counts()["failed"] == 0
+            kept = {m.uid: m.flags for m in a.list_messages(MAILBOX)}
+            if destructive:
+                assert 1 not in kept
+            else:
+                assert kept[1] == ("\\Seen",)
+            again = apply_reconcile(a, a.log.path, str(base / "b" / "log.wal"), destructive=destructive)
+            assert again.plan.actions == []
+        finally:
+            a.close()
