@@ -36,6 +36,7 @@ def test_bench_wal_json_has_all_fields(tmp_path):
         assert read[key]["bytes"] == read["log"]["bytes"] and read[key]["mb_per_s"] > 0
     for key in ("verify", "replay"):
         assert read[key]["ratio_vs_raw"] > 0 and read[key]["ratio_vs_raw_per_record"] > 0
+        assert read[key]["cpu_mb_per_s"] > 0 and read[key]["ratio_vs_raw_cpu"] > 0
     assert rep["verify_rss"]["peak_rss_mib"] >= rep["verify_rss"]["baseline_rss_mib"] > 0
     assert {g["goal"] for g in rep["goals"]} == {
         "appenders_64_vs_raw_batch_64", "appenders_1_vs_raw_batch_1", "tasks_64_vs_raw_batch_64", "verify_vs_raw_read_hash",
