@@ -436,6 +436,8 @@ class SnapshotEnd(Message):
 #: LOG-4 frame header (specs/log-format.md): payload_len lsn epoch type flags batch_back | head CRC | hash.
 _LOG_FRAME = struct.Struct("<IQQHHII32s")
 assert _LOG_FRAME.size == LOG_FRAME_HEADER_BYTES
+_LOG_FRAME_HEAD = struct.Struct("<IQQHHI")  # the part the head CRC covers
+_LOG_FRAME_CRC = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,19 +534,33 @@ class AppendBatch(Message):
         if type(self._frames) is memoryview:
             return bytes(self._frames)
         if self._frames is None:
-            first = self.records[0].lsn
-            data = b"".join(encode_frame(r.lsn, r.epoch, r.type, r.payload, r.hash, batch_back=r.lsn - first)
-                            for r in self.records)
+            data = b"".join(self._frame_parts())
             object.__setattr__(self, "_frames", data)
             return data
         return self._frames
 
+    def _frame_parts(self) -> list[bytes]:
+        """Each record's 64-byte frame header, then its payload (not copied)."""
+        first = self.records[0].lsn
+        pack, crc32 = _LOG_FRAME_HEAD.pack, zlib.crc32
+        parts: list[bytes] = []
+        for r in self.records:
+            head = pack(len(r.payload), r.lsn, r.epoch, r.type, 0, r.lsn - first)
+            parts += (head, _LOG_FRAME_CRC.pack(crc32(head)), r.hash, r.payload)
+        return parts
+
     def encoded(self) -> bytes:
-        """This message's frame (REP-2), computed once."""
+        """This message's frame (REP-2), computed once (one copy of the payloads)."""
         if self._encoded is None:
-            frames = self.frames()
-            head = _frames_envelope(len(frames))
-            data = b"".join((_FRAME_HEADER.pack(len(head) + len(frames), self.TYPE), head, frames))
+            if self._frames is not None:
+                frames = self.frames()
+                parts = [frames]
+                size = len(frames)
+            else:
+                parts = self._frame_parts()
+                size = len(self.records) * LOG_FRAME_HEADER_BYTES + self._payload_bytes
+            head = _frames_envelope(size)
+            data = b"".join([_FRAME_HEADER.pack(len(head) + size, self.TYPE), head, *parts])
             object.__setattr__(self, "_encoded", data)
             object.__setattr__(self, "_frames", None)  # the frame holds the bytes; keep one copy
         return self._encoded  # type: ignore[return-value]
@@ -607,6 +623,11 @@ class AppendBatch(Message):
         if len(out) > 1 and total > BATCH_SOFT_MAX_BYTES:
             _fail(cls, f"{total} payload bytes in {len(out)} records exceeds {BATCH_SOFT_MAX_BYTES}")
         return cls._checked(tuple(out), total, view)
+
+
+# The frames a batch is encoded to are exactly the log's (wal.format.encode_frame), bit for bit.
+assert b"".join(AppendBatch((Record(7, 2, 3, b"abc", bytes(range(32))), Record(8, 2, 1, b"", bytes(32))))._frame_parts()) == (
+    encode_frame(7, 2, 3, b"abc", bytes(range(32)), batch_back=0) + encode_frame(8, 2, 1, b"", bytes(32), batch_back=1))
 
 
 def _frames_envelope(size: int) -> bytes:
