@@ -558,7 +558,9 @@ class Log:
 
         The callback runs in the thread that synced the batch holding ``lsn``
         (or at once in this thread when ``lsn`` is already settled); it must
-        be quick and must not raise (an exception it raises is ignored).
+        be quick, must not raise (an exception it raises is ignored) and must
+        not append to or wait for this log (it may run on the flusher thread,
+        which would then wait for itself).
         ``durable_lsn`` is the last LSN of that batch: every record up to it
         is durable. The same callable registered for several records of one
         batch is called once for that batch. Starts a sync if none is
