@@ -410,6 +410,9 @@ class Cluster:
 
     async def _diverged(self, exc: DivergedError) -> None:
         fork = exc.last_common_lsn
+        # The master that refused this log is the one to reconcile into. Read it now: the
+        # link is reused by the next connection attempt, which may be to another peer.
+        refused_by = self.link.master if self.link is not None else None
         self._event("diverged", f"log diverged from the master's after LSN {fork}; cutting the tail aside")
         async with self._tail_lock:
             tail = await anyio.to_thread.run_sync(self.node.cut_diverged, fork)
@@ -417,7 +420,7 @@ class Cluster:
         if self.config.auto_reconcile and self._tg is not None:
             # In the background: this replica follows its master again at once instead of
             # falling behind for as long as the master takes to apply the tail.
-            self._tg.start_soon(functools.partial(self._reconcile_pending_tail, tail, remote=True))
+            self._tg.start_soon(functools.partial(self._reconcile_pending_tail, tail, remote=refused_by))
 
     async def _retry_tails(self) -> None:
         """Auto-reconcile keeps trying every diverged tail not reconciled yet.
@@ -435,12 +438,12 @@ class Cluster:
                 if not await self._reconcile_pending_tail(tail):
                     break
 
-    async def _reconcile_pending_tail(self, tail: str, *, remote: bool = False) -> bool:
+    async def _reconcile_pending_tail(self, tail: str, *, remote: str | None = None) -> bool:
         """One attempt to reconcile ``tail`` (into the master, or into this node
         when it is master); marks it reconciled on success.
 
         ``remote``: right after the cut the link is not streaming (the master
-        refused this log), yet the master it knows is the one to send it to.
+        refused this log); ``remote`` is that master's address, to send it to.
         """
         async with self._tail_lock:
             if not any(t["path"] == tail and not t.get("reconciled") for t in self.node.diverged_tails()):
@@ -450,7 +453,7 @@ class Cluster:
                     report = await anyio.to_thread.run_sync(self._reconcile_locally, tail)
                     where = "into this node (master)"
                 elif remote or (self.link is not None and self.link.state == "streaming"):
-                    report = await anyio.to_thread.run_sync(self._reconcile_into_master, tail)
+                    report = await anyio.to_thread.run_sync(self._reconcile_into_master, tail, remote)
                     where = "into the master"
                 else:
                     return False
@@ -473,11 +476,13 @@ class Cluster:
         _check_applied(result)
         return getattr(result, "report_path", None)
 
-    def _reconcile_into_master(self, tail: str) -> str | None:
-        """Send the tail's records to the master's control port to reconcile there."""
-        if self.link is None or not self.link.master:
+    def _reconcile_into_master(self, tail: str, master: str | None = None) -> str | None:
+        """Send the tail's records to the master's control port to reconcile there
+        (``master``, else the one the link streams from)."""
+        master = master or (self.link.master if self.link is not None else None)
+        if not master:
             raise ControlError("no master known")
-        host, port = parse_address(self.link.master)
+        host, port = parse_address(master)
         with Log.open(tail) as tail_log:
             records = [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in tail_log.read(tail_log.first_lsn)]
             first = tail_log.first_lsn

@@ -227,3 +227,35 @@ def test_a_lagging_replica_promoted_later_never_reuses_an_epoch(trio):
     assert assert_all_present_once(b, mailer) == 20
     for n in (a, c):
         assert_all_present_once(n, mailer)
+
+
+def test_a_cut_tail_goes_to_the_master_that_refused_the_log_not_the_next_peer_tried(tmp_path):
+    """The master that refused a diverged log is where its tail is reconciled. The
+    replica's link is reused at once by the next connection attempt, which may be to
+    another peer (a replica); reading the link's master later sent the tail there
+    (`make demo` failed with "reconcile into the master, not a replica")."""
+    import anyio
+
+    from engine.errors import DivergedError
+    from engine.receiver import ReplicaLink
+
+    a, b, fork = forked_nodes(tmp_path)
+    a.close()
+    started = []
+
+    class Recorder:  # stands in for the cluster's task group
+        def start_soon(self, fn, *args):
+            started.append(fn)
+
+    c = Cluster(ClusterConfig(name="b", auto_reconcile=True))
+    c.node = b
+    c.link = ReplicaLink("b", "127.0.0.1:7001")  # the master that refused b's log
+    c._tg = Recorder()
+    try:
+        anyio.run(c._diverged, DivergedError(fork, b.log.last_lsn))
+        c.link.master = "127.0.0.1:7002"  # the next attempt goes to another peer
+        [task] = started
+        assert task.keywords["remote"] == "127.0.0.1:7001"
+        assert [t["records"] for t in b.diverged_tails()] == [20]
+    finally:
+        b.close()
