@@ -87,7 +87,7 @@ __all__ = ["run_replica", "ReplicaLink", "SnapshotMeta", "SnapshotSink"]
 #: Batches already received are appended together up to this many payload bytes (one fsync).
 COALESCE_MAX_BYTES = 4 * BATCH_SOFT_MAX_BYTES
 #: Received batches waiting for the appending task (each at most BATCH_SOFT_MAX_BYTES of payload).
-APPEND_QUEUE_BATCHES = 8
+APPEND_QUEUE_BATCHES = 4  # while up to COALESCE_MAX_BYTES are being appended
 
 
 @dataclass(frozen=True)
