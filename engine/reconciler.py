@@ -839,6 +839,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         # -- the loser's expunges of messages from before the fork (REC-10) -------------
         if md.same_id and tgt.mailbox_id == lt.mailbox_id:
             gone = []
+            moved: dict[bytes, list[tuple[int, MessageTrack]]] = {}
             for lm in lr.messages_in(lt.mailbox_id, "pre"):
                 if lm.expunged_lsn is None:
                     continue
@@ -848,9 +849,30 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                     continue
                 if destructive:
                     gone.append(uid)
+                elif len(tgt.uids_of(tgt.messages[uid].guid)) > 1:
+                    moved.setdefault(tgt.messages[uid].guid, []).append((uid, lm))
                 else:
                     decide("REC-10", label, f"UID {lm.key[2]} expunged on the loser (LSN {lm.expunged_lsn}); "
                                             f"not applied without --apply-destructive", uid=lm.key[2])
+            # REC-6 done in two applies: the survivor holds the message at a fresh UID too, and the
+            # loser's tail has the expunge of the collided UID (an earlier apply's, cut aside with its
+            # branch). Expunging it loses nothing, keeping it leaves the message twice. The
+            # survivor's last UID of that message always stays.
+            renumbered = []
+            for guid, hits in moved.items():
+                keep = max(tgt.uids_of(guid))
+                for uid, lm in hits:
+                    if uid == keep:
+                        decide("REC-10", label, f"UID {lm.key[2]} expunged on the loser (LSN {lm.expunged_lsn}); "
+                                                f"not applied without --apply-destructive", uid=lm.key[2])
+                    else:
+                        renumbered.append(uid)
+            if renumbered:
+                p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
+                                        {"uids": sorted(renumbered),
+                                         "guids": [tgt.messages[u].guid.hex() for u in sorted(renumbered)]},
+                                        "expunged on the loser, and the survivor holds each of these messages at "
+                                        "a later UID too (a collision renumbered by an earlier apply)"))
             if gone:
                 p.actions.append(Action("expunge", "REC-10", tgt.mailbox_id, tgt.name,
                                         {"uids": sorted(gone),

@@ -1,0 +1,83 @@
+"""A REC-6 collision resolved across two applies and a cut branch (engine.reconciler.plan).
+
+Found by ``walctl torture --minutes 10 --seed 11``: 61 messages twice on every
+node (e.g. the same GUID at UIDs 1781 and 1860). A REC-6 collision is resolved
+in two steps: the survivor's message is redelivered at a fresh UID, then the
+collided UID is expunged. When the apply stops between the two (a soft
+failover made the master read-only, or it was killed), the redelivered copies
+replicate to the next master while the expunge, done by the retry on the old
+master, lands in a branch that is later cut as a diverged tail. Reconciling
+that tail treated the expunge as a loser's expunge (REC-10: not applied
+without --apply-destructive), and the first tail was already marked
+reconciled: the message stayed at its old and its fresh UID for ever.
+"""
+
+import shutil
+
+import pytest
+
+from engine.cluster import Cluster, ClusterConfig
+from engine.mailerrors import ReadOnlyNodeError
+from engine.node import Node
+from engine.reconcile_apply import ReconcileError, apply_reconcile
+
+MAILBOX = "user/u/INBOX"
+
+
+def forked_nodes(tmp_path, shared=10, ours=5, theirs=5):
+    a = Node.init(str(tmp_path / "a"), name="a")
+    for i in range(shared):
+        a.deliver(MAILBOX, b"Subject: shared %d\r\n\r\nboth sides\r\n" % i, create=True)
+    fork = a.log.last_lsn
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
+    for i in range(ours):
+        a.deliver(MAILBOX, b"Subject: survivor %d\r\n\r\nonly on a\r\n" % i)
+    for i in range(theirs):
+        b.deliver(MAILBOX, b"Subject: loser %d\r\n\r\nonly on b\r\n" % i)
+    return a, b, fork
+
+
+def tail_args(node, fork):
+    return {"log_id": str(node.log.log_id), "first_lsn": fork + 1, "prev_hash": node.log.hash_at(fork),
+            "records": [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in node.log.read(fork + 1)]}
+
+
+def test_a_collision_expunge_in_a_cut_branch_is_not_lost(tmp_path, monkeypatch):
+    a, b, fork = forked_nodes(tmp_path)
+    n = None
+    try:
+        c = Cluster(ClusterConfig(name="a"))
+        c.node = a
+        args = tail_args(b, fork)
+        # 1st apply on a: copies and redelivers done, then a turns read-only (soft failover)
+        real_expunge = Node.expunge
+
+        def read_only(self, *x, **k):
+            raise ReadOnlyNodeError("soft failover to n in progress")
+
+        monkeypatch.setattr(Node, "expunge", read_only)
+        with pytest.raises(ReconcileError):
+            c._reconcile_tail(**args)
+        monkeypatch.setattr(Node, "expunge", real_expunge)
+        f1 = a.log.last_lsn
+        a.close()
+        shutil.copytree(tmp_path / "a", tmp_path / "n")  # n: the next master, has everything up to f1
+        a = Node.open(str(tmp_path / "a"))
+        c.node = a
+        c._reconcile_tail(**args)  # the retry on a: only the REC-6 expunges left; the tail is now reconciled
+        assert a.log.last_lsn > f1
+        n = Node.open(str(tmp_path / "n"))
+        n.deliver(MAILBOX, b"Subject: on n\r\n\r\nafter the failover\r\n")  # a's expunges diverge
+        tail = a.cut_diverged(f1)
+        apply_reconcile(n, n.log.path, tail)  # a's diverged tail reconciled into n
+        guids = [m.guid for m in n.list_messages(MAILBOX)]
+        dups = {g for g in guids if guids.count(g) > 1}
+        assert not dups, f"{len(dups)} message(s) twice on the survivor"
+        assert len(set(guids)) == 10 + 5 + 5 + 1
+    finally:
+        a.close()
+        b.close()
+        if n is not None:
+            n.close()
