@@ -69,6 +69,25 @@ def test_LOG_2_an_unfinished_segment_creation_is_removed_on_open(tmp_path):
     assert len(list_segments(path)) == 1
 
 
+def test_LOG_2_create_removes_creations_abandoned_by_dead_processes_only(tmp_path):
+    """A Log.create killed before its rename (say, a replica's first seeding stopped
+    with SIGTERM) leaves .NAME.wal.creating-PID; the next create of that log removes
+    it once PID is gone, and leaves a live process's directory alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".log.wal.creating-{dead.pid}"
+    abandoned.mkdir()
+    (abandoned / "EPOCH").write_bytes(b"1")
+    live = tmp_path / f".log.wal.creating-{os.getppid()}"
+    live.mkdir()
+    other_log = tmp_path / f".other.wal.creating-{dead.pid}"
+    other_log.mkdir()
+    with wal.Log.create(str(tmp_path / "log.wal")) as log:
+        assert log.append(1, b"x").lsn == 1
+    assert not abandoned.exists()
+    assert live.exists() and other_log.exists()
+
+
 def test_LOG_14_a_second_writer_in_the_same_process_is_refused(tmp_path):
     path = str(tmp_path / "x.wal")
     log = wal.Log.create(path)

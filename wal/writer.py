@@ -144,6 +144,30 @@ class _Batch:
         self.callbacks: dict | None = None  # notify_durable callables (a dict: each called once)
 
 
+def _remove_abandoned_creations(fileops: FileOps, parent: str, prefix: str) -> None:
+    """Remove ``PREFIX<pid>`` directories whose process is gone (LOG-2).
+
+    Such a directory is a ``Log.create`` that was killed before its rename:
+    it holds a segment header and ``EPOCH``, never a record, so nothing in it
+    was acknowledged. A live process's directory is left alone.
+    """
+    import shutil
+
+    for name in os.listdir(parent):
+        if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+            continue
+        pid = int(name[len(prefix):])
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal): maybe creating right now
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(parent, name))
+        fileops.fsync_dir(parent)
+
+
 _SEALED_TAIL_BYTES = 256 * 1024
 
 
@@ -253,7 +277,9 @@ class Log:
             raise WalError(f"{path} already exists; open it instead of creating it")
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, "." + os.path.basename(path) + f".creating-{os.getpid()}")
+        prefix = "." + os.path.basename(path) + ".creating-"
+        _remove_abandoned_creations(fileops, parent, prefix)
+        tmp = os.path.join(parent, prefix + str(os.getpid()))
         if os.path.exists(tmp):
             raise WalError(f"{tmp} exists: a log creation was interrupted; remove it and retry")
         fileops.mkdir(tmp)
