@@ -434,9 +434,10 @@ class Cluster:
         """
         while True:
             await anyio.sleep(self.config.reconcile_retry_s)
+            # Every tail, each round: one that keeps failing (e.g. its fork point left the
+            # cluster's history with a later cut) must not hold back the others.
             for tail in [t["path"] for t in self.node.diverged_tails() if not t.get("reconciled")]:
-                if not await self._reconcile_pending_tail(tail):
-                    break
+                await self._reconcile_pending_tail(tail)
 
     async def _reconcile_pending_tail(self, tail: str, *, remote: str | None = None) -> bool:
         """One attempt to reconcile ``tail`` (into the master, or into this node

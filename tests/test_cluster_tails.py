@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 
+import anyio
 import pytest
 
 from engine.cluster import Cluster, ClusterConfig
@@ -259,3 +260,37 @@ def test_a_cut_tail_goes_to_the_master_that_refused_the_log_not_the_next_peer_tr
         assert [t["records"] for t in b.diverged_tails()] == [20]
     finally:
         b.close()
+
+
+def test_a_tail_that_keeps_failing_does_not_hold_back_the_others(tmp_path, monkeypatch):
+    """Found by walctl torture seed 17: a replica cut a tail after LSN 19348, then (its
+    master's branch abandoned too) a tail after 17310 that holds the first one's fork
+    point; the first tail could never be placed on the master's history again, and the
+    retry loop stopped at it every round, so the second tail was never retried."""
+    node = Node.init(str(tmp_path / "n"), name="n")
+    try:
+        tails = [str(tmp_path / "n" / "diverged" / name) for name in ("T-after-19348.wal", "T-after-17310.wal")]
+        with open(os.path.join(node.path, DIVERGED_FILE), "w") as f:
+            json.dump({"tails": [{"path": p, "reconciled": False} for p in tails]}, f)
+        c = cluster_on(node)
+        c.config.reconcile_retry_s = 0.01
+        tried = []
+
+        async def attempt(tail, **kwargs):  # fault injection: the first tail fails every time
+            tried.append(tail)
+            return tail != tails[0]
+
+        monkeypatch.setattr(c, "_reconcile_pending_tail", attempt)
+
+        async def main():
+            with anyio.move_on_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(c._retry_tails)
+                    while tails[1] not in tried:
+                        await anyio.sleep(0.01)
+                    tg.cancel_scope.cancel()
+
+        anyio.run(main)
+        assert tried[:2] == tails
+    finally:
+        node.close()
