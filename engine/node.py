@@ -206,6 +206,7 @@ class Node:
 
     def close(self) -> None:
         self._stop.set()
+        self.log.wake_waiters()  # the applier waits for new records; it sees _stop now
         with self._applied_cond:
             self._applied_cond.notify_all()
         for t in (self._applier, self._checkpointer):

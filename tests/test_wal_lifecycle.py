@@ -212,3 +212,16 @@ def test_LOG_4_epochs_never_decrease_along_a_log(tmp_path):
     assert [r.epoch for r in all_records(path)] == [1, 5, 5]
     with wal.Log.open(path) as log:
         assert log.epoch == 5
+
+
+def test_wake_waiters_releases_a_thread_blocked_in_wait_for(tmp_path):
+    """Node.close relies on it: the store applier blocks in wait_for between records."""
+    with wal.Log.create(str(tmp_path / "log.wal")) as log:
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(log.wait_for(1, timeout=600)))
+        waiter.start()
+        while not got and waiter.is_alive():
+            log.wake_waiters()
+            waiter.join(0.05)
+        waiter.join(30)
+        assert not waiter.is_alive() and got == [False]

@@ -226,6 +226,7 @@ class Log:
         self._open: _Batch | None = None  # taking records; the next batch written
         self._inflight: _Batch | None = None  # being written and synced (by a leader or the flusher)
         self._closing = False  # close() has begun: no new batch is taken
+        self._wakes = 0  # wake_waiters() calls: wait_for returns when it changes
         self._handoff: _Batch | None = None  # an in-flight batch given to the flusher, not yet picked up
         self._flush_cond = threading.Condition(self._lock)
         self._flusher: threading.Thread | None = None
@@ -942,15 +943,24 @@ class Log:
         return False
 
     def wait_for(self, lsn: int, timeout: float | None = None) -> bool:
-        """Block until ``lsn`` is durable, the log fails or closes, or timeout."""
+        """Block until ``lsn`` is durable, the log fails or closes, wake_waiters() is called, or timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._durable_lsn < lsn and not self._closed and self._failed is None:
+            woken = self._wakes
+            while self._durable_lsn < lsn and not self._closed and self._failed is None and self._wakes == woken:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._cond.wait(remaining)
             return self._durable_lsn >= lsn
+
+    def wake_waiters(self) -> None:
+        """Wake every thread blocked in :meth:`wait_for`: each returns (False
+        unless its LSN is durable) at once instead of at its timeout, so a
+        caller shutting down its own loop need not wait for it."""
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()
 
     def hash_at(self, lsn: int) -> bytes:
         """The hash of durable record ``lsn`` (``lsn == 0`` gives the zero hash)."""
