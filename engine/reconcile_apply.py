@@ -34,7 +34,8 @@ from wal import OS_FILEOPS, WalError
 from wal.epochs import ForkSearch, SeekReader, search_fork
 
 from .errors import EngineError
-from .events import MailboxCreated, MailboxDeleted, MailboxRenamed, MessageAppended, body_guid, decode_event
+from .events import (FlagsChanged, MailboxCreated, MailboxDeleted, MailboxRenamed, MessageAppended, body_guid,
+                     decode_event)
 from .mailerrors import MailStoreError
 from .reconciler import (
     Action,
@@ -362,6 +363,8 @@ class _Executor:
         self.loser = SeekReader(loser_dir)
         self.strategy = strategy
         self._guids: dict[str, dict[bytes, list[int]]] = {}
+        # (mailbox id, collided UID) -> LSN of its redelivery at a fresh UID (REC-6)
+        self._moved_at: dict[tuple[str, int], int] = {}
 
     def close(self) -> None:
         self.loser.close()
@@ -514,10 +517,12 @@ class _Executor:
                                         moving_uid=uid)
         except _AlreadyPresent as present:
             return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
+        self._moved_at[(mb.mailbox_id, uid)] = lsn
         return {"status": "done", "uid": new_uid, "lsn": lsn}
 
     def _do_expunge(self, act: Action) -> dict:
         mb = self._mailbox(act)
+        watermark = self.node.log.last_lsn  # the rows read next hold every change up to here
         rows = self._rows(mb.mailbox_id)
         ok = []
         for uid, guid_hex in zip(act.detail["uids"], act.detail["guids"]):
@@ -534,13 +539,37 @@ class _Executor:
             ok.append(uid)
         if not ok:
             return {"status": "skipped", "why": "nothing left to expunge"}
-        lsn = self.node.expunge(mb.name, ok)
         idx = self._guid_index(mb.mailbox_id)
+        fresh = {uid: max(u for u in idx[rows[uid][1]] if u != uid) for uid in ok} if act.rule == "REC-6" else {}
+        lsn = self.node.expunge(mb.name, ok)
         for uid in ok:
             for uids in idx.values():
                 if uid in uids:
                     uids.remove(uid)
-        return {"status": "done", "lsn": lsn, "uids": ok}
+        carried = self._carry_flag_changes(mb, fresh, lsn, watermark)
+        out = {"status": "done", "lsn": lsn, "uids": ok}
+        if carried:
+            out["flag_changes_carried"] = carried
+        return out
+
+    def _carry_flag_changes(self, mb, fresh: dict[int, int], expunge_lsn: int, watermark: int) -> int:
+        """REC-6: flag changes made on a collided UID after its redelivery (clients saw
+        the old UID until the expunge) are made again on its fresh UID, in log order.
+
+        Every change to the old UID is logged before the expunge (after it, the UID
+        is refused), so reading the log up to the expunge misses none. Returns how
+        many changes were carried."""
+        carried = 0
+        for old, new in fresh.items():
+            start = self._moved_at.get((mb.mailbox_id, old), watermark) + 1
+            if start >= expunge_lsn:
+                continue
+            for rec in self.node.log.read(start, expunge_lsn - 1):
+                ev = decode_event(rec.type, rec.payload)
+                if isinstance(ev, FlagsChanged) and ev.mailbox_id == mb.mailbox_id and old in ev.uids:
+                    self.node.store_flags(mb.name, [new], ev.op, list(ev.flags))
+                    carried += 1
+        return carried
 
     def _do_renumber(self, act: Action) -> dict:
         mb = self._mailbox(act)

@@ -8,6 +8,7 @@ now checked again under the node's write lock.
 import logging
 import shutil
 
+from engine.cluster import Cluster, ClusterConfig
 from engine.node import Node
 from engine.reconcile_apply import apply_reconcile
 
@@ -93,3 +94,38 @@ def test_flags_the_loser_set_before_expunging_apply_when_the_expunge_does_not(tm
             assert again.plan.actions == []
         finally:
             a.close()
+
+
+# REC-6 (walctl torture, seed 11, second run: an acknowledged \\Answered lost): a flag change
+# a client made on a collided UID between its redelivery at a fresh UID and the expunge of
+# the old UID is made again on the fresh UID.
+def test_a_flag_change_on_a_collided_uid_during_the_apply_is_kept(tmp_path, monkeypatch):
+    a = Node.init(str(tmp_path / "a"), name="a")
+    for i in range(3):
+        a.deliver(MAILBOX, b"Subject: shared %d\r\n\r\nboth\r\n" % i, create=True)
+    fork = a.log.last_lsn
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
+    try:
+        collided = a.deliver(MAILBOX, b"Subject: survivor\r\n\r\nonly on a\r\n")
+        b.deliver(MAILBOX, b"Subject: loser\r\n\r\nonly on b\r\n")  # same UID: a REC-6 collision
+        args = {"log_id": str(b.log.log_id), "first_lsn": fork + 1, "prev_hash": b.log.hash_at(fork),
+                "records": [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in b.log.read(fork + 1)]}
+        real_expunge = Node.expunge
+
+        def client_flags_first(self, mailbox, uids):
+            # an IMAP client that still sees the old UID flags it, acknowledged, before the expunge
+            self.store_flags(mailbox, [collided.uid], "add", ["\\Answered"])
+            return real_expunge(self, mailbox, uids)
+
+        monkeypatch.setattr(Node, "expunge", client_flags_first)
+        c = Cluster(ClusterConfig(name="a"))
+        c.node = a
+        c._reconcile_tail(**args)
+        mine = [m for m in a.list_messages(MAILBOX) if m.guid == collided.guid]
+        assert len(mine) == 1 and mine[0].uid != collided.uid
+        assert "\\Answered" in mine[0].flags, mine[0]
+    finally:
+        a.close()
+        b.close()
