@@ -36,7 +36,7 @@ from wal.epochs import ForkSearch, SeekReader, search_fork
 from .errors import EngineError
 from .events import (FlagsChanged, MailboxCreated, MailboxDeleted, MailboxRenamed, MessageAppended, body_guid,
                      decode_event)
-from .mailerrors import MailStoreError
+from .mailerrors import MailStoreError, UnknownUidError
 from .reconciler import (
     Action,
     Diff,
@@ -363,7 +363,7 @@ class _Executor:
         self.loser = SeekReader(loser_dir)
         self.strategy = strategy
         self._guids: dict[str, dict[bytes, list[int]]] = {}
-        # (mailbox id, collided UID) -> LSN of its redelivery at a fresh UID (REC-6)
+        # (mailbox id, collided UID) -> the durable LSN when its redelivery read its flags (REC-6)
         self._moved_at: dict[tuple[str, int], int] = {}
 
     def close(self) -> None:
@@ -504,6 +504,7 @@ class _Executor:
     def _do_redeliver(self, act: Action) -> dict:
         mb = self._mailbox(act)
         uid = act.detail["uid"]
+        before = self.node.log.last_lsn  # the flags copied below hold every change up to here
         row = self._check_guid(act, mb.mailbox_id, uid, act.detail["guid"])
         if not row:
             return {"status": "skipped", "why": "the message is gone or is another message now"}
@@ -517,7 +518,7 @@ class _Executor:
                                         moving_uid=uid)
         except _AlreadyPresent as present:
             return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
-        self._moved_at[(mb.mailbox_id, uid)] = lsn
+        self._moved_at[(mb.mailbox_id, uid)] = before
         return {"status": "done", "uid": new_uid, "lsn": lsn}
 
     def _do_expunge(self, act: Action) -> dict:
@@ -557,8 +558,10 @@ class _Executor:
         the old UID until the expunge) are made again on its fresh UID, in log order.
 
         Every change to the old UID is logged before the expunge (after it, the UID
-        is refused), so reading the log up to the expunge misses none. Returns how
-        many changes were carried."""
+        is refused), so reading the log up to the expunge misses none. The read may
+        start before changes the redelivery already copied: replaying add, remove and
+        replace in log order still ends in the old UID's last flags. Returns how many
+        changes were carried."""
         carried = 0
         for old, new in fresh.items():
             start = self._moved_at.get((mb.mailbox_id, old), watermark) + 1
@@ -567,7 +570,10 @@ class _Executor:
             for rec in self.node.log.read(start, expunge_lsn - 1):
                 ev = decode_event(rec.type, rec.payload)
                 if isinstance(ev, FlagsChanged) and ev.mailbox_id == mb.mailbox_id and old in ev.uids:
-                    self.node.store_flags(mb.name, [new], ev.op, list(ev.flags))
+                    try:
+                        self.node.store_flags(mb.name, [new], ev.op, list(ev.flags))
+                    except UnknownUidError:
+                        break  # a client expunged the fresh UID meanwhile: its flags no longer matter
                     carried += 1
         return carried
 
