@@ -97,8 +97,8 @@ def test_failing_mailbox_is_quarantined_and_others_continue(pair):
     assert digests(m) == digests(r)
 
 
-def test_retry_after_fix_releases(pair):
-    m, r = pair
+def quarantine_then_fix(m: Node, r: Node) -> None:
+    """A stray row on the replica quarantines user/a/INBOX; then the admin removes it."""
     deliver_some(m, ["user/a/INBOX"], 2)
     ship(m, r)
     a_id = r.store.mailbox("user/a/INBOX").mailbox_id
@@ -109,6 +109,11 @@ def test_retry_after_fix_releases(pair):
     assert r.quarantined()[0]["name"] == "user/a/INBOX"
     with sqlite3.connect(r.store.path) as db:  # the admin removes the stray row
         db.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=3 AND lsn=1", (a_id,))
+
+
+def test_retry_after_fix_releases(pair):
+    m, r = pair
+    quarantine_then_fix(m, r)
     ok, msg = r.quarantine_retry("user/a/INBOX")
     assert ok, msg
     assert r.quarantined() == []
@@ -223,16 +228,7 @@ def test_operator_repairs_wait_for_the_applier(pair, repair):
     import threading
 
     m, r = pair
-    deliver_some(m, ["user/a/INBOX"], 2)
-    ship(m, r)
-    a_id = r.store.mailbox("user/a/INBOX").mailbox_id
-    with sqlite3.connect(r.store.path) as db:
-        db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)", (a_id, 3, b"\0" * 32, "", 0, 0, 0, 1, 1))
-    deliver_some(m, ["user/a/INBOX"], 2, tag="x")
-    ship(m, r)
-    assert r.quarantined()[0]["name"] == "user/a/INBOX"
-    with sqlite3.connect(r.store.path) as db:
-        db.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=3 AND lsn=1", (a_id,))
+    quarantine_then_fix(m, r)
     run = {"retry": lambda: r.quarantine_retry("user/a/INBOX"),
            "release": lambda: r.quarantine_release("user/a/INBOX"),
            "resync": lambda: r.resync_mailbox(m.store.mailbox_snapshot("user/a/INBOX"))}[repair]
