@@ -20,32 +20,14 @@ from engine.cluster import Cluster, ClusterConfig
 from engine.mailerrors import ReadOnlyNodeError
 from engine.node import Node
 from engine.reconcile_apply import ReconcileError, apply_reconcile
+from tests.test_cluster_tails import forked_nodes, tail_args
 
 MAILBOX = "user/u/INBOX"
 
 
-def forked_nodes(tmp_path, shared=10, ours=5, theirs=5):
-    a = Node.init(str(tmp_path / "a"), name="a")
-    for i in range(shared):
-        a.deliver(MAILBOX, b"Subject: shared %d\r\n\r\nboth sides\r\n" % i, create=True)
-    fork = a.log.last_lsn
-    a.close()
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
-    for i in range(ours):
-        a.deliver(MAILBOX, b"Subject: survivor %d\r\n\r\nonly on a\r\n" % i)
-    for i in range(theirs):
-        b.deliver(MAILBOX, b"Subject: loser %d\r\n\r\nonly on b\r\n" % i)
-    return a, b, fork
-
-
-def tail_args(node, fork):
-    return {"log_id": str(node.log.log_id), "first_lsn": fork + 1, "prev_hash": node.log.hash_at(fork),
-            "records": [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in node.log.read(fork + 1)]}
-
 
 def test_a_collision_expunge_in_a_cut_branch_is_not_lost(tmp_path, monkeypatch):
-    a, b, fork = forked_nodes(tmp_path)
+    a, b, fork = forked_nodes(tmp_path, ours=5, theirs=5)
     n = None
     try:
         c = Cluster(ClusterConfig(name="a"))

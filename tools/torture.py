@@ -1288,21 +1288,11 @@ class Torture:
         if self.findings:
             # something was wrong: leave every thread's stack in the node logs for the post-mortem
             for n in self.nodes:
-                if n.alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(n.proc.pid, signal.SIGCONT)
-                        os.kill(n.proc.pid, signal.SIGABRT)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        n.proc.wait(10)
+                _resume_and_signal(n, signal.SIGABRT, wait_s=10)
         for n in self.nodes:
             with contextlib.suppress(Exception):
                 self._detach_tracer(n)
-            if n.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(n.proc.pid, signal.SIGCONT)
-                    os.kill(n.proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    n.proc.wait(30)
+            _resume_and_signal(n, signal.SIGKILL, wait_s=30)
         if self._portal_cm is not None:
             with contextlib.suppress(Exception):
                 self.portal.call(self.portal.stop, True)  # cancel the proxies
@@ -1489,3 +1479,14 @@ def torture(minutes, seconds, seed, nodes, as_json, workdir, keep, clients, quie
     if summary["ok"] and not keep and created:
         shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(0 if summary["ok"] else 1)
+
+
+def _resume_and_signal(n: "NodeProc", sig: int, *, wait_s: float) -> None:
+    """SIGCONT (it may be stopped), then ``sig``, and wait up to ``wait_s`` for a live node to exit."""
+    if not n.alive():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(n.proc.pid, signal.SIGCONT)
+        os.kill(n.proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        n.proc.wait(wait_s)
