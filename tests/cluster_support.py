@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +14,10 @@ import time
 
 import blake3
 
+from tools.ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WALCTL = [sys.executable, "-m", "tools"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def walctl(*args, check=True, timeout=60) -> subprocess.CompletedProcess:

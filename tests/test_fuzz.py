@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tools.ports import free_port
 from wal import Log, LogReader, WalError, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,17 +111,11 @@ def test_fuzz_record_decoder_long(pristine, segment_index, muts):
 # -- the LMTP front over a real socket ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     node = str(tmp_path_factory.mktemp("lmtpfz") / "n")
     subprocess.run([sys.executable, "-m", "tools", "init", node], cwd=ROOT, check=True, capture_output=True)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tools", "serve", node, "--lmtp", f"127.0.0.1:{port}", "--quiet",
                              "--max-message-bytes", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -36,6 +36,7 @@ import blake3
 import pytest
 
 from engine.node import Node
+from tools.ports import free_port
 
 SBIN_PATH = os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin"
 DOMAIN = "mail.test"
@@ -61,12 +62,6 @@ def _skip_reason() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -134,7 +129,7 @@ class PostfixInstance:
         self.queue_dir = os.path.join(base, "spool")
         self.data_dir = os.path.join(base, "lib")
         self.maillog_path = os.path.join(base, "maillog")
-        self.smtp_port = _free_port()
+        self.smtp_port = free_port()
         for d in (self.config_dir, self.queue_dir, self.data_dir):
             os.makedirs(d, mode=0o755)
         pw = pwd.getpwnam("postfix")
@@ -225,7 +220,7 @@ class MailNode:
 
     def __init__(self, path: str):
         self.path = path
-        self.lmtp_port = _free_port()
+        self.lmtp_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.output = os.path.join(os.path.dirname(path), "node.out")
         Node.init(path).close()

@@ -41,6 +41,8 @@ import uuid
 
 import blake3
 
+from .ports import free_port
+
 DEMO_DIR = "demo-nodes"
 NAMES = ("a", "b", "c")
 USERS = ("alice", "bob", "carol", "dave", "erin")
@@ -59,20 +61,6 @@ def say(text: str = "") -> None:
 
 def step(n: int, title: str) -> None:
     say(f"\n=== {n}. {title}")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out as free right now on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def walctl_argv(*args: str) -> list[str]:
@@ -104,7 +92,7 @@ class Cluster:
 
     def __init__(self, root: str):
         self.root = root
-        ports = free_ports(2 * len(NAMES))
+        ports = [free_port() for _ in range(2 * len(NAMES))]
         self.lmtp = {n: ("127.0.0.1", ports[i]) for i, n in enumerate(NAMES)}
         self.repl = {n: f"127.0.0.1:{ports[len(NAMES) + i]}" for i, n in enumerate(NAMES)}
         self.procs: dict[str, subprocess.Popen] = {}

@@ -53,7 +53,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,7 @@ from engine.control import ControlClient, ControlError
 from .cliutil import CONTEXT_SETTINGS
 from .faultproxy import FaultProxy
 from .history import check
+from .ports import free_port
 
 __all__ = ["torture", "Fault", "draw_schedule", "FAULT_KINDS", "Torture"]
 
@@ -139,19 +139,6 @@ def draw_schedule(seed: int, seconds: float) -> list[Fault]:
         kind = deck.pop(0) if deck else rng.choices(kinds, weights)[0]
         out.append(Fault(round(t, 3), kind, rng.randrange(1 << 30), rng.randrange(1 << 30),
                          round(rng.uniform(1.0, 5.0), 3), round(rng.random(), 6)))
-
-
-def _free_port(rng: random.Random) -> int:
-    """A port that is free now, below the ephemeral range (fewer clashes with clients)."""
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port found in 20000-32000")
 
 
 # -- node processes ---------------------------------------------------------------------
@@ -314,7 +301,7 @@ class Torture:
                       indent=1)
         for i in range(self.n_nodes):
             path = os.path.join(self.dir, f"n{i}")
-            self.nodes.append(NodeProc(i, path, _free_port(self.rng), _free_port(self.rng)))
+            self.nodes.append(NodeProc(i, path, free_port(self.rng, HOST), free_port(self.rng, HOST)))
         if self.features.tmpfs is None:
             self.disk_node = 1 + self.seed % (self.n_nodes - 1)  # a replica at first
             self._mount_tmpfs(self.nodes[self.disk_node].path)
@@ -428,8 +415,8 @@ class Torture:
 
     def _move_ports(self, node: NodeProc) -> None:
         """Another process took one of the node's ports: pick new ones, point the proxies there."""
-        node.listen_port = _free_port(self.rng)
-        node.lmtp_port = _free_port(self.rng)
+        node.listen_port = free_port(self.rng, HOST)
+        node.lmtp_port = free_port(self.rng, HOST)
         for (src, dst), (proxy, _) in self.proxies.items():
             if dst == node.index:
                 self.portal.call(proxy.retarget, HOST, node.listen_port)
