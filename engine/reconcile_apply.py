@@ -34,8 +34,8 @@ from wal import OS_FILEOPS, WalError
 from wal.epochs import ForkSearch, SeekReader, search_fork
 
 from .errors import EngineError
-from .events import (FlagsChanged, MailboxCreated, MailboxDeleted, MailboxRenamed, MessageAppended, body_guid,
-                     decode_event)
+from .events import (FlagsChanged, MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered,
+                     MessageAppended, body_guid, decode_event)
 from .mailerrors import MailStoreError, UnknownUidError
 from .reconciler import (
     Action,
@@ -46,6 +46,7 @@ from .reconciler import (
     SideReplay,
     arrival_order,
     compare,
+    moved_keys_wanted,
     plan,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "ApplyResult",
     "reconcile",
     "apply_reconcile",
+    "guids_at_fork",
     "choose_survivor",
     "reconcile_summary",
     "list_reports",
@@ -172,6 +174,60 @@ def _names_from_prefix(reader: SeekReader, fork_lsn: int, wanted: set[str], prog
         else:
             out.pop(ev.mailbox_id, None)
     return out
+
+
+_GUID_WINDOW = 256  # first window of the backward search for pre-fork deliveries (doubles each step)
+
+
+def guids_at_fork(reader: SeekReader, fork_lsn: int, wanted: dict[str, set[int]]) -> dict[tuple, bytes]:
+    """REC-14: the GUIDs of messages alive at the fork, read from the shared prefix.
+
+    ``wanted`` maps a mailbox id to UIDs at the fork; the result maps
+    ``("pre", mailbox id, uid)`` to the GUID of the ``MessageAppended`` that
+    gave that message its UID. The prefix is read backwards from the fork in
+    windows that double (256, 512, ... records), each read forward and
+    verified like any read, and the search stops as soon as every wanted
+    message is found. The windows do not overlap: no record is read twice,
+    and what is read is at most the greater of 256 records and twice the
+    distance from the fork back to the oldest wanted delivery (and never more
+    than the retained prefix). A ``MailboxRenumbered``
+    met on the way maps the UIDs back to the ones they had before it; a UID
+    it does not list, a mailbox's creation, or the oldest retained record
+    ends the search for that message, which then has no GUID (unknown is
+    never guessed).
+    """
+    # current UID (in the era the backward search has reached) -> UID at the fork
+    pending = {mid: {u: u for u in uids} for mid, uids in wanted.items() if uids}
+    found: dict[tuple, bytes] = {}
+    first = reader.first_lsn()
+    hi, width = fork_lsn, _GUID_WINDOW
+    while hi >= first and any(pending.values()):
+        lo = max(first, hi - width + 1)
+        events = []
+        for rec in reader.records(lo):
+            if rec.lsn > hi:
+                break
+            if rec.type not in (MessageAppended.TYPE, MailboxRenumbered.TYPE, MailboxCreated.TYPE):
+                continue
+            try:
+                ev = decode_event(rec.type, rec.payload)
+            except ValueError as exc:
+                raise UndecodableRecordError(reader.directory, rec.lsn, str(exc)) from exc
+            if ev.mailbox_id in pending:
+                events.append(ev)
+        for ev in reversed(events):
+            want = pending[ev.mailbox_id]
+            if isinstance(ev, MessageAppended):
+                at_fork = want.pop(ev.uid, None)
+                if at_fork is not None:
+                    found[("pre", ev.mailbox_id, at_fork)] = ev.guid
+            elif isinstance(ev, MailboxRenumbered):
+                back = {new: old for old, new in ev.uids}
+                pending[ev.mailbox_id] = {back[u]: f for u, f in want.items() if u in back}
+            else:  # MailboxCreated: the mailbox began here
+                want.clear()
+        hi, width = lo - 1, width * 2
+    return found
 
 
 def reconcile(dir_a: str, dir_b: str, *, names: dict[str, str] | None = None, scan_prefix_names: bool = False,
@@ -630,7 +686,12 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
     loser_dir = dir_b if survivor == "a" else dir_a
     rec = reconcile(dir_a, dir_b, names=_store_names(node), tail_dirs={survivor: node.log.path}, progress=progress)
     view = StoreView(node)
-    p = plan(rec.diff, survivor, view, strategy=strategy, destructive=destructive)
+    pre_guids: dict[tuple, bytes] = {}
+    wanted = moved_keys_wanted(rec.diff, survivor)
+    if wanted:  # REC-14: the loser flagged pre-fork messages the survivor expunged; did they move?
+        with SeekReader(node.log.path) as own:
+            pre_guids = guids_at_fork(own, rec.search.fork.lsn, wanted)
+    p = plan(rec.diff, survivor, view, strategy=strategy, destructive=destructive, pre_guids=pre_guids)
     result = ApplyResult(rec, p, survivor, dry_run=dry_run)
     for w in p.warnings:
         log.warning(w)

@@ -62,6 +62,7 @@ __all__ = [
     "Action",
     "Plan",
     "plan",
+    "moved_keys_wanted",
     "arrival_order",
     "resolve_flag",
 ]
@@ -630,8 +631,48 @@ def arrival_order(messages: Iterable[MessageView]) -> list[int]:
     return [m.uid for m in sorted(messages, key=lambda m: (m.delivered_ms, m.uid))]
 
 
+def moved_keys_wanted(d: Diff, survivor: str) -> dict[str, set[int]]:
+    """REC-14: the pre-fork messages whose GUID :func:`plan` needs, by mailbox id -> UIDs at the fork.
+
+    These are the messages of a mailbox that existed at the fork whose flags the
+    loser changed and that the survivor's tail expunged: the tails name them by
+    ``(mailbox id, UID at the fork)`` only, and the survivor may hold the same
+    message at another UID (a REC-6 redelivery). The driver reads their GUIDs
+    from the shared prefix and passes them to :func:`plan` as ``pre_guids``.
+    """
+    sr = d.a if survivor == "a" else d.b
+    lr = d.b if survivor == "a" else d.a
+    out: dict[str, set[int]] = {}
+    for md in d.mailboxes:
+        lt = md.track("b" if survivor == "a" else "a")
+        if not md.same_id or lt is None:
+            continue
+        for lm in lr.messages_in(lt.mailbox_id, "pre"):
+            if not (lm.explicit or lm.baseline):
+                continue
+            sm = sr.messages.get(lm.key)
+            if sm is not None and sm.expunged_lsn is not None and not sm.gone_with_mailbox:
+                out.setdefault(lm.mailbox_id, set()).add(lm.key[2])
+    return out
+
+
+def _survivor_ops(moved: MessageTrack, holder: MessageTrack | None, key: Key, guid: bytes) -> MessageTrack:
+    """REC-14: the survivor's operations on a message it moved from one UID to another.
+
+    Per flag, the later (by LSN: one log) of its operations on the old UID and on
+    the new one. The new UID's delivery only copied the old UID's flags, so its
+    ``append`` operations are not decisions of the survivor and are left out."""
+    merged: dict[str, FlagOp] = {}
+    tracks = [moved] + ([holder] if holder is not None else [])
+    for flag in set().union(*(t.touched_flags() for t in tracks)):
+        ops = [op for t in tracks if (op := t.op(flag)) is not None and op.via != "append"]
+        if ops:
+            merged[flag] = max(ops, key=lambda op: op.lsn)
+    return MessageTrack(key, moved.mailbox_id, key[2], guid=guid, explicit=merged)
+
+
 def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumber",
-         destructive: bool = False) -> Plan:
+         destructive: bool = False, pre_guids: dict[Key, bytes] | None = None) -> Plan:
     """The actions that merge the loser's tail into the survivor (REC-5..REC-12).
 
     Args:
@@ -640,7 +681,11 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         view: the survivor's current store.
         strategy: ``"renumber"`` or ``"uidvalidity"`` for UID collisions.
         destructive: also apply the loser's expunges and mailbox deletes.
+        pre_guids: ``("pre", mailbox id, UID at the fork) -> GUID`` from the
+            shared prefix, for the keys :func:`moved_keys_wanted` lists
+            (REC-14). A key missing here is treated as expunged for good.
     """
+    pre_guids = pre_guids or {}
     if survivor not in ("a", "b"):
         raise ValueError("survivor must be 'a' or 'b'")
     if strategy not in STRATEGIES:
@@ -760,7 +805,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 if not md.same_id or tgt.mailbox_id != lt.mailbox_id:
                     return sm, None
                 if sm is not None and not sm.alive:
-                    return sm, None
+                    return moved_to(key, sm)
                 uid = st.uid_of(key, False) if st is not None else key[2]
                 return sm, (tgt.messages.get(uid) if uid is not None else None)
             # a message delivered in the loser's tail: the survivor's copy of that GUID
@@ -769,6 +814,31 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             uids = tgt.uids_of(lm.guid)
             return sm, (tgt.messages.get(uids[0]) if uids else None)
 
+        def moved_to(key: Key, sm: MessageTrack) -> tuple[MessageTrack, MessageView | None]:
+            """REC-14: where a pre-fork message the survivor expunged lives on, if anywhere: the
+            greatest UID holding its GUID that already held it before the expunge (a REC-6
+            redelivery, or a copy from before the fork). Expunged by a client with no such
+            copy: nowhere, and the loser's flag changes on it are dropped."""
+            guid = pre_guids.get(key)
+            if guid is None or sm.gone_with_mailbox or st is None:
+                return sm, None
+            holders = []
+            for u in tgt.uids_of(guid):
+                hk = st.key_for(u)
+                if hk is None:
+                    continue  # the survivor renumbered the mailbox and the tail never met this UID
+                hm = sr.messages.get(hk)
+                if hk[0] == "new" and (hm is None or hm.lsn >= sm.expunged_lsn):
+                    continue  # delivered after the expunge: a new arrival, not where the message moved
+                holders.append((u, hk, hm))
+            if not holders:
+                return sm, None
+            u, hk, hm = max(holders, key=lambda h: h[0])
+            decide("REC-14", label, f"UID {key[2]} (from before the fork) was expunged on the survivor at LSN "
+                                   f"{sm.expunged_lsn}; its message lives on at UID {u}, which gets the loser's "
+                                   f"flag changes", uid=key[2], moved_to=u, guid=guid.hex())
+            return _survivor_ops(sm, hm, hk, guid), tgt.messages[u]
+
         # A message the loser expunged (or lost with its mailbox) stays on the survivor
         # unless destructive (REC-10), and then its flags are the loser's like any other's.
         touched = [m for m in lr.messages.values()
@@ -776,6 +846,10 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         for lm in sorted(touched, key=lambda m: (m.key[0], m.uid)):
             sm, vm = survivor_msg(lm.key, lm)
             if vm is None:
+                if lm.key[0] == "pre" and sm is not None and sm.expunged_lsn is not None:
+                    decide("REC-14", label, f"UID {lm.key[2]} (from before the fork) was expunged on the survivor "
+                                           f"at LSN {sm.expunged_lsn} and lives on at no other UID: the loser's "
+                                           f"flag changes on it are dropped", uid=lm.key[2])
                 continue
             if lm.guid is not None and vm.guid != lm.guid:
                 p.warnings.append(f"mailbox {label!r} UID {vm.uid}: GUID {vm.guid.hex()[:16]} on the survivor, "

@@ -11,6 +11,7 @@ import shutil
 from engine.cluster import Cluster, ClusterConfig
 from engine.node import Node
 from engine.reconcile_apply import apply_reconcile
+from tests.test_cluster_tails import cluster_on, tail_args
 
 MAILBOX = "user/u/INBOX"
 
@@ -129,3 +130,70 @@ def test_a_flag_change_on_a_collided_uid_during_the_apply_is_kept(tmp_path, monk
     finally:
         a.close()
         b.close()
+
+
+def _renumbered_on_the_survivor(tmp_path):
+    """Node a (the survivor) with a message M delivered after fork0 and before fork1; x
+    forked from a at fork0 and gave M's UID to another message; b forked from a at fork1.
+    Returns (a, x, b, fork0, fork1, M)."""
+    a = Node.init(str(tmp_path / "a"), name="a")
+    for i in range(5):
+        a.deliver(MAILBOX, b"Subject: shared %d\r\n\r\nall\r\n" % i, create=True)
+    fork0 = a.log.last_lsn
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "x")  # x: an older master's branch
+    a, x = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "x"))
+    x.deliver(MAILBOX, b"Subject: old branch\r\n\r\nonly on x\r\n")
+    moved = a.deliver(MAILBOX, b"Subject: survivor\r\n\r\nsame UID as x's\r\n")
+    fork1 = a.log.last_lsn
+    a.close()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # b: the master that then loses its place
+    a, b = Node.open(str(tmp_path / "a")), Node.open(str(tmp_path / "b"))
+    return a, x, b, fork0, fork1, moved
+
+
+# REC-14 (walctl torture, seeds 11 and 18: acknowledged flag changes lost): the loser flagged a
+# message from before its fork that the survivor meanwhile moved to a fresh UID (REC-6, while
+# reconciling another, older tail). The change used to be dropped because the old UID is gone
+# on the survivor; it now follows the message to its fresh UID.
+def test_a_flag_change_on_a_message_the_survivor_renumbered_is_kept(tmp_path):
+    a, x, b, fork0, fork1, moved = _renumbered_on_the_survivor(tmp_path)
+    try:
+        b.store_flags(MAILBOX, [moved.uid], "add", ["$Torture"])  # acknowledged on b
+        others = {m.uid for m in a.list_messages(MAILBOX)} - {moved.uid}
+        c = cluster_on(a)
+        c._reconcile_tail(**tail_args(x, fork0))  # REC-6: the survivor's message moves to a fresh UID
+        now = [m for m in a.list_messages(MAILBOX) if m.guid == moved.guid]
+        assert len(now) == 1 and now[0].uid != moved.uid
+        c._reconcile_tail(**tail_args(b, fork1))  # b's tail: the flag change on the old UID
+        after = {m.uid: m for m in a.list_messages(MAILBOX)}
+        mine = [m for m in after.values() if m.guid == moved.guid]
+        assert [m.uid for m in mine] == [now[0].uid] and "$Torture" in mine[0].flags, mine
+        assert [m.uid for m in after.values() if "$Torture" in m.flags] == [now[0].uid]  # no other message
+        assert others <= set(after)
+        b.close()
+        again = apply_reconcile(a, a.log.path, str(tmp_path / "b" / "log.wal"))
+        assert again.plan.actions == []  # REC-12
+        assert [d for d in again.plan.decisions if d.get("moved_to") == now[0].uid and d["uid"] == moved.uid]
+    finally:
+        for n in (a, x, b):
+            n.close()
+
+
+# REC-14, the other half: a message a client expunged on the survivor (no REC-6 move) keeps the
+# rule it had: the loser's flag change on it is dropped, reported, and lands on no other message.
+def test_a_flag_change_on_a_message_a_client_expunged_on_the_survivor_is_dropped(tmp_path):
+    a, x, b, fork0, fork1, moved = _renumbered_on_the_survivor(tmp_path)
+    x.close()
+    try:
+        b.store_flags(MAILBOX, [moved.uid], "add", ["$Torture"])
+        b.close()
+        a.expunge(MAILBOX, [moved.uid])  # a client's expunge on the survivor
+        result = apply_reconcile(a, a.log.path, str(tmp_path / "b" / "log.wal"))
+        assert result.plan.actions == []
+        assert [d for d in result.plan.decisions
+                if d["rule"] == "REC-14" and d.get("uid") == moved.uid and "dropped" in d["decision"]]
+        assert not [m for m in a.list_messages(MAILBOX) if "$Torture" in m.flags or m.guid == moved.guid]
+    finally:
+        for n in (a, x, b):
+            n.close()
