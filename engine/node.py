@@ -114,6 +114,9 @@ class Node:
         self._applier: threading.Thread | None = None
         self._apply_lock = threading.RLock()  # held while applying; failover surgery takes it too
         self.applied_lsn = store.applied_lsn  # cached for cheap reads (acks, status)
+        # Bumped when cut_diverged empties the store for a rebuild: a read that checked
+        # freshness before the swap reads again once the rebuild caught up (_read_fresh).
+        self._store_generation = 0
         self._checkpointer: threading.Thread | None = None
         self.checkpoint_error: BaseException | None = None
         self.on_delivered = None  # optional hook(receipt) for logging
@@ -273,6 +276,12 @@ class Node:
         beside the node's log, listed in ``diverged.json`` until reconciled.
         If the store applied past the fork, it is rebuilt from the log (the
         log must still start at LSN 1; otherwise reseed this node).
+
+        The rebuild empties the same :class:`Store` object in place
+        (:meth:`Store.reset`), never closing one another thread may still hold:
+        every store user (reconcile apply, control operations, the LMTP front,
+        the applier, status) waits for the swap and then reads the new store;
+        the node's reads also wait until the rebuild caught up (CTL-6).
         """
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         aside_dir = os.path.join(self.path, "diverged")
@@ -285,13 +294,14 @@ class Node:
                 if self.log.first_lsn > 1:
                     raise WalError(f"the store applied past the fork at LSN {fork_lsn} and the log no longer "
                                    f"starts at LSN 1: reseed this node from its master")
-                store_path = self.store.path
-                self.store.close()
-                remove_store_files(store_path)
-                self.store = Store(store_path)
+                # Order matters for _read_fresh: a reader that sees the new generation
+                # must also see applied_lsn 0 (it then waits for the rebuild), and one
+                # that read the old generation finds it changed if it met the new store.
+                self.applied_lsn = 0
+                self._store_generation += 1
+                self.store.reset(remove_files=remove_store_files)
                 self.store.set_log_id(str(self.log.log_id))
                 self._configure_guard()
-                self.applied_lsn = 0
             entries = self.diverged_tails()
             entries.append({"path": aside, "fork_lsn": fork_lsn, "last_lsn": last, "records": moved,
                             "cut_at": stamp, "reconciled": False})
@@ -671,8 +681,7 @@ class Node:
             return self.store.replace_mailbox(snapshot, self.log.read(at + 1) if at < self.log.last_lsn else iter(()))
 
     def verify_store(self) -> dict[str, list[str]]:
-        self._fresh()
-        return self.store.verify_mailboxes()
+        return self._read_fresh(lambda store: store.verify_mailboxes())
 
     # -- reads -------------------------------------------------------------------
 
@@ -681,36 +690,56 @@ class Node:
             if self._applier_error is not None:
                 raise StoreUnavailableError(f"the store stopped applying the log: {self._applier_error}")
 
-    def list_mailboxes(self) -> list[MailboxInfo]:
-        self._fresh()
-        return self.store.mailboxes()
+    def _read_fresh(self, read):
+        """``read(store)`` after the store applied everything durable at the call.
 
-    def _mailbox(self, name: str) -> MailboxInfo:
-        mb = self.store.mailbox(name)
+        If a diverged tail's cut emptied the store meanwhile (its generation
+        changed), the answer may come from the half-rebuilt store: read again
+        once the rebuild caught up. An error raised by such a read is dropped
+        the same way (e.g. UnknownMailboxError from a store not rebuilt yet).
+        """
+        while True:
+            generation = self._store_generation
+            self._fresh()
+            try:
+                result = read(self.store)
+            except Exception:
+                if generation != self._store_generation:
+                    continue
+                raise
+            if generation == self._store_generation:
+                return result
+
+    def list_mailboxes(self) -> list[MailboxInfo]:
+        return self._read_fresh(lambda store: store.mailboxes())
+
+    @staticmethod
+    def _mailbox_in(store: Store, name: str) -> MailboxInfo:
+        mb = store.mailbox(name)
         if mb is None:
             raise UnknownMailboxError(f"no mailbox named {name!r}")
         return mb
 
+    def _mailbox(self, name: str) -> MailboxInfo:
+        return self._mailbox_in(self.store, name)
+
     def list_messages(self, mailbox: str) -> list[MessageInfo]:
-        self._fresh()
-        return self.store.messages(self._mailbox(mailbox).mailbox_id)
+        return self._read_fresh(lambda store: store.messages(self._mailbox_in(store, mailbox).mailbox_id))
 
     def fetch(self, mailbox: str, uid: int) -> bytes:
-        self._fresh()
-        body = self.store.body(self._mailbox(mailbox).mailbox_id, uid)
+        body = self._read_fresh(lambda store: store.body(self._mailbox_in(store, mailbox).mailbox_id, uid))
         if body is None:
             raise UnknownUidError(f"mailbox {mailbox!r} has no message with UID {uid}")
         return body
 
     def digest(self) -> dict:
-        self._fresh()
-        return self.store.digest()
+        return self._read_fresh(lambda store: store.digest())
 
     def status(self) -> dict:
-        """The node's state for ``walctl status``. Blocks while :meth:`cut_diverged` swaps
-        the store (its state lock): a status read in that window met a closed database."""
-        with self._state_lock:
-            quarantined = len(self.store.quarantined())
+        """The node's state for ``walctl status``. Never waits for the state lock; during
+        a diverged tail's cut it waits for the store swap (the store's own locks), then
+        counts the new store's quarantine (``applied_lsn`` shows the rebuild's progress)."""
+        quarantined = len(self.store.quarantined())
         return {
             "node": self.config.name,
             "role": self.config.role,

@@ -117,18 +117,26 @@ CREATE TABLE IF NOT EXISTS quarantine (
 class Store:
     """The SQLite store of one node. One writer (the applier), many readers."""
 
+    # Every use of ``conn`` holds ``_lock`` and every use of ``_reader`` holds
+    # ``_read_lock``: :meth:`reset` swaps both connections under both locks, so a
+    # caller holding this object (reconcile apply, control operations, the LMTP
+    # front, the applier) waits for a swap and then uses the new database.
+
     def __init__(self, path: str):
         self.path = path
-        self.db = sqlite_utils.Database(sqlite3.connect(path, check_same_thread=False, isolation_level=None))
+        self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
+        self._guard: Guard | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        self.db = sqlite_utils.Database(sqlite3.connect(self.path, check_same_thread=False, isolation_level=None))
         self.conn = self.db.conn
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(_SCHEMA)
-        self._lock = threading.RLock()
-        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._reader.execute("PRAGMA query_only=ON")
-        self._read_lock = threading.Lock()
-        self._guard: Guard | None = None
         self._scrub_cursor = 0
         self.mismatches: list[dict] = []  # checkpoint mismatches seen since open (for status/metrics)
         self._load_held()
@@ -138,6 +146,24 @@ class Store:
             self.conn.close()
         with self._read_lock:
             self._reader.close()
+
+    def reset(self, remove_files=None) -> None:
+        """Empty the store in place: close both connections, remove the database
+        files, open a new empty database at the same path (a diverged tail's cut
+        rebuilds the store this way, CTL-6).
+
+        The object stays the same and the swap holds both locks, so nobody ever
+        uses a closed connection: a call that comes during the swap waits, then
+        runs on the new database. The caller rebuilds it (applied LSN 0) and sets
+        the log id and the guard again. ``remove_files(path)`` removes the files
+        (default :func:`remove_store_files`).
+        """
+        remove = remove_store_files if remove_files is None else remove_files
+        with self._lock, self._read_lock:
+            self.conn.close()
+            self._reader.close()
+            remove(self.path)
+            self._connect()
 
     # -- meta ----------------------------------------------------------------
 
