@@ -16,8 +16,9 @@ Theory of operation
   (``sync_replicas``).
 * as **replica**: :func:`~engine.receiver.run_replica` on the node's log,
   trying every peer; a divergence cuts the log's tail aside
-  (:meth:`Node.cut_diverged`), reconciles it into the master if configured,
-  and follows again; a promotion turns the node into the master.
+  (:meth:`Node.cut_diverged`), reconciles it into the master if configured
+  (a tail whose fork point was cut aside with a later tail is merged into
+  that tail first, CTL-9), and follows again; a promotion turns the node into the master.
 
 Soft failover (requirement c): the master refuses writes, waits until its
 in-flight records are durable, fences every replica (they confirm they hold
@@ -450,6 +451,20 @@ class Cluster:
             if not any(t["path"] == tail and not t.get("reconciled") for t in self.node.diverged_tails()):
                 return True
             try:
+                # CTL-9: a tail whose fork point was cut aside with a later tail is merged into
+                # that tail first; the merged tail (pending, listed) is what is reconciled now.
+                merged = await anyio.to_thread.run_sync(self._place_tail, tail)
+            except Exception as exc:  # listed in status and retried; nothing was changed
+                self._tail_failed(tail, exc)
+                return False
+            if merged:
+                self._tail_errors.pop(tail, None)
+                for entry in merged:
+                    self._event("tail-merged", f"{' into '.join(entry['merged_from'])}: its fork point is in the "
+                                               f"later tail, off the master's history; merged as {entry['path']} "
+                                               f"(report {entry['merge_report']})")
+                tail = merged[-1]["path"]
+            try:
                 if self.node.role == "master" and not remote:
                     report = await anyio.to_thread.run_sync(self._reconcile_locally, tail)
                     where = "into this node (master)"
@@ -459,14 +474,26 @@ class Cluster:
                 else:
                     return False
             except Exception as exc:  # listed in status and retried; the operator may run walctl reconcile
-                if self._tail_errors.get(tail) != str(exc):
-                    self._tail_errors[tail] = str(exc)
-                    self._event("reconcile-failed", f"{tail}: {exc} (retried every {self.config.reconcile_retry_s:g} s)")
+                self._tail_failed(tail, exc)
                 return False
             self._tail_errors.pop(tail, None)
             self.node.mark_reconciled(tail, report)
             self._event("reconciled", f"tail {tail} reconciled {where}: {report}")
             return True
+
+    def _tail_failed(self, tail: str, exc: Exception) -> None:
+        """Remember why ``tail`` is still pending (shown with it in status); an event when it changes."""
+        if self._tail_errors.get(tail) != str(exc):
+            self._tail_errors[tail] = str(exc)
+            self._event("reconcile-failed", f"{tail}: {exc} (retried every {self.config.reconcile_retry_s:g} s)")
+
+    def _place_tail(self, tail: str) -> list[dict]:
+        """CTL-9: merge ``tail`` into the later tail holding its fork point while it is
+        stranded (engine.failover.place_tail); returns the merged tails' entries."""
+        from .failover import place_tail
+
+        floors = {m.mailbox_id: (m.uidvalidity, m.uidnext) for m in self.node.list_mailboxes()}
+        return place_tail(self.node.path, self.node.log.path, tail, uid_floors=floors)
 
     def _reconcile_locally(self, tail: str) -> str | None:
         """Apply one of this node's own diverged tails to itself (it is the master now)."""
@@ -630,7 +657,9 @@ class Cluster:
         st["log_segments"] = node.log.segment_count()
         st["listen"] = f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None
         st["events"] = self.events[-10:]
-        st["diverged_tails"] = [t for t in node.diverged_tails() if not t.get("reconciled")]
+        # Each pending tail with the reason its last reconcile attempt failed (CTL-9: e.g. a fork point nowhere known).
+        st["diverged_tails"] = [dict(t, error=self._tail_errors[t["path"]]) if t["path"] in self._tail_errors else t
+                                for t in node.diverged_tails() if not t.get("reconciled")]
         if node.role == "master":
             st["sync_replicas"] = self.config.sync_replicas
             st["sync_mode"] = ("asynchronous" if self.config.sync_replicas <= 0 else

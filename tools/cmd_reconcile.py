@@ -167,6 +167,70 @@ def _print_apply(doc: dict) -> None:
         click.echo(f"report: {doc['report']}")
 
 
+def _tail_owner(path: str) -> str | None:
+    """The node directory owning ``path`` when it is one of its diverged tails
+    (``NODE/diverged/X.wal`` beside ``NODE/diverged.json`` and ``NODE/log.wal``)."""
+    from engine.node import DIVERGED_FILE, LOG_DIR
+
+    path = os.path.abspath(path)
+    node_dir = os.path.dirname(os.path.dirname(path))
+    if os.path.basename(os.path.dirname(path)) != "diverged":
+        return None
+    if not os.path.exists(os.path.join(node_dir, DIVERGED_FILE)) or not os.path.isdir(os.path.join(node_dir, LOG_DIR)):
+        return None
+    return node_dir
+
+
+def _stranded_hint(paths: tuple[str, str]) -> str:
+    """Why the fork point is unknown when a side is a stranded diverged tail (CTL-9), else ''."""
+    from engine.failover import locate_tail_base
+    from engine.node import LOG_DIR
+
+    for label, path in zip("AB", paths):
+        owner = _tail_owner(path)
+        if owner is None:
+            continue
+        others = [t["path"] for t in _node_tails(owner)]
+        try:
+            base = locate_tail_base(os.path.join(owner, LOG_DIR), path, others)
+        except (wal.WalError, OSError):
+            continue
+        if base.state == "stranded":
+            return (f"; {label} is a diverged tail whose fork point (LSN {base.fork_lsn}) was cut aside later with "
+                    f"{base.container} (CTL-9): run with --apply NODE (the master) to merge it into that tail and "
+                    f"reconcile the merged tail")
+        if base.state == "nowhere":
+            return f"; {base.reason}"
+    return ""
+
+
+def _node_tails(node_dir: str) -> list[dict]:
+    import json
+
+    from engine.node import DIVERGED_FILE
+
+    with open(os.path.join(node_dir, DIVERGED_FILE)) as f:
+        return json.load(f)["tails"]
+
+
+def _place_stranded(path: str, strategy: str, destructive: bool) -> tuple[str, list[dict]]:
+    """CTL-9: when ``path`` is a node's diverged tail stranded inside a later tail of that
+    node, merge it (``engine.failover.place_tail``, recorded in that node's
+    ``diverged.json``); returns the tail to reconcile and the merges made."""
+    from engine.failover import place_tail
+    from engine.node import LOG_DIR
+
+    owner = _tail_owner(path)
+    if owner is None:
+        return path, []
+    made = place_tail(owner, os.path.join(owner, LOG_DIR), os.path.abspath(path), strategy=strategy,
+                      destructive=destructive)
+    for e in made:
+        click.echo(f"{e['merged_from'][0]}: its fork point is in the later tail {e['merged_from'][1]}, off the "
+                   f"master's history; merged into {e['path']} (CTL-9; report {e['merge_report']})", err=True)
+    return (made[-1]["path"], made) if made else (path, [])
+
+
 def _running(node: str) -> bool:
     from .cmd_node import log_in_use
 
@@ -201,7 +265,10 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
     shared prefix.
 
     With --apply NODE the losing tail is merged into NODE (specs/reconcile.md
-    REC-5..REC-12); running it again changes nothing.
+    REC-5..REC-12); running it again changes nothing. A diverged tail
+    (OWNER/diverged/X.wal) whose fork point was cut aside later with another
+    tail of OWNER is first merged into that tail (specs/control.md CTL-9,
+    recorded in OWNER/diverged.json), and the merged tail is reconciled.
 
     Exit status: 0 one log is a prefix of the other, 1 they diverged, 2 error.
 
@@ -212,12 +279,45 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
     """
     if (apply_destructive or dry_run) and not apply_node:
         raise click.UsageError("--apply-destructive and --dry-run need --apply NODE")
-    from engine.reconcile_apply import apply_reconcile
-    from engine.reconcile_apply import reconcile as run_reconcile
+    from wal.epochs import ForkUnknownError
 
     for path in (log_a, log_b):
         if not wal.LogReader(path).segments():
             raise ReconcileCliError(f"{path} is not a mailwal log (no segment files)")
+    merged: list[dict] = []
+    if apply_node and not dry_run:
+        # CTL-9: a stranded diverged tail is first merged into the later tail holding its
+        # fork point (a dry run writes nothing, so it reports the unknown fork point instead).
+        with _errors():
+            log_a, merged_a = _place_stranded(log_a, strategy, apply_destructive)
+            log_b, merged_b = _place_stranded(log_b, strategy, apply_destructive)
+        merged = merged_a + merged_b
+    try:
+        doc, failed = _run(log_a, log_b, names, strategy, apply_node, apply_destructive, dry_run)
+    except ReconcileCliError as exc:
+        if isinstance(exc.__cause__, ForkUnknownError):  # CTL-9: say so when a side is a stranded tail
+            raise ReconcileCliError(f"{exc.message}{_stranded_hint((log_a, log_b))}") from exc.__cause__
+        raise
+    if merged:
+        doc["merged_tails"] = merged
+    if as_json:
+        dump_json(doc, indent=1)
+    else:
+        _print_diff(doc)
+        if apply_node:
+            _print_apply(doc)
+    if failed:
+        click.echo("Error: some actions failed (see the report); fix the cause and rerun", err=True)
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_DIVERGED if doc["diverged"] else EXIT_PREFIX)
+
+
+def _run(log_a: str, log_b: str, names: bool, strategy: str, apply_node: str | None, apply_destructive: bool,
+         dry_run: bool) -> tuple[dict, bool]:
+    """The diff, or the apply into ``apply_node``: (document, whether an action failed)."""
+    from engine.reconcile_apply import apply_reconcile
+    from engine.reconcile_apply import reconcile as run_reconcile
+
     with _errors(), _progress() as bar:
         doc: dict = {}
         if apply_node and _running(apply_node):
@@ -250,13 +350,4 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
         if not apply_node:
             doc = run_reconcile(log_a, log_b, scan_prefix_names=names, progress=bar).to_dict()
             failed = False
-    if as_json:
-        dump_json(doc, indent=1)
-    else:
-        _print_diff(doc)
-        if apply_node:
-            _print_apply(doc)
-    if failed:
-        click.echo("Error: some actions failed (see the report); fix the cause and rerun", err=True)
-        sys.exit(EXIT_ERROR)
-    sys.exit(EXIT_DIVERGED if doc["diverged"] else EXIT_PREFIX)
+    return doc, failed
