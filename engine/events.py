@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import blake3
+import cbor2
 
 from wal import codec
 
@@ -286,7 +287,10 @@ def decode_event(type_: int, payload: bytes):
     cls = EVENT_TYPES.get(type_)
     if cls is None:
         raise ValueError(f"unknown record type {type_}")
-    d = codec.loads(payload)
+    try:
+        d = codec.loads(payload)
+    except cbor2.CBORDecodeError as exc:
+        raise ValueError(f"record type {type_} payload is not valid CBOR: {exc}") from exc
     if not isinstance(d, dict):
         raise ValueError(f"record type {type_} payload is not a map")
     try:
