@@ -316,12 +316,33 @@ def _raise_uidnext(scratch, floors: dict[str, tuple[int, int]]) -> None:
                 mb.uidnext = max(mb.uidnext, floor[1])
 
 
+_SCRATCH_PREFIX = ".rebase-"
+
+
+def _remove_abandoned_scratch(node_dir: str) -> None:
+    """Remove ``NODE/.rebase-PID-*`` scratch nodes whose process is gone (a merge killed
+    midway; a scratch node holds only copies, the tails it was made from are untouched)."""
+    for name in os.listdir(node_dir):
+        if not name.startswith(_SCRATCH_PREFIX):
+            continue
+        pid = name[len(_SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(node_dir, name), ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: Sequence[str], *,
                 strategy: str = "renumber", destructive: bool = False,
                 segment_max_bytes: int | None = None, uid_floors: dict[str, tuple[int, int]] | None = None) -> dict:
     """Merge the stranded ``tail`` into ``container``, the later tail holding its base (CTL-9).
 
-    A scratch node (``NODE/.rebase-*/``, removed afterwards) gets the node's
+    A scratch node (``NODE/.rebase-PID-*/``, removed afterwards, or by a later
+    merge once process PID is gone) gets the node's
     history up to the container's fork point (from ``log_dir`` and, when
     that point is itself in a tail, from ``tails``) plus the container's
     records. ``tail`` is reconciled into it with the REC rules
@@ -354,7 +375,8 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
     sources.append((container, fork + 1, last))
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     merged = os.path.join(node_dir, "diverged", f"{stamp}-after-{fork}-merged-{uuid.uuid4().hex[:8]}.wal")
-    scratch_root = tempfile.mkdtemp(prefix=".rebase-", dir=node_dir)
+    _remove_abandoned_scratch(node_dir)
+    scratch_root = tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=node_dir)
     try:
         scratch_dir = os.path.join(scratch_root, "node")
         scratch = _build_scratch(scratch_dir, log_id, sources, segment_max_bytes)

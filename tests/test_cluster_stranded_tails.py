@@ -139,8 +139,23 @@ def test_ctl9_the_older_tail_is_stranded_inside_the_newer_one(stranded):
     assert locate_tail_base(s.n.log.path, s.t2, [s.t1]).state == "history"
 
 
+def test_ctl9_a_lagging_log_decides_at_the_first_record_of_the_later_tail(stranded, tmp_path):
+    """The node's log ends before T1's fork point: its record right after T2's fork point
+    decides (another record there: stranded); a log ending at T2's fork point cannot tell."""
+    s = stranded
+    for keep, state in ((s.f2 + 1, "stranded"), (s.f2, "unknown")):
+        copy = tmp_path / f"log-{keep}.wal"
+        shutil.copytree(s.n.log.path, copy, ignore=shutil.ignore_patterns("LOCK"))
+        with Log.open(str(copy)) as log:
+            log.truncate_after(keep, str(tmp_path / f"aside-{keep}.wal"))
+        assert keep < s.f1
+        assert locate_tail_base(str(copy), s.t1, [s.t2]).state == state
+
+
 def test_ctl9_a_replica_merges_the_stranded_tail_and_the_master_takes_every_acked_operation(stranded):
     s = stranded
+    abandoned = os.path.join(s.n.path, ".rebase-999999999-killed")  # a merge whose process died
+    os.makedirs(os.path.join(abandoned, "node"))
     merged = place_tail(s.n.path, s.n.log.path, s.t1)
     [entry] = merged
     assert entry["fork_lsn"] == s.f2 and entry["merged_from"] == [s.t1, s.t2]
@@ -149,7 +164,7 @@ def test_ctl9_a_replica_merges_the_stranded_tail_and_the_master_takes_every_acke
     assert tails[s.t1]["reconciled"] and tails[s.t2]["reconciled"] and not tails[entry["path"]]["reconciled"]
     assert os.path.isdir(s.t1) and os.path.isdir(s.t2)  # the inputs are kept as they were
     assert os.path.exists(entry["merge_report"])
-    assert not [d for d in os.listdir(s.n.path) if d.startswith(".rebase-")]
+    assert not [d for d in os.listdir(s.n.path) if d.startswith(".rebase-")]  # the scratch node is gone
     # The merged tail starts with T2's records, unchanged.
     with Log.open(entry["path"]) as m, Log.open(s.t2) as t2:
         assert [r.hash for r in m.read(s.f2 + 1, t2.last_lsn)] == [r.hash for r in t2.read(s.f2 + 1)]
