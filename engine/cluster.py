@@ -492,7 +492,9 @@ class Cluster:
         stranded (engine.failover.place_tail); returns the merged tails' entries."""
         from .failover import place_tail
 
-        floors = {m.mailbox_id: (m.uidvalidity, m.uidnext) for m in self.node.list_mailboxes()}
+        def floors() -> dict[str, tuple[int, int]]:
+            return {m.mailbox_id: (m.uidvalidity, m.uidnext) for m in self.node.list_mailboxes()}
+
         return place_tail(self.node.path, self.node.log.path, tail, uid_floors=floors)
 
     def _reconcile_locally(self, tail: str) -> str | None:

@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 from wal import Log, LogReader, WalError
 from wal.epochs import EpochEntry, SeekReader, first_lsn_of_epoch, read_history, start_epoch, write_history
@@ -115,6 +115,7 @@ def promote(node, *, epoch: int | None = None, node_name: str | None = None) -> 
 # ---------------------------------------------------------------------------
 # Diverged tails whose fork point left the cluster's history (CTL-9)
 
+UidFloors = Union[dict[str, tuple[int, int]], Callable[[], dict[str, tuple[int, int]]]]
 _SCRATCH_BATCH_RECORDS = 1024
 _SCRATCH_BATCH_BYTES = 16 << 20
 _MAX_MERGE_LEVELS = 16
@@ -338,7 +339,7 @@ def _remove_abandoned_scratch(node_dir: str) -> None:
 
 def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: Sequence[str], *,
                 strategy: str = "renumber", destructive: bool = False,
-                segment_max_bytes: int | None = None, uid_floors: dict[str, tuple[int, int]] | None = None) -> dict:
+                segment_max_bytes: int | None = None, uid_floors: UidFloors | None = None) -> dict:
     """Merge the stranded ``tail`` into ``container``, the later tail holding its base (CTL-9).
 
     A scratch node (``NODE/.rebase-PID-*/``, removed afterwards, or by a later
@@ -369,6 +370,8 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
         segment_max_bytes = read_config(node_dir).segment_max_bytes
     if uid_floors is None:
         uid_floors = node_uid_floors(node_dir)
+    elif callable(uid_floors):
+        uid_floors = uid_floors()
     log_id, tail_fork, _, _ = _tail_ends(tail)
     _, fork, fork_hash, last = _tail_ends(container)
     sources = _lineage(log_dir, log_id, fork, fork_hash, [t for t in tails if t not in (tail, container)])
@@ -386,6 +389,10 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
             scratch_log = scratch.log.path
         finally:
             scratch.close()
+        report = None
+        if result.report_path:  # kept beside the tails (the scratch node is removed), failed or not
+            report = merged[:-len(".wal")] + ".merge-report.json"
+            os.replace(result.report_path, report)
         found = result.reconciliation.search.fork.lsn
         if found != tail_fork:
             raise TailPlacementError(f"merging {tail} into {container}: the fork point found is LSN {found}, "
@@ -393,11 +400,7 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
         counts = result.counts()
         if result.status != "done" or counts["failed"]:
             raise TailPlacementError(f"merging {tail} into {container} did not complete ({result.status}: "
-                                     f"{counts}); both tails are kept as they were; see {result.report_path}")
-        report = None
-        if result.report_path:
-            report = merged[:-len(".wal")] + ".merge-report.json"
-            os.replace(result.report_path, report)
+                                     f"{counts}); both tails are kept as they were; see {report}")
         log = Log.open(scratch_log, segment_max_bytes=segment_max_bytes)
         try:
             moved = log.truncate_after(fork, merged)  # LOG-16: the merged tail is durable on return
@@ -440,7 +443,7 @@ def _record_merge(node_dir: str, entry: dict) -> None:
 
 
 def place_tail(node_dir: str, log_dir: str, tail: str, *, strategy: str = "renumber",
-               destructive: bool = False, uid_floors: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+               destructive: bool = False, uid_floors: UidFloors | None = None) -> list[dict]:
     """Make ``tail`` reconcilable against the master's history (CTL-9).
 
     While its base is stranded in another tail of the node, merge it into
@@ -452,7 +455,8 @@ def place_tail(node_dir: str, log_dir: str, tail: str, *, strategy: str = "renum
     Args:
         node_dir: the node directory owning ``tail`` (``NODE/diverged/``).
         log_dir: the node's log, following the master.
-        uid_floors: the node's ``mailbox id -> (UIDVALIDITY, UIDNEXT)``
+        uid_floors: the node's ``mailbox id -> (UIDVALIDITY, UIDNEXT)``, or a
+            function returning it, called only when a merge is made
             (default: read from its store, :func:`node_uid_floors`).
 
     Returns:

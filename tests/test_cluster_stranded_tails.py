@@ -318,3 +318,28 @@ def test_ctl9_walctl_reconcile_merges_a_stranded_tail_before_applying_it(strande
         assert flagged(m2, s.flagged_guid)
     finally:
         m2.close()
+
+
+def test_ctl9_a_merge_that_fails_changes_no_listing_and_is_made_again(stranded, monkeypatch):
+    """Fault injection: the merge's REC-6 expunges fail. Both tails stay pending as they
+    were, no merged tail is listed, the failed merge's report is kept; the retry merges."""
+    from engine.mailerrors import ReadOnlyNodeError
+
+    s = stranded
+    before = listing(s.n)
+
+    def refuse(self, *args, **kwargs):
+        raise ReadOnlyNodeError("injected: the scratch node refuses the expunge")
+
+    with monkeypatch.context() as m:
+        m.setattr(Node, "expunge", refuse)
+        with pytest.raises(TailPlacementError, match="did not complete") as failed:
+            place_tail(s.n.path, s.n.log.path, s.t1)
+    assert listing(s.n) == before
+    report = str(failed.value).rsplit("see ", 1)[1]
+    assert os.path.exists(report) and json.load(open(report))["apply"]["status"] == "failed"
+    assert not [d for d in os.listdir(s.n.path) if d.startswith(".rebase-")]
+    assert not [d for d in os.listdir(os.path.dirname(s.t1)) if "-merged-" in d and d.endswith(".wal")]
+    [entry] = place_tail(s.n.path, s.n.log.path, s.t1)
+    cluster_on(s.m2)._reconcile_tail(**tail_dir_args(entry["path"]))
+    assert_each_once(s.m2, s.acked)
