@@ -489,8 +489,8 @@ class Cluster:
 
     def _place_tail(self, tail: str) -> list[dict]:
         """CTL-9: merge ``tail`` into the later tail holding its fork point while it is
-        stranded (engine.failover.place_tail); returns the merged tails' entries."""
-        from .failover import place_tail
+        stranded (engine.tail_placement.place_tail); returns the merged tails' entries."""
+        from .tail_placement import place_tail
 
         def floors() -> dict[str, tuple[int, int]]:
             return {m.mailbox_id: (m.uidvalidity, m.uidnext) for m in self.node.list_mailboxes()}

@@ -23,7 +23,8 @@ import anyio
 import pytest
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.failover import TailPlacementError, locate_tail_base, place_tail, promote
+from engine.failover import promote
+from engine.tail_placement import TailPlacementError, locate_tail_base, place_tail
 from engine.node import DIVERGED_FILE, Node
 from engine.reconcile_apply import apply_reconcile
 from wal import Log

@@ -180,7 +180,7 @@ def test_every_rec_rule_is_named_by_a_test_and_every_cited_rule_exists():
         n for a, b in re.findall(r"rec(\d+)_to_rec(\d+)", names) for n in range(int(a), int(b) + 1)}
     assert defined - named == set()
     cited = set()
-    for rel in ("wal/epochs.py", "engine/reconciler.py", "engine/reconcile_apply.py", "engine/failover.py",
+    for rel in ("wal/epochs.py", "engine/reconciler.py", "engine/reconcile_apply.py", "engine/failover.py", "engine/tail_placement.py",
                 "engine/events.py", "engine/state.py", "tools/cmd_reconcile.py"):
         cited |= {int(n) for n in re.findall(r"REC-(\d+)", open(os.path.join(root, rel), encoding="utf-8").read())}
     assert cited <= defined

@@ -183,7 +183,7 @@ def _tail_owner(path: str) -> str | None:
 
 def _stranded_hint(paths: tuple[str, str]) -> str:
     """Why the fork point is unknown when a side is a stranded diverged tail (CTL-9), else ''."""
-    from engine.failover import locate_tail_base
+    from engine.tail_placement import locate_tail_base
     from engine.node import LOG_DIR
 
     for label, path in zip("AB", paths):
@@ -215,9 +215,9 @@ def _node_tails(node_dir: str) -> list[dict]:
 
 def _place_stranded(path: str, strategy: str, destructive: bool) -> tuple[str, list[dict]]:
     """CTL-9: when ``path`` is a node's diverged tail stranded inside a later tail of that
-    node, merge it (``engine.failover.place_tail``, recorded in that node's
+    node, merge it (``engine.tail_placement.place_tail``, recorded in that node's
     ``diverged.json``); returns the tail to reconcile and the merges made."""
-    from engine.failover import place_tail
+    from engine.tail_placement import place_tail
     from engine.node import LOG_DIR
 
     owner = _tail_owner(path)
