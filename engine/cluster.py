@@ -42,7 +42,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from wal import Log, Record
+from wal import OS_FILEOPS, Log, Record
 from wal.epochs import read_history
 
 from .control import PREAMBLE, ControlClient, ControlError, serve_control, serve_control_connection
@@ -54,7 +54,7 @@ from .errors import (
     ReplicationTimeoutError,
 )
 from .events import EpochStarted
-from .mailerrors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure
+from .mailerrors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure, UnknownMailboxError
 from .receiver import ReplicaLink, SnapshotMeta, run_replica
 from .reconcile_apply import ReconcileError
 from .replication_auth import load_secret
@@ -710,11 +710,10 @@ class Cluster:
         if op == "quarantine_resync":
             return await self.resync(args["mailbox"])
         if op == "mailbox_snapshot":
-            await run(node._fresh)
-            snap = node.store.mailbox_snapshot(args["mailbox"])
-            if snap is None:
-                raise ControlError(f"no mailbox named {args['mailbox']!r} on this node")
-            return snap
+            try:
+                return await run(node.mailbox_snapshot, args["mailbox"])
+            except UnknownMailboxError:
+                raise ControlError(f"no mailbox named {args['mailbox']!r} on this node") from None
         if op == "verify_store":
             return await run(node.verify_store)
         if op == "reconcile_apply":
@@ -782,8 +781,14 @@ class Cluster:
         dest = os.path.join(kept, f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-after-{first_lsn - 1}-"
                                   f"{uuid.uuid4().hex[:8]}.wal")  # two replicas may send tails in the same second
         os.rename(tail_dir, dest)
+        OS_FILEOPS.fsync_dir(kept)  # the kept copy survives a crash (the sender keeps its own until we answer)
         shutil.rmtree(tmp, ignore_errors=True)
         with self._apply_lock:  # one apply at a time: overlapping tails must not both copy a message
+            # The wait for the lock can be long (another tail's apply): a soft failover may
+            # have made this node a replica meanwhile, and a replica's log only follows.
+            if node.role != "master":
+                raise ReadOnlyNodeError("this node stopped being the master while the tail waited; "
+                                        "the tail stays pending on its node and is sent to the new master")
             result = apply_reconcile(node, node.log.path, dest, strategy=strategy, destructive=destructive)
         self._count_reconcile(result)
         _check_applied(result)  # a failed apply must leave the tail pending on its node (it is retried)

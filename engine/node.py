@@ -735,6 +735,14 @@ class Node:
     def digest(self) -> dict:
         return self._read_fresh(lambda store: store.digest())
 
+    def mailbox_snapshot(self, mailbox: str) -> dict:
+        """A mailbox's state and messages with bodies, as :meth:`resync_mailbox` takes it,
+        once the store applied everything durable at the call (the source of a resync)."""
+        snap = self._read_fresh(lambda store: store.mailbox_snapshot(mailbox))
+        if snap is None:
+            raise UnknownMailboxError(f"no mailbox named {mailbox!r}")
+        return snap
+
     def status(self) -> dict:
         """The node's state for ``walctl status``. Never waits for the state lock; during
         a diverged tail's cut it waits for the store swap (the store's own locks), then

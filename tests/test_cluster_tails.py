@@ -25,6 +25,7 @@ import pytest
 
 from engine.cluster import Cluster, ClusterConfig
 from engine.control import ControlError
+from engine.mailerrors import ReadOnlyNodeError
 from engine.node import DIVERGED_FILE, Node
 from engine.reconcile_apply import ReconcileError
 from tests.cluster_support import Cluster as ProcCluster
@@ -294,3 +295,34 @@ def test_a_tail_that_keeps_failing_does_not_hold_back_the_others(tmp_path, monke
         assert tried[:2] == tails
     finally:
         node.close()
+
+
+def test_a_tail_waiting_for_the_apply_lock_is_refused_if_the_node_stopped_being_master(tmp_path):
+    """Seed 17: a shipped tail waited ~26 s for another tail's apply while a soft failover
+    made the node a replica; the role is checked again once the lock is held."""
+    a, b, fork = forked_nodes(tmp_path)
+    try:
+        c = cluster_on(a)
+        outcome: list = []
+        c._apply_lock.acquire()  # another tail's apply is running
+        t = threading.Thread(target=lambda: outcome.append(_call(c._reconcile_tail, **tail_args(b, fork))))
+        t.start()
+        kept = os.path.join(a.path, "reconcile", "tails")
+        deadline = time.monotonic() + 30
+        while not (os.path.isdir(kept) and os.listdir(kept)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the tail is written and kept before the lock is awaited
+        a.set_role("replica")  # the soft failover
+        c._apply_lock.release()
+        t.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], ReadOnlyNodeError), outcome
+        assert_each_once(a, 30)  # nothing of b's tail was applied
+    finally:
+        a.close()
+        b.close()
+
+
+def _call(fn, **kwargs):
+    try:
+        return fn(**kwargs)
+    except Exception as exc:
+        return exc

@@ -91,7 +91,7 @@ def test_failing_mailbox_is_quarantined_and_others_continue(pair):
     ship(m, r)
     assert digests(m)["user/a/INBOX"] == digests(r)["user/a/INBOX"]
     # resync from the master's copy brings it back
-    snap = m.store.mailbox_snapshot("user/b/INBOX")
+    snap = m.mailbox_snapshot("user/b/INBOX")
     r.resync_mailbox(snap)
     assert r.quarantined() == []
     assert digests(m) == digests(r)
@@ -152,7 +152,7 @@ def test_checkpoint_detects_flag_edited_behind_the_store(pair):
     assert all(row["kind"] == "digest" for row in q.values())
     assert len(r.store.mismatches) == 2
     for name in q:
-        r.resync_mailbox(m.store.mailbox_snapshot(name))
+        r.resync_mailbox(m.mailbox_snapshot(name))
     assert r.quarantined() == []
     assert digests(m) == digests(r)
     assert r.verify_store() == {}
@@ -166,7 +166,7 @@ def test_deleted_body_found_by_verify_and_repaired(pair):
         db.execute("DELETE FROM bodies WHERE guid=(SELECT guid FROM messages WHERE uid=2)")
     problems = r.verify_store()
     assert list(problems) == ["user/a/INBOX"] and "missing body" in problems["user/a/INBOX"][0]
-    r.resync_mailbox(m.store.mailbox_snapshot("user/a/INBOX"))
+    r.resync_mailbox(m.mailbox_snapshot("user/a/INBOX"))
     assert r.verify_store() == {}
     assert r.fetch("user/a/INBOX", 2) == m.fetch("user/a/INBOX", 2)
 
@@ -231,7 +231,7 @@ def test_operator_repairs_wait_for_the_applier(pair, repair):
     quarantine_then_fix(m, r)
     run = {"retry": lambda: r.quarantine_retry("user/a/INBOX"),
            "release": lambda: r.quarantine_release("user/a/INBOX"),
-           "resync": lambda: r.resync_mailbox(m.store.mailbox_snapshot("user/a/INBOX"))}[repair]
+           "resync": lambda: r.resync_mailbox(m.mailbox_snapshot("user/a/INBOX"))}[repair]
     done = threading.Event()
     worker = threading.Thread(target=lambda: (run(), done.set()))
     with r._apply_lock:  # an apply pass in progress

@@ -138,7 +138,7 @@ READERS = {
     "status": lambda n: n.status(),
     "quarantined": lambda n: n.quarantined(),
     "mailbox_snapshot": lambda n: n.store.mailbox_snapshot(MAILBOX),
-    # Control operations: mailbox_snapshot reads node.store on the event loop, mailboxes in a thread.
+    # Control operations: mailbox_snapshot and mailboxes read through the node, in a worker thread.
     "control mailbox_snapshot": lambda n: _control(_cluster(n), "mailbox_snapshot", mailbox=MAILBOX),
     "control mailboxes": lambda n: _control(_cluster(n), "mailboxes"),
     "control status": lambda n: _control(_cluster(n), "status"),
