@@ -548,11 +548,19 @@ class _Executor:
         have = set(row[2])
         add = [f for f in act.detail["add"] if f not in have]
         remove = [f for f in act.detail["remove"] if f in have]
+        # REC-8: each change is logged with the changed_ms of the loser's change it applies (not
+        # the apply's time), so a later reconcile of another tail orders it by when its client
+        # made it; one record per (operation, time), in time order.
+        when = act.detail.get("changed_ms") or {}
+        now = int(time.time() * 1000)
+        groups: dict[tuple[int, str], list[str]] = {}
+        for op, flags in (("add", add), ("remove", remove)):
+            for f in flags:
+                groups.setdefault((int(when.get(f, now)), op), []).append(f)
         lsns = []
-        if add:
-            lsns.append(self.node.store_flags(mb.name, [uid], "add", add))
-        if remove:
-            lsns.append(self.node.store_flags(mb.name, [uid], "remove", remove))
+        for (ms, op), flags in sorted(groups.items()):
+            lsns.append(self.node._write(
+                lambda op=op, flags=flags, ms=ms: self.node.state.plan_flags(mb.name, [uid], op, flags, now_ms=ms)))
         if not lsns:
             return {"status": "skipped", "why": "flags are as planned already"}
         return {"status": "done", "lsn": lsns[-1], "added": add, "removed": remove}

@@ -855,7 +855,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 p.warnings.append(f"mailbox {label!r} UID {vm.uid}: GUID {vm.guid.hex()[:16]} on the survivor, "
                                   f"{lm.guid.hex()[:16]} expected; flags left alone")
                 continue
-            add, remove = [], []
+            add, remove, changed = [], [], {}
             for flag in sorted(lm.touched_flags() | (sm.touched_flags() if sm else set()) | set(vm.flags)):
                 lop = lm.op(flag)
                 sop = sm.op(flag) if sm is not None else None
@@ -875,9 +875,13 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                     add.append(flag)
                 elif not want and flag in vm.flags:
                     remove.append(flag)
+                else:
+                    continue
+                changed[flag] = op.changed_ms  # REC-8: logged at the applied change's time
             if add or remove:
                 p.actions.append(Action("set_flags", "REC-8", tgt.mailbox_id, tgt.name,
-                                        {"uid": vm.uid, "guid": vm.guid.hex(), "add": add, "remove": remove},
+                                        {"uid": vm.uid, "guid": vm.guid.hex(), "add": add, "remove": remove,
+                                         "changed_ms": changed},
                                         "flag changes made on the loser"))
 
         # -- UID collisions (REC-6, REC-9) --------------------------------------------

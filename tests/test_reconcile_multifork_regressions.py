@@ -19,6 +19,7 @@ import pytest
 
 from engine.failover import promote
 from engine.node import Node
+from engine.reconcile_apply import apply_reconcile
 from wal.epochs import find_fork
 from wal.errors import WalError
 
@@ -119,16 +120,11 @@ def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_p
         n1.close()
 
 
-# Found while writing the model (split brain, then two tails into one master): REC-8 orders a
-# conflict by the changed_ms of each side's last record, and the flag change a reconcile applies
-# is logged at the apply's time. An older acknowledged change (\Seen added on n0 at t1) applied
-# on n1 at t3 then beats a newer acknowledged one (\Seen removed on n2 at t2, t1 < t2 < t3) when
-# n2's tail is reconciled: the later acknowledged change is lost (the torture history checker's
-# flag verdict fails). By REC-8's text ("the changed_ms of its record") this is the promised
-# result; the fix is for the apply to log the change at the changed_ms of the change it applies
-# (REC-8 to say so). Open, reported to the lead.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open (reported): REC-8 compares the apply's time, not the applied change's")
+# REC-8 (found while writing the model: split brain, then two tails into one master): a conflict
+# is ordered by the changed_ms of each side's last record, and the flag change a reconcile applied
+# was logged at the apply's time. An older acknowledged change (\Seen added on n0 at t1), applied
+# on n1 at t3, then beat a newer acknowledged one (\Seen removed on n2 at t2, t1 < t2 < t3) when
+# n2's tail was reconciled. The apply now logs the change at the applied change's changed_ms.
 def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledged_one(tmp_path):
     from engine.cluster import Cluster, ClusterConfig
     from tests.test_cluster_stranded_tails import tail_dir_args
@@ -180,3 +176,63 @@ def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledg
     finally:
         for n in (n0, n1, n2):
             n.close()
+
+
+# REC-8, the same cause without a split brain (shrunk from the model): the result depended on the
+# order the tails were reconciled in. n0's tail T_A adds \Seen (t1); n1 took over, removed it (t2),
+# lost its place to n0 again; T_A and then n1's tail T_B are reconciled into n0. T_A's addition,
+# logged at the apply's time, beat T_B's later removal; in the other order the removal stood.
+@pytest.mark.parametrize("first", [
+    "T_A",
+    # Open (reported): T_B's removal finds \Seen clear on n0 already, so nothing is logged and
+    # n0's log never learns of a change at t2; T_A's older addition then counts as the only one.
+    pytest.param("T_B", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+        "open (reported): a loser's winning change that matches the survivor's flags is not logged, "
+        "so a later tail's older change wins"))),
+])
+def test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change(tmp_path, first):
+    from engine.cluster import Cluster, ClusterConfig
+    from tests.test_cluster_stranded_tails import tail_dir_args
+
+    n0 = Node.init(str(tmp_path / "n0"), name="n0")
+    m1 = n0.deliver(MAILBOX, b"Subject: m1\r\n\r\nbefore every fork\r\n", create=True)
+    n0.close()
+    shutil.copytree(tmp_path / "n0", tmp_path / "n1")
+    n0, n1 = Node.open(str(tmp_path / "n0")), Node.open(str(tmp_path / "n1"))
+
+    def follow(node, master):
+        node.set_role("replica")
+        fork = find_fork(node.log.path, master.log.path).lsn
+        tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
+        node.log.append_records(list(master.log.read(fork + 1)))
+        node.catch_up()
+        return tail
+
+    def take_over(node, epoch):
+        node.set_role("master")
+        promote(node, epoch=epoch)
+
+    try:
+        n1.set_role("replica")
+        n0.store_flags(MAILBOX, [m1.uid], "add", ["\\Seen"])  # t1, acknowledged on n0
+        take_over(n1, 2)
+        t_a = follow(n0, n1)
+        time.sleep(0.005)
+        n1.store_flags(MAILBOX, [m1.uid], "remove", ["\\Seen"])  # t2 > t1, acknowledged on n1
+        take_over(n0, 3)
+        t_b = follow(n1, n0)
+        c0 = Cluster(ClusterConfig(name="n0"))
+        c0.node = n0
+        time.sleep(0.005)
+        for tail in ((t_a, t_b) if first == "T_A" else (t_b, t_a)):
+            if tail == t_a:
+                c0._reconcile_locally(t_a)  # n0's own tail, n0 being master
+            else:
+                c0._reconcile_tail(**tail_dir_args(t_b))
+        [now] = [m for m in n0.list_messages(MAILBOX) if m.guid == m1.guid]
+        assert "\\Seen" not in now.flags, now
+        for tail in (t_a, t_b):  # REC-12
+            assert apply_reconcile(n0, n0.log.path, tail, dry_run=True).plan.actions == []
+    finally:
+        n0.close()
+        n1.close()
