@@ -38,8 +38,18 @@ the torture history checker's (tools/history.py), stated by the REC rules:
   ``changed_ms`` decides (REC-8: the later change wins; a delivery sets its
   initial flags at its delivery time). Clients' operations here are at
   distinct milliseconds, so "later" has no ties;
+  (REC-8 compares the changed_ms of records: since an applied change is
+  logged at the applied change's changed_ms, that is the clients' order.)
 * UIDs are unique per mailbox (REC-6);
 * applying the same tail again plans nothing (REC-12).
+
+Two open bugs (strict-xfail repros in test_reconcile_multifork_regressions.py)
+are excused, each only in its own signature and counted as a Hypothesis
+event: flags on a message whose client expunge was later undone (REC-14
+dropped the change, REC-10 brought the message back), and a flag mismatch
+whose decisive change is nowhere in the survivor's log (a loser's winning
+change that matched the survivor's flags was not logged). Remove both
+excuses when those are fixed.
 
 Every step is logged with ``note`` so a failure can become a plain test.
 """
@@ -296,16 +306,16 @@ class World:
                                       self.expunges.get(guid))
             assert copies[0][0] == box, (guid[:8], "in the wrong mailbox", copies[0][0])
             m = copies[0][1]
-            if self.expunges.get(guid):
-                # Open bug (test_reconcile_multifork_regressions.py, reported): a tail's flag
-                # change dropped by REC-14 because the survivor's client expunged the message is
-                # lost when that expunge is later cut aside and not applied (REC-10). Until it is
-                # fixed, flags are not checked on a message whose expunge was undone this way.
-                self.undone_expunges += 1
-                continue
             for flag in FLAGS:
                 ops = sorted(self.flag_ops.get((guid, flag), []))
                 want = ops[-1][1] if ops else False
+                if (flag in m.flags) != want and self.expunges.get(guid):
+                    # Open bug (test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept,
+                    # reported): a tail's flag change dropped by REC-14 because the survivor's client
+                    # expunged the message is lost once that expunge is cut aside and not applied
+                    # (REC-10). Excused only on a message whose expunge was undone this way.
+                    self.undone_expunges += 1
+                    continue
                 if (flag in m.flags) != want and ops and (ops[-1][0], flag, want) not in logged:
                     # Open bug (test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change,
                     # reported): a loser's winning change that the survivor's flags matched already
@@ -390,7 +400,7 @@ CLUSTER_EVENT = st.tuples(st.sampled_from(["failover", "failover", "promote", "f
 histories = dict(
     prefix=st.lists(st.integers(0, 14), min_size=1, max_size=4),
     replicas=st.lists(st.integers(0, 3), min_size=1, max_size=2),
-    rounds=st.lists(st.tuples(st.lists(CLIENT_OP, max_size=4), CLUSTER_EVENT), min_size=2, max_size=7),
+    rounds=st.lists(st.tuples(st.lists(CLIENT_OP, max_size=4), CLUSTER_EVENT), min_size=2, max_size=9),
     survivor=st.integers(0, 3),
     order=st.lists(st.integers(0, 3), max_size=4),
 )
