@@ -812,6 +812,12 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             cands = [x for x in (sr.messages_in(st.mailbox_id) if st is not None else []) if x.guid == lm.guid]
             sm = cands[0] if cands else None
             uids = tgt.uids_of(lm.guid)
+            if sm is None and uids and st is not None:
+                # REC-8: the survivor holds that GUID from before the fork (the loser's copy is a
+                # REC-6 redelivery of it): the survivor's operations on that UID are its side.
+                hk = st.key_for(uids[0])
+                if hk is not None and hk[0] == "pre":
+                    sm = sr.messages.get(hk)
             return sm, (tgt.messages.get(uids[0]) if uids else None)
 
         def moved_to(key: Key, sm: MessageTrack) -> tuple[MessageTrack, MessageView | None]:

@@ -236,3 +236,55 @@ def test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change(tmp_pa
     finally:
         n0.close()
         n1.close()
+
+
+# Shrunk from the model (--run-slow): n1 reconciled n0's tail and moved its own message B to a
+# fresh UID (REC-6, flags copied); that branch was then cut aside (n1's tail T1), and on n0's
+# history a client removed \Seen from B at its old UID. Reconciling T1 into n0 must not bring
+# \Seen back: the redelivery in T1 only copied B's flags (REC-14: it counts as no operation),
+# and the survivor's removal is the later change (REC-8).
+def test_a_losers_rec6_redelivery_does_not_undo_a_later_flag_change_on_the_survivor(tmp_path):
+    from engine.cluster import Cluster, ClusterConfig
+    from tests.test_cluster_stranded_tails import tail_dir_args
+
+    work = "user/u/Work"
+    n0 = Node.init(str(tmp_path / "n0"), name="n0")
+    n0.create_mailbox(work)
+    n0.close()
+    shutil.copytree(tmp_path / "n0", tmp_path / "n1")
+    n0, n1 = Node.open(str(tmp_path / "n0")), Node.open(str(tmp_path / "n1"))
+
+    def follow(node, master):
+        node.set_role("replica")
+        fork = find_fork(node.log.path, master.log.path).lsn
+        tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
+        node.log.append_records(list(master.log.read(fork + 1)))
+        node.catch_up()
+        return tail
+
+    def take_over(node, epoch):
+        node.set_role("master")
+        promote(node, epoch=epoch)
+
+    try:
+        n1.set_role("replica")
+        n0.deliver(work, b"Subject: A\r\n\r\nacknowledged on n0\r\n")  # UID 1 on n0
+        take_over(n1, 2)
+        b = n1.deliver(work, b"Subject: B\r\n\r\nacknowledged on n1\r\n", flags=["\\Seen"])  # UID 1 on n1
+        t0 = follow(n0, n1)  # n0 now holds B at UID 1
+        c1 = Cluster(ClusterConfig(name="n1"))
+        c1.node = n1
+        c1._reconcile_tail(**tail_dir_args(t0))  # REC-6 on n1: A copied, B moved to a fresh UID
+        take_over(n0, 3)  # n1's reconcile records never reached n0
+        t1 = follow(n1, n0)
+        time.sleep(0.005)
+        n0.store_flags(work, [b.uid], "remove", ["\\Seen"])  # acknowledged on n0, the latest change
+        c0 = Cluster(ClusterConfig(name="n0"))
+        c0.node = n0
+        c0._reconcile_tail(**tail_dir_args(t1))
+        mine = [m for m in n0.list_messages(work) if m.guid == b.guid]
+        assert len(mine) == 1 and "\\Seen" not in mine[0].flags, mine
+        assert len(n0.list_messages(work)) == 2  # A (copied back) and B
+    finally:
+        n0.close()
+        n1.close()
