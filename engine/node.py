@@ -22,7 +22,9 @@ applies whatever arrives.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -30,7 +32,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from wal import Log, LogClosedError, LogFailedError, Record, WalError
+from wal import OS_FILEOPS, Log, LogClosedError, LogFailedError, Record, WalError
+from wal.epochs import SeekReader, read_history_file, write_history
 
 from .events import Checkpoint, MailboxCreated, encode_event
 from .guard import Guard, GuardConfig
@@ -50,7 +53,10 @@ LOG_DIR = "log.wal"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "node.json"
 MAX_BODY_BYTES = 60 * 1024 * 1024  # a record payload is at most 64 MiB (LOG-4); leave room for the other fields
+_log = logging.getLogger("mailwal.node")
+
 DIVERGED_FILE = "diverged.json"
+CUT_INTENT_FILE = "cut.json"  # a diverged tail's cut in progress (cut_diverged)
 
 
 @dataclass
@@ -152,6 +158,7 @@ class Node:
         node = cls(path, cfg, log, store)
         node._configure_guard()
         try:
+            node._recover_cut()
             node._check_lineage()
             node.catch_up(on_progress=on_progress)
             node._load_state()
@@ -277,6 +284,12 @@ class Node:
         If the store applied past the fork, it is rebuilt from the log (the
         log must still start at LSN 1; otherwise reseed this node).
 
+        The cut is several steps (copy aside, truncate, epoch history, store,
+        listing), so it first writes its intent to ``NODE/cut.json``; a crash or
+        an error (a full disk) part-way is finished or undone by the next
+        :meth:`open` (:meth:`_recover_cut`, CTL-6). An error before the log is
+        truncated changes nothing but the intent and a partial copy.
+
         The rebuild empties the same :class:`Store` object in place
         (:meth:`Store.reset`), never closing one another thread may still hold:
         every store user (reconcile apply, control operations, the LMTP front,
@@ -288,26 +301,79 @@ class Node:
         os.makedirs(aside_dir, exist_ok=True)
         aside = os.path.join(aside_dir, f"{stamp}-after-{fork_lsn}.wal")
         with self._apply_lock, self._state_lock:
-            last = self.log.last_lsn
-            moved = self.log.truncate_after(fork_lsn, aside)
-            if self.store.applied_lsn > fork_lsn:
-                if self.log.first_lsn > 1:
-                    raise WalError(f"the store applied past the fork at LSN {fork_lsn} and the log no longer "
-                                   f"starts at LSN 1: reseed this node from its master")
-                # Order matters for _read_fresh: a reader that sees the new generation
-                # must also see applied_lsn 0 (it then waits for the rebuild), and one
-                # that read the old generation finds it changed if it met the new store.
-                self.applied_lsn = 0
-                self._store_generation += 1
-                self.store.reset(remove_files=remove_store_files)
-                self.store.set_log_id(str(self.log.log_id))
-                self._configure_guard()
-            entries = self.diverged_tails()
-            entries.append({"path": aside, "fork_lsn": fork_lsn, "last_lsn": last, "records": moved,
-                            "cut_at": stamp, "reconciled": False})
-            _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+            if self.store.applied_lsn > fork_lsn and self.log.first_lsn > 1:
+                raise WalError(f"the store applied past the fork at LSN {fork_lsn} and the log no longer "
+                               f"starts at LSN 1: reseed this node from its master")
+            intent = {"path": aside, "fork_lsn": fork_lsn, "last_lsn": self.log.last_lsn, "cut_at": stamp}
+            _write_json_atomic(os.path.join(self.path, CUT_INTENT_FILE), intent)  # a full disk stops here
+            self.log.truncate_after(fork_lsn, aside)
+            self._finish_cut(intent)
         self.catch_up()
         return aside
+
+    def _finish_cut(self, intent: dict) -> None:
+        """The steps of a cut after the log was truncated (caller holds both locks):
+        empty the store if it applied past the fork, list the tail, drop the intent."""
+        fork_lsn = intent["fork_lsn"]
+        if self.store.applied_lsn > fork_lsn:
+            # Order matters for _read_fresh: a reader that sees the new generation
+            # must also see applied_lsn 0 (it then waits for the rebuild), and one
+            # that read the old generation finds it changed if it met the new store.
+            self.applied_lsn = 0
+            self._store_generation += 1
+            self.store.reset(remove_files=remove_store_files)
+            self.store.set_log_id(str(self.log.log_id))
+            self._configure_guard()
+        entries = self.diverged_tails()
+        if not any(os.path.abspath(e["path"]) == os.path.abspath(intent["path"]) for e in entries):
+            entries.append({"path": intent["path"], "fork_lsn": fork_lsn, "last_lsn": intent["last_lsn"],
+                            "records": intent["last_lsn"] - fork_lsn, "cut_at": intent["cut_at"],
+                            "reconciled": False})
+            _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+        OS_FILEOPS.unlink(os.path.join(self.path, CUT_INTENT_FILE))
+        OS_FILEOPS.fsync_dir(self.path)
+
+    def _recover_cut(self) -> None:
+        """Finish or undo a cut that ``NODE/cut.json`` says was interrupted (on open).
+
+        The log still holds records after the fork: it was not truncated, so the
+        copy aside (complete or not) is redundant and removed; the node diverges
+        again when it follows and cuts anew. The log ends at the fork: the copy
+        aside was durable before the truncation (LOG-16), so the cut is finished:
+        epoch history, store, listing. Anything else is refused, changing nothing.
+        """
+        intent_path = os.path.join(self.path, CUT_INTENT_FILE)
+        try:
+            with open(intent_path) as f:
+                intent = json.load(f)
+        except FileNotFoundError:
+            return
+        fork_lsn, aside = intent["fork_lsn"], intent["path"]
+        last = self.log.last_lsn
+        if last > fork_lsn:
+            _log.warning("node %s: a diverged tail's cut after LSN %d was interrupted before the log was cut; "
+                        "removing its partial copy %s (the log still holds the records)", self.path, fork_lsn, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            OS_FILEOPS.fsync_dir(os.path.dirname(aside))
+            OS_FILEOPS.unlink(intent_path)
+            OS_FILEOPS.fsync_dir(self.path)
+            return
+        try:
+            with SeekReader(aside) as r:
+                held = (r.log_id, r.first_lsn(), r.last()[0], r.hash_at(fork_lsn))
+        except (OSError, WalError) as exc:
+            held = exc
+        want = (self.log.log_id, fork_lsn + 1, intent["last_lsn"], self.log.hash_at(fork_lsn) if fork_lsn else None)
+        if last != fork_lsn or isinstance(held, Exception) or held[:3] != want[:3] or (fork_lsn and held[3] != want[3]):
+            raise WalError(f"{intent_path}: a diverged tail's cut after LSN {fork_lsn} was interrupted, but the log "
+                           f"ends at LSN {last} and the copy aside {aside} holds {held}: neither finished nor undoable; "
+                           f"keep both and ask for help (nothing was changed)")
+        _log.warning("node %s: finishing a diverged tail's cut after LSN %d that was interrupted (tail %s)",
+                    self.path, fork_lsn, aside)
+        entries = [e for e in read_history_file(self.log.path) if e.first_lsn <= fork_lsn]
+        write_history(self.log.path, entries)
+        with self._apply_lock, self._state_lock:
+            self._finish_cut(intent)
 
     def diverged_tails(self) -> list[dict]:
         try:

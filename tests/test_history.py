@@ -87,3 +87,12 @@ def test_log_prefix_digest_and_cursors():
                {"master": "m", "epoch": 2, "replica": "r", "durable_lsn": 1, "t": 3}]
     out = check([], [node("m", {})], cursor_samples=samples)
     assert len(out["verdicts"]["no cursor moved backwards"]["violations"]) == 1
+
+
+def test_a_node_that_could_not_be_observed_is_a_violation_not_a_crash():
+    """walctl torture seed 42: a node that would not start had no last LSN; the checker crashed."""
+    down = node("r", {}, last_lsn=None, last_hash=None, digest=None)
+    out = check([], [node("m", {}), down])
+    v = out["verdicts"]["every replica log is a prefix of the master's; digests equal after quiescence"]["violations"]
+    assert not out["ok"] and out["diverged"] == 1
+    assert v[0]["node"] == "r" and "could not be observed" in v[0]["problem"]

@@ -166,6 +166,10 @@ def check(ops: list[dict], nodes: list[dict], *, cursor_samples: list[dict] = ()
         m = nodes[0]
         for n in nodes[1:]:
             v_logs.checked += 1
+            if n["last_lsn"] is None or m["last_lsn"] is None:
+                v_logs.fail(node=n["name"], master=m["name"], problem="node could not be observed (not running?): "
+                            "its log cannot be compared with the master's")
+                continue
             want = m.get("hashes", {}).get(str(n["last_lsn"])) if n["last_lsn"] != m["last_lsn"] else m["last_hash"]
             if n["last_lsn"] > m["last_lsn"] or want != n["last_hash"]:
                 v_logs.fail(node=n["name"], last_lsn=n["last_lsn"], last_hash=n["last_hash"],
