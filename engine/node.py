@@ -279,8 +279,10 @@ class Node:
         """Move this log's records after ``fork_lsn`` aside (LOG-16) and make the
         store match the cut log again. Returns the path of the diverged tail.
 
-        The tail becomes a log directory ``diverged/<stamp>-after-<lsn>.wal``
-        beside the node's log, listed in ``diverged.json`` until reconciled.
+        The tail becomes a log directory ``diverged/<stamp>-after-<lsn>-<id>.wal``
+        beside the node's log, listed in ``diverged.json`` until reconciled. The
+        random id keeps the name unique: a node that follows, is promoted and
+        follows again can cut twice at the same fork within one second.
         If the store applied past the fork, it is rebuilt from the log (the
         log must still start at LSN 1; otherwise reseed this node).
 
@@ -299,7 +301,7 @@ class Node:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         aside_dir = os.path.join(self.path, "diverged")
         os.makedirs(aside_dir, exist_ok=True)
-        aside = os.path.join(aside_dir, f"{stamp}-after-{fork_lsn}.wal")
+        aside = os.path.join(aside_dir, f"{stamp}-after-{fork_lsn}-{uuid.uuid4().hex[:8]}.wal")
         with self._apply_lock, self._state_lock:
             if self.store.applied_lsn > fork_lsn and self.log.first_lsn > 1:
                 raise WalError(f"the store applied past the fork at LSN {fork_lsn} and the log no longer "

@@ -211,12 +211,6 @@ class World:
         node.set_role("replica")
         fork = find_fork(node.log.path, m.log.path).lsn
         if node.log.last_lsn > fork:
-            # Node.cut_diverged names a tail by the second and the fork LSN: a second cut at the
-            # same fork within one second fails ("already exists"), see
-            # test_reconcile_multifork_regressions.py; the model waits for the next second.
-            while os.path.exists(os.path.join(node.path, "diverged", time.strftime(
-                    "%Y%m%dT%H%M%S", time.gmtime()) + f"-after-{fork}.wal")):
-                time.sleep(0.05)
             tail = node.cut_diverged(fork)
             self.stats["tails cut"] += 1
             if name in self.applied_on:

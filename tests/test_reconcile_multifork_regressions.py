@@ -6,9 +6,7 @@
   in the same second (``diverged/<UTC second>-after-<n>.wal``): the second
   cut failed with "already exists", so the node could not follow its master
   (and its acknowledged operations stayed in a log no one reconciles).
-  Open: the name is made in engine/node.py (Node.cut_diverged), which this
-  test's author does not own; reported to the lead. The test is a strict
-  xfail so it turns into a failure (to be un-marked) once the name is unique.
+  Fixed: the tail's name carries a random id (CTL-6).
 """
 
 import shutil
@@ -21,13 +19,10 @@ from engine.failover import promote
 from engine.node import Node
 from engine.reconcile_apply import apply_reconcile
 from wal.epochs import find_fork
-from wal.errors import WalError
 
 MAILBOX = "user/u/INBOX"
 
 
-@pytest.mark.xfail(strict=True, raises=WalError,
-                   reason="open bug (reported): Node.cut_diverged names tails by the second and the fork LSN")
 def test_a_second_tail_cut_at_the_same_fork_in_the_same_second_is_kept_beside_the_first(tmp_path, monkeypatch):
     # Fault injection: the node's clock reads one second for the whole test (a fast failover
     # flurry); only Node.cut_diverged's stamp reads it through engine.node's time module.
@@ -57,7 +52,7 @@ def test_a_second_tail_cut_at_the_same_fork_in_the_same_second_is_kept_beside_th
         promote(c, epoch=4)  # a split brain ends: a follows c, same fork LSN as before
         assert find_fork(a.log.path, c.log.path).lsn == fork
         a.set_role("replica")
-        second = a.cut_diverged(fork)  # the bug: WalError "... already exists"
+        second = a.cut_diverged(fork)  # was: WalError "... already exists"
         assert second != first
         assert [t["path"] for t in a.diverged_tails()] == [first, second]
     finally:
