@@ -57,7 +57,6 @@ Every step is logged with ``note`` so a failure can become a plain test.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 
