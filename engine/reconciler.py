@@ -639,6 +639,12 @@ def moved_keys_wanted(d: Diff, survivor: str) -> dict[str, set[int]]:
     ``(mailbox id, UID at the fork)`` only, and the survivor may hold the same
     message at another UID (a REC-6 redelivery). The driver reads their GUIDs
     from the shared prefix and passes them to :func:`plan` as ``pre_guids``.
+
+    Also listed (REC-5): the messages from before the fork that *both* tails
+    expunged, in a mailbox where the loser delivered: the loser's expunge may be
+    the second half of a REC-6 move whose redelivery is in its tail, and when the
+    survivor's expunge was a client's, that redelivery is the message the
+    survivor's client expunged, not one to copy back.
     """
     sr = d.a if survivor == "a" else d.b
     lr = d.b if survivor == "a" else d.a
@@ -647,12 +653,55 @@ def moved_keys_wanted(d: Diff, survivor: str) -> dict[str, set[int]]:
         lt = md.track("b" if survivor == "a" else "a")
         if not md.same_id or lt is None:
             continue
+        delivered = bool(lr.messages_in(lt.mailbox_id))
         for lm in lr.messages_in(lt.mailbox_id, "pre"):
-            if not (lm.explicit or lm.baseline):
-                continue
             sm = sr.messages.get(lm.key)
-            if sm is not None and sm.expunged_lsn is not None and not sm.gone_with_mailbox:
+            if sm is None or sm.expunged_lsn is None or sm.gone_with_mailbox:
+                continue
+            if (lm.explicit or lm.baseline) or (delivered and lm.expunged_lsn is not None):
                 out.setdefault(lm.mailbox_id, set()).add(lm.key[2])
+    return out
+
+
+def _one_per_guid(tracks: Iterable[MessageTrack]) -> list[MessageTrack]:
+    """REC-5, REC-8: the messages one tail delivered into one mailbox, one per GUID.
+
+    A tail can deliver one GUID more than once into a mailbox: a REC-6
+    redelivery moves a message to a fresh UID (same bytes, flags and dates)
+    before its old UID is expunged. It is one message; it lives on at the
+    greatest UID still holding it (else at its last delivery), whose flags are
+    its flags. Its operations per flag are the latest in log order on any of
+    its UIDs, except the flags a later delivery with the first one's delivery
+    time only copied (a redelivery's ``append``: not a client's decision).
+    The merged track keeps the first delivery's LSN (its arrival)."""
+    groups: dict[bytes, list[MessageTrack]] = {}
+    for m in sorted(tracks, key=lambda m: m.lsn):
+        groups.setdefault(m.guid, []).append(m)
+    out = []
+    for same in groups.values():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        alive = [m for m in same if m.alive]
+        live = max(alive, key=lambda m: m.uid) if alive else same[-1]
+        first = same[0]
+        replaces = [t.baseline for t in same if t.baseline is not None]
+        baseline = max(replaces, key=lambda b: b[1].lsn) if replaces else None
+        since = baseline[1].lsn if baseline is not None else -1
+        explicit: dict[str, FlagOp] = {}
+        for t in same:
+            copied = t is not first and t.delivered_ms == first.delivered_ms
+            for flag, op in t.explicit.items():
+                if op.lsn <= since or (copied and op.via == "append"):
+                    continue
+                if flag not in explicit or op.lsn > explicit[flag].lsn:
+                    explicit[flag] = op
+        out.append(MessageTrack(
+            live.key, live.mailbox_id, live.uid, guid=live.guid, size=live.size,
+            internaldate_ms=first.internaldate_ms, delivered_ms=first.delivered_ms, lsn=first.lsn,
+            uid_space=live.uid_space, flags=live.flags, explicit=explicit, baseline=baseline,
+            changes=sorted((c for t in same for c in t.changes), key=lambda c: c["lsn"]),
+            expunged_lsn=live.expunged_lsn, gone_with_mailbox=live.gone_with_mailbox))
     return out
 
 
@@ -762,10 +811,19 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         # -- copies: messages only the loser has (REC-5) ------------------------
         both_guids = {x.guid for pair in md.both for x in pair}
         survivor_guids = {x.guid for x in sr.messages_in(st.mailbox_id)} if st is not None else set()
+        # Messages from before the fork that the survivor expunged, by GUID when known
+        # (moved_keys_wanted): a loser's REC-6 redelivery of one of them is that message.
+        expunged_pre = {}
+        if md.same_id and st is not None:
+            for sm in sr.messages_in(st.mailbox_id, "pre"):
+                guid = pre_guids.get(sm.key)
+                if guid is not None and sm.expunged_lsn is not None and not sm.gone_with_mailbox:
+                    expunged_pre[guid] = sm
         floor = 0
         if md.same_id:
             floor = lt.max_uid + 1  # REC-6: never reuse a UID the loser's clients saw
-        for m in sorted(lr.messages_in(lt.mailbox_id), key=lambda m: m.lsn):
+        loser_new = _one_per_guid(lr.messages_in(lt.mailbox_id))
+        for m in sorted(loser_new, key=lambda m: m.lsn):
             if not m.alive and destructive and m.expunged_lsn is not None:
                 decide("REC-10", label, "delivered and expunged on the loser: not copied (--apply-destructive)",
                        guid=m.guid.hex(), lsn=m.lsn)
@@ -782,6 +840,13 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             if m.guid in survivor_guids:
                 decide("REC-5", label, "delivered on both sides and expunged on the survivor since: not copied back",
                        guid=m.guid.hex(), lsn=m.lsn)
+                continue
+            if m.guid in expunged_pre:
+                sm = expunged_pre[m.guid]
+                decide("REC-5", label, f"the loser's delivery is its move (REC-6) of UID {sm.key[2]} from before "
+                                       f"the fork, which the survivor expunged at LSN {sm.expunged_lsn}: one "
+                                       f"message, the expunge stands, not copied back",
+                       guid=m.guid.hex(), lsn=m.lsn, uid=sm.key[2])
                 continue
             why = "delivered only on the loser"
             if m.expunged_lsn is not None:
@@ -847,8 +912,8 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
 
         # A message the loser expunged (or lost with its mailbox) stays on the survivor
         # unless destructive (REC-10), and then its flags are the loser's like any other's.
-        touched = [m for m in lr.messages.values()
-                   if m.mailbox_id == lt.mailbox_id and (m.alive or not destructive) and (m.explicit or m.baseline)]
+        touched = [m for m in [*lr.messages_in(lt.mailbox_id, "pre"), *loser_new]
+                   if (m.alive or not destructive) and (m.explicit or m.baseline)]
         for lm in sorted(touched, key=lambda m: (m.key[0], m.uid)):
             sm, vm = survivor_msg(lm.key, lm)
             if vm is None:

@@ -7,6 +7,8 @@
   cut failed with "already exists", so the node could not follow its master
   (and its acknowledged operations stayed in a log no one reconciles).
   Fixed: the tail's name carries a random id (CTL-6).
+
+The other tests below are each shrunk from a model failure and say what it was.
 """
 
 import shutil
@@ -283,3 +285,101 @@ def test_a_losers_rec6_redelivery_does_not_undo_a_later_flag_change_on_the_survi
     finally:
         n0.close()
         n1.close()
+
+
+def _follow(node, master):
+    """``node`` becomes ``master``'s replica; returns its diverged tail cut aside, if any."""
+    node.set_role("replica")
+    fork = find_fork(node.log.path, master.log.path).lsn
+    tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
+    node.log.append_records(list(master.log.read(fork + 1)))
+    node.catch_up()
+    return tail
+
+
+def _take_over(node, epoch):
+    node.set_role("master")
+    promote(node, epoch=epoch)
+
+
+def _cluster(node):
+    from engine.cluster import Cluster, ClusterConfig
+
+    c = Cluster(ClusterConfig(name=node.config.name))
+    c.node = node
+    return c
+
+
+def _three_nodes(tmp_path, setup):
+    """n0 after ``setup(n0)``, and two copies of it (n1, n2) as its replicas."""
+    n0 = Node.init(str(tmp_path / "n0"), name="n0")
+    setup(n0)
+    n0.close()
+    for name in ("n1", "n2"):
+        shutil.copytree(tmp_path / "n0", tmp_path / name)
+    nodes = [Node.open(str(tmp_path / n)) for n in ("n0", "n1", "n2")]
+    for n in nodes[1:]:
+        n.set_role("replica")
+    return nodes
+
+
+# Shrunk from the model (REC-12 failed: a second apply of the same tail planned a set_flags). The
+# loser's tail delivered X, moved it to a fresh UID (REC-6: a tail reconciled into the loser
+# collided at X's UID), and a client then flagged X at its fresh UID. Reconciling that tail into a
+# survivor that never had X copied the first delivery (the one expunged by the move, without the
+# flag) and skipped the second as "already present"; its flag change could not be planned since X
+# was not on the survivor yet. The acknowledged \Seen was lost, and the next apply planned it.
+# Fixed: a GUID the loser's tail delivered several times into one mailbox is one message (REC-5),
+# copied once with the flags of the UID it lives on, its flag changes merged (REC-8).
+def test_a_message_the_loser_moved_and_then_flagged_is_copied_with_its_flags(tmp_path):
+    from tests.test_cluster_stranded_tails import tail_dir_args
+
+    n0, n1, n2 = _three_nodes(tmp_path, lambda n: n.create_mailbox(MAILBOX))
+    try:
+        _take_over(n1, 2)  # split brain: n0 and n1 both take mail
+        n1.deliver(MAILBOX, b"Subject: Y\r\n\r\nacknowledged on n1\r\n")  # UID 1 on n1
+        x = n0.deliver(MAILBOX, b"Subject: X\r\n\r\nacknowledged on n0\r\n")  # UID 1 on n0
+        t_y = _follow(n1, n0)
+        _cluster(n0)._reconcile_tail(**tail_dir_args(t_y))  # REC-6 on n0: X moves to a fresh UID
+        [moved] = [m for m in n0.list_messages(MAILBOX) if m.guid == x.guid]
+        assert moved.uid != x.uid
+        time.sleep(0.005)
+        n0.store_flags(MAILBOX, [moved.uid], "add", ["\\Seen"])  # acknowledged on n0
+        _take_over(n2, 3)  # n2 never saw X
+        t_0 = _follow(n0, n2)
+        c2 = _cluster(n2)
+        c2._reconcile_tail(**tail_dir_args(t_0))
+        mine = [m for m in n2.list_messages(MAILBOX) if m.guid == x.guid]
+        assert len(mine) == 1 and "\\Seen" in mine[0].flags, mine
+        assert apply_reconcile(n2, n2.log.path, t_0, dry_run=True).plan.actions == []  # REC-12
+    finally:
+        for n in (n0, n1, n2):
+            n.close()
+
+
+# Shrunk from the model (the message came back): M, from before the last fork, was moved to a fresh
+# UID on n0 (REC-6 while reconciling n1's tail), and on n1's branch (which never saw the move) a
+# client expunged M at its old UID. When n0's tail was reconciled into n1, its REC-6 redelivery of M
+# looked like a message delivered only on the loser and was copied back (REC-5). The survivor's
+# client expunged that message: one message (same GUID), the expunge stands.
+def test_a_losers_rec6_redelivery_of_a_message_the_survivors_client_expunged_is_not_copied_back(tmp_path):
+    from tests.test_cluster_stranded_tails import tail_dir_args
+
+    n0, n1, n2 = _three_nodes(tmp_path, lambda n: n.create_mailbox(MAILBOX))
+    try:
+        _take_over(n1, 2)  # split brain
+        y = n1.deliver(MAILBOX, b"Subject: Y\r\n\r\nacknowledged on n1\r\n")  # UID 1 on n1
+        m = n0.deliver(MAILBOX, b"Subject: M\r\n\r\nacknowledged on n0\r\n")  # UID 1 on n0
+        t_y = _follow(n1, n0)  # n1 holds M at UID 1 now
+        _cluster(n0)._reconcile_tail(**tail_dir_args(t_y))  # REC-6 on n0: M moves, UID 1 expunged
+        _take_over(n1, 3)  # n0's reconcile records never reached n1
+        n1.expunge(MAILBOX, [m.uid])  # a client of n1 expunges M (acknowledged)
+        t_0 = _follow(n0, n1)  # holds Y's copy, M's redelivery and the expunge of UID 1
+        _cluster(n1)._reconcile_tail(**tail_dir_args(t_0))
+        held = [msg.guid for msg in n1.list_messages(MAILBOX)]
+        assert m.guid not in held, "the survivor's client expunged M (REC-5): it must not come back"
+        assert held.count(y.guid) == 1
+        assert apply_reconcile(n1, n1.log.path, t_0, dry_run=True).plan.actions == []  # REC-12
+    finally:
+        for n in (n0, n1, n2):
+            n.close()
