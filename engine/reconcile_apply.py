@@ -526,6 +526,15 @@ class _Executor:
                                     act.detail["uid_floor"])
         except _AlreadyPresent as present:
             return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
+        # REC-8: the copy holds its final flags at its delivery time; the loser's later changes
+        # are logged after it at their own times (they change nothing now; a later reconcile
+        # of another tail orders its own changes against them).
+        later = act.detail.get("flag_changes") or {}
+        if later:
+            when = {f: ms for f, (_, ms) in later.items()}
+            lsns = self._log_flag_changes(mb.name, uid, when, [f for f, (v, _) in later.items() if v],
+                                          [f for f, (v, _) in later.items() if not v])
+            lsn = lsns[-1] if lsns else lsn
         return {"status": "done", "uid": uid, "lsn": lsn}
 
     def _check_guid(self, act: Action, mailbox_id: str, uid: int, guid_hex: str) -> tuple | None:
@@ -548,10 +557,24 @@ class _Executor:
         have = set(row[2])
         add = [f for f in act.detail["add"] if f not in have]
         remove = [f for f in act.detail["remove"] if f in have]
-        # REC-8: each change is logged with the changed_ms of the loser's change it applies (not
-        # the apply's time), so a later reconcile of another tail orders it by when its client
-        # made it; one record per (operation, time), in time order.
-        when = act.detail.get("changed_ms") or {}
+        # REC-8: a winning change the flags match already is logged all the same (still matching:
+        # one that no longer does was changed by a client since the plan, later).
+        record = act.detail.get("record") or {}
+        add_as_is = [f for f in record.get("add", ()) if f in have]
+        remove_as_is = [f for f in record.get("remove", ()) if f not in have]
+        lsns = self._log_flag_changes(mb.name, uid, act.detail.get("changed_ms") or {},
+                                      add + add_as_is, remove + remove_as_is)
+        if not lsns:
+            return {"status": "skipped", "why": "flags are as planned already"}
+        out = {"status": "done", "lsn": lsns[-1], "added": add, "removed": remove}
+        if add_as_is or remove_as_is:
+            out["logged_as_is"] = add_as_is + remove_as_is
+        return out
+
+    def _log_flag_changes(self, name: str, uid: int, when: dict, add, remove) -> list[int]:
+        """REC-8: log flag changes on ``uid``, each with the changed_ms of the loser's change it
+        applies (``when``; not the apply's time), so a later reconcile of another tail orders it
+        by when its client made it; one record per (operation, time), in time order."""
         now = int(time.time() * 1000)
         groups: dict[tuple[int, str], list[str]] = {}
         for op, flags in (("add", add), ("remove", remove)):
@@ -560,10 +583,8 @@ class _Executor:
         lsns = []
         for (ms, op), flags in sorted(groups.items()):
             lsns.append(self.node._write(
-                lambda op=op, flags=flags, ms=ms: self.node.state.plan_flags(mb.name, [uid], op, flags, now_ms=ms)))
-        if not lsns:
-            return {"status": "skipped", "why": "flags are as planned already"}
-        return {"status": "done", "lsn": lsns[-1], "added": add, "removed": remove}
+                lambda op=op, flags=flags, ms=ms: self.node.state.plan_flags(name, [uid], op, flags, now_ms=ms)))
+        return lsns
 
     def _do_redeliver(self, act: Action) -> dict:
         mb = self._mailbox(act)

@@ -854,10 +854,14 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             elif m.gone_with_mailbox:
                 why += "; its mailbox was deleted there, kept without --apply-destructive"
             flags = sorted(m.flags or ())
+            # REC-8: the copy holds the flags the message ended with, at its delivery time; each
+            # flag's later winning change is logged after it at its own time (as set_flags would).
+            later = {f: [op.value, op.changed_ms] for f in sorted(m.touched_flags())
+                     if (op := m.op(f)) is not None and not (op.via == "append" and op.changed_ms == m.delivered_ms)}
             act = Action("copy_message", "REC-5", tgt.mailbox_id if tgt else None, tgt.name if tgt else tgt_name,
                          {"guid": m.guid.hex(), "source_lsn": m.lsn, "flags": flags, "uid_floor": floor,
                           "internaldate_ms": m.internaldate_ms, "delivered_ms": m.delivered_ms,
-                          "loser_uid": m.uid, "size": m.size}, why)
+                          "loser_uid": m.uid, "size": m.size, "flag_changes": later}, why)
             copies.append((m.lsn, act))
 
         if tgt is None:
@@ -927,6 +931,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                                   f"{lm.guid.hex()[:16]} expected; flags left alone")
                 continue
             add, remove, changed = [], [], {}
+            record: dict[str, list[str]] = {"add": [], "remove": []}
             for flag in sorted(lm.touched_flags() | (sm.touched_flags() if sm else set()) | set(vm.flags)):
                 lop = lm.op(flag)
                 sop = sm.op(flag) if sm is not None else None
@@ -947,12 +952,15 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 elif not want and flag in vm.flags:
                     remove.append(flag)
                 else:
-                    continue
+                    # REC-8: already as the winning change wants, which is logged all the same: a
+                    # later reconcile of another tail must find it (an older opposite change of
+                    # that tail would otherwise count as the latest).
+                    record["add" if want else "remove"].append(flag)
                 changed[flag] = op.changed_ms  # REC-8: logged at the applied change's time
-            if add or remove:
+            if add or remove or record["add"] or record["remove"]:
                 p.actions.append(Action("set_flags", "REC-8", tgt.mailbox_id, tgt.name,
                                         {"uid": vm.uid, "guid": vm.guid.hex(), "add": add, "remove": remove,
-                                         "changed_ms": changed},
+                                         "record": record, "changed_ms": changed},
                                         "flag changes made on the loser"))
 
         # -- UID collisions (REC-6, REC-9) --------------------------------------------

@@ -70,8 +70,10 @@ def test_rec14_the_losers_change_follows_the_message_to_its_fresh_uid():
     # is not a decision of the survivor's and does not count as one
     assert set_flags(p) == [(9, ["$Work"], [])]
     assert [x for x in p.decisions if x.get("moved_to") == 9 and x["uid"] == 4]
-    # nothing to do once applied
+    # nothing to do once applied (REC-12: the apply's change, logged at the loser's time, is in the
+    # survivor's tail the next plan reads)
     applied = inbox([(9, G, ["\\Seen", "$Work"]), (5, OTHER, [])])
+    d = diff(a + numbered([flags(INBOX, [9], "add", ["$Work"], 40)], start=201), b)
     assert set_flags(plan(d, "a", applied, pre_guids={("pre", INBOX, 4): G})) == []
 
 

@@ -43,13 +43,10 @@ the torture history checker's (tools/history.py), stated by the REC rules:
 * UIDs are unique per mailbox (REC-6);
 * applying the same tail again plans nothing (REC-12).
 
-Two open bugs (strict-xfail repros in test_reconcile_multifork_regressions.py)
-are excused, each only in its own signature and counted as a Hypothesis
-event: flags on a message whose client expunge was later undone (REC-14
-dropped the change, REC-10 brought the message back), and a flag mismatch
-whose decisive change is nowhere in the survivor's log (a loser's winning
-change that matched the survivor's flags was not logged). Remove both
-excuses when those are fixed.
+One open bug (a strict-xfail repro in test_reconcile_multifork_regressions.py)
+is excused, only in its own signature and counted as a Hypothesis event:
+flags on a message whose client expunge was later undone (REC-14 dropped the
+change, REC-10 brought the message back). Remove the excuse when it is fixed.
 
 Every step is logged with ``note`` so a failure can become a plain test.
 """
@@ -65,7 +62,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.events import FlagsChanged, MessageAppended, decode_event
+from engine.events import decode_event
 from engine.failover import promote
 from engine.node import Node
 from engine.reconcile_apply import apply_reconcile
@@ -111,7 +108,6 @@ class World:
                       "REC-14 decisions": 0, "reconciled into a master that later lost its place": 0}
         self.applied_on: set[str] = set()
         self.undone_expunges = 0
-        self.unlogged_decisive = 0
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -279,13 +275,6 @@ class World:
         for box in ("user/u/INBOX", "user/u/Work"):
             for m in self.messages(node, box):
                 held.setdefault(m.guid, []).append((box, m))
-        logged = set()  # (changed_ms, flag, value) of every flag operation in the survivor's log
-        for rec in node.log.read(node.log.first_lsn):
-            ev = decode_event(rec.type, rec.payload)
-            if isinstance(ev, FlagsChanged) and ev.op in ("add", "remove"):
-                logged |= {(ev.changed_ms, f, ev.op == "add") for f in ev.flags}
-            elif isinstance(ev, MessageAppended):
-                logged |= {(ev.delivered_ms, f, True) for f in ev.flags}
         nobody = sorted(g for g in held if g not in self.delivered)
         assert not nobody, ("messages nobody delivered", nobody)
         for guid, box in self.delivered.items():
@@ -308,13 +297,6 @@ class World:
                     # expunged the message is lost once that expunge is cut aside and not applied
                     # (REC-10). Excused only on a message whose expunge was undone this way.
                     self.undone_expunges += 1
-                    continue
-                if (flag in m.flags) != want and ops and (ops[-1][0], flag, want) not in logged:
-                    # Open bug (test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change,
-                    # reported): a loser's winning change that the survivor's flags matched already
-                    # was not logged, so the survivor's log does not hold the decisive change at
-                    # all (neither the client's record nor an applied copy at its changed_ms).
-                    self.unlogged_decisive += 1
                     continue
                 assert (flag in m.flags) == want, (
                     f"{guid[:8]} uid {m.uid}: flag {flag} should be {'set' if want else 'clear'} (REC-8)", ops)
@@ -378,7 +360,6 @@ def run_history(tmp, prefix, replicas, rounds, survivor, order) -> None:
             assert i < 50, "tails keep coming"
         w.check(final)
         event(f"flags not checked (expunge undone, open bug): {min(w.undone_expunges, 1)}")
-        event(f"flags not checked (decisive change never logged, open bug): {min(w.unlogged_decisive, 1)}")
         for what, count in w.stats.items():
             event(f"{what}: {min(count, 3)}{'+' if count >= 3 else ''}")
     finally:

@@ -179,14 +179,10 @@ def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledg
 # order the tails were reconciled in. n0's tail T_A adds \Seen (t1); n1 took over, removed it (t2),
 # lost its place to n0 again; T_A and then n1's tail T_B are reconciled into n0. T_A's addition,
 # logged at the apply's time, beat T_B's later removal; in the other order the removal stood.
-@pytest.mark.parametrize("first", [
-    "T_A",
-    # Open (reported): T_B's removal finds \Seen clear on n0 already, so nothing is logged and
-    # n0's log never learns of a change at t2; T_A's older addition then counts as the only one.
-    pytest.param("T_B", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "open (reported): a loser's winning change that matches the survivor's flags is not logged, "
-        "so a later tail's older change wins"))),
-])
+# The order T_B first failed too: T_B's removal found \Seen clear on n0 already, so nothing was
+# logged and n0's log never learnt of a change at t2; T_A's older addition then counted as the only
+# one. A winning change is now logged even when the flags match it already (REC-8).
+@pytest.mark.parametrize("first", ["T_A", "T_B"])
 def test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change(tmp_path, first):
     from engine.cluster import Cluster, ClusterConfig
     from tests.test_cluster_stranded_tails import tail_dir_args
