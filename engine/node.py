@@ -332,6 +332,10 @@ class Node:
                             "records": intent["last_lsn"] - fork_lsn, "cut_at": intent["cut_at"],
                             "reconciled": False})
             _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+        # CTL-9: tails reconciled into this node whose apply the cut took away are pending again
+        from .tail_placement import requeue_applied_tails
+
+        requeue_applied_tails(self.path, intent["path"], fork_lsn)
         OS_FILEOPS.unlink(os.path.join(self.path, CUT_INTENT_FILE))
         OS_FILEOPS.fsync_dir(self.path)
 

@@ -334,6 +334,9 @@ class ApplyResult:
     report_path: str | None = None
     status: str = "planned"
     dry_run: bool = False
+    # the survivor's last record (lsn, hash hex) once the apply ended: its decisions rest on
+    # the survivor's log up to there (engine.tail_placement.requeue_applied_tails)
+    survivor_end: dict | None = None
 
     def counts(self) -> dict:
         c = {"planned": len(self.plan.actions), "done": 0, "skipped": 0, "failed": 0}
@@ -349,7 +352,8 @@ class ApplyResult:
                          "path": self.reconciliation.dir_a if self.survivor == "a" else self.reconciliation.dir_b},
             "plan": self.plan.to_dict(),
             "results": self.results,
-            "apply": {"status": self.status, "dry_run": self.dry_run, **self.counts()},
+            "apply": {"status": self.status, "dry_run": self.dry_run, **self.counts(),
+                      **({"survivor_end": self.survivor_end} if self.survivor_end else {})},
             "report": self.report_path,
         })
         return out
@@ -728,6 +732,8 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
         return result
     result.report_path = _report_path(node.path, rec.search.fork.lsn)
     result.status = "applying" if p.actions else "done"
+    if not p.actions:
+        result.survivor_end = _log_end(node)
     _write_report(result.report_path, result)
     if not p.actions:
         return result
@@ -755,8 +761,14 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
         raise
     finally:
         ex.close()
+    result.survivor_end = _log_end(node)
     _write_report(result.report_path, result)
     return result
+
+
+def _log_end(node) -> dict:
+    last = node.log.last_lsn
+    return {"lsn": last, "hash": node.log.hash_at(last).hex()}
 
 
 # ---------------------------------------------------------------------------

@@ -823,6 +823,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         if md.same_id:
             floor = lt.max_uid + 1  # REC-6: never reuse a UID the loser's clients saw
         loser_new = _one_per_guid(lr.messages_in(lt.mailbox_id))
+        survivor_new = {m.guid: m for m in _one_per_guid(sr.messages_in(st.mailbox_id))} if st is not None else {}
         for m in sorted(loser_new, key=lambda m: m.lsn):
             if not m.alive and destructive and m.expunged_lsn is not None:
                 decide("REC-10", label, "delivered and expunged on the loser: not copied (--apply-destructive)",
@@ -877,9 +878,9 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                     return moved_to(key, sm)
                 uid = st.uid_of(key, False) if st is not None else key[2]
                 return sm, (tgt.messages.get(uid) if uid is not None else None)
-            # a message delivered in the loser's tail: the survivor's copy of that GUID
-            cands = [x for x in (sr.messages_in(st.mailbox_id) if st is not None else []) if x.guid == lm.guid]
-            sm = cands[0] if cands else None
+            # a message delivered in the loser's tail: the survivor's copy of that GUID, one message
+            # however many times the survivor's tail delivered it (a REC-6 move, copies of tails)
+            sm = survivor_new.get(lm.guid)
             uids = tgt.uids_of(lm.guid)
             if sm is None and uids and st is not None:
                 # REC-8: the survivor holds that GUID from before the fork (the loser's copy is a

@@ -14,6 +14,7 @@ lies one level closer to the master's history.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,12 +23,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
-from wal import Log, LogReader, WalError
+from wal import OS_FILEOPS, Log, LogReader, WalError
 from wal.epochs import SeekReader
 
 from .errors import EngineError
 
-__all__ = ["TailBase", "TailPlacementError", "locate_tail_base", "rebase_tail", "place_tail", "node_uid_floors"]
+_log = logging.getLogger("mailwal.reconcile")
+
+__all__ = ["TailBase", "TailPlacementError", "locate_tail_base", "rebase_tail", "place_tail", "node_uid_floors",
+           "requeue_applied_tails"]
 
 UidFloors = Union[dict[str, tuple[int, int]], Callable[[], dict[str, tuple[int, int]]]]
 _SCRATCH_BATCH_RECORDS = 1024
@@ -399,3 +403,97 @@ def place_tail(node_dir: str, log_dir: str, tail: str, *, strategy: str = "renum
         made.append(entry)
         tail = entry["path"]
     raise TailPlacementError(f"{tail}: more than {_MAX_MERGE_LEVELS} nested diverged tails")
+
+
+_REQUEUED_PREFIX = "requeued-"
+
+
+def requeue_applied_tails(node_dir: str, cut_tail: str, fork_lsn: int) -> list[str]:
+    """CTL-9: tails reconciled into this node whose apply the cut ``cut_tail`` took away go back
+    to pending. Called when the node cut its log after ``fork_lsn`` (``cut_tail`` holds what was
+    after it); idempotent (a cut finished on open calls it again).
+
+    An apply's decisions rest on the node's log as it was (REC-12 plans against the current
+    store): a loser's flag change dropped because a client of this node had expunged the message
+    (REC-14), a message not copied back because this node's client expunged it (REC-5). Once
+    this node's log is cut, its records (the expunge, and whatever the apply wrote) are only a
+    loser's tail, whose expunges are not applied (REC-10), and the dropped change would be lost.
+    So every tail whose apply report (``NODE/reconcile/*.json``, status ``done``) ended on a
+    record the cut took away (the report's ``survivor_end`` is in ``cut_tail``) is listed as
+    pending again and reconciled like any tail, against the new master's state (idempotent:
+    what is there already plans nothing). The node's own tails (``NODE/diverged/``) are marked
+    pending; a tail a replica shipped (its kept copy, ``NODE/reconcile/tails/``) moves into
+    ``NODE/diverged/`` as ``requeued-<name>`` and is listed. Reports of other logs (``walctl
+    reconcile --apply`` on another directory) are left alone. Returns the tails requeued.
+    """
+    from .node import DIVERGED_FILE, _write_json_atomic
+    from .reconcile_apply import list_reports
+
+    diverged_dir = os.path.abspath(os.path.join(node_dir, "diverged"))
+    kept_dir = os.path.abspath(os.path.join(node_dir, "reconcile", "tails"))
+    try:
+        with SeekReader(cut_tail) as r:
+            first, last = r.first_lsn(), r.last()[0]
+            cut_hashes = {}
+
+            def in_cut(lsn: int, h: str) -> bool:
+                if not (first <= lsn <= last and lsn > fork_lsn):
+                    return False
+                if lsn not in cut_hashes:
+                    cut_hashes[lsn] = r.hash_at(lsn).hex()
+                return cut_hashes[lsn] == h
+
+            wanted: list[tuple[str, str]] = []
+            for report in list_reports(node_dir):
+                try:
+                    with open(report) as f:
+                        doc = json.load(f)
+                    end = doc["apply"].get("survivor_end")
+                    side = doc["survivor"]["side"]
+                    loser = os.path.abspath(doc["b" if side == "a" else "a"]["path"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # unreadable, or a report from before survivor_end was written
+                if doc["apply"].get("status") != "done" or not end or not in_cut(int(end["lsn"]), end["hash"]):
+                    continue
+                if os.path.dirname(loser) in (diverged_dir, kept_dir):
+                    wanted.append((loser, report))
+    except (OSError, WalError) as exc:
+        _log.warning("node %s: could not check which reconciled tails the cut %s took away: %s",
+                     node_dir, cut_tail, exc)
+        return []
+    if not wanted:
+        return []
+    entries = _read_tails(node_dir)
+    listed = {os.path.abspath(e["path"]): e for e in entries}
+    requeued = []
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for loser, report in wanted:
+        if os.path.dirname(loser) == kept_dir:
+            dest = os.path.join(diverged_dir, _REQUEUED_PREFIX + os.path.basename(loser))
+            if os.path.isdir(loser) and not os.path.exists(dest):
+                os.makedirs(diverged_dir, exist_ok=True)
+                os.rename(loser, dest)
+                OS_FILEOPS.fsync_dir(diverged_dir)
+                OS_FILEOPS.fsync_dir(kept_dir)
+            if not os.path.isdir(dest):
+                continue  # the kept copy is gone (moved by an earlier cut: listed then)
+            loser = dest
+        e = listed.get(loser)
+        if e is None:
+            if not os.path.isdir(loser):
+                continue
+            log_id, tail_fork, _, tail_last = _tail_ends(loser)
+            e = {"path": loser, "fork_lsn": tail_fork, "last_lsn": tail_last, "records": tail_last - tail_fork,
+                 "cut_at": stamp, "reconciled": False}
+            entries.append(e)
+            listed[loser] = e
+        elif not e.get("reconciled") or e.get("merged_into"):
+            continue  # pending already, or its records are in a merged tail (that one is requeued)
+        e["reconciled"] = False
+        e["requeued"] = {"after_cut": cut_tail, "report": report}
+        requeued.append(loser)
+    if requeued:
+        _write_json_atomic(os.path.join(node_dir, DIVERGED_FILE), {"tails": entries})
+        _log.warning("node %s: the cut %s took away the apply of %d reconciled tail(s); pending again: %s",
+                     node_dir, cut_tail, len(requeued), ", ".join(requeued))
+    return requeued

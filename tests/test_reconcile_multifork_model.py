@@ -43,10 +43,8 @@ the torture history checker's (tools/history.py), stated by the REC rules:
 * UIDs are unique per mailbox (REC-6);
 * applying the same tail again plans nothing (REC-12).
 
-One open bug (a strict-xfail repro in test_reconcile_multifork_regressions.py)
-is excused, only in its own signature and counted as a Hypothesis event:
-flags on a message whose client expunge was later undone (REC-14 dropped the
-change, REC-10 brought the message back). Remove the excuse when it is fixed.
+No failure is excused: the open bugs this model found are fixed, each with a
+plain regression test in test_reconcile_multifork_regressions.py.
 
 Every step is logged with ``note`` so a failure can become a plain test.
 """
@@ -105,9 +103,9 @@ class World:
         # guid -> [(node, lsn, hash)]: acknowledged client expunges
         self.expunges: dict[str, list[tuple[str, int, bytes]]] = {}
         self.stats = {"tails cut": 0, "tails merged (CTL-9)": 0, "tails reconciled": 0, "REC-6 moves": 0,
-                      "REC-14 decisions": 0, "reconciled into a master that later lost its place": 0}
+                      "REC-14 decisions": 0, "reconciled into a master that later lost its place": 0,
+                      "tails requeued (their apply cut away)": 0}
         self.applied_on: set[str] = set()
-        self.undone_expunges = 0
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -210,7 +208,10 @@ class World:
             self.stats["tails cut"] += 1
             if name in self.applied_on:
                 self.stats["reconciled into a master that later lost its place"] += 1
-            note(f"{name} follows {master}: tail {tail.rsplit('/', 1)[1]} cut after {fork}")
+            requeued = [t["path"] for t in node.diverged_tails() if t.get("requeued", {}).get("after_cut") == tail]
+            self.stats["tails requeued (their apply cut away)"] += len(requeued)
+            note(f"{name} follows {master}: tail {tail.rsplit('/', 1)[1]} cut after {fork}"
+                 + (f"; pending again: {', '.join(p.rsplit('/', 1)[1] for p in requeued)}" if requeued else ""))
         else:
             note(f"{name} follows {master} from {fork}")
         if m.log.last_lsn > fork:
@@ -291,13 +292,6 @@ class World:
             for flag in FLAGS:
                 ops = sorted(self.flag_ops.get((guid, flag), []))
                 want = ops[-1][1] if ops else False
-                if (flag in m.flags) != want and self.expunges.get(guid):
-                    # Open bug (test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept,
-                    # reported): a tail's flag change dropped by REC-14 because the survivor's client
-                    # expunged the message is lost once that expunge is cut aside and not applied
-                    # (REC-10). Excused only on a message whose expunge was undone this way.
-                    self.undone_expunges += 1
-                    continue
                 assert (flag in m.flags) == want, (
                     f"{guid[:8]} uid {m.uid}: flag {flag} should be {'set' if want else 'clear'} (REC-8)", ops)
 
@@ -359,7 +353,6 @@ def run_history(tmp, prefix, replicas, rounds, survivor, order) -> None:
             assert w.reconcile(holder, tail), (holder, tail)
             assert i < 50, "tails keep coming"
         w.check(final)
-        event(f"flags not checked (expunge undone, open bug): {min(w.undone_expunges, 1)}")
         for what, count in w.stats.items():
             event(f"{what}: {min(count, 3)}{'+' if count >= 3 else ''}")
     finally:

@@ -63,15 +63,15 @@ def test_a_second_tail_cut_at_the_same_fork_in_the_same_second_is_kept_beside_th
 
 
 # Shrunk from the model (tests/test_reconcile_multifork_model.py, --run-slow): an acknowledged
-# flag change on a message that is on the final survivor is lost. REC-14 drops the loser's flag
-# change because the survivor's client expunged the message; then that survivor loses its place,
-# its expunge is in its cut tail, and REC-10 does not apply a loser's expunge: the message comes
-# back on the final survivor, without the change. Each reconcile follows the REC rules as written;
-# their composition loses the change. Open (reported to the lead): the tail whose change was
-# dropped is marked reconciled and is never looked at again.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open bug (reported): REC-14 drop + REC-10 keep across two forks lose a flag change")
-def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_path):
+# flag change on a message that is on the final survivor was lost. REC-14 dropped the loser's flag
+# change because the survivor's client had expunged the message; then that survivor lost its place,
+# its expunge was in its cut tail, and REC-10 does not apply a loser's expunge: the message came
+# back on the final survivor, without the change. Each reconcile followed the REC rules as written;
+# the tail whose change was dropped was marked reconciled and never looked at again. Fixed: a cut
+# lists again the tails whose apply it took away (CTL-9, requeue_applied_tails), and reconciled
+# into the new master the change applies.
+@pytest.mark.parametrize("t_a_first", [False, True])
+def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_path, t_a_first):
     from engine.cluster import Cluster, ClusterConfig
     from tests.test_cluster_stranded_tails import tail_dir_args
 
@@ -107,11 +107,17 @@ def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_p
         n0.mark_reconciled(t_a)
         take_over(n1, 4)  # n0 loses its place again
         t_b = follow(n0, n1)  # T_B holds n0's expunge
+        pending = [t["path"] for t in n0.diverged_tails() if not t.get("reconciled")]
+        assert pending == [t_a, t_b]  # T_A's apply was cut away with T_B: pending again
         c1 = Cluster(ClusterConfig(name="n1"))
         c1.node = n1
-        c1._reconcile_tail(**tail_dir_args(t_b))  # REC-10: the loser's expunge is not applied
+        for tail in ((t_a, t_b) if t_a_first else (t_b, t_a)):
+            c1._reconcile_tail(**tail_dir_args(tail))  # T_B: REC-10, the loser's expunge is not applied
+            n0.mark_reconciled(tail)
         [now] = [m for m in n1.list_messages(MAILBOX) if m.guid == m1.guid]  # m1 is back
         assert "\\Seen" in now.flags, now  # ... and so is the acknowledged change made on it
+        for tail in (t_a, t_b):  # REC-12
+            assert apply_reconcile(n1, n1.log.path, tail, dry_run=True).plan.actions == []
     finally:
         n0.close()
         n1.close()
@@ -379,3 +385,28 @@ def test_a_losers_rec6_redelivery_of_a_message_the_survivors_client_expunged_is_
     finally:
         for n in (n0, n1, n2):
             n.close()
+
+
+# Shrunk from the model (--run-slow; REC-12 failed once a winning change that matches the survivor
+# is logged): the survivor's tail delivered one GUID twice into a mailbox (a copy from one tail,
+# expunged by a REC-6 move, and the moved copy), and the apply logged the loser's winning \Seen on
+# the UID holding it. The next plan compared the loser's change with the survivor's *first*
+# delivery of that GUID, which has no operations, so the change was planned again. The survivor's
+# deliveries of one GUID into one mailbox are one message too (REC-5), its operations merged.
+def test_the_survivors_operations_on_a_message_it_moved_count_for_a_loser_copy_of_it():
+    from engine.events import FlagsChanged, MessageAppended, MessagesExpunged, body_guid
+    from engine.reconciler import DictSurvivorView, MailboxView, MessageView, diff, plan
+
+    box, g, t_deliver, t_seen = "3" * 32, body_guid(b"m2"), 1000, 2000
+
+    def appended(uid, lsn):
+        return lsn, MessageAppended(box, uid, lsn, g, b"m2", (), t_deliver, t_deliver)
+
+    survivor = [appended(2, 11), (12, MessageAppended(box, 3, 12, body_guid(b"other"), b"other", (), 1500, 1500)),
+                appended(6, 13), (14, MessagesExpunged(box, (2,), 14)),
+                (15, FlagsChanged(box, (6,), "add", ("\\Seen",), 15, t_seen))]  # the apply's logged change
+    loser = [appended(2, 11), (12, FlagsChanged(box, (2,), "add", ("\\Seen",), 12, t_seen))]  # a client's
+    view = DictSurvivorView([MailboxView(box, "user/u/Work", 7, 7, {
+        3: MessageView(3, body_guid(b"other"), frozenset()),
+        6: MessageView(6, g, frozenset({"\\Seen"}), t_deliver, t_deliver)})])
+    assert plan(diff(survivor, loser), "a", view).actions == []  # REC-12
