@@ -184,6 +184,39 @@ def test_LOG_12_strace_injected_fdatasync_eio(tmp_path, when):
     assert all(got[lsn] == h for lsn, h in acks.items())
 
 
+@pytest.mark.skipif(not _strace_available(), reason="needs strace (Debian package 'strace') able to trace children")
+def test_LOG_12_strace_injected_write_eio_on_the_segment(tmp_path):
+    """A ``write`` of a batch to the segment fails with EIO (strace, only on
+    that file: the child's own stdout is untouched): the batch and every later
+    append fail, no fdatasync follows on that file, and the log reopens with
+    every acknowledged record."""
+    path = str(tmp_path / "x.wal")
+    trace = str(tmp_path / "trace.txt")
+    segment = os.path.join(path, "00000000000000000001.seg")  # the first segment's name (LOG-2)
+    prefix = ["strace", "-f", "-qq", "-o", trace, "-P", segment, "-e", "trace=write,fdatasync", "-e",
+              "inject=write:error=EIO:when=4"]
+    args = {"path": path, "threads": 3, "per_thread": 40, "size": 64, "after_error": True}
+    proc = subprocess.run(prefix + child_command(args), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    events = read_json_lines(proc.stdout)
+    acks = {e["ack"]: e["hash"] for e in events if "ack" in e}
+    errors = [e for e in events if "error" in e]
+    assert events[-1] == {"done": True, "failed": True}
+    assert len(errors) == 3 and {e["error"] for e in errors} == {"LogFailedError"}
+    assert all("Input/output error" in e["message"] for e in errors)  # the cause is named
+    assert [e["after_error"] for e in events if "after_error" in e] == ["LogFailedError"] * 3
+    lines = read_text(trace).splitlines()
+    injected = [i for i, line in enumerate(lines) if "INJECTED" in line]
+    assert len(injected) == 1 and "write(" in lines[injected[0]], lines[-10:]
+    later = [line for line in lines[injected[0] + 1:] if ("fdatasync(" in line or "write(" in line)
+             and "resumed" not in line]
+    assert later == [], "the failed segment was written or synced again"
+    with wal.Log.open(path) as log:
+        assert log.last_lsn == max(acks)  # nothing of the failed batch reached the file
+        got = {r.lsn: r.hash.hex() for r in log.read(1)}
+    assert all(got[lsn] == h for lsn, h in acks.items())
+
+
 # -- a real full disk: tmpfs in a private mount namespace ---------------------------
 
 

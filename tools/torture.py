@@ -30,8 +30,9 @@ blackholed link, a partitioned node, soft failover, hard failover (kill -9
 the master, ``walctl promote`` a replica, later restart the old master with
 ``walctl follow``: its diverged tail is cut aside and reconciled into the new
 master), disk full (the node lives on a small tmpfs, filled with a ballast
-file; needs root), fsync errors (strace attaches to a node and fails one
-``fdatasync`` of its log with EIO), and wall-clock jumps (libfaketime).
+file; needs root), fsync and write errors (strace attaches to a node and
+fails one ``fdatasync``, or one ``write``, of its log's current segment with
+EIO), and wall-clock jumps (libfaketime).
 Features whose tools are missing are skipped and the summary says so.
 
 At the end the harness heals everything, restarts every node that is down
@@ -92,6 +93,7 @@ FAULT_KINDS = {
     "hard-failover": 3,
     "disk-full": 1,
     "fsync-error": 1,
+    "write-error": 1,
     "clock-jump": 1,
 }
 WARMUP_S = 3.0  # deliveries only, so every mailbox exists before the first fault
@@ -202,6 +204,7 @@ class Features:
             out["disk-full"] = self.tmpfs
         if self.strace:
             out["fsync-error"] = self.strace
+            out["write-error"] = self.strace
         if self.faketime:
             out["clock-jump"] = self.faketime
         return out
@@ -919,20 +922,29 @@ class Torture:
                 "applier_error": (st or {}).get("applier_error")}
 
     def fault_fsync_error(self, f: Fault) -> dict:
+        return self._inject_eio(f, "fdatasync")
+
+    def fault_write_error(self, f: Fault) -> dict:
+        return self._inject_eio(f, "write")
+
+    def _inject_eio(self, f: Fault, syscall: str) -> dict:
+        """strace fails the Nth ``syscall`` on the node's current segment with EIO
+        (the call is not made); the node's log is then failed (LOG-12) and the
+        node is restarted, which reopens it from what is on disk."""
         node = self._pick(self.running(), f.pick, "running node")
         segs = sorted(glob.glob(os.path.join(node.path, "log.wal", "*.seg")))
         if not segs:
             raise SkipFault(f"{node.name} has no log segment yet")
-        nth = 1 + int(f.param * 8)
+        nth = 1 + int(f.param * 4)  # a low count, so the call comes within the fault's seconds
         node.tracer = subprocess.Popen(
-            ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node.proc.pid), "-P", segs[-1], "-e", "trace=fdatasync",
-             "-e", f"inject=fdatasync:error=EIO:when={nth}"],
+            ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node.proc.pid), "-P", segs[-1], "-e", f"trace={syscall}",
+             "-e", f"inject={syscall}:error=EIO:when={nth}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             self.sleep(f.duration_s + 1.0)
         finally:
             self._detach_tracer(node)
-        return {"node": node.name, "nth_fdatasync": nth, **self._recover_if_failed(node)}
+        return {"node": node.name, f"nth_{syscall}": nth, **self._recover_if_failed(node)}
 
     def _detach_tracer(self, node: NodeProc) -> None:
         if node.tracer is not None:
