@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Collection, Iterator, Protocol
 
 from wal import OS_FILEOPS, WalError
 from wal.epochs import ForkSearch, SeekReader, search_fork
@@ -454,14 +454,14 @@ class _Executor:
         return idx
 
     def _append(self, mailbox_id: str, body: bytes, flags, internaldate_ms: int, delivered_ms: int,
-                uid_floor: int, *, moving_uid: int | None = None) -> tuple[int, int]:
+                uid_floor: int, *, leaving: Collection[int] = ()) -> tuple[int, int]:
         """Append a message under the node's state lock, at a UID >= ``uid_floor`` (REC-6).
 
         The node's own delivery path would refuse a GUID it saw recently (MS-6
         dedup) and cannot skip UIDs, hence the event is planned here. Raises
         _AlreadyPresent, logging nothing, when the message was delivered to the
-        mailbox since the plan was made (at a UID other than ``moving_uid``, the
-        one a redelivery moves away from).
+        mailbox since the plan was made (at a UID not in ``leaving``, the ones a
+        redelivery moves away from).
         """
         box: dict = {}
         guid = body_guid(body)
@@ -475,7 +475,7 @@ class _Executor:
             # decision state's recent deliveries, read here under the same lock the
             # delivery path holds.
             seen = mb.recent.get(guid)
-            if seen is not None and seen[0] != moving_uid and seen[0] in mb.uids:
+            if seen is not None and seen[0] not in leaving and seen[0] in mb.uids:
                 raise _AlreadyPresent(seen[0])
             ev = MessageAppended(mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, body_guid(body), body,
                                  tuple(flags), internaldate_ms, delivered_ms)
@@ -598,13 +598,14 @@ class _Executor:
         if not row:
             return {"status": "skipped", "why": "the message is gone or is another message now"}
         guid = row[1]
-        others = [u for u in self._guid_index(mb.mailbox_id).get(guid, []) if u != uid]
+        leaving = {uid, *act.detail.get("collided", ())}  # the UIDs this plan's REC-6 expunge removes
+        others = [u for u in self._guid_index(mb.mailbox_id).get(guid, []) if u not in leaving]
         if others:
             return {"status": "skipped", "why": f"already at UID {others[0]} as well"}
         body = self.node.fetch(mb.name, uid)
         try:
             new_uid, lsn = self._append(mb.mailbox_id, body, row[2], row[3], row[4], act.detail["uid_floor"],
-                                        moving_uid=uid)
+                                        leaving=leaving)
         except _AlreadyPresent as present:
             return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
         self._moved_at[(mb.mailbox_id, uid)] = before
@@ -623,14 +624,23 @@ class _Executor:
                 log.warning(f"mailbox {act.mailbox!r} UID {uid}: GUID {row[1].hex()[:16]} on the survivor, "
                             f"{guid_hex[:16]} planned; not expunged")
                 continue
-            if act.rule == "REC-6" and not [u for u in self._guid_index(mb.mailbox_id).get(row[1], []) if u != uid]:
-                log.warning(f"mailbox {act.mailbox!r} UID {uid}: its message has no fresh UID yet; not expunged")
-                continue
             ok.append(uid)
+        idx = self._guid_index(mb.mailbox_id)
+        if act.rule == "REC-6":
+            # A REC-6 expunge never takes a message's last UID: each GUID must stay at a UID
+            # outside this expunge (its fresh UID, or one the plan keeps), else its greatest
+            # UID here stays, whatever the plan said.
+            for guid in {rows[uid][1] for uid in ok}:
+                mine = [u for u in ok if rows[u][1] == guid]
+                if not [u for u in idx.get(guid, []) if u not in mine]:
+                    keep = max(mine)
+                    log.warning(f"mailbox {act.mailbox!r} UID {keep}: its message has no fresh UID yet; "
+                                f"not expunged")
+                    ok.remove(keep)
         if not ok:
             return {"status": "skipped", "why": "nothing left to expunge"}
-        idx = self._guid_index(mb.mailbox_id)
-        fresh = {uid: max(u for u in idx[rows[uid][1]] if u != uid) for uid in ok} if act.rule == "REC-6" else {}
+        going = set(ok)
+        fresh = {uid: max(u for u in idx[rows[uid][1]] if u not in going) for uid in ok} if act.rule == "REC-6" else {}
         lsn = self.node.expunge(mb.name, ok)
         for uid in ok:
             for uids in idx.values():

@@ -965,8 +965,8 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                                         "flag changes made on the loser"))
 
         # -- UID collisions (REC-6, REC-9) --------------------------------------------
+        active = []  # (UID, the survivor's message there, the loser's) for each collision still there
         if md.same_id and tgt.mailbox_id == lt.mailbox_id and (st is None or not st.renumbered):
-            active = []
             for uid, ma, mb_ in md.collisions:
                 sm, lm = (ma, mb_) if survivor == "a" else (mb_, ma)
                 vm = tgt.messages.get(uid)
@@ -979,12 +979,20 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                                   f"survivor, {lm.guid.hex()[:16]} on the loser")
                 active.append((uid, vm, lm))
             if active and strategy == "renumber":
+                # One redelivery per GUID that no UID outside the collided ones holds: a GUID at
+                # several collided UIDs (an earlier apply's redelivery whose expunge never came,
+                # or the same bytes delivered twice) moves once, from its greatest UID (the one
+                # it lives on, as in REC-5); every collided UID is expunged after.
+                collided = sorted(u for u, _, _ in active)
+                moving: dict[bytes, int] = {}
                 for uid, vm, lm in active:
-                    elsewhere = [u for u in tgt.uids_of(vm.guid) if u != uid]
-                    if not elsewhere:
-                        p.actions.append(Action("redeliver", "REC-6", tgt.mailbox_id, tgt.name,
-                                                {"uid": uid, "guid": vm.guid.hex(), "uid_floor": floor},
-                                                f"UID {uid} collided: the survivor's message moves to a fresh UID"))
+                    if not [u for u in tgt.uids_of(vm.guid) if u not in collided]:
+                        moving[vm.guid] = max(uid, moving.get(vm.guid, 0))
+                for guid, uid in sorted(moving.items(), key=lambda x: x[1]):
+                    p.actions.append(Action("redeliver", "REC-6", tgt.mailbox_id, tgt.name,
+                                            {"uid": uid, "guid": guid.hex(), "uid_floor": floor,
+                                             "collided": collided},
+                                            f"UID {uid} collided: the survivor's message moves to a fresh UID"))
                 p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
                                         {"uids": sorted(u for u, _, _ in active),
                                          "guids": [vm.guid.hex() for _, vm, _ in sorted(active, key=lambda x: x[0])]},
@@ -1016,9 +1024,14 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             # loser's tail has the expunge of the collided UID (an earlier apply's, cut aside with its
             # branch). Expunging it loses nothing, keeping it leaves the message twice. The
             # survivor's last UID of that message always stays.
+            # Kept: a UID outside this plan's REC-6 expunges (collided UIDs, these hits) when the
+            # message has one, else its greatest hit.
+            collided_uids = {u for u, _, _ in active} if strategy == "renumber" else set()
             renumbered = []
             for guid, hits in moved.items():
-                keep = max(tgt.uids_of(guid))
+                hit_uids = {uid for uid, _ in hits}
+                outside = [u for u in tgt.uids_of(guid) if u not in collided_uids and u not in hit_uids]
+                keep = max(outside) if outside else max(hit_uids)
                 for uid, lm in hits:
                     if uid == keep:
                         decide("REC-10", label, f"UID {lm.key[2]} expunged on the loser (LSN {lm.expunged_lsn}); "
