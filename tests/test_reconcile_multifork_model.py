@@ -23,7 +23,12 @@ the way the cluster drives them, without processes:
   first while stranded (engine.tail_placement.place_tail via
   Cluster._place_tail, CTL-9), then applied on the master the node follows
   (Cluster._reconcile_tail), or locally if the node is a master itself
-  (Cluster._reconcile_locally); then marked reconciled.
+  (Cluster._reconcile_locally); then marked reconciled;
+* ``reconcile-interrupted``: the same, but every expunge action of the apply
+  fails (fault injection: the node lost its place between a REC-6
+  redelivery and its expunge, as in torture seed 73): the apply fails, the
+  tail stays pending and is shipped again later, and the survivor holds the
+  moved messages at two UIDs meanwhile.
 
 At the end one master is the final survivor, every other node follows it,
 and every pending tail is reconciled in a generated order. The checks are
@@ -63,7 +68,7 @@ from engine.cluster import Cluster, ClusterConfig
 from engine.events import decode_event
 from engine.failover import promote
 from engine.node import Node
-from engine.reconcile_apply import apply_reconcile
+from engine.reconcile_apply import ReconcileError, _Executor, apply_reconcile
 from wal import Log
 from wal.epochs import find_fork
 
@@ -104,7 +109,7 @@ class World:
         self.expunges: dict[str, list[tuple[str, int, bytes]]] = {}
         self.stats = {"tails cut": 0, "tails merged (CTL-9)": 0, "tails reconciled": 0, "REC-6 moves": 0,
                       "REC-14 decisions": 0, "reconciled into a master that later lost its place": 0,
-                      "tails requeued (their apply cut away)": 0}
+                      "tails requeued (their apply cut away)": 0, "applies interrupted": 0}
         self.applied_on: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -223,8 +228,26 @@ class World:
         return [(n, t["path"]) for n in sorted(self.nodes) for t in self.nodes[n].diverged_tails()
                 if not t.get("reconciled")]
 
-    def reconcile(self, holder: str, tail: str) -> bool:
-        """Ship one pending tail as the cluster does; False when its node has no master to ship to."""
+    def reconcile(self, holder: str, tail: str, *, interrupt: bool = False) -> bool:
+        """Ship one pending tail as the cluster does; False when its node has no master to ship to.
+
+        ``interrupt``: every expunge action of the apply fails (injected); the apply fails and
+        the tail stays pending, as a real cluster leaves it for the next attempt."""
+        if interrupt:
+            def failing_expunge(executor, act):
+                raise ReconcileError("injected: the apply stopped before its expunges")
+
+            saved = _Executor._do_expunge
+            _Executor._do_expunge = failing_expunge
+            try:
+                self.reconcile(holder, tail)
+            except ReconcileError:
+                note("(that apply failed at its expunges, injected; the tail stays pending)")
+                self.stats["applies interrupted"] += 1
+                self.last_ms = now_ms()
+            finally:
+                _Executor._do_expunge = saved
+            return True
         node = self.nodes[holder]
         c = Cluster(ClusterConfig(name=holder))
         c.node = node
@@ -333,10 +356,10 @@ def run_history(tmp, prefix, replicas, rounds, survivor, order) -> None:
                     w.follow(r, w.follows[r])
             elif kind == "copy" and len(names) < MAX_NODES:
                 w.copy(masters[a % len(masters)])
-            elif kind == "reconcile":
+            elif kind in ("reconcile", "reconcile-interrupted"):
                 pending = w.pending()
                 if pending:
-                    w.reconcile(*pending[a % len(pending)])
+                    w.reconcile(*pending[a % len(pending)], interrupt=kind == "reconcile-interrupted")
         masters = w.masters()
         final = masters[survivor % len(masters)]
         note(f"final survivor: {final}")
@@ -363,7 +386,8 @@ def run_history(tmp, prefix, replicas, rounds, survivor, order) -> None:
 CLIENT_OP = st.tuples(st.sampled_from(["deliver", "deliver", "flags", "flags", "expunge"]), st.integers(0, 3),
                       st.integers(0, 40), st.integers(0, 40), st.integers(0, 40))
 CLUSTER_EVENT = st.tuples(st.sampled_from(["failover", "failover", "promote", "follow", "sync", "copy",
-                                           "reconcile", "reconcile"]), st.integers(0, 3), st.integers(0, 3))
+                                           "reconcile", "reconcile", "reconcile-interrupted"]),
+                          st.integers(0, 3), st.integers(0, 3))
 histories = dict(
     prefix=st.lists(st.integers(0, 14), min_size=1, max_size=4),
     replicas=st.lists(st.integers(0, 3), min_size=1, max_size=2),
