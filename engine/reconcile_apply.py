@@ -598,7 +598,7 @@ class _Executor:
         if not row:
             return {"status": "skipped", "why": "the message is gone or is another message now"}
         guid = row[1]
-        leaving = {uid, *act.detail.get("collided", ())}  # the UIDs this plan's REC-6 expunge removes
+        leaving = {uid, *act.detail.get("collided", ())}  # its UIDs this plan's REC-6 expunge removes
         others = [u for u in self._guid_index(mb.mailbox_id).get(guid, []) if u not in leaving]
         if others:
             return {"status": "skipped", "why": f"already at UID {others[0]} as well"}

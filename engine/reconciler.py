@@ -983,15 +983,16 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 # several collided UIDs (an earlier apply's redelivery whose expunge never came,
                 # or the same bytes delivered twice) moves once, from its greatest UID (the one
                 # it lives on, as in REC-5); every collided UID is expunged after.
-                collided = sorted(u for u, _, _ in active)
-                moving: dict[bytes, int] = {}
+                collided = {u for u, _, _ in active}
+                moving: dict[bytes, list[int]] = {}  # GUID -> its collided UIDs, when it has no other
                 for uid, vm, lm in active:
                     if not [u for u in tgt.uids_of(vm.guid) if u not in collided]:
-                        moving[vm.guid] = max(uid, moving.get(vm.guid, 0))
-                for guid, uid in sorted(moving.items(), key=lambda x: x[1]):
+                        moving.setdefault(vm.guid, []).append(uid)
+                for guid, uids in sorted(moving.items(), key=lambda x: max(x[1])):
+                    uid = max(uids)
                     p.actions.append(Action("redeliver", "REC-6", tgt.mailbox_id, tgt.name,
                                             {"uid": uid, "guid": guid.hex(), "uid_floor": floor,
-                                             "collided": collided},
+                                             "collided": sorted(uids)},
                                             f"UID {uid} collided: the survivor's message moves to a fresh UID"))
                 p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
                                         {"uids": sorted(u for u, _, _ in active),
