@@ -630,9 +630,11 @@ class _Executor:
             # A REC-6 expunge never takes a message's last UID: each GUID must stay at a UID
             # outside this expunge (its fresh UID, or one the plan keeps), else its greatest
             # UID here stays, whatever the plan said.
-            for guid in {rows[uid][1] for uid in ok}:
-                mine = [u for u in ok if rows[u][1] == guid]
-                if not [u for u in idx.get(guid, []) if u not in mine]:
+            by_guid: dict[bytes, list[int]] = {}
+            for uid in ok:
+                by_guid.setdefault(rows[uid][1], []).append(uid)
+            for guid, mine in by_guid.items():
+                if set(idx.get(guid, ())) <= set(mine):  # every UID of the message is in this expunge
                     keep = max(mine)
                     log.warning(f"mailbox {act.mailbox!r} UID {keep}: its message has no fresh UID yet; "
                                 f"not expunged")
@@ -643,9 +645,9 @@ class _Executor:
         fresh = {uid: max(u for u in idx[rows[uid][1]] if u not in going) for uid in ok} if act.rule == "REC-6" else {}
         lsn = self.node.expunge(mb.name, ok)
         for uid in ok:
-            for uids in idx.values():
-                if uid in uids:
-                    uids.remove(uid)
+            uids = idx.get(rows[uid][1], [])
+            if uid in uids:
+                uids.remove(uid)
         carried = self._carry_flag_changes(mb, fresh, lsn, watermark)
         out = {"status": "done", "lsn": lsn, "uids": ok}
         if carried:

@@ -31,6 +31,7 @@ Times never come from a clock here: the flag rule (REC-8) compares the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Protocol
 
 from .events import (
@@ -547,7 +548,16 @@ class MailboxView:
     messages: dict[int, MessageView]
 
     def uids_of(self, guid: bytes) -> list[int]:
-        return sorted(u for u, m in self.messages.items() if m.guid == guid)
+        """The UIDs holding ``guid``, ascending. A view is read once for a plan and never
+        changed, so its GUID index is built on the first call (the plan asks per message)."""
+        return list(self._uids_by_guid.get(guid, ()))
+
+    @cached_property
+    def _uids_by_guid(self) -> dict[bytes, list[int]]:
+        index: dict[bytes, list[int]] = {}
+        for uid in sorted(self.messages):
+            index.setdefault(self.messages[uid].guid, []).append(uid)
+        return index
 
 
 class SurvivorView(Protocol):

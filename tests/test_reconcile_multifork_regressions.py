@@ -20,6 +20,7 @@ import pytest
 from engine.failover import promote
 from engine.node import Node
 from engine.reconcile_apply import apply_reconcile
+from tests.fork_support import follow, nodes_from_one, take_over
 from wal.epochs import find_fork
 
 MAILBOX = "user/u/INBOX"
@@ -82,18 +83,6 @@ def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_p
     n0, n1 = Node.open(str(tmp_path / "n0")), Node.open(str(tmp_path / "n1"))
     n1.set_role("replica")
 
-    def follow(node, master):
-        node.set_role("replica")
-        fork = find_fork(node.log.path, master.log.path).lsn
-        tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
-        node.log.append_records(list(master.log.read(fork + 1)))
-        node.catch_up()
-        return tail
-
-    def take_over(node, epoch):
-        node.set_role("master")
-        promote(node, epoch=epoch)
-
     try:
         n0.store_flags(MAILBOX, [m1.uid], "add", ["\\Seen"])  # acknowledged on n0
         take_over(n1, 2)  # n0 was cut off
@@ -138,18 +127,6 @@ def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledg
     for name in ("n1", "n2"):
         shutil.copytree(tmp_path / "n0", tmp_path / name)
     n0, n1, n2 = (Node.open(str(tmp_path / n)) for n in ("n0", "n1", "n2"))
-
-    def follow(node, master):
-        node.set_role("replica")
-        fork = find_fork(node.log.path, master.log.path).lsn
-        tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
-        node.log.append_records(list(master.log.read(fork + 1)))
-        node.catch_up()
-        return tail
-
-    def take_over(node, epoch):
-        node.set_role("master")
-        promote(node, epoch=epoch)
 
     def ms(node, lsn):
         from engine.events import decode_event
@@ -199,18 +176,6 @@ def test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change(tmp_pa
     shutil.copytree(tmp_path / "n0", tmp_path / "n1")
     n0, n1 = Node.open(str(tmp_path / "n0")), Node.open(str(tmp_path / "n1"))
 
-    def follow(node, master):
-        node.set_role("replica")
-        fork = find_fork(node.log.path, master.log.path).lsn
-        tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
-        node.log.append_records(list(master.log.read(fork + 1)))
-        node.catch_up()
-        return tail
-
-    def take_over(node, epoch):
-        node.set_role("master")
-        promote(node, epoch=epoch)
-
     try:
         n1.set_role("replica")
         n0.store_flags(MAILBOX, [m1.uid], "add", ["\\Seen"])  # t1, acknowledged on n0
@@ -253,18 +218,6 @@ def test_a_losers_rec6_redelivery_does_not_undo_a_later_flag_change_on_the_survi
     shutil.copytree(tmp_path / "n0", tmp_path / "n1")
     n0, n1 = Node.open(str(tmp_path / "n0")), Node.open(str(tmp_path / "n1"))
 
-    def follow(node, master):
-        node.set_role("replica")
-        fork = find_fork(node.log.path, master.log.path).lsn
-        tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
-        node.log.append_records(list(master.log.read(fork + 1)))
-        node.catch_up()
-        return tail
-
-    def take_over(node, epoch):
-        node.set_role("master")
-        promote(node, epoch=epoch)
-
     try:
         n1.set_role("replica")
         n0.deliver(work, b"Subject: A\r\n\r\nacknowledged on n0\r\n")  # UID 1 on n0
@@ -289,21 +242,6 @@ def test_a_losers_rec6_redelivery_does_not_undo_a_later_flag_change_on_the_survi
         n1.close()
 
 
-def _follow(node, master):
-    """``node`` becomes ``master``'s replica; returns its diverged tail cut aside, if any."""
-    node.set_role("replica")
-    fork = find_fork(node.log.path, master.log.path).lsn
-    tail = node.cut_diverged(fork) if node.log.last_lsn > fork else None
-    node.log.append_records(list(master.log.read(fork + 1)))
-    node.catch_up()
-    return tail
-
-
-def _take_over(node, epoch):
-    node.set_role("master")
-    promote(node, epoch=epoch)
-
-
 def _cluster(node):
     from engine.cluster import Cluster, ClusterConfig
 
@@ -314,15 +252,7 @@ def _cluster(node):
 
 def _three_nodes(tmp_path, setup):
     """n0 after ``setup(n0)``, and two copies of it (n1, n2) as its replicas."""
-    n0 = Node.init(str(tmp_path / "n0"), name="n0")
-    setup(n0)
-    n0.close()
-    for name in ("n1", "n2"):
-        shutil.copytree(tmp_path / "n0", tmp_path / name)
-    nodes = [Node.open(str(tmp_path / n)) for n in ("n0", "n1", "n2")]
-    for n in nodes[1:]:
-        n.set_role("replica")
-    return nodes
+    return nodes_from_one(tmp_path, ["n0", "n1", "n2"], setup)
 
 
 # Shrunk from the model (REC-12 failed: a second apply of the same tail planned a set_flags). The
@@ -338,17 +268,17 @@ def test_a_message_the_loser_moved_and_then_flagged_is_copied_with_its_flags(tmp
 
     n0, n1, n2 = _three_nodes(tmp_path, lambda n: n.create_mailbox(MAILBOX))
     try:
-        _take_over(n1, 2)  # split brain: n0 and n1 both take mail
+        take_over(n1, 2)  # split brain: n0 and n1 both take mail
         n1.deliver(MAILBOX, b"Subject: Y\r\n\r\nacknowledged on n1\r\n")  # UID 1 on n1
         x = n0.deliver(MAILBOX, b"Subject: X\r\n\r\nacknowledged on n0\r\n")  # UID 1 on n0
-        t_y = _follow(n1, n0)
+        t_y = follow(n1, n0)
         _cluster(n0)._reconcile_tail(**tail_dir_args(t_y))  # REC-6 on n0: X moves to a fresh UID
         [moved] = [m for m in n0.list_messages(MAILBOX) if m.guid == x.guid]
         assert moved.uid != x.uid
         time.sleep(0.005)
         n0.store_flags(MAILBOX, [moved.uid], "add", ["\\Seen"])  # acknowledged on n0
-        _take_over(n2, 3)  # n2 never saw X
-        t_0 = _follow(n0, n2)
+        take_over(n2, 3)  # n2 never saw X
+        t_0 = follow(n0, n2)
         c2 = _cluster(n2)
         c2._reconcile_tail(**tail_dir_args(t_0))
         mine = [m for m in n2.list_messages(MAILBOX) if m.guid == x.guid]
@@ -369,14 +299,14 @@ def test_a_losers_rec6_redelivery_of_a_message_the_survivors_client_expunged_is_
 
     n0, n1, n2 = _three_nodes(tmp_path, lambda n: n.create_mailbox(MAILBOX))
     try:
-        _take_over(n1, 2)  # split brain
+        take_over(n1, 2)  # split brain
         y = n1.deliver(MAILBOX, b"Subject: Y\r\n\r\nacknowledged on n1\r\n")  # UID 1 on n1
         m = n0.deliver(MAILBOX, b"Subject: M\r\n\r\nacknowledged on n0\r\n")  # UID 1 on n0
-        t_y = _follow(n1, n0)  # n1 holds M at UID 1 now
+        t_y = follow(n1, n0)  # n1 holds M at UID 1 now
         _cluster(n0)._reconcile_tail(**tail_dir_args(t_y))  # REC-6 on n0: M moves, UID 1 expunged
-        _take_over(n1, 3)  # n0's reconcile records never reached n1
+        take_over(n1, 3)  # n0's reconcile records never reached n1
         n1.expunge(MAILBOX, [m.uid])  # a client of n1 expunges M (acknowledged)
-        t_0 = _follow(n0, n1)  # holds Y's copy, M's redelivery and the expunge of UID 1
+        t_0 = follow(n0, n1)  # holds Y's copy, M's redelivery and the expunge of UID 1
         _cluster(n1)._reconcile_tail(**tail_dir_args(t_0))
         held = [msg.guid for msg in n1.list_messages(MAILBOX)]
         assert m.guid not in held, "the survivor's client expunged M (REC-5): it must not come back"

@@ -150,17 +150,15 @@ def _strace_available():
     ).returncode == 0
 
 
-@pytest.mark.skipif(not _strace_available(), reason="needs strace (Debian package 'strace') able to trace children")
-@pytest.mark.parametrize("when", [3, 6])
-def test_LOG_12_strace_injected_fdatasync_eio(tmp_path, when):
-    """strace makes the Nth fdatasync of a thread fail with EIO (the real call
-    is skipped); the child reports what it was told."""
-    path = str(tmp_path / "x.wal")
+def _appenders_under_strace(tmp_path, path: str, strace_args: list[str]) -> tuple[dict, list, list[str]]:
+    """Three threads append 40 records each to ``path`` in a child run under strace with
+    ``strace_args``, and go on appending after their first error. Checks that the log
+    failed once for all (every thread told LogFailedError, and again on its next append);
+    returns the acknowledged {LSN: hash hex}, the errors and the strace output lines."""
     trace = str(tmp_path / "trace.txt")
-    prefix = ["strace", "-f", "-qq", "-o", trace, "-e", "trace=fdatasync", "-e",
-              f"inject=fdatasync:error=EIO:when={when}"]
     args = {"path": path, "threads": 3, "per_thread": 40, "size": 64, "after_error": True}
-    proc = subprocess.run(prefix + child_command(args), capture_output=True, timeout=120)
+    proc = subprocess.run(["strace", "-f", "-qq", "-o", trace, *strace_args, *child_command(args)],
+                          capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     events = read_json_lines(proc.stdout)
     acks = {e["ack"]: e["hash"] for e in events if "ack" in e}
@@ -168,11 +166,21 @@ def test_LOG_12_strace_injected_fdatasync_eio(tmp_path, when):
     assert events[-1] == {"done": True, "failed": True}
     assert len(errors) == 3 and {e["error"] for e in errors} == {"LogFailedError"}
     assert [e["after_error"] for e in events if "after_error" in e] == ["LogFailedError"] * 3
+    return acks, errors, read_text(trace).splitlines()
+
+
+@pytest.mark.skipif(not _strace_available(), reason="needs strace (Debian package 'strace') able to trace children")
+@pytest.mark.parametrize("when", [3, 6])
+def test_LOG_12_strace_injected_fdatasync_eio(tmp_path, when):
+    """strace makes the Nth fdatasync of a thread fail with EIO (the real call
+    is skipped); the child reports what it was told."""
+    path = str(tmp_path / "x.wal")
+    acks, errors, lines = _appenders_under_strace(
+        tmp_path, path, ["-e", "trace=fdatasync", "-e", f"inject=fdatasync:error=EIO:when={when}"])
     m = [re.search(r"LSNs (\d+)\.\.(\d+)", e["message"]) for e in errors]
     first_failed = min(int(x.group(1)) for x in m if x)
     assert all(lsn < first_failed for lsn in acks), "a record of the failed batch was acknowledged"
 
-    lines = read_text(trace).splitlines()
     injected = [i for i, line in enumerate(lines) if "INJECTED" in line]
     assert len(injected) == 1, lines[-10:]
     later_calls = [line for line in lines[injected[0] + 1:] if "fdatasync(" in line and "resumed" not in line]
@@ -191,21 +199,10 @@ def test_LOG_12_strace_injected_write_eio_on_the_segment(tmp_path):
     append fail, no fdatasync follows on that file, and the log reopens with
     every acknowledged record."""
     path = str(tmp_path / "x.wal")
-    trace = str(tmp_path / "trace.txt")
     segment = os.path.join(path, "00000000000000000001.seg")  # the first segment's name (LOG-2)
-    prefix = ["strace", "-f", "-qq", "-o", trace, "-P", segment, "-e", "trace=write,fdatasync", "-e",
-              "inject=write:error=EIO:when=4"]
-    args = {"path": path, "threads": 3, "per_thread": 40, "size": 64, "after_error": True}
-    proc = subprocess.run(prefix + child_command(args), capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    events = read_json_lines(proc.stdout)
-    acks = {e["ack"]: e["hash"] for e in events if "ack" in e}
-    errors = [e for e in events if "error" in e]
-    assert events[-1] == {"done": True, "failed": True}
-    assert len(errors) == 3 and {e["error"] for e in errors} == {"LogFailedError"}
+    acks, errors, lines = _appenders_under_strace(
+        tmp_path, path, ["-P", segment, "-e", "trace=write,fdatasync", "-e", "inject=write:error=EIO:when=4"])
     assert all("Input/output error" in e["message"] for e in errors)  # the cause is named
-    assert [e["after_error"] for e in events if "after_error" in e] == ["LogFailedError"] * 3
-    lines = read_text(trace).splitlines()
     injected = [i for i, line in enumerate(lines) if "INJECTED" in line]
     assert len(injected) == 1 and "write(" in lines[injected[0]], lines[-10:]
     later = [line for line in lines[injected[0] + 1:] if ("fdatasync(" in line or "write(" in line)
