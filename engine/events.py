@@ -134,7 +134,11 @@ class MailboxDeleted:
 
 @dataclass(frozen=True)
 class MessageAppended:
+    """A message delivered at ``uid``; with ``replaces`` (MS-15), a move: the
+    same message leaves UID ``replaces`` of the mailbox in the same record."""
+
     TYPE: ClassVar[int] = 4
+    OMITTED_WHEN_ZERO: ClassVar[tuple[str, ...]] = ("replaces",)
     mailbox_id: str
     uid: int
     modseq: int
@@ -143,10 +147,15 @@ class MessageAppended:
     flags: tuple[str, ...]
     internaldate_ms: int
     delivered_ms: int
+    replaces: int = 0
 
     def __post_init__(self):
         _check_id(self.mailbox_id)
         _check_uids([self.uid])
+        if self.replaces:
+            _check_uids([self.replaces])
+            if self.replaces >= self.uid:
+                raise ValueError("replaces must be a UID below uid (a move goes to a fresh UID)")
         if len(self.guid) != 32:
             raise ValueError("guid must be 32 bytes")
         if self.modseq < 1:
@@ -278,7 +287,9 @@ def renumbered_uids(event: "MailboxRenumbered", present) -> dict[int, int]:
 
 def encode_event(event) -> tuple[int, bytes]:
     """(record type, canonical CBOR payload) for ``event``."""
-    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in event.__dict__.items()}
+    omitted = getattr(event, "OMITTED_WHEN_ZERO", ())
+    d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in event.__dict__.items()
+         if not (k in omitted and v == 0)}
     return event.TYPE, codec.dumps(d)
 
 

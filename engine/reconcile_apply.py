@@ -34,7 +34,7 @@ from wal import OS_FILEOPS, WalError
 from wal.epochs import ForkSearch, SeekReader, search_fork
 
 from .errors import EngineError
-from .events import (FlagsChanged, MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered,
+from .events import (MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered,
                      MessageAppended, body_guid, decode_event)
 from .mailerrors import MailStoreError, UnknownUidError
 from .reconciler import (
@@ -415,6 +415,10 @@ class _AlreadyPresent(Exception):
         self.uid = uid
 
 
+class _Gone(Exception):
+    """A move found its old UID expunged since the plan (by a client)."""
+
+
 class _Executor:
     """Carries out plan actions on a node, re-checking each target first."""
 
@@ -423,8 +427,6 @@ class _Executor:
         self.loser = SeekReader(loser_dir)
         self.strategy = strategy
         self._guids: dict[str, dict[bytes, list[int]]] = {}
-        # (mailbox id, collided UID) -> the durable LSN when its redelivery read its flags (REC-6)
-        self._moved_at: dict[tuple[str, int], int] = {}
 
     def close(self) -> None:
         self.loser.close()
@@ -454,14 +456,20 @@ class _Executor:
         return idx
 
     def _append(self, mailbox_id: str, body: bytes, flags, internaldate_ms: int, delivered_ms: int,
-                uid_floor: int, *, leaving: Collection[int] = ()) -> tuple[int, int]:
+                uid_floor: int, *, leaving: Collection[int] = (), replaces: int = 0) -> tuple[int, int]:
         """Append a message under the node's state lock, at a UID >= ``uid_floor`` (REC-6).
 
         The node's own delivery path would refuse a GUID it saw recently (MS-6
         dedup) and cannot skip UIDs, hence the event is planned here. Raises
         _AlreadyPresent, logging nothing, when the message was delivered to the
         mailbox since the plan was made (at a UID not in ``leaving``, the ones a
-        redelivery moves away from).
+        move leaves or the plan's REC-6 expunge removes).
+
+        With ``replaces`` the record is a move (MS-15): the message leaves that
+        UID in the same record, with the flags it has there when the record is
+        planned (``flags`` is ignored). Under the state lock no write can come
+        in between, so no client change to the old UID is ever lost and an
+        interrupted apply never leaves the message at two UIDs.
         """
         box: dict = {}
         guid = body_guid(body)
@@ -477,8 +485,9 @@ class _Executor:
             seen = mb.recent.get(guid)
             if seen is not None and seen[0] not in leaving and seen[0] in mb.uids:
                 raise _AlreadyPresent(seen[0])
-            ev = MessageAppended(mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, body_guid(body), body,
-                                 tuple(flags), internaldate_ms, delivered_ms)
+            now_flags = self._flags_under_lock(mb, replaces, guid) if replaces else flags
+            ev = MessageAppended(mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, guid, body,
+                                 tuple(now_flags), internaldate_ms, delivered_ms, replaces)
             box["ev"] = ev
             return ev
 
@@ -488,8 +497,28 @@ class _Executor:
             self._guids.setdefault(mailbox_id, {}).setdefault(guid, []).append(present.uid)
             raise
         uid = box["ev"].uid
-        self._guids.setdefault(mailbox_id, {}).setdefault(box["ev"].guid, []).append(uid)
+        uids = self._guids.setdefault(mailbox_id, {}).setdefault(guid, [])
+        if replaces in uids:
+            uids.remove(replaces)
+        uids.append(uid)
         return uid, lsn
+
+    def _flags_under_lock(self, mb, uid: int, guid: bytes) -> tuple[str, ...]:
+        """The flags of ``uid`` now (state lock held: no write can come in between).
+
+        The store applies durable records behind the log; every record up to the
+        log's end was planned before this lock was taken and becomes durable
+        without it, so the store catches up while we wait."""
+        if uid not in mb.uids:
+            raise _Gone(uid)
+        if not self.node.wait_applied(self.node.log.last_lsn):
+            raise ReconcileError(f"the store did not catch up with the log (LSN {self.node.log.last_lsn}) "
+                                 f"before moving UID {uid} of mailbox {mb.name!r}; run the apply again")
+        row = self.node.store.message_row(mb.mailbox_id, uid)
+        if row is None or row[1] != guid:
+            raise ReconcileError(f"mailbox {mb.name!r} UID {uid}: the store does not hold the message the "
+                                 f"decision state has there (held by a quarantine?); nothing moved")
+        return row[2]
 
     # -- actions -------------------------------------------------------------
 
@@ -591,9 +620,9 @@ class _Executor:
         return lsns
 
     def _do_redeliver(self, act: Action) -> dict:
+        """REC-6: move the survivor's message at a collided UID to a fresh UID, in one record."""
         mb = self._mailbox(act)
         uid = act.detail["uid"]
-        before = self.node.log.last_lsn  # the flags copied below hold every change up to here
         row = self._check_guid(act, mb.mailbox_id, uid, act.detail["guid"])
         if not row:
             return {"status": "skipped", "why": "the message is gone or is another message now"}
@@ -604,16 +633,16 @@ class _Executor:
             return {"status": "skipped", "why": f"already at UID {others[0]} as well"}
         body = self.node.fetch(mb.name, uid)
         try:
-            new_uid, lsn = self._append(mb.mailbox_id, body, row[2], row[3], row[4], act.detail["uid_floor"],
-                                        leaving=leaving)
+            new_uid, lsn = self._append(mb.mailbox_id, body, (), row[3], row[4], act.detail["uid_floor"],
+                                        leaving=leaving, replaces=uid)
         except _AlreadyPresent as present:
             return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
-        self._moved_at[(mb.mailbox_id, uid)] = before
+        except _Gone:
+            return {"status": "skipped", "why": "a client expunged the message since the plan"}
         return {"status": "done", "uid": new_uid, "lsn": lsn}
 
     def _do_expunge(self, act: Action) -> dict:
         mb = self._mailbox(act)
-        watermark = self.node.log.last_lsn  # the rows read next hold every change up to here
         rows = self._rows(mb.mailbox_id)
         ok = []
         for uid, guid_hex in zip(act.detail["uids"], act.detail["guids"]):
@@ -641,42 +670,12 @@ class _Executor:
                     ok.remove(keep)
         if not ok:
             return {"status": "skipped", "why": "nothing left to expunge"}
-        going = set(ok)
-        fresh = {uid: max(u for u in idx[rows[uid][1]] if u not in going) for uid in ok} if act.rule == "REC-6" else {}
         lsn = self.node.expunge(mb.name, ok)
         for uid in ok:
             uids = idx.get(rows[uid][1], [])
             if uid in uids:
                 uids.remove(uid)
-        carried = self._carry_flag_changes(mb, fresh, lsn, watermark)
-        out = {"status": "done", "lsn": lsn, "uids": ok}
-        if carried:
-            out["flag_changes_carried"] = carried
-        return out
-
-    def _carry_flag_changes(self, mb, fresh: dict[int, int], expunge_lsn: int, watermark: int) -> int:
-        """REC-6: flag changes made on a collided UID after its redelivery (clients saw
-        the old UID until the expunge) are made again on its fresh UID, in log order.
-
-        Every change to the old UID is logged before the expunge (after it, the UID
-        is refused), so reading the log up to the expunge misses none. The read may
-        start before changes the redelivery already copied: replaying add, remove and
-        replace in log order still ends in the old UID's last flags. Returns how many
-        changes were carried."""
-        carried = 0
-        for old, new in fresh.items():
-            start = self._moved_at.get((mb.mailbox_id, old), watermark) + 1
-            if start >= expunge_lsn:
-                continue
-            for rec in self.node.log.read(start, expunge_lsn - 1):
-                ev = decode_event(rec.type, rec.payload)
-                if isinstance(ev, FlagsChanged) and ev.mailbox_id == mb.mailbox_id and old in ev.uids:
-                    try:
-                        self.node.store_flags(mb.name, [new], ev.op, list(ev.flags))
-                    except UnknownUidError:
-                        break  # a client expunged the fresh UID meanwhile: its flags no longer matter
-                    carried += 1
-        return carried
+        return {"status": "done", "lsn": lsn, "uids": ok}
 
     def _do_renumber(self, act: Action) -> dict:
         mb = self._mailbox(act)

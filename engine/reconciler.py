@@ -223,6 +223,12 @@ class SideReplay:
             mb.uid_key[uid] = key
         return msg
 
+    def _expunge(self, mb: MailboxTrack, uid: int, lsn: int) -> None:
+        msg = self._message(mb, uid)
+        if msg is not None:
+            msg.expunged_lsn = lsn
+        mb.uid_key.pop(uid, None)
+
     def feed(self, lsn: int, event) -> None:
         """Apply one decoded record of the tail (in LSN order)."""
         self.records += 1
@@ -260,6 +266,8 @@ class SideReplay:
                 internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
                 uid_space=mb.uid_space, flags=flags, explicit={f: at for f in flags},
             )
+            if event.replaces:  # a move (MS-15): the old UID is expunged by the same record
+                self._expunge(mb, event.replaces, lsn)
             mb.uid_key[event.uid] = key
             mb.max_uid = max(mb.max_uid, event.uid)
         elif isinstance(event, FlagsChanged):
@@ -285,10 +293,7 @@ class SideReplay:
         elif isinstance(event, MessagesExpunged):
             mb = self._mailbox(event.mailbox_id)
             for uid in event.uids:
-                msg = self._message(mb, uid)
-                if msg is not None:
-                    msg.expunged_lsn = lsn
-                mb.uid_key.pop(uid, None)
+                self._expunge(mb, uid, lsn)
         elif isinstance(event, MailboxRenumbered):
             mb = self._mailbox(event.mailbox_id)
             present = set(mb.uid_key) | {old for old, _ in event.uids}
@@ -914,7 +919,7 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 if hk is None:
                     continue  # the survivor renumbered the mailbox and the tail never met this UID
                 hm = sr.messages.get(hk)
-                if hk[0] == "new" and (hm is None or hm.lsn >= sm.expunged_lsn):
+                if hk[0] == "new" and (hm is None or hm.lsn > sm.expunged_lsn):
                     continue  # delivered after the expunge: a new arrival, not where the message moved
                 holders.append((u, hk, hm))
             if not holders:
@@ -998,16 +1003,21 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
                 for uid, vm, lm in active:
                     if not [u for u in tgt.uids_of(vm.guid) if u not in collided]:
                         moving.setdefault(vm.guid, []).append(uid)
+                moves = set()
                 for guid, uids in sorted(moving.items(), key=lambda x: max(x[1])):
                     uid = max(uids)
+                    moves.add(uid)
                     p.actions.append(Action("redeliver", "REC-6", tgt.mailbox_id, tgt.name,
                                             {"uid": uid, "guid": guid.hex(), "uid_floor": floor,
                                              "collided": sorted(uids)},
-                                            f"UID {uid} collided: the survivor's message moves to a fresh UID"))
-                p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
-                                        {"uids": sorted(u for u, _, _ in active),
-                                         "guids": [vm.guid.hex() for _, vm, _ in sorted(active, key=lambda x: x[0])]},
-                                        "collided UIDs are expunged once both messages have fresh UIDs"))
+                                            f"UID {uid} collided: the survivor's message moves to a fresh UID "
+                                            f"(one record: delivered there, expunged here)"))
+                rest = sorted((u, vm) for u, vm, _ in active if u not in moves)
+                if rest:
+                    p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
+                                            {"uids": [u for u, _ in rest], "guids": [vm.guid.hex() for _, vm in rest]},
+                                            "collided UIDs whose message lives at another UID are expunged once "
+                                            "it has its fresh UID"))
             elif active:
                 p.actions.append(Action("renumber", "REC-9", tgt.mailbox_id, tgt.name,
                                         {"collisions": sorted(u for u, _, _ in active)},

@@ -541,9 +541,18 @@ class Store:
                 "INSERT INTO bodies VALUES (?,?,1) ON CONFLICT(guid) DO UPDATE SET refs=refs+1", (ev.guid, ev.body)
             )
             mx = xor32(mx, message_hash(ev.uid, ev.guid, ev.flags))
+            count += 1
+            if ev.replaces:  # a move (MS-15): the message leaves its old UID in this record
+                m = c.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?",
+                              (ev.mailbox_id, ev.replaces)).fetchone()
+                if m is not None:
+                    mx = xor32(mx, message_hash(ev.replaces, m[0], m[1].split() if m[1] else ()))
+                    c.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=?", (ev.mailbox_id, ev.replaces))
+                    self._unref(m[0])
+                    count -= 1
             c.execute(
                 "UPDATE mailboxes SET uidnext=?, highestmodseq=?, messages=?, msg_xor=? WHERE mailbox_id=?",
-                (max(uidnext, ev.uid + 1), max(hms, ev.modseq), count + 1, mx, ev.mailbox_id),
+                (max(uidnext, ev.uid + 1), max(hms, ev.modseq), count, mx, ev.mailbox_id),
             )
         elif isinstance(ev, FlagsChanged):
             row = self._mb_row(ev.mailbox_id)
@@ -673,6 +682,14 @@ class Store:
             (mailbox_id,),
         )
         return [(r[0], bytes(r[1]), tuple(r[2].split()) if r[2] else (), r[3], r[4]) for r in rows]
+
+    def message_row(self, mailbox_id: str, uid: int) -> tuple[int, bytes, tuple[str, ...], int, int] | None:
+        """One message as :meth:`message_rows` gives it, or None."""
+        rows = self._read(
+            "SELECT uid, guid, flags, internaldate_ms, delivered_ms FROM messages WHERE mailbox_id=? AND uid=?",
+            (mailbox_id, uid),
+        )
+        return next(((r[0], bytes(r[1]), tuple(r[2].split()) if r[2] else (), r[3], r[4]) for r in rows), None)
 
     def tombstones(self) -> dict[str, str]:
         """Deleted mailboxes: id -> the name it had when deleted."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 from typing import Callable
 
+from engine.events import MessageAppended
 from engine.failover import promote
 from engine.node import Node
 from wal.epochs import find_fork
 
-__all__ = ["follow", "nodes_from_one", "take_over"]
+__all__ = ["copy_keeping_old_uid", "follow", "nodes_from_one", "take_over"]
 
 
 def follow(node: Node, master: Node) -> str | None:
@@ -41,3 +42,22 @@ def nodes_from_one(tmp_path, names: list[str], setup: Callable[[Node], object], 
     for n in nodes[1:]:
         n.set_role("replica")
     return nodes
+
+
+def copy_keeping_old_uid(node: Node, mailbox: str, uid: int, uid_floor: int = 0) -> int:
+    """Deliver the message at ``uid`` again at a fresh UID (same bytes, flags and dates) and
+    leave it at ``uid`` too; returns the fresh UID. The shape an interrupted REC-6 move left
+    before a move was one record (MS-15): logs written then hold it, and the reconciler
+    still meets it (also from a REC-6 expunge of a second collided copy that did not happen)."""
+    row = node.store.message_row(node.state.by_name[mailbox].mailbox_id, uid)
+    body = node.fetch(mailbox, uid)
+    box = {}
+
+    def plan_fn():
+        mb = node.state.by_name[mailbox]
+        box["ev"] = MessageAppended(mb.mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, row[1], body,
+                                    row[2], row[3], row[4])
+        return box["ev"]
+
+    node._write(plan_fn)
+    return box["ev"].uid

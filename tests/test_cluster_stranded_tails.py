@@ -322,18 +322,19 @@ def test_ctl9_walctl_reconcile_merges_a_stranded_tail_before_applying_it(strande
 
 
 def test_ctl9_a_merge_that_fails_changes_no_listing_and_is_made_again(stranded, monkeypatch):
-    """Fault injection: the merge's REC-6 expunges fail. Both tails stay pending as they
+    """Fault injection: the merge's REC-6 moves fail. Both tails stay pending as they
     were, no merged tail is listed, the failed merge's report is kept; the retry merges."""
     from engine.mailerrors import ReadOnlyNodeError
+    from engine.reconcile_apply import _Executor
 
     s = stranded
     before = listing(s.n)
 
     def refuse(self, *args, **kwargs):
-        raise ReadOnlyNodeError("injected: the scratch node refuses the expunge")
+        raise ReadOnlyNodeError("injected: the scratch node refuses the move")
 
     with monkeypatch.context() as m:
-        m.setattr(Node, "expunge", refuse)
+        m.setattr(_Executor, "_do_redeliver", refuse)
         with pytest.raises(TailPlacementError, match="did not complete") as failed:
             place_tail(s.n.path, s.n.log.path, s.t1)
     assert listing(s.n) == before

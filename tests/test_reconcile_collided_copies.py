@@ -16,10 +16,11 @@ from unittest.mock import patch
 
 import pytest
 
+from engine.mailerrors import UnknownUidError
 from engine.node import Node
 from engine.reconcile_apply import ReconcileError, _Executor, apply_reconcile
 from engine.reconciler import Action
-from tests.fork_support import follow, nodes_from_one, take_over
+from tests.fork_support import copy_keeping_old_uid, follow, nodes_from_one, take_over
 
 MAILBOX = "user/u/INBOX"
 
@@ -41,15 +42,16 @@ def test_a_moved_message_whose_old_uid_stayed_survives_a_tail_colliding_with_bot
         take_over(n0, 3)
         t2 = follow(n2, n0)
 
-        # Fault injection: the first apply's REC-6 expunge fails (the node lost its place
-        # between the redelivery and the expunge, in the torture run).
-        def failing_expunge(self, act):
-            raise ReconcileError("injected: the node lost its place before the expunge")
+        # The first apply's REC-6 move as it was before moves were one record (MS-15), interrupted
+        # before the expunge of the old UID (the node lost its place, in the torture run).
+        def move_keeping_old_uid(self, act):
+            uid = copy_keeping_old_uid(self.node, act.mailbox, act.detail["uid"], act.detail["uid_floor"])
+            return {"status": "done", "uid": uid}
 
         with monkeypatch.context() as m:
-            m.setattr(_Executor, "_do_expunge", failing_expunge)
+            m.setattr(_Executor, "_do_redeliver", move_keeping_old_uid)
             first = apply_reconcile(n0, n0.log.path, t2)
-        assert first.status == "failed"
+        assert first.status == "done"
         uids_of_g = sorted(m.uid for m in n0.list_messages(MAILBOX) if m.guid == g.guid)
         assert len(uids_of_g) == 2 and uids_of_g[0] == g.uid  # g at its old UID and at a fresh one
 
@@ -118,32 +120,57 @@ def test_a_rec6_expunge_never_takes_a_messages_last_uid(tmp_path):
         n0.close()
 
 
-# Open (found by the multi-fork model with its 'reconcile-interrupted' event, 2026-11-27): a
-# client's expunge of a collided UID made between an interrupted apply's redelivery and the
-# retry is not carried to the fresh UID, so the message the client expunged stays (the flag
-# variant: a change made in that window is not carried either, REC-6 says only the changes after
-# the retry read the store are). Known and not fixed; README and specs/reconcile.md say so.
-@pytest.mark.xfail(strict=True, reason="open: an interrupted REC-6 move does not carry the client's "
-                                       "later expunge of the old UID to the fresh UID")
-def test_a_client_expunge_of_the_old_uid_after_an_interrupted_move_is_carried(tmp_path):
+# Found by the multi-fork model with its 'reconcile-interrupted' event (2026-11-27): a REC-6
+# move was a redelivery and, later, an expunge of the old UID; an apply interrupted between the
+# two left clients the old UID, and their expunge or flag change of it was not carried to the
+# fresh UID (the expunged message came back, the flag change was lost). A move is now one record
+# (MS-15): an interrupted apply leaves every message at exactly one UID.
+def _interrupted_move(tmp_path):
     n0, n1 = nodes_from_one(tmp_path, ["n0", "n1"], _deliver_base)
+    n0.deliver(MAILBOX, b"Subject: m2\r\n\r\non n0's first branch\r\n")
+    take_over(n1, 2)
+    t0 = follow(n0, n1)  # n0's tail: m2 at UID 2
+    take_over(n0, 3)
+    follow(n1, n0)
+    m3 = n0.deliver(MAILBOX, b"Subject: m3\r\n\r\nacknowledged on n0\r\n")  # UID 2 again: collides
+    real_run = _Executor.run
+
+    def stop_after_the_move(self, act):
+        result = real_run(self, act)
+        if act.kind == "redeliver":
+            raise ReconcileError("injected: the node lost its place right after the move")
+        return result
+
+    with patch.object(_Executor, "run", stop_after_the_move):
+        assert apply_reconcile(n0, n0.log.path, t0).status == "failed"
+    return n0, n1, t0, m3
+
+
+def test_an_interrupted_move_leaves_the_message_at_one_uid_and_a_client_expunge_stands(tmp_path):
+    n0, n1, t0, m3 = _interrupted_move(tmp_path)
     try:
-        n0.deliver(MAILBOX, b"Subject: m2\r\n\r\non n0's first branch\r\n")
-        take_over(n1, 2)
-        t0 = follow(n0, n1)  # n0's tail: m2 at UID 2
-        take_over(n0, 3)
-        follow(n1, n0)
-        m3 = n0.deliver(MAILBOX, b"Subject: m3\r\n\r\nacknowledged on n0\r\n")  # UID 2 again: collides
-
-        def failing_expunge(self, act):
-            raise ReconcileError("injected: the apply stopped before its expunges")
-
-        with patch.object(_Executor, "_do_expunge", failing_expunge):
-            assert apply_reconcile(n0, n0.log.path, t0).status == "failed"
-        assert _guid_counts(n0)[m3.guid] == 2  # m3 at its old UID and its fresh one
-        n0.expunge(MAILBOX, [m3.uid])  # a client expunges m3 (at the UID it knows)
+        [fresh] = [m.uid for m in n0.list_messages(MAILBOX) if m.guid == m3.guid]  # one UID, not two
+        assert fresh > m3.uid
+        with pytest.raises(UnknownUidError):  # the client's old UID is gone, as after an IMAP MOVE
+            n0.expunge(MAILBOX, [m3.uid])
+        n0.expunge(MAILBOX, [fresh])  # the client expunges m3 where it now is
         assert apply_reconcile(n0, n0.log.path, t0).status == "done"
-        assert _guid_counts(n0)[m3.guid] == 0
+        assert _guid_counts(n0)[m3.guid] == 0  # the expunge stands: m3 does not come back
+    finally:
+        n0.close()
+        n1.close()
+
+
+def test_a_flag_change_after_an_interrupted_move_is_kept(tmp_path):
+    n0, n1, t0, m3 = _interrupted_move(tmp_path)
+    try:
+        with pytest.raises(UnknownUidError):
+            n0.store_flags(MAILBOX, [m3.uid], "add", ["\\Seen"])
+        [fresh] = [m.uid for m in n0.list_messages(MAILBOX) if m.guid == m3.guid]
+        n0.store_flags(MAILBOX, [fresh], "add", ["\\Flagged"])
+        assert apply_reconcile(n0, n0.log.path, t0).status == "done"
+        [m] = [m for m in n0.list_messages(MAILBOX) if m.guid == m3.guid]
+        assert m.uid == fresh and m.flags == ("\\Flagged",)
     finally:
         n0.close()
         n1.close()

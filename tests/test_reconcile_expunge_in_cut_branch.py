@@ -14,16 +14,13 @@ reconciled: the message stayed at its old and its fresh UID for ever.
 
 import shutil
 
-import pytest
-
 from engine.cluster import Cluster, ClusterConfig
-from engine.mailerrors import ReadOnlyNodeError
 from engine.node import Node
-from engine.reconcile_apply import ReconcileError, apply_reconcile
+from engine.reconcile_apply import _Executor, apply_reconcile
+from tests.fork_support import copy_keeping_old_uid
 from tests.test_cluster_tails import forked_nodes, tail_args
 
 MAILBOX = "user/u/INBOX"
-
 
 
 def test_a_collision_expunge_in_a_cut_branch_is_not_lost(tmp_path, monkeypatch):
@@ -33,16 +30,19 @@ def test_a_collision_expunge_in_a_cut_branch_is_not_lost(tmp_path, monkeypatch):
         c = Cluster(ClusterConfig(name="a"))
         c.node = a
         args = tail_args(b, fork)
-        # 1st apply on a: copies and redelivers done, then a turns read-only (soft failover)
-        real_expunge = Node.expunge
 
-        def read_only(self, *x, **k):
-            raise ReadOnlyNodeError("soft failover to n in progress")
+        # 1st apply on a: copies done, and the REC-6 moves as they were before a move was one
+        # record (MS-15): redelivered, the old UIDs not expunged yet (a soft failover made a
+        # read-only first)
+        def move_keeping_old_uid(self, act):
+            uid = copy_keeping_old_uid(self.node, act.mailbox, act.detail["uid"], act.detail["uid_floor"])
+            return {"status": "done", "uid": uid}
 
-        monkeypatch.setattr(Node, "expunge", read_only)
-        with pytest.raises(ReconcileError):
+        with monkeypatch.context() as m:
+            m.setattr(_Executor, "_do_redeliver", move_keeping_old_uid)
             c._reconcile_tail(**args)
-        monkeypatch.setattr(Node, "expunge", real_expunge)
+        guids = [m.guid for m in a.list_messages(MAILBOX)]
+        assert len(guids) - len(set(guids)) == 5  # the five collided messages at two UIDs each
         f1 = a.log.last_lsn
         a.close()
         shutil.copytree(tmp_path / "a", tmp_path / "n")  # n: the next master, has everything up to f1

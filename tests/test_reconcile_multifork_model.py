@@ -24,12 +24,10 @@ the way the cluster drives them, without processes:
   Cluster._place_tail, CTL-9), then applied on the master the node follows
   (Cluster._reconcile_tail), or locally if the node is a master itself
   (Cluster._reconcile_locally); then marked reconciled;
-* ``reconcile-interrupted``: the same, but every expunge action of the apply
-  fails (fault injection: the node lost its place between a REC-6
-  redelivery and its expunge, as in torture seed 73): the apply fails, the
-  tail stays pending and is shipped again later, and the survivor holds the
-  moved messages at two UIDs meanwhile. Not drawn while the bug it found is
-  open (see CLUSTER_EVENT).
+* ``reconcile-interrupted``: the same, but the apply stops after its first
+  0 to 3 actions (fault injection: the node lost its place mid-apply, as in
+  torture seed 73): the apply fails, the tail stays pending and is shipped
+  again later, and clients go on using the survivor meanwhile.
 
 At the end one master is the final survivor, every other node follows it,
 and every pending tail is reconciled in a generated order. The checks are
@@ -230,20 +228,26 @@ class World:
         return [(n, t["path"]) for n in sorted(self.nodes) for t in self.nodes[n].diverged_tails()
                 if not t.get("reconciled")]
 
-    def reconcile(self, holder: str, tail: str, *, interrupt: bool = False) -> bool:
+    def reconcile(self, holder: str, tail: str, *, interrupt: int | None = None) -> bool:
         """Ship one pending tail as the cluster does; False when its node has no master to ship to.
 
-        ``interrupt``: every expunge action of the apply fails (injected); the apply fails and
-        the tail stays pending, as a real cluster leaves it for the next attempt."""
-        if interrupt:
-            def failing_expunge(executor, act):
-                raise ReconcileError("injected: the apply stopped before its expunges")
+        ``interrupt``: the apply stops after that many actions (injected); it fails and the
+        tail stays pending, as a real cluster leaves it for the next attempt."""
+        if interrupt is not None:
+            done = []
+            real_run = _Executor.run
 
-            with patch.object(_Executor, "_do_expunge", failing_expunge):
+            def run_then_stop(executor, act):
+                if len(done) >= interrupt:
+                    raise ReconcileError(f"injected: the apply stopped after {interrupt} action(s)")
+                done.append(act.kind)
+                return real_run(executor, act)
+
+            with patch.object(_Executor, "run", run_then_stop):
                 try:
                     return self.reconcile(holder, tail)
                 except ReconcileError:
-                    note("(that apply failed at its expunges, injected; the tail stays pending)")
+                    note(f"(that apply stopped after {done}, injected; the tail stays pending)")
                     self.stats["applies interrupted"] += 1
                     self.last_ms = now_ms()
                     return True
@@ -358,7 +362,7 @@ def run_history(tmp, prefix, replicas, rounds, survivor, order) -> None:
             elif kind in ("reconcile", "reconcile-interrupted"):
                 pending = w.pending()
                 if pending:
-                    w.reconcile(*pending[a % len(pending)], interrupt=kind == "reconcile-interrupted")
+                    w.reconcile(*pending[a % len(pending)], interrupt=b if kind == "reconcile-interrupted" else None)
         masters = w.masters()
         final = masters[survivor % len(masters)]
         note(f"final survivor: {final}")
@@ -384,12 +388,9 @@ def run_history(tmp, prefix, replicas, rounds, survivor, order) -> None:
 
 CLIENT_OP = st.tuples(st.sampled_from(["deliver", "deliver", "flags", "flags", "expunge"]), st.integers(0, 3),
                       st.integers(0, 40), st.integers(0, 40), st.integers(0, 40))
-# 'reconcile-interrupted' is not drawn while the bug it found is open: a client's expunge (or
-# flag change) of a collided UID between an interrupted apply's redelivery and the retry is not
-# carried to the fresh UID (strict xfail in tests/test_reconcile_collided_copies.py; README,
-# Known and not fixed). Put it back in this list with the fix.
 CLUSTER_EVENT = st.tuples(st.sampled_from(["failover", "failover", "promote", "follow", "sync", "copy",
-                                           "reconcile", "reconcile"]), st.integers(0, 3), st.integers(0, 3))
+                                           "reconcile", "reconcile", "reconcile-interrupted"]),
+                          st.integers(0, 3), st.integers(0, 3))
 histories = dict(
     prefix=st.lists(st.integers(0, 14), min_size=1, max_size=4),
     replicas=st.lists(st.integers(0, 3), min_size=1, max_size=2),

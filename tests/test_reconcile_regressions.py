@@ -8,7 +8,10 @@ now checked again under the node's write lock.
 import logging
 import shutil
 
+import pytest
+
 from engine.cluster import Cluster, ClusterConfig
+from engine.mailerrors import UnknownUidError
 from engine.node import Node
 from engine.reconcile_apply import apply_reconcile
 from tests.test_cluster_tails import cluster_on, tail_args
@@ -57,7 +60,7 @@ def test_a_collided_message_delivered_moments_ago_still_moves_to_a_fresh_uid(tmp
     try:
         result = apply_reconcile(a, a.log.path, str(tmp_path / "b" / "log.wal"))
         done = [act.kind for act, r in zip(result.plan.actions, result.results) if r["status"] == "done"]
-        assert done == ["copy_message", "redeliver", "expunge"]
+        assert done == ["copy_message", "redeliver"]
         rows = {m.guid: m.uid for m in a.list_messages(MAILBOX)}
         assert len(rows) == 3 and len(a.list_messages(MAILBOX)) == 3
         from engine.events import body_guid
@@ -98,8 +101,10 @@ def test_flags_the_loser_set_before_expunging_apply_when_the_expunge_does_not(tm
 
 
 # REC-6 (walctl torture, seed 11, second run: an acknowledged \\Answered lost): a flag change
-# a client made on a collided UID between its redelivery at a fresh UID and the expunge of
-# the old UID is made again on the fresh UID.
+# a client made on a collided UID while the apply ran is on the message at its fresh UID. The
+# move is one record (MS-15) planned under the node's write lock with the flags the old UID has
+# then, so a change made before it is moved with the message and one after it is refused (the
+# UID is gone, as an IMAP client sees after a MOVE).
 def test_a_flag_change_on_a_collided_uid_during_the_apply_is_kept(tmp_path, monkeypatch):
     a = Node.init(str(tmp_path / "a"), name="a")
     for i in range(3):
@@ -113,20 +118,23 @@ def test_a_flag_change_on_a_collided_uid_during_the_apply_is_kept(tmp_path, monk
         b.deliver(MAILBOX, b"Subject: loser\r\n\r\nonly on b\r\n")  # same UID: a REC-6 collision
         args = {"log_id": str(b.log.log_id), "first_lsn": fork + 1, "prev_hash": b.log.hash_at(fork),
                 "records": [[r.lsn, r.epoch, r.type, r.payload, r.hash] for r in b.log.read(fork + 1)]}
-        real_expunge = Node.expunge
+        real_fetch = Node.fetch
 
-        def client_flags_first(self, mailbox, uids):
-            # an IMAP client that still sees the old UID flags it, acknowledged, before the expunge
+        def client_flags_meanwhile(self, mailbox, uid):
+            # the apply has read the old UID's row; an IMAP client flags it, acknowledged, before the move
             self.store_flags(mailbox, [collided.uid], "add", ["\\Answered"])
-            return real_expunge(self, mailbox, uids)
+            return real_fetch(self, mailbox, uid)
 
-        monkeypatch.setattr(Node, "expunge", client_flags_first)
+        monkeypatch.setattr(Node, "fetch", client_flags_meanwhile)
         c = Cluster(ClusterConfig(name="a"))
         c.node = a
         c._reconcile_tail(**args)
+        monkeypatch.setattr(Node, "fetch", real_fetch)
         mine = [m for m in a.list_messages(MAILBOX) if m.guid == collided.guid]
         assert len(mine) == 1 and mine[0].uid != collided.uid
         assert "\\Answered" in mine[0].flags, mine[0]
+        with pytest.raises(UnknownUidError):  # after the move, the old UID is refused
+            a.store_flags(MAILBOX, [collided.uid], "add", ["\\Seen"])
     finally:
         a.close()
         b.close()
