@@ -34,7 +34,7 @@ from wal import OS_FILEOPS, WalError
 from wal.epochs import ForkSearch, SeekReader, search_fork
 
 from .errors import EngineError
-from .events import (MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered,
+from .events import (FlagsChanged, MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered,
                      MessageAppended, body_guid, decode_event)
 from .mailerrors import MailStoreError, UnknownUidError
 from .reconciler import (
@@ -677,6 +677,28 @@ class _Executor:
                 uids.remove(uid)
         return {"status": "done", "lsn": lsn, "uids": ok}
 
+    def _do_keep_flag_changes(self, act: Action) -> dict:
+        """CTL-9: log the loser's winning flag changes on a UID the survivor (a merge's scratch
+        node) expunged, each at its own changed_ms, so the merged tail carries them to the
+        reconcile it goes to. They change nothing here: the UID is gone (MS-2: never reused)."""
+        mb = self._mailbox(act)
+        uid = act.detail["uid"]
+        groups: dict[tuple[int, bool], list[str]] = {}
+        for flag, value, changed_ms in act.detail["ops"]:
+            groups.setdefault((int(changed_ms), bool(value)), []).append(flag)
+        lsn = 0
+        for (changed_ms, value), flags in sorted(groups.items()):
+            def plan_fn(flags=flags, value=value, changed_ms=changed_ms):
+                state = self.node.state.by_id.get(mb.mailbox_id)
+                if state is None or uid in state.uids or uid >= state.uidnext:
+                    raise ReconcileError(f"mailbox {act.mailbox!r} UID {uid} is not an expunged UID on the merge's "
+                                         f"node; its flag changes were not kept")
+                return FlagsChanged(mb.mailbox_id, (uid,), "add" if value else "remove", tuple(flags),
+                                    state.highestmodseq + 1, changed_ms)
+
+            lsn = self.node._write(plan_fn)
+        return {"status": "done", "lsn": lsn}
+
     def _do_renumber(self, act: Action) -> dict:
         mb = self._mailbox(act)
         rows = self._rows(mb.mailbox_id)
@@ -702,7 +724,7 @@ class _Executor:
 
 def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber", destructive: bool = False,
                     dry_run: bool = False, progress: Progress | None = None,
-                    on_action: Callable[[int, Action, dict], None] | None = None) -> ApplyResult:
+                    on_action: Callable[[int, Action, dict], None] | None = None, merge: bool = False) -> ApplyResult:
     """Reconcile ``dir_a`` and ``dir_b`` into ``node``, the surviving master (REC-5..REC-12).
 
     The node's log MUST contain the last record of one of the two logs (that
@@ -715,6 +737,8 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
         destructive: also apply the loser's expunges and mailbox deletes (REC-10).
         dry_run: plan only: nothing is written, not even the report.
         on_action: called after each action with (index, action, result).
+        merge: ``node`` is a CTL-9 merge's scratch node (see
+            :func:`engine.reconciler.plan`).
 
     Returns:
         An :class:`ApplyResult`; its report file is ``result.report_path``.
@@ -735,7 +759,8 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
     if wanted:  # REC-14: the loser flagged pre-fork messages the survivor expunged; did they move?
         with SeekReader(node.log.path) as own:
             pre_guids = guids_at_fork(own, rec.search.fork.lsn, wanted)
-    p = plan(rec.diff, survivor, view, strategy=strategy, destructive=destructive, pre_guids=pre_guids)
+    p = plan(rec.diff, survivor, view, strategy=strategy, destructive=destructive, pre_guids=pre_guids,
+             merge=merge)
     result = ApplyResult(rec, p, survivor, dry_run=dry_run)
     for w in p.warnings:
         log.warning(w)

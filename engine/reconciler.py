@@ -165,6 +165,7 @@ class MailboxTrack:
     deleted: tuple[int, str] | None = None
     renumbers: list[tuple[int, int]] = field(default_factory=list)  # (lsn, new uidvalidity)
     uid_key: dict[int, Key] = field(default_factory=dict)  # current UID -> key (only UIDs the tail met)
+    expunged_key: dict[int, Key] = field(default_factory=dict)  # expunged UID -> its key (CTL-9 merges)
     max_uid: int = 0  # greatest UID delivered in the tail
     uid_space: object = "fork"
 
@@ -227,6 +228,7 @@ class SideReplay:
         msg = self._message(mb, uid)
         if msg is not None:
             msg.expunged_lsn = lsn
+            mb.expunged_key[uid] = msg.key
         mb.uid_key.pop(uid, None)
 
     def feed(self, lsn: int, event) -> None:
@@ -273,7 +275,9 @@ class SideReplay:
         elif isinstance(event, FlagsChanged):
             mb = self._mailbox(event.mailbox_id)
             for uid in event.uids:
-                msg = self._message(mb, uid)
+                # A change logged on an expunged UID (only a CTL-9 merge writes one) is its message's.
+                gone = mb.expunged_key.get(uid) if uid not in mb.uid_key else None
+                msg = self.messages.get(gone) if gone is not None else self._message(mb, uid)
                 if msg is None:
                     continue
                 flags = set(event.flags)
@@ -306,6 +310,7 @@ class SideReplay:
                     if key not in self.messages:
                         self.messages[key] = MessageTrack(key, mb.mailbox_id, old)
             mb.uid_key = new_map
+            mb.expunged_key = {}
             mb.renumbers.append((lsn, event.uidvalidity))
             mb.uidvalidity = event.uidvalidity
             mb.uid_space = event.uidvalidity
@@ -637,8 +642,8 @@ class Plan:
                 "warnings": self.warnings, "counts": self.counts()}
 
 
-_ORDER = {"create_mailbox": 0, "rename_mailbox": 1, "copy_message": 2, "set_flags": 3, "redeliver": 4,
-          "expunge": 5, "renumber": 6, "delete_mailbox": 7}
+_ORDER = {"create_mailbox": 0, "rename_mailbox": 1, "copy_message": 2, "set_flags": 3, "keep_flag_changes": 3,
+          "redeliver": 4, "expunge": 5, "renumber": 6, "delete_mailbox": 7}
 
 
 def arrival_order(messages: Iterable[MessageView]) -> list[int]:
@@ -720,6 +725,22 @@ def _one_per_guid(tracks: Iterable[MessageTrack]) -> list[MessageTrack]:
     return out
 
 
+def _winning_ops(lm: MessageTrack, sm: MessageTrack) -> list[list]:
+    """``[flag, value, changed_ms]`` for each flag whose loser operation wins over the
+    survivor's (REC-8), in flag order."""
+    out = []
+    for flag in sorted(lm.touched_flags()):
+        winner, op = resolve_flag(sm.op(flag), lm.op(flag))
+        if winner == "loser":
+            out.append([flag, op.value, op.changed_ms])
+    return out
+
+
+def _latest(ops: Iterable[FlagOp | None]) -> FlagOp | None:
+    """The operation logged last (greatest LSN) among ``ops`` of one log, None if none."""
+    return max((op for op in ops if op is not None), key=lambda op: op.lsn, default=None)
+
+
 def _survivor_ops(moved: MessageTrack, holder: MessageTrack | None, key: Key, guid: bytes) -> MessageTrack:
     """REC-14: the survivor's operations on a message it moved from one UID to another.
 
@@ -736,7 +757,7 @@ def _survivor_ops(moved: MessageTrack, holder: MessageTrack | None, key: Key, gu
 
 
 def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumber",
-         destructive: bool = False, pre_guids: dict[Key, bytes] | None = None) -> Plan:
+         destructive: bool = False, pre_guids: dict[Key, bytes] | None = None, merge: bool = False) -> Plan:
     """The actions that merge the loser's tail into the survivor (REC-5..REC-12).
 
     Args:
@@ -748,6 +769,10 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         pre_guids: ``("pre", mailbox id, UID at the fork) -> GUID`` from the
             shared prefix, for the keys :func:`moved_keys_wanted` lists
             (REC-14). A key missing here is treated as expunged for good.
+        merge: the survivor is a CTL-9 merge's scratch node, whose records
+            become a tail reconciled again later: a loser's flag change on a
+            message the survivor expunged is kept (``keep_flag_changes``),
+            not dropped, since that expunge may never be applied (REC-10).
     """
     pre_guids = pre_guids or {}
     if survivor not in ("a", "b"):
@@ -934,23 +959,44 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         # unless destructive (REC-10), and then its flags are the loser's like any other's.
         touched = [m for m in [*lr.messages_in(lt.mailbox_id, "pre"), *loser_new]
                    if (m.alive or not destructive) and (m.explicit or m.baseline)]
+        # REC-8: several of the loser's tracks can be one survivor message (a pre-fork UID the
+        # survivor moved, and the loser's own delivery of that GUID): its operations per flag
+        # are the latest on any of them, as in REC-5, and it gets one set_flags action.
+        same_message: dict[int, list[tuple[MessageTrack, MessageTrack | None]]] = {}
+        targets: dict[int, MessageView] = {}
         for lm in sorted(touched, key=lambda m: (m.key[0], m.uid)):
             sm, vm = survivor_msg(lm.key, lm)
             if vm is None:
                 if lm.key[0] == "pre" and sm is not None and sm.expunged_lsn is not None:
-                    decide("REC-14", label, f"UID {lm.key[2]} (from before the fork) was expunged on the survivor "
-                                           f"at LSN {sm.expunged_lsn} and lives on at no other UID: the loser's "
-                                           f"flag changes on it are dropped", uid=lm.key[2])
+                    kept = _winning_ops(lm, sm) if merge and not sm.gone_with_mailbox and st is not None \
+                        and not st.renumbered else None
+                    if kept:
+                        decide("CTL-9", label, f"UID {lm.key[2]} (from before the fork) was expunged on the "
+                                               f"survivor at LSN {sm.expunged_lsn}; the merged tail keeps the "
+                                               f"loser's flag changes on it for the reconcile it goes to",
+                               uid=lm.key[2])
+                        p.actions.append(Action("keep_flag_changes", "CTL-9", tgt.mailbox_id, tgt.name,
+                                                {"uid": lm.key[2], "ops": kept},
+                                                "flag changes on a message the merge's newer tail expunged"))
+                    elif kept is None:
+                        decide("REC-14", label, f"UID {lm.key[2]} (from before the fork) was expunged on the "
+                                               f"survivor at LSN {sm.expunged_lsn} and lives on at no other UID: "
+                                               f"the loser's flag changes on it are dropped", uid=lm.key[2])
                 continue
             if lm.guid is not None and vm.guid != lm.guid:
                 p.warnings.append(f"mailbox {label!r} UID {vm.uid}: GUID {vm.guid.hex()[:16]} on the survivor, "
                                   f"{lm.guid.hex()[:16]} expected; flags left alone")
                 continue
+            targets[vm.uid] = vm
+            same_message.setdefault(vm.uid, []).append((lm, sm))
+        for uid, tracks in same_message.items():
+            vm = targets[uid]
             add, remove, changed = [], [], {}
             record: dict[str, list[str]] = {"add": [], "remove": []}
-            for flag in sorted(lm.touched_flags() | (sm.touched_flags() if sm else set()) | set(vm.flags)):
-                lop = lm.op(flag)
-                sop = sm.op(flag) if sm is not None else None
+            touched_flags = set(vm.flags).union(*(t.touched_flags() for pair in tracks for t in pair if t))
+            for flag in sorted(touched_flags):
+                lop = _latest(lm.op(flag) for lm, _ in tracks)
+                sop = _latest(sm.op(flag) for _, sm in tracks if sm is not None)
                 winner, op = resolve_flag(sop, lop)
                 if winner != "loser":
                     if winner == "survivor" and lop is not None and sop.value != lop.value:

@@ -303,7 +303,8 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
         scratch = _build_scratch(scratch_dir, log_id, sources, segment_max_bytes)
         try:
             _raise_uidnext(scratch, uid_floors)
-            result = apply_reconcile(scratch, scratch.log.path, tail, strategy=strategy, destructive=destructive)
+            result = apply_reconcile(scratch, scratch.log.path, tail, strategy=strategy, destructive=destructive,
+                                     merge=True)
             scratch_log = scratch.log.path
         finally:
             scratch.close()

@@ -12,7 +12,7 @@ MAILBOX = "user/u/INBOX"
 
 
 def _move(node: Node, uid: int) -> int:
-    row = node.store.message_row(node.state.by_name[MAILBOX].mailbox_id, uid)
+    row = node._read_fresh(lambda store: store.message_row(node.state.by_name[MAILBOX].mailbox_id, uid))
     body = node.fetch(MAILBOX, uid)
 
     def plan_fn():

@@ -61,7 +61,7 @@ import time
 from unittest.mock import patch
 
 import pytest
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from engine.cluster import Cluster, ClusterConfig
@@ -400,9 +400,26 @@ histories = dict(
 )
 
 
+_D = ("deliver", 0, 0, 0, 0)
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(**histories)
+# Found by the 400-example run (2026-11-27), both failing before the fix. REC-8: a loser's
+# pre-fork UID the survivor moved and the loser's own delivery of that GUID are one message;
+# each track's \Seen became its own set_flags action, the older one logged last, so the same
+# apply run again planned a change (REC-12).
+@example(prefix=[0], replicas=[1], rounds=[([], ("failover", 0, 0)), ([_D, _D], ("reconcile", 0, 0)),
+                                           ([], ("failover", 0, 0)), ([_D, _D], ("failover", 0, 0)),
+                                           ([("flags", 0, 0, 1, 0)], ("reconcile", 2, 0)), ([], ("failover", 0, 0))],
+         survivor=0, order=[])
+# CTL-9: a stranded tail's \Seen on a message the newer tail expunged was dropped by the
+# merge (REC-14 against the scratch node), and that expunge is a loser's, never applied: the
+# acknowledged \Seen was lost.
+@example(prefix=[0], replicas=[0, 0], rounds=[([], ("failover", 0, 0)), ([_D, ("flags", 0, 0, 0, 0)], ("failover", 0, 0)),
+                                              ([], ("failover", 0, 0)), ([_D, ("expunge", 0, 0, 0, 0)], ("failover", 1, 0))],
+         survivor=0, order=[])
 def test_rec5_rec6_rec8_rec12_rec14_ctl9_multifork_histories_converge(tmp_path_factory, prefix, replicas, rounds,
                                                                      survivor, order):
     run_history(tmp_path_factory.mktemp("multifork"), prefix, replicas, rounds, survivor, order)
