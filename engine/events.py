@@ -134,7 +134,7 @@ class MailboxDeleted:
 
 @dataclass(frozen=True)
 class MessageAppended:
-    """A message delivered at ``uid``; with ``replaces`` (MS-15), a move: the
+    """A message delivered at ``uid``; with ``replaces`` (MS-16), a move: the
     same message leaves UID ``replaces`` of the mailbox in the same record."""
 
     TYPE: ClassVar[int] = 4

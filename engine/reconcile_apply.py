@@ -465,7 +465,7 @@ class _Executor:
         mailbox since the plan was made (at a UID not in ``leaving``, the ones a
         move leaves or the plan's REC-6 expunge removes).
 
-        With ``replaces`` the record is a move (MS-15): the message leaves that
+        With ``replaces`` the record is a move (MS-16): the message leaves that
         UID in the same record, with the flags it has there when the record is
         planned (``flags`` is ignored). Under the state lock no write can come
         in between, so no client change to the old UID is ever lost and an

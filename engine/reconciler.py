@@ -268,7 +268,7 @@ class SideReplay:
                 internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
                 uid_space=mb.uid_space, flags=flags, explicit={f: at for f in flags},
             )
-            if event.replaces:  # a move (MS-15): the old UID is expunged by the same record
+            if event.replaces:  # a move (MS-16): the old UID is expunged by the same record
                 self._expunge(mb, event.replaces, lsn)
             mb.uid_key[event.uid] = key
             mb.max_uid = max(mb.max_uid, event.uid)

@@ -297,7 +297,7 @@ class DecisionState:
             mb = self.by_id.get(event.mailbox_id)
             if mb is not None:
                 mb.uids.add(event.uid)
-                mb.uids.discard(event.replaces)  # a move (MS-15); 0 is never a UID
+                mb.uids.discard(event.replaces)  # a move (MS-16); 0 is never a UID
                 mb.uidnext = max(mb.uidnext, event.uid + 1)
                 mb.highestmodseq = max(mb.highestmodseq, event.modseq)
                 mb.recent[event.guid] = (event.uid, event.delivered_ms)

@@ -542,7 +542,7 @@ class Store:
             )
             mx = xor32(mx, message_hash(ev.uid, ev.guid, ev.flags))
             count += 1
-            if ev.replaces:  # a move (MS-15): the message leaves its old UID in this record
+            if ev.replaces:  # a move (MS-16): the message leaves its old UID in this record
                 m = c.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?",
                               (ev.mailbox_id, ev.replaces)).fetchone()
                 if m is not None:
