@@ -263,12 +263,20 @@ class SideReplay:
             key = ("new", event.mailbox_id, lsn)
             flags = set(event.flags)
             at = FlagOp(True, event.delivered_ms, lsn, "append")
+            explicit, baseline = {f: at for f in flags}, None
+            if event.replaces:
+                # A move (MS-16): the same message at a new UID, and the old UID expunged by the
+                # same record. Its flags were copied, not set by a client: its operations since
+                # the fork are the old UID's (none if the tail never touched it).
+                old = self._message(mb, event.replaces)
+                explicit = dict(old.explicit) if old is not None else {}
+                baseline = old.baseline if old is not None else None
             self.messages[key] = MessageTrack(
                 key, event.mailbox_id, event.uid, guid=event.guid, size=len(event.body),
                 internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
-                uid_space=mb.uid_space, flags=flags, explicit={f: at for f in flags},
+                uid_space=mb.uid_space, flags=flags, explicit=explicit, baseline=baseline,
             )
-            if event.replaces:  # a move (MS-16): the old UID is expunged by the same record
+            if event.replaces:
                 self._expunge(mb, event.replaces, lsn)
             mb.uid_key[event.uid] = key
             mb.max_uid = max(mb.max_uid, event.uid)

@@ -420,6 +420,15 @@ _D = ("deliver", 0, 0, 0, 0)
 @example(prefix=[0], replicas=[0, 0], rounds=[([], ("failover", 0, 0)), ([_D, ("flags", 0, 0, 0, 0)], ("failover", 0, 0)),
                                               ([], ("failover", 0, 0)), ([_D, ("expunge", 0, 0, 0, 0)], ("failover", 1, 0))],
          survivor=0, order=[])
+# Found by the default run (2026-11-27; fails on the code before the fix too): a tail holding an
+# apply's move of a pre-fork message counted the move's copied \\Seen as a client's add at the
+# original delivery time, and the survivor's side was only its own move record, not its later
+# remove on the old UID: \\Seen came back. A move's track carries the old UID's operations.
+@example(prefix=[0], replicas=[0], rounds=[([("deliver", 0, 38, 0, 0)], ("failover", 0, 0)),
+                                           ([_D, _D, ("deliver", 0, 26, 27, 0)], ("reconcile", 0, 0)),
+                                           ([], ("failover", 0, 0)),
+                                           ([_D, _D, _D, ("flags", 0, 2, 0, 1)], ("failover", 0, 0))],
+         survivor=0, order=[3])
 def test_rec5_rec6_rec8_rec12_rec14_ctl9_multifork_histories_converge(tmp_path_factory, prefix, replicas, rounds,
                                                                      survivor, order):
     run_history(tmp_path_factory.mktemp("multifork"), prefix, replicas, rounds, survivor, order)
