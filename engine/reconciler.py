@@ -129,6 +129,7 @@ class MessageTrack:
     baseline: tuple[frozenset, FlagOp] | None = None  # the last replace
     changes: list[dict] = field(default_factory=list)
     expunged_lsn: int | None = None
+    moved: bool = False  # the expunge was a move's (MS-16): the message lives on at another UID
     gone_with_mailbox: bool = False
 
     def op(self, flag: str) -> FlagOp | None:
@@ -224,10 +225,11 @@ class SideReplay:
             mb.uid_key[uid] = key
         return msg
 
-    def _expunge(self, mb: MailboxTrack, uid: int, lsn: int) -> None:
+    def _expunge(self, mb: MailboxTrack, uid: int, lsn: int, *, moved: bool = False) -> None:
         msg = self._message(mb, uid)
         if msg is not None:
             msg.expunged_lsn = lsn
+            msg.moved = moved
             mb.expunged_key[uid] = msg.key
         mb.uid_key.pop(uid, None)
 
@@ -277,7 +279,7 @@ class SideReplay:
                 uid_space=mb.uid_space, flags=flags, explicit=explicit, baseline=baseline,
             )
             if event.replaces:
-                self._expunge(mb, event.replaces, lsn)
+                self._expunge(mb, event.replaces, lsn, moved=True)
             mb.uid_key[event.uid] = key
             mb.max_uid = max(mb.max_uid, event.uid)
         elif isinstance(event, FlagsChanged):
@@ -1082,8 +1084,8 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             gone = []
             moved: dict[bytes, list[tuple[int, MessageTrack]]] = {}
             for lm in lr.messages_in(lt.mailbox_id, "pre"):
-                if lm.expunged_lsn is None:
-                    continue
+                if lm.expunged_lsn is None or lm.moved:
+                    continue  # a move (MS-16) is not an expunge: the message lives on
                 sm = sr.messages.get(lm.key)
                 uid = st.uid_of(lm.key, sm is not None and not sm.alive) if st is not None else lm.key[2]
                 if uid is None or uid not in tgt.messages:

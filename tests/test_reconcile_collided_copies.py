@@ -174,3 +174,27 @@ def test_a_flag_change_after_an_interrupted_move_is_kept(tmp_path):
     finally:
         n0.close()
         n1.close()
+
+
+def test_a_destructive_apply_of_a_tail_holding_a_move_keeps_the_message(tmp_path):
+    # REC-10 with MS-16: the loser's tail moved a message from before the fork (its node had
+    # reconciled a collision); --apply-destructive applies the loser's expunges, and the move's
+    # removal of the old UID is not one (the message was lost: the survivor holds it only at
+    # that UID, so it was not copied back either).
+    n0, n1, n2 = nodes_from_one(tmp_path, ["n0", "n1", "n2"], _deliver_base)
+    try:
+        g = n0.deliver(MAILBOX, b"Subject: g\r\n\r\nacknowledged on n0\r\n")  # UID 2
+        follow(n1, n0)  # n1 holds g
+        take_over(n2, 2)
+        y = n2.deliver(MAILBOX, b"Subject: y\r\n\r\nacknowledged on n2\r\n")  # UID 2 as well
+        t2 = follow(n2, n0)
+        assert apply_reconcile(n0, n0.log.path, t2).status == "done"  # n0 moves g to a fresh UID
+        take_over(n1, 3)
+        t0 = follow(n0, n1)  # n0's tail: y's copy and g's move
+        assert apply_reconcile(n1, n1.log.path, t0, destructive=True).status == "done"
+        counts = _guid_counts(n1)
+        assert counts[g.guid] == 1 and counts[y.guid] == 1, counts
+        assert apply_reconcile(n1, n1.log.path, t0, destructive=True, dry_run=True).plan.actions == []
+    finally:
+        for n in (n0, n1, n2):
+            n.close()
