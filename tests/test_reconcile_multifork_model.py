@@ -69,6 +69,7 @@ from engine.events import decode_event
 from engine.failover import promote
 from engine.node import Node
 from engine.reconcile_apply import ReconcileError, _Executor, apply_reconcile
+from engine.tail_placement import TailPlacementError
 from wal import Log
 from wal.epochs import find_fork
 
@@ -246,7 +247,7 @@ class World:
             with patch.object(_Executor, "run", run_then_stop):
                 try:
                     return self.reconcile(holder, tail)
-                except ReconcileError:
+                except (ReconcileError, TailPlacementError):  # the apply, or a CTL-9 merge's
                     note(f"(that apply stopped after {done}, injected; the tail stays pending)")
                     self.stats["applies interrupted"] += 1
                     self.last_ms = now_ms()
@@ -429,6 +430,11 @@ _D = ("deliver", 0, 0, 0, 0)
                                            ([], ("failover", 0, 0)),
                                            ([_D, _D, _D, ("flags", 0, 2, 0, 1)], ("failover", 0, 0))],
          survivor=0, order=[3])
+# An apply stopped before its first action inside a CTL-9 merge: the merge fails
+# (TailPlacementError), both tails stay pending and the later reconciles merge them.
+@example(prefix=[0], replicas=[1, 1], rounds=[([], ("failover", 1, 0)), ([], ("failover", 0, 0)),
+                                              ([], ("failover", 0, 0)), ([], ("reconcile-interrupted", 0, 0))],
+         survivor=0, order=[])
 def test_rec5_rec6_rec8_rec12_rec14_ctl9_multifork_histories_converge(tmp_path_factory, prefix, replicas, rounds,
                                                                      survivor, order):
     run_history(tmp_path_factory.mktemp("multifork"), prefix, replicas, rounds, survivor, order)
