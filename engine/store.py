@@ -543,13 +543,7 @@ class Store:
             mx = xor32(mx, message_hash(ev.uid, ev.guid, ev.flags))
             count += 1
             if ev.replaces:  # a move (MS-16): the message leaves its old UID in this record
-                m = c.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?",
-                              (ev.mailbox_id, ev.replaces)).fetchone()
-                if m is not None:
-                    mx = xor32(mx, message_hash(ev.replaces, m[0], m[1].split() if m[1] else ()))
-                    c.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=?", (ev.mailbox_id, ev.replaces))
-                    self._unref(m[0])
-                    count -= 1
+                mx, count = self._remove_message(ev.mailbox_id, ev.replaces, mx, count)
             c.execute(
                 "UPDATE mailboxes SET uidnext=?, highestmodseq=?, messages=?, msg_xor=? WHERE mailbox_id=?",
                 (max(uidnext, ev.uid + 1), max(hms, ev.modseq), count, mx, ev.mailbox_id),
@@ -591,16 +585,7 @@ class Store:
                 return
             _, _, hms, count, mx = row
             for uid in ev.uids:
-                m = c.execute(
-                    "SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?", (ev.mailbox_id, uid)
-                ).fetchone()
-                if m is None:
-                    continue
-                guid, flags_s = m
-                mx = xor32(mx, message_hash(uid, guid, flags_s.split() if flags_s else ()))
-                c.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=?", (ev.mailbox_id, uid))
-                self._unref(guid)
-                count -= 1
+                mx, count = self._remove_message(ev.mailbox_id, uid, mx, count)
             c.execute(
                 "UPDATE mailboxes SET highestmodseq=?, messages=?, msg_xor=? WHERE mailbox_id=?",
                 (max(hms, ev.modseq), count, mx, ev.mailbox_id),
@@ -632,6 +617,17 @@ class Store:
             pass
         else:  # pragma: no cover - decode_event only returns known types
             raise ValueError(f"cannot apply {type(ev).__name__}")
+
+    def _remove_message(self, mailbox_id: str, uid: int, mx: bytes, count: int) -> tuple[bytes, int]:
+        """Delete one message row if present; the mailbox's digest XOR and count after it."""
+        m = self.conn.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?",
+                              (mailbox_id, uid)).fetchone()
+        if m is None:
+            return mx, count
+        guid, flags_s = m
+        self.conn.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=?", (mailbox_id, uid))
+        self._unref(guid)
+        return xor32(mx, message_hash(uid, guid, flags_s.split() if flags_s else ())), count - 1
 
     def _unref(self, guid: bytes) -> None:
         self.conn.execute("UPDATE bodies SET refs=refs-1 WHERE guid=?", (guid,))

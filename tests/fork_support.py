@@ -47,7 +47,7 @@ def nodes_from_one(tmp_path, names: list[str], setup: Callable[[Node], object], 
 def copy_keeping_old_uid(node: Node, mailbox: str, uid: int, uid_floor: int = 0) -> int:
     """Deliver the message at ``uid`` again at a fresh UID (same bytes, flags and dates) and
     leave it at ``uid`` too; returns the fresh UID. The shape an interrupted REC-6 move left
-    before a move was one record (MS-15): logs written then hold it, and the reconciler
+    before a move was one record (MS-16): logs written then hold it, and the reconciler
     still meets it (also from a REC-6 expunge of a second collided copy that did not happen)."""
     row = node._read_fresh(lambda store: store.message_row(node.state.by_name[mailbox].mailbox_id, uid))
     body = node.fetch(mailbox, uid)
