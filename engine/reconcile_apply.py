@@ -571,7 +571,7 @@ class _Executor:
         return {"status": "done", "uid": uid, "lsn": lsn}
 
     def _check_guid(self, act: Action, mailbox_id: str, uid: int, guid_hex: str) -> tuple | None:
-        row = self._rows(mailbox_id).get(uid)
+        row = self.node._read_fresh(lambda store: store.message_row(mailbox_id, uid))
         if row is None:
             return None
         if row[1].hex() != guid_hex:

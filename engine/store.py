@@ -671,21 +671,20 @@ class Store:
             (mailbox_id, since_ms),
         )
 
+    _ROW_SQL = "SELECT uid, guid, flags, internaldate_ms, delivered_ms FROM messages WHERE mailbox_id=?"
+
+    @staticmethod
+    def _row(r) -> tuple[int, bytes, tuple[str, ...], int, int]:
+        return r[0], bytes(r[1]), tuple(r[2].split()) if r[2] else (), r[3], r[4]
+
     def message_rows(self, mailbox_id: str) -> list[tuple[int, bytes, tuple[str, ...], int, int]]:
         """``(uid, guid, flags, internaldate_ms, delivered_ms)`` of every message, by UID (no bodies)."""
-        rows = self._read(
-            "SELECT uid, guid, flags, internaldate_ms, delivered_ms FROM messages WHERE mailbox_id=? ORDER BY uid",
-            (mailbox_id,),
-        )
-        return [(r[0], bytes(r[1]), tuple(r[2].split()) if r[2] else (), r[3], r[4]) for r in rows]
+        return [self._row(r) for r in self._read(self._ROW_SQL + " ORDER BY uid", (mailbox_id,))]
 
     def message_row(self, mailbox_id: str, uid: int) -> tuple[int, bytes, tuple[str, ...], int, int] | None:
         """One message as :meth:`message_rows` gives it, or None."""
-        rows = self._read(
-            "SELECT uid, guid, flags, internaldate_ms, delivered_ms FROM messages WHERE mailbox_id=? AND uid=?",
-            (mailbox_id, uid),
-        )
-        return next(((r[0], bytes(r[1]), tuple(r[2].split()) if r[2] else (), r[3], r[4]) for r in rows), None)
+        rows = self._read(self._ROW_SQL + " AND uid=?", (mailbox_id, uid))
+        return self._row(rows[0]) if rows else None
 
     def tombstones(self) -> dict[str, str]:
         """Deleted mailboxes: id -> the name it had when deleted."""

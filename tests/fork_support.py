@@ -11,7 +11,7 @@ from engine.failover import promote
 from engine.node import Node
 from wal.epochs import find_fork
 
-__all__ = ["copy_keeping_old_uid", "follow", "nodes_from_one", "take_over"]
+__all__ = ["deliver_again", "follow", "nodes_from_one", "take_over", "two_record_redeliver"]
 
 
 def follow(node: Node, master: Node) -> str | None:
@@ -44,11 +44,12 @@ def nodes_from_one(tmp_path, names: list[str], setup: Callable[[Node], object], 
     return nodes
 
 
-def copy_keeping_old_uid(node: Node, mailbox: str, uid: int, uid_floor: int = 0) -> int:
-    """Deliver the message at ``uid`` again at a fresh UID (same bytes, flags and dates) and
-    leave it at ``uid`` too; returns the fresh UID. The shape an interrupted REC-6 move left
-    before a move was one record (MS-16): logs written then hold it, and the reconciler
-    still meets it (also from a REC-6 expunge of a second collided copy that did not happen)."""
+def deliver_again(node: Node, mailbox: str, uid: int, *, uid_floor: int = 0, move: bool = False) -> int:
+    """Deliver the message at ``uid`` again at a fresh UID >= ``uid_floor`` (same bytes, flags
+    and dates); returns the fresh UID. With ``move`` the record also takes ``uid`` away (MS-16).
+    Without it the message stays at ``uid`` too: the shape an interrupted REC-6 move left
+    before a move was one record; logs written then hold it, and the reconciler still meets
+    it (also from a REC-6 expunge of a second collided copy that did not happen)."""
     row = node._read_fresh(lambda store: store.message_row(node.state.by_name[mailbox].mailbox_id, uid))
     body = node.fetch(mailbox, uid)
     box = {}
@@ -56,8 +57,15 @@ def copy_keeping_old_uid(node: Node, mailbox: str, uid: int, uid_floor: int = 0)
     def plan_fn():
         mb = node.state.by_name[mailbox]
         box["ev"] = MessageAppended(mb.mailbox_id, max(mb.uidnext, uid_floor), mb.highestmodseq + 1, row[1], body,
-                                    row[2], row[3], row[4])
+                                    row[2], row[3], row[4], replaces=uid if move else 0)
         return box["ev"]
 
     node._write(plan_fn)
     return box["ev"].uid
+
+
+def two_record_redeliver(executor, act) -> dict:
+    """A stand-in for ``_Executor._do_redeliver`` as it was before a move was one record
+    (MS-16), stopped before the expunge of the old UID: the message is at both UIDs."""
+    uid = deliver_again(executor.node, act.mailbox, act.detail["uid"], uid_floor=act.detail["uid_floor"])
+    return {"status": "done", "uid": uid}

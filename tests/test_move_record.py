@@ -4,23 +4,11 @@ the log, and in the decision state (the old UID is refused afterwards)."""
 
 import pytest
 
-from engine.events import MessageAppended
 from engine.mailerrors import UnknownUidError
 from engine.node import Node, rebuild_store
+from tests.fork_support import deliver_again
 
 MAILBOX = "user/u/INBOX"
-
-
-def _move(node: Node, uid: int) -> int:
-    row = node._read_fresh(lambda store: store.message_row(node.state.by_name[MAILBOX].mailbox_id, uid))
-    body = node.fetch(MAILBOX, uid)
-
-    def plan_fn():
-        mb = node.state.by_name[MAILBOX]
-        return MessageAppended(mb.mailbox_id, mb.uidnext + 3, mb.highestmodseq + 1, row[1], body, row[2], row[3],
-                               row[4], replaces=uid)
-
-    return node._write(plan_fn)
 
 
 def test_ms16_a_move_record_takes_the_old_uid_away_everywhere(tmp_path):
@@ -29,7 +17,8 @@ def test_ms16_a_move_record_takes_the_old_uid_away_everywhere(tmp_path):
     try:
         first = node.deliver(MAILBOX, b"Subject: 1\r\n\r\nmoved\r\n", create=True, flags=["\\Seen"])
         second = node.deliver(MAILBOX, b"Subject: 2\r\n\r\nstays\r\n")
-        _move(node, first.uid)
+        mb = node.state.by_name[MAILBOX]
+        deliver_again(node, MAILBOX, first.uid, uid_floor=mb.uidnext + 3, move=True)
         msgs = {m.uid: m for m in node.list_messages(MAILBOX)}
         assert sorted(msgs) == [second.uid, second.uid + 4]
         moved = msgs[second.uid + 4]

@@ -178,7 +178,7 @@ def test_rec5_copies_in_arrival_order_above_both_uidnexts():
     assert copies[0].detail["flags"] == ["\\Seen"] and copies[2].detail["flags"] == ["\\Answered"]
     assert copies[1].detail["uid_floor"] == 7  # REC-6: above the loser's greatest UID
     kinds = [x.kind for x in p.actions]
-    assert kinds == ["copy_message"] * 3 + ["redeliver"]  # MS-15: the move expunges UID 5 itself
+    assert kinds == ["copy_message"] * 3 + ["redeliver"]  # MS-16: the move expunges UID 5 itself
 
 
 def test_rec5_rec12_nothing_to_copy_when_the_guid_is_there():

@@ -6,9 +6,9 @@ UID and never expunged the old one (the node lost its place first), so the
 survivor held the message at two UIDs. A later tail collided with both. The
 plan looked, for each collided UID, for "another UID" holding the message,
 found the other collided one each time, planned no redelivery and expunged
-both. Now the plan redelivers a GUID that no UID outside the collided ones
-holds (once, from its greatest UID), and the apply never lets a REC-6 expunge
-take a message's last UID.
+both. Now the plan moves a GUID that no UID outside the collided ones holds
+(once, from its greatest UID), and the apply never lets a REC-6 expunge take
+a message's last UID.
 """
 
 from collections import Counter
@@ -20,7 +20,7 @@ from engine.mailerrors import UnknownUidError
 from engine.node import Node
 from engine.reconcile_apply import ReconcileError, _Executor, apply_reconcile
 from engine.reconciler import Action
-from tests.fork_support import copy_keeping_old_uid, follow, nodes_from_one, take_over
+from tests.fork_support import follow, nodes_from_one, take_over, two_record_redeliver
 
 MAILBOX = "user/u/INBOX"
 
@@ -42,14 +42,10 @@ def test_a_moved_message_whose_old_uid_stayed_survives_a_tail_colliding_with_bot
         take_over(n0, 3)
         t2 = follow(n2, n0)
 
-        # The first apply's REC-6 move as it was before moves were one record (MS-15), interrupted
+        # The first apply's REC-6 move as it was before moves were one record (MS-16), interrupted
         # before the expunge of the old UID (the node lost its place, in the torture run).
-        def move_keeping_old_uid(self, act):
-            uid = copy_keeping_old_uid(self.node, act.mailbox, act.detail["uid"], act.detail["uid_floor"])
-            return {"status": "done", "uid": uid}
-
         with monkeypatch.context() as m:
-            m.setattr(_Executor, "_do_redeliver", move_keeping_old_uid)
+            m.setattr(_Executor, "_do_redeliver", two_record_redeliver)
             first = apply_reconcile(n0, n0.log.path, t2)
         assert first.status == "done"
         uids_of_g = sorted(m.uid for m in n0.list_messages(MAILBOX) if m.guid == g.guid)
@@ -124,7 +120,7 @@ def test_a_rec6_expunge_never_takes_a_messages_last_uid(tmp_path):
 # move was a redelivery and, later, an expunge of the old UID; an apply interrupted between the
 # two left clients the old UID, and their expunge or flag change of it was not carried to the
 # fresh UID (the expunged message came back, the flag change was lost). A move is now one record
-# (MS-15): an interrupted apply leaves every message at exactly one UID.
+# (MS-16): an interrupted apply leaves every message at exactly one UID.
 def _interrupted_move(tmp_path):
     n0, n1 = nodes_from_one(tmp_path, ["n0", "n1"], _deliver_base)
     n0.deliver(MAILBOX, b"Subject: m2\r\n\r\non n0's first branch\r\n")

@@ -17,7 +17,7 @@ import shutil
 from engine.cluster import Cluster, ClusterConfig
 from engine.node import Node
 from engine.reconcile_apply import _Executor, apply_reconcile
-from tests.fork_support import copy_keeping_old_uid
+from tests.fork_support import two_record_redeliver
 from tests.test_cluster_tails import forked_nodes, tail_args
 
 MAILBOX = "user/u/INBOX"
@@ -32,14 +32,10 @@ def test_a_collision_expunge_in_a_cut_branch_is_not_lost(tmp_path, monkeypatch):
         args = tail_args(b, fork)
 
         # 1st apply on a: copies done, and the REC-6 moves as they were before a move was one
-        # record (MS-15): redelivered, the old UIDs not expunged yet (a soft failover made a
+        # record (MS-16): redelivered, the old UIDs not expunged yet (a soft failover made a
         # read-only first)
-        def move_keeping_old_uid(self, act):
-            uid = copy_keeping_old_uid(self.node, act.mailbox, act.detail["uid"], act.detail["uid_floor"])
-            return {"status": "done", "uid": uid}
-
         with monkeypatch.context() as m:
-            m.setattr(_Executor, "_do_redeliver", move_keeping_old_uid)
+            m.setattr(_Executor, "_do_redeliver", two_record_redeliver)
             c._reconcile_tail(**args)
         guids = [m.guid for m in a.list_messages(MAILBOX)]
         assert len(guids) - len(set(guids)) == 5  # the five collided messages at two UIDs each

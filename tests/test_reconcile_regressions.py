@@ -102,7 +102,7 @@ def test_flags_the_loser_set_before_expunging_apply_when_the_expunge_does_not(tm
 
 # REC-6 (walctl torture, seed 11, second run: an acknowledged \\Answered lost): a flag change
 # a client made on a collided UID while the apply ran is on the message at its fresh UID. The
-# move is one record (MS-15) planned under the node's write lock with the flags the old UID has
+# move is one record (MS-16) planned under the node's write lock with the flags the old UID has
 # then, so a change made before it is moved with the message and one after it is refused (the
 # UID is gone, as an IMAP client sees after a MOVE).
 def test_a_flag_change_on_a_collided_uid_during_the_apply_is_kept(tmp_path, monkeypatch):
