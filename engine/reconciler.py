@@ -873,7 +873,11 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
         if md.same_id:
             floor = lt.max_uid + 1  # REC-6: never reuse a UID the loser's clients saw
         loser_new = _one_per_guid(lr.messages_in(lt.mailbox_id))
-        survivor_new = {m.guid: m for m in _one_per_guid(sr.messages_in(st.mailbox_id))} if st is not None else {}
+        # REC-8: the survivor's side is its operations in the mailbox that receives the loser's
+        # messages (not the paired one when that was deleted and the target made anew, REC-7)
+        survivor_box = tgt.mailbox_id if tgt is not None else st.mailbox_id if st is not None else None
+        survivor_new = ({m.guid: m for m in _one_per_guid(sr.messages_in(survivor_box))}
+                        if survivor_box is not None else {})
         for m in sorted(loser_new, key=lambda m: m.lsn):
             if not m.alive and destructive and m.expunged_lsn is not None:
                 decide("REC-10", label, "delivered and expunged on the loser: not copied (--apply-destructive)",
