@@ -52,6 +52,9 @@ __all__ = ["Store", "MailboxInfo", "MessageInfo", "message_hash", "mailbox_diges
 ZERO32 = bytes(32)
 RETRY_BACKOFF_MS = 1000  # first automatic retry of a failed mailbox; doubles per attempt
 CHECKPOINT_RECOMPUTE = 64  # mailboxes recomputed from rows at each checkpoint (rotating)
+# Applied against a mailbox row read once per batch and written back once (Store.apply_records).
+_CACHED_BOX_TYPES = (MessageAppended, FlagsChanged)
+_UNREAD = object()
 
 
 def message_hash(uid: int, guid: bytes, flags: Iterable[str]) -> bytes:
@@ -104,7 +107,7 @@ CREATE TABLE IF NOT EXISTS messages (
     mailbox_id TEXT NOT NULL, uid INTEGER NOT NULL, guid BLOB NOT NULL, flags TEXT NOT NULL,
     size INTEGER NOT NULL, internaldate_ms INTEGER NOT NULL, delivered_ms INTEGER NOT NULL,
     modseq INTEGER NOT NULL, lsn INTEGER NOT NULL, PRIMARY KEY (mailbox_id, uid)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bodies (guid BLOB PRIMARY KEY, data BLOB NOT NULL, refs INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bodies (id INTEGER PRIMARY KEY, guid BLOB NOT NULL UNIQUE, data BLOB NOT NULL, refs INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tombstones (mailbox_id TEXT PRIMARY KEY, name TEXT NOT NULL, deleted_lsn INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS messages_guid ON messages (mailbox_id, guid);
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -207,42 +210,58 @@ class Store:
             todo = [r for r in records if r.lsn > applied]
             if not todo:
                 return applied
+            for k, r in enumerate(todo):
+                if r.lsn != applied + 1 + k:
+                    raise ValueError(f"store is at LSN {applied + k}; cannot apply LSN {r.lsn} (gap)")
+            events = [decode_event(r.type, r.payload) for r in todo]
             c = self.conn
             c.execute("BEGIN IMMEDIATE")
             try:
-                for r in todo:
-                    if r.lsn != applied + 1:
-                        raise ValueError(f"store is at LSN {applied}; cannot apply LSN {r.lsn} (gap)")
-                    ev = decode_event(r.type, r.payload)
-                    mid = event_mailbox_id(ev)
-                    if mid is not None and mid in self._held:
-                        c.execute("UPDATE quarantine SET held=held+1 WHERE mailbox_id=?", (mid,))
-                    elif replica and mid is not None and (reason := self._guard_check(ev)) is not None:
-                        self._hold(mid, r.lsn, "guard", reason, now_ms, state="quarantined")
-                    else:
-                        c.execute("SAVEPOINT rec")
-                        try:
-                            if isinstance(ev, Checkpoint):
-                                if replica:
-                                    self._compare_checkpoint(r.lsn, ev, now_ms)
-                            else:
-                                self._apply_event(r.lsn, ev)
-                            c.execute("RELEASE rec")
-                        except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
-                            c.execute("ROLLBACK TO rec")
-                            c.execute("RELEASE rec")
-                            if mid is None:
-                                raise
-                            self._hold(mid, r.lsn, "error", f"{type(exc).__name__}: {exc}", now_ms)
-                    applied = r.lsn
-                c.execute("INSERT OR REPLACE INTO meta VALUES ('applied_lsn', ?)", (applied,))
+                boxes: dict[str, list | None] = {}
+                for r, ev in zip(todo, events):
+                    if type(ev) not in _CACHED_BOX_TYPES:
+                        self._write_boxes(boxes)  # what follows reads or writes mailbox rows itself
+                    self._apply_one(r, ev, replica, now_ms, boxes)
+                self._write_boxes(boxes)
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('applied_lsn', ?)", (todo[-1].lsn,))
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('applied_hash', ?)", (todo[-1].hash,))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 self._load_held()
                 raise
-            return applied
+            return todo[-1].lsn
+
+    def _apply_one(self, r: Record, ev, replica: bool, now_ms: int, boxes: dict[str, list | None]) -> None:
+        """Apply one record in its own savepoint; a failure holds its mailbox (MS-10).
+
+        Deliveries and flag changes change their mailbox's row in ``boxes``
+        (see :meth:`_apply_message_event`) only once all their SQL succeeded,
+        so a failed record leaves both the database and ``boxes`` as they were.
+        """
+        c = self.conn
+        mid = event_mailbox_id(ev)
+        if mid is not None and mid in self._held:
+            c.execute("UPDATE quarantine SET held=held+1 WHERE mailbox_id=?", (mid,))
+        elif replica and mid is not None and (reason := self._guard_check(ev)) is not None:
+            self._hold(mid, r.lsn, "guard", reason, now_ms, state="quarantined")
+        else:
+            c.execute("SAVEPOINT rec")
+            try:
+                if isinstance(ev, Checkpoint):
+                    if replica:
+                        self._compare_checkpoint(r.lsn, ev, now_ms)
+                elif type(ev) in _CACHED_BOX_TYPES:
+                    self._apply_message_event(r.lsn, ev, boxes)
+                else:
+                    self._apply_event(r.lsn, ev)
+                c.execute("RELEASE rec")
+            except (sqlite3.DatabaseError, ValueError, KeyError, TypeError) as exc:
+                c.execute("ROLLBACK TO rec")
+                c.execute("RELEASE rec")
+                if mid is None:
+                    raise
+                self._hold(mid, r.lsn, "error", f"{type(exc).__name__}: {exc}", now_ms)
 
     # -- quarantine (MS-10) ------------------------------------------------------
 
@@ -476,7 +495,7 @@ class Store:
                     c.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
                               (mid, m["uid"], m["guid"], m["flags"], len(m["body"]), m["internaldate_ms"],
                                m["delivered_ms"], m["modseq"], m["lsn"]))
-                    c.execute("INSERT INTO bodies VALUES (?,?,1) ON CONFLICT(guid) DO UPDATE SET refs=refs+1",
+                    c.execute("INSERT INTO bodies (guid, data, refs) VALUES (?,?,1) ON CONFLICT(guid) DO UPDATE SET refs=refs+1",
                               (m["guid"], m["body"]))
                     mx = xor32(mx, message_hash(m["uid"], m["guid"], flags))
                 c.execute("INSERT INTO mailboxes VALUES (?,?,?,?,?,?,?,?)",
@@ -525,60 +544,10 @@ class Store:
             c.execute("DELETE FROM messages WHERE mailbox_id=?", (ev.mailbox_id,))
             c.execute("DELETE FROM mailboxes WHERE mailbox_id=?", (ev.mailbox_id,))
             c.execute("INSERT OR REPLACE INTO tombstones VALUES (?,?,?)", (ev.mailbox_id, ev.name, lsn))
-        elif isinstance(ev, MessageAppended):
-            row = self._mb_row(ev.mailbox_id)
-            if row is None:
-                return  # mailbox deleted later in a replay; nothing to keep
-            uidvalidity, uidnext, hms, count, mx = row
-            if blake3.blake3(ev.body).digest() != ev.guid:
-                raise ValueError(f"body of UID {ev.uid} does not match its GUID {ev.guid.hex()[:16]}...")
-            c.execute(
-                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
-                (ev.mailbox_id, ev.uid, ev.guid, " ".join(ev.flags), len(ev.body), ev.internaldate_ms,
-                 ev.delivered_ms, ev.modseq, lsn),
-            )
-            c.execute(
-                "INSERT INTO bodies VALUES (?,?,1) ON CONFLICT(guid) DO UPDATE SET refs=refs+1", (ev.guid, ev.body)
-            )
-            mx = xor32(mx, message_hash(ev.uid, ev.guid, ev.flags))
-            count += 1
-            if ev.replaces:  # a move (MS-16): the message leaves its old UID in this record
-                mx, count = self._remove_message(ev.mailbox_id, ev.replaces, mx, count)
-            c.execute(
-                "UPDATE mailboxes SET uidnext=?, highestmodseq=?, messages=?, msg_xor=? WHERE mailbox_id=?",
-                (max(uidnext, ev.uid + 1), max(hms, ev.modseq), count, mx, ev.mailbox_id),
-            )
-        elif isinstance(ev, FlagsChanged):
-            row = self._mb_row(ev.mailbox_id)
-            if row is None:
-                return
-            _, _, hms, _, mx = row
-            new = set(ev.flags)
-            for uid in ev.uids:
-                m = c.execute(
-                    "SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?", (ev.mailbox_id, uid)
-                ).fetchone()
-                if m is None:
-                    continue
-                guid, flags_s = m
-                old = set(flags_s.split()) if flags_s else set()
-                if ev.op == "add":
-                    cur = old | new
-                elif ev.op == "remove":
-                    cur = old - new
-                else:
-                    cur = set(new)
-                if cur == old:
-                    continue
-                mx = xor32(xor32(mx, message_hash(uid, guid, old)), message_hash(uid, guid, cur))
-                c.execute(
-                    "UPDATE messages SET flags=?, modseq=? WHERE mailbox_id=? AND uid=?",
-                    (" ".join(sorted(cur)), ev.modseq, ev.mailbox_id, uid),
-                )
-            c.execute(
-                "UPDATE mailboxes SET highestmodseq=?, msg_xor=? WHERE mailbox_id=?",
-                (max(hms, ev.modseq), mx, ev.mailbox_id),
-            )
+        elif isinstance(ev, (MessageAppended, FlagsChanged)):
+            boxes: dict[str, list | None] = {}
+            self._apply_message_event(lsn, ev, boxes)
+            self._write_boxes(boxes)
         elif isinstance(ev, MessagesExpunged):
             row = self._mb_row(ev.mailbox_id)
             if row is None:
@@ -617,6 +586,73 @@ class Store:
             pass
         else:  # pragma: no cover - decode_event only returns known types
             raise ValueError(f"cannot apply {type(ev).__name__}")
+
+    def _apply_message_event(self, lsn: int, ev, boxes: dict[str, list | None]) -> None:
+        """Apply a ``MessageAppended`` or ``FlagsChanged`` to the message rows.
+
+        The mailbox's row is read into ``boxes`` (mailbox id -> ``[uidvalidity,
+        uidnext, highestmodseq, messages, msg_xor]``, or None for a mailbox
+        that is gone) and changed there, after every statement succeeded;
+        :meth:`_write_boxes` writes it back.
+        """
+        c = self.conn
+        mid = ev.mailbox_id
+        box = boxes.get(mid, _UNREAD)
+        if box is _UNREAD:
+            row = self._mb_row(mid)
+            box = boxes[mid] = None if row is None else list(row)
+        if box is None:
+            return  # mailbox deleted later in a replay; nothing to keep
+        if isinstance(ev, MessageAppended):
+            if blake3.blake3(ev.body).digest() != ev.guid:
+                raise ValueError(f"body of UID {ev.uid} does not match its GUID {ev.guid.hex()[:16]}...")
+            c.execute(
+                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+                (mid, ev.uid, ev.guid, " ".join(ev.flags), len(ev.body), ev.internaldate_ms,
+                 ev.delivered_ms, ev.modseq, lsn),
+            )
+            c.execute(
+                "INSERT INTO bodies (guid, data, refs) VALUES (?,?,1) ON CONFLICT(guid) DO UPDATE SET refs=refs+1",
+                (ev.guid, ev.body),
+            )
+            mx, count = xor32(box[4], message_hash(ev.uid, ev.guid, ev.flags)), box[3] + 1
+            if ev.replaces:  # a move (MS-16): the message leaves its old UID in this record
+                mx, count = self._remove_message(mid, ev.replaces, mx, count)
+            box[1], box[3], box[4] = max(box[1], ev.uid + 1), count, mx
+        else:
+            mx = box[4]
+            new = set(ev.flags)
+            for uid in ev.uids:
+                m = c.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?", (mid, uid)).fetchone()
+                if m is None:
+                    continue
+                guid, flags_s = m
+                old = set(flags_s.split()) if flags_s else set()
+                if ev.op == "add":
+                    cur = old | new
+                elif ev.op == "remove":
+                    cur = old - new
+                else:
+                    cur = set(new)
+                if cur == old:
+                    continue
+                mx = xor32(xor32(mx, message_hash(uid, guid, old)), message_hash(uid, guid, cur))
+                c.execute(
+                    "UPDATE messages SET flags=?, modseq=? WHERE mailbox_id=? AND uid=?",
+                    (" ".join(sorted(cur)), ev.modseq, mid, uid),
+                )
+            box[4] = mx
+        box[2] = max(box[2], ev.modseq)
+
+    def _write_boxes(self, boxes: dict[str, list | None]) -> None:
+        """Write the mailbox rows :meth:`_apply_message_event` changed, and forget them."""
+        for mid, box in boxes.items():
+            if box is not None:
+                self.conn.execute(
+                    "UPDATE mailboxes SET uidnext=?, highestmodseq=?, messages=?, msg_xor=? WHERE mailbox_id=?",
+                    (box[1], box[2], box[3], box[4], mid),
+                )
+        boxes.clear()
 
     def _remove_message(self, mailbox_id: str, uid: int, mx: bytes, count: int) -> tuple[bytes, int]:
         """Delete one message row if present; the mailbox's digest XOR and count after it."""
