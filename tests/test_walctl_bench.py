@@ -55,3 +55,30 @@ def test_bench_wal_table_output(tmp_path):
     assert r.exit_code == 0, r.output
     for text in ("appenders", "raw read + blake3", "wal verify", "wal replay", "verify peak RSS", "goals"):
         assert text in r.stdout
+
+
+def test_bench_store_json_and_table(tmp_path):
+    """walctl bench store: every batch size applied the same log to the same digest."""
+    r = CliRunner().invoke(
+        cli, ["bench", "store", "--json", "--messages", "40", "--rounds", "2", "--dir", str(tmp_path)],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["deliveries"] == 40 and rep["mailboxes"] == 4
+    # 4 mailbox creations, 40 deliveries, one flag change every 8
+    assert rep["records"] == 4 + 40 + 5
+    assert rep["payload_bytes"] > 40 * 4096
+    assert [b["batch"] for b in rep["batches"]] == [1, 16, 128, 512]
+    for b in rep["batches"]:
+        for key in ("records_per_s", "mb_per_s", "cpu_us_per_record", "raw_records_per_s", "raw_cpu_us_per_record",
+                    "ratio_vs_raw", "ratio_vs_raw_cpu"):
+            assert b[key] > 0, key
+        assert len(b["all_rounds_cpu_us_per_record"]) == 2
+    assert rep["same_digest_everywhere"] is True
+    assert os.listdir(tmp_path) == []  # scratch files removed
+    table = CliRunner().invoke(cli, ["bench", "store", "--messages", "16", "--rounds", "1", "--dir", str(tmp_path)],
+                               catch_exceptions=False)
+    assert table.exit_code == 0, table.output
+    for text in ("store apply", "records per transaction", "plain SQLite", "same digest: yes"):
+        assert text in table.stdout

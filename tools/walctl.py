@@ -14,6 +14,7 @@ import click
 from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
 from .bench_replication import bench_replication_command
+from .bench_store import bench_store
 from .cliutil import CONTEXT_SETTINGS
 from .cmd_cluster import CLUSTER_COMMANDS
 from .cmd_maildir import MAILDIR_COMMANDS
@@ -55,5 +56,6 @@ for _command in CLUSTER_COMMANDS:  # serve here (with replication) replaces cmd_
 bench.add_command(bench_lmtp_command)
 cli.add_command(torture)
 bench.add_command(bench_replication_command)
+bench.add_command(bench_store)
 for _command in MAILDIR_COMMANDS:  # export, import (Maildir)
     cli.add_command(_command)
