@@ -55,6 +55,9 @@ CHECKPOINT_RECOMPUTE = 64  # mailboxes recomputed from rows at each checkpoint (
 # Applied against a mailbox row read once per batch and written back once (Store.apply_records).
 _CACHED_BOX_TYPES = (MessageAppended, FlagsChanged)
 _UNREAD = object()
+# SQLite copies its WAL into the database (and fsyncs both) once the WAL holds
+# this many pages; its default of 1000 cost the applier about a sixth of its CPU.
+WAL_CHECKPOINT_PAGES = 4096
 
 
 def message_hash(uid: int, guid: bytes, flags: Iterable[str]) -> bytes:
@@ -137,6 +140,7 @@ class Store:
         self.conn = self.db.conn
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
         self.conn.executescript(_SCHEMA)
         self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._reader.execute("PRAGMA query_only=ON")
