@@ -41,14 +41,6 @@ FLAG_EVERY = 8
 BATCHES = (1, 16, 128, 512)
 
 
-def _remove_db(path: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.unlink(path + suffix)
-        except FileNotFoundError:
-            pass
-
-
 def build_log(directory: str, messages: int, mailboxes: int) -> list:
     """A node's log of ``messages`` distinct 4 KiB deliveries; its records."""
     from engine.node import Node
@@ -74,9 +66,9 @@ def build_log(directory: str, messages: int, mailboxes: int) -> list:
 
 def apply_store(path: str, records: list, batch: int) -> dict:
     """Apply ``records`` to a fresh store at ``path`` in transactions of ``batch``."""
-    from engine.store import Store
+    from engine.store import Store, remove_store_files
 
-    _remove_db(path)
+    remove_store_files(path)
     store = Store(path)
     try:
         wall, cpu = time.perf_counter(), time.thread_time()
@@ -86,12 +78,14 @@ def apply_store(path: str, records: list, batch: int) -> dict:
         return {"seconds": wall, "cpu_seconds": cpu, "digest": store.digest()["store"]}
     finally:
         store.close()
-        _remove_db(path)
+        remove_store_files(path)
 
 
 def apply_raw(path: str, records: list, batch: int) -> dict:
     """The ceiling: each payload as one row of plain SQLite, same settings and transaction size."""
-    _remove_db(path)
+    from engine.store import remove_store_files
+
+    remove_store_files(path)
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -105,7 +99,7 @@ def apply_raw(path: str, records: list, batch: int) -> dict:
         return {"seconds": time.perf_counter() - wall, "cpu_seconds": time.thread_time() - cpu}
     finally:
         db.close()
-        _remove_db(path)
+        remove_store_files(path)
 
 
 def run_store_bench(directory: str | None, *, messages: int = 8192, mailboxes: int = 4,
