@@ -183,3 +183,44 @@ def test_the_store_checkpoints_its_sqlite_wal_every_4096_pages(tmp_path):
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         store.close()
+
+
+def test_no_statement_the_store_runs_scans_a_whole_table_of_messages_or_bodies(tmp_path):
+    """Every statement the store runs on ``messages`` or ``bodies`` finds its
+    rows through a key or index (MS-5 keeps only the keys it needs): a full
+    scan would cost time in proportion to the whole store on every delivery
+    or read. The statements are the ones a node really runs (traced), over
+    deliveries, copies and moves, flag changes, expunges, renames, deletes,
+    checkpoints, reads, a scrub, a snapshot and a resync of a mailbox."""
+    node = Node.init(tmp_path / "m")
+    seen: set[str] = set()
+    try:
+        for conn in (node.store.conn, node.store._reader):
+            conn.set_trace_callback(seen.add)
+        run_ops(node, [("deliver", b, b"x" * 100) for b in BOXES * 3]
+                + [("redeliver", "user/a/INBOX", False), ("redeliver", "user/a/INBOX", True),
+                   ("flags", "user/b/INBOX", "add", ("\\Seen",)), ("expunge", "user/b/INBOX"),
+                   ("checkpoint",), ("rename", "user/c/INBOX"), ("delete", "user/b/INBOX")])
+        node.wait_applied(node.log.last_lsn)
+        node.list_messages("user/a/INBOX")
+        node.fetch("user/a/INBOX", 1)
+        node.digest()
+        node.verify_store()
+        node.resync_mailbox(node.mailbox_snapshot("user/a/INBOX"))
+        node.wait_applied(node.log.last_lsn)
+        for conn in (node.store.conn, node.store._reader):
+            conn.set_trace_callback(None)
+        statements = sorted(q for q in seen if q.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT"))
+                            and ("messages" in q or "bodies" in q))
+        assert any("INSERT INTO bodies" in q for q in statements) and any("FROM messages" in q for q in statements)
+        scans = {}
+        with sqlite3.connect(node.store.path) as db:
+            for q in statements:
+                plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + q)]  # traced with values bound in
+                full = [p for p in plan if p.startswith("SCAN") and ("messages" in p or "bodies" in p or " m" in p
+                                                                      or " b" in p) and "INDEX" not in p]
+                if full:
+                    scans[q] = plan
+        assert scans == {}
+    finally:
+        node.close()
