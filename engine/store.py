@@ -629,11 +629,10 @@ class Store:
             mx = box[4]
             new = set(ev.flags)
             for uid in ev.uids:
-                m = c.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?", (mid, uid)).fetchone()
+                m = self._guid_and_flags(mid, uid)
                 if m is None:
                     continue
-                guid, flags_s = m
-                old = set(flags_s.split()) if flags_s else set()
+                guid, old = m
                 if ev.op == "add":
                     cur = old | new
                 elif ev.op == "remove":
@@ -660,16 +659,21 @@ class Store:
                 )
         boxes.clear()
 
-    def _remove_message(self, mailbox_id: str, uid: int, mx: bytes, count: int) -> tuple[bytes, int]:
-        """Delete one message row if present; the mailbox's digest XOR and count after it."""
+    def _guid_and_flags(self, mailbox_id: str, uid: int) -> tuple[bytes, set[str]] | None:
+        """The GUID and flags of one message row (writer connection), or None."""
         m = self.conn.execute("SELECT guid, flags FROM messages WHERE mailbox_id=? AND uid=?",
                               (mailbox_id, uid)).fetchone()
+        return None if m is None else (m[0], set(m[1].split()) if m[1] else set())
+
+    def _remove_message(self, mailbox_id: str, uid: int, mx: bytes, count: int) -> tuple[bytes, int]:
+        """Delete one message row if present; the mailbox's digest XOR and count after it."""
+        m = self._guid_and_flags(mailbox_id, uid)
         if m is None:
             return mx, count
-        guid, flags_s = m
+        guid, flags = m
         self.conn.execute("DELETE FROM messages WHERE mailbox_id=? AND uid=?", (mailbox_id, uid))
         self._unref(guid)
-        return xor32(mx, message_hash(uid, guid, flags_s.split() if flags_s else ())), count - 1
+        return xor32(mx, message_hash(uid, guid, flags)), count - 1
 
     def _unref(self, guid: bytes) -> None:
         self.conn.execute("UPDATE bodies SET refs=refs-1 WHERE guid=?", (guid,))
