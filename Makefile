@@ -4,13 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MINUTES ?= 2
 
-.PHONY: test demo venv bench torture clean
+.PHONY: test demo venv bench torture docs clean
 
 $(BIN)/walctl: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,docs]'
 	@touch $@
 
 venv: $(BIN)/walctl
@@ -27,5 +27,9 @@ bench: venv
 torture: venv
 	$(BIN)/walctl torture --minutes $(MINUTES)
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict fails on a broken link or anchor.
+docs: venv
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis demo-nodes
+	rm -rf $(VENV) .pytest_cache .hypothesis demo-nodes site
