@@ -14,6 +14,7 @@ import time
 
 import blake3
 
+from tests.helpers import assert_no_traceback
 from tools.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +23,7 @@ WALCTL = [sys.executable, "-m", "tools"]
 
 def walctl(*args, check=True, timeout=60) -> subprocess.CompletedProcess:
     p = subprocess.run(WALCTL + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert_no_traceback(p.stderr, args)
     if check and p.returncode != 0:
         raise AssertionError(f"walctl {' '.join(map(str, args))} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
     return p
@@ -66,6 +68,10 @@ class NodeProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=30)
+        if self.proc is not None:
+            self.log.flush()
+            with open(self.log.name, encoding="utf-8", errors="replace") as f:
+                assert_no_traceback(f.read(), self.proc.args, what=f"node {self.name}:")
         self.proc = None
 
     def status(self) -> dict:

@@ -33,3 +33,27 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+def _checked_invoke(invoke):
+    """CliRunner.invoke that fails the test when walctl let an exception through.
+
+    A command ends with SystemExit (click's exit, ``Error: ...``) or returns;
+    any other exception in ``result.exception`` means an operator would have
+    seen a traceback (without ``--debug``).
+    """
+
+    def checked(self, cli, args=None, *a, **k):
+        result = invoke(self, cli, args, *a, **k)
+        argv = [str(x) for x in (args or [])] if not isinstance(args, str) else args.split()
+        if result.exception is not None and "--debug" not in argv:
+            assert isinstance(result.exception, SystemExit), (
+                f"walctl {' '.join(argv)} raised {result.exception!r} instead of exiting with an Error: line")
+        return result
+
+    return checked
+
+
+from click.testing import CliRunner as _CliRunner  # noqa: E402
+
+_CliRunner.invoke = _checked_invoke(_CliRunner.invoke)

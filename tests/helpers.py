@@ -46,6 +46,22 @@ ROOT = os.path.dirname(TESTS_DIR)
 # Small utilities
 
 
+def assert_no_traceback(output: str | bytes, args=(), what: str = "walctl") -> None:
+    """Fail the test when a ``walctl`` process showed a traceback.
+
+    Every ``walctl`` failure is one ``Error:`` line; a traceback only with
+    ``--debug`` (in ``args``). The helpers that run ``walctl`` as a process
+    call this on its stderr (or its log file), so every failure the suite
+    provokes is checked.
+    """
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", errors="replace")
+    if "--debug" in [str(a) for a in args]:
+        return
+    assert "Traceback (most recent call last)" not in output, (
+        f"{what} {' '.join(map(str, args))} printed a traceback:\n{output[-4000:]}")
+
+
 def seg_paths(log_dir: str) -> list[str]:
     """Absolute paths of the log's segment files, oldest first."""
     return [os.path.join(log_dir, name) for _, name in list_segments(log_dir)]

@@ -157,10 +157,14 @@ class ServeProcess:
 
     def wait(self, timeout: float = 60) -> int:
         try:
-            return self.proc.wait(timeout)
+            rc = self.proc.wait(timeout)
         finally:
             self._stderr.close()
             self.proc.stdout.close()
+        from tests.helpers import assert_no_traceback
+
+        assert_no_traceback(self.log(), self.proc.args, what="walctl serve:")
+        return rc
 
     def log(self) -> str:
         with open(self.log_file, encoding="utf-8", errors="replace") as f:

@@ -376,9 +376,19 @@ def _walctl_process(*args, **kw):
     import subprocess
     import sys
 
+    from tests.helpers import assert_no_traceback
+
+    class Walctl(subprocess.Popen):
+        """``communicate()`` fails the test when walctl printed a traceback."""
+
+        def communicate(self, *a, **k):
+            out, err = super().communicate(*a, **k)
+            assert_no_traceback(err or "", args)
+            return out, err
+
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "tools", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return Walctl([sys.executable, "-m", "tools", *map(str, args)], cwd=ROOT, env=env,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_replay_follow_prints_new_records_until_ctrl_c(log):

@@ -10,13 +10,17 @@ each command stays a few lines over :mod:`wal`:
   strings) so ``--json`` output is always valid JSON.
 * :func:`stderr_console` is the rich console for progress bars: it only draws
   when stderr is a terminal, so pipes and CI logs stay quiet.
+* :class:`WalctlGroup` is the last line of defence: an exception no command
+  turned into a clean error becomes one ``Error: ...`` line (exit status
+  :data:`EXIT_FAILED`) instead of a traceback, unless ``walctl --debug``.
 
 Exit statuses (documented in README.md, section walctl):
 
 ====  =====================================================================
 0     success (``verify``: the log is valid; a torn tail is still valid)
 1     the log is damaged, or the operation failed (the message says why)
-2     bad usage: unknown option, missing argument, LOG path does not exist
+2     bad usage: unknown option, missing argument, LOG path does not exist,
+      or a bad node.toml (the message names the file and the key)
 ====  =====================================================================
 """
 
@@ -46,6 +50,9 @@ __all__ = [
     "to_jsonable",
     "stderr_console",
     "stderr_is_tty",
+    "describe_damage",
+    "error_message",
+    "WalctlGroup",
 ]
 
 EXIT_OK = 0
@@ -54,32 +61,107 @@ EXIT_USAGE = 2
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
+#: ``ctx.meta`` key set by ``walctl --debug``: errors then show their traceback.
+DEBUG_KEY = "walctl.debug"
+
 log_argument = click.argument(
     "log", metavar="LOG", type=click.Path(exists=True, file_okay=False, dir_okay=True)
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 
 
-def _describe(exc: wal.WalError) -> str:
+def describe_damage(where: str, reason: str, log: str | None = None) -> str:
+    """The one sentence every command uses for a damaged log, with the one advice.
+
+    ``where`` names the place (segment, offset, LSN), ``log`` the log
+    directory when the caller knows it (the advice then names it).
+    """
+    target = log or "LOG"
+    return (f"log is damaged at {where}: {reason}. See the damage with `walctl verify {target}`; restore the log "
+            f"from a replica, or cut it there with `walctl repair {target}` (the cut bytes are kept)")
+
+
+def _describe(exc: wal.WalError, log: str | None = None) -> str:
     """One operator-facing line for a wal error, with what to do about it."""
     if isinstance(exc, wal.CorruptRecordError):
         where = f"segment {exc.segment}, offset {exc.offset}"
         if exc.lsn is not None:
             where += f", LSN {exc.lsn}"
-        return (
-            f"log is corrupt at {where}: {exc.reason}. "
-            f"Restore it from a replica, or cut it there with 'walctl repair' (cut bytes are kept)."
-        )
+        return describe_damage(where, exc.reason, log)
     return str(exc)
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups; ``[exc]`` for a plain one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def error_message(exc: BaseException, log: str | None = None) -> tuple[str, bool]:
+    """(one line for the operator, whether the error is one of ours).
+
+    Typed errors of the log, the engine and the control channel say what
+    happened and what to do in their own words; anything else is named by
+    its class. Exception groups (anyio task groups) are looked through.
+    """
+    from engine.control import ControlError
+    from engine.errors import EngineError
+    from engine.mailerrors import MailStoreError
+
+    leaves = _leaves(exc)
+    parts, typed = [], True
+    for leaf in leaves:
+        if isinstance(leaf, wal.WalError):
+            parts.append(_describe(leaf, log))
+        elif isinstance(leaf, (EngineError, MailStoreError, ControlError, click.ClickException)):
+            parts.append(leaf.format_message() if isinstance(leaf, click.ClickException) else str(leaf))
+        else:
+            typed = False
+            parts.append(f"{type(leaf).__name__}: {leaf}" if str(leaf) else type(leaf).__name__)
+    text = "; ".join(dict.fromkeys(p for p in parts if p)) or type(exc).__name__
+    return " ".join(text.split()), typed
+
+
+class WalctlGroup(click.Group):
+    """The walctl group: no command prints a traceback unless ``--debug`` was given.
+
+    Click itself turns :class:`click.ClickException` into ``Error: ...`` and
+    usage errors into exit status 2; this catches what is left. An error of
+    ours (log, engine, control channel) keeps its own message; anything
+    else becomes ``Error: unexpected ... (run with --debug for the
+    traceback)``. Both exit with :data:`EXIT_FAILED`.
+    """
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            leaves = _leaves(exc)
+            if len(leaves) == 1 and isinstance(leaves[0], (click.ClickException, click.exceptions.Exit)):
+                raise leaves[0] from None  # a clean error raised inside a task group
+            if len(leaves) == 1 and isinstance(leaves[0], BrokenPipeError):
+                raise leaves[0] from None  # the reader went away (`| head`): click exits quietly
+            message, typed = error_message(exc)
+            if not typed:
+                message = f"unexpected {message} (run with --debug for the traceback)"
+            raise click.ClickException(message) from None
+
+
 @contextlib.contextmanager
-def wal_errors() -> Iterator[None]:
-    """Map :class:`wal.WalError` (and unreadable files) to a clean CLI error, exit 1."""
+def wal_errors(log: str | None = None) -> Iterator[None]:
+    """Map :class:`wal.WalError` (and unreadable files) to a clean CLI error, exit 1.
+
+    ``log``: the log directory, named in the advice for a damaged log.
+    """
     try:
         yield
     except wal.WalError as exc:
-        raise click.ClickException(_describe(exc)) from exc
+        raise click.ClickException(_describe(exc, log)) from exc
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from exc
 

@@ -1,10 +1,13 @@
-"""``walctl``: the operator's command line for mailwal logs.
+"""``walctl``: the operator's command line for mailwal nodes and their logs.
 
-This module holds only the click group; each command lives in its own small
-module (``tools/walctl_<name>.py``) as a thin layer over :mod:`wal`: the
-library raises typed errors and never prints, the commands format results and
-map errors to exit statuses (see :mod:`tools.cliutil`). To add a command,
-write a module with a ``click.Command`` and register it below.
+This module holds only the click group; each command lives in a small module
+(``tools/walctl_<name>.py`` for the log, ``tools/cmd_*.py`` for nodes and
+clusters) as a thin layer over :mod:`wal` and :mod:`engine`: the libraries
+raise typed errors and never print, the commands format results and map
+errors to exit statuses (see :mod:`tools.cliutil`). The group
+(:class:`~tools.cliutil.WalctlGroup`) turns whatever a command let through
+into one ``Error:`` line, unless ``--debug``. To add a command, write a
+module with a ``click.Command`` and register it below.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
 from .bench_replication import bench_replication_command
 from .bench_store import bench_store
-from .cliutil import CONTEXT_SETTINGS
+from .cliutil import CONTEXT_SETTINGS, DEBUG_KEY, WalctlGroup
 from .cmd_cluster import CLUSTER_COMMANDS
 from .cmd_maildir import MAILDIR_COMMANDS
 from .cmd_node import NODE_COMMANDS
@@ -30,19 +33,30 @@ from .torture import torture
 __all__ = ["cli"]
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+@click.group(cls=WalctlGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="mailwal", prog_name="walctl")
-def cli() -> None:
-    """Inspect, check and benchmark mailwal write-ahead logs.
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """The operator's command line for mailwal nodes and their logs.
 
-    LOG is a log directory (conventionally *.wal). Exit status: 0 success,
-    1 the log is damaged or the operation failed, 2 bad usage.
+    Create and run nodes (init, serve, follow), watch and steer a cluster
+    (status, failover, promote, check, quarantine), look into a node's mail
+    (digest, mailbox, messages, export, import), and read, check, repair or
+    benchmark a write-ahead log (verify, replay, cursor, repair, reconcile,
+    bench). NODE is a node directory; LOG is a log directory (NODE/log.wal).
+
+    Exit status: 0 success, 1 the operation failed or found damage (the
+    one `Error:` line says why), 2 bad usage or a bad node.toml.
 
     \b
     Example:
-        walctl verify node1.wal
-        walctl replay node1.wal --from indexer --json
+        walctl init node1 --name node1
+        walctl serve node1 --lmtp 127.0.0.1:2424 --listen 127.0.0.1:7001
+        walctl status node1
+        walctl verify node1/log.wal
     """
+    ctx.meta[DEBUG_KEY] = debug
 
 
 for _command in (verify, replay, cursor, repair, bench):

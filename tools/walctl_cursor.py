@@ -34,7 +34,7 @@ def cursor(ctx: click.Context, log: str) -> None:
         walctl cursor node1.wal list
         walctl cursor node1.wal set indexer 1200
     """
-    with wal_errors():
+    with wal_errors(log):
         require_log(log)
     ctx.ensure_object(dict)
     ctx.obj["cursor_log"] = log

@@ -51,7 +51,7 @@ def repair(log: str, as_json: bool, yes: bool) -> None:
     Example:
         walctl verify node1.wal || walctl repair --yes node1.wal
     """
-    with wal_errors():
+    with wal_errors(log):
         require_log(log)
         with _writer_lock(log):
             report = wal.verify(log)

@@ -156,7 +156,7 @@ def replay(log: str, start: str | None, to_lsn: int | None, as_json: bool, bodie
         walctl replay node1.wal --from 500 --follow --bodies
     """
     stop = threading.Event()
-    with wal_errors():
+    with wal_errors(log):
         require_log(log)
         first = resolve_start(log, start)
         reader = wal.LogReader(log)

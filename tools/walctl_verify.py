@@ -58,7 +58,7 @@ def verify(log: str, as_json: bool) -> None:
         walctl verify /var/lib/mailwal/node1.wal
         walctl verify --json node1.wal | jq .last_lsn
     """
-    with wal_errors():
+    with wal_errors(log):
         report = _run_verify(log)
     if as_json:
         dump_json(report.to_dict(), indent=2)
