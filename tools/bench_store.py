@@ -84,7 +84,7 @@ def apply_store(path: str, records: list, batch: int) -> dict:
 
 def apply_raw(path: str, records: list, batch: int) -> dict:
     """The ceiling: each payload as one row of plain SQLite, same settings and transaction size."""
-    from engine.store import WAL_CHECKPOINT_PAGES, remove_store_files
+    from engine.store.database import WAL_CHECKPOINT_PAGES, remove_store_files
 
     remove_store_files(path)
     db = sqlite3.connect(path, isolation_level=None)
