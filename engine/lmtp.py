@@ -39,18 +39,25 @@ Rules enforced here (tests in ``tests/test_lmtp_session.py``):
 * Sequencing (RFC 5321 4.1.4): MAIL needs LHLO, RCPT needs MAIL, DATA needs
   an accepted recipient; otherwise ``503 5.5.1``. HELO/EHLO are refused
   (RFC 2033 4.1: LMTP uses LHLO).
+* Addresses are RFC 5321 4.1.2 paths (:func:`parse_path`): a Mailbox whose
+  local part is a Dot-string or a Quoted-string and whose domain is a
+  Domain or an address literal, in ASCII, within the sizes of 4.5.3.1.
+  Anything else is ``501 5.1.7`` (MAIL) or ``501 5.1.3`` (RCPT). The null
+  path ``<>`` is a sender only; ``<Postmaster>`` a recipient only.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "LmtpSession", "Reply", "Recipient", "RecipientRequested", "MessageReceived", "MessageRefused",
-    "ConnectionClosed", "NEED_DATA", "PAUSED", "Phase", "AddressError", "parse_path", "split_address",
+    "ConnectionClosed", "NEED_DATA", "PAUSED", "Phase", "AddressError", "Mailbox", "parse_mailbox", "parse_path",
+    "split_address", "MAX_LOCAL_PART_OCTETS", "MAX_DOMAIN_OCTETS", "MAX_PATH_OCTETS",
     "route_recipient", "Route", "DEFAULT_MAX_COMMAND_BYTES", "DEFAULT_MAX_RECIPIENTS", "DEFAULT_MAX_ERRORS",
 ]
 
@@ -150,15 +157,188 @@ class ConnectionClosed:
     reason: str
 
 
-class AddressError(ValueError):
-    """A path or address that does not parse."""
-
-
 # -- addresses ---------------------------------------------------------------------
+#
+# RFC 5321 4.1.2, the productions a path is checked against (ASCII only: this
+# server does not offer SMTPUTF8, RFC 6531):
+#
+#   Path          = "<" [ A-d-l ":" ] Mailbox ">"
+#   A-d-l         = At-domain *( "," At-domain )      ; a source route, ignored
+#   At-domain     = "@" Domain
+#   Mailbox       = Local-part "@" ( Domain / address-literal )
+#   Local-part    = Dot-string / Quoted-string
+#   Dot-string    = Atom *( "." Atom ),  Atom = 1*atext
+#   Quoted-string = DQUOTE *( qtextSMTP / "\" %d32-126 ) DQUOTE
+#   qtextSMTP     = %d32-33 / %d35-91 / %d93-126       ; printable, not " or \
+#   Domain        = sub-domain *( "." sub-domain )
+#   sub-domain    = Let-dig [ *( ALPHA / DIGIT / "-" ) Let-dig ]
+#   address-literal = "[" ( IPv4 / "IPv6:" IPv6-addr / Ldh-str ":" 1*dcontent ) "]"
+#
+# and the size limits of 4.5.3.1: a local part of at most 64 octets, a domain
+# of at most 255, a path of at most 256 (its angle brackets included).
+
+MAX_LOCAL_PART_OCTETS = 64  # RFC 5321 4.5.3.1.1
+MAX_DOMAIN_OCTETS = 255  # RFC 5321 4.5.3.1.2
+MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3
+
+_ATEXT = "A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~"
+_DOT_STRING = re.compile(f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*")
+_SUB_DOMAIN = "[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = re.compile(f"{_SUB_DOMAIN}(?:\\.{_SUB_DOMAIN})*")
+_IPV4 = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})")
+_IPV6_HEX = re.compile(r"[0-9A-Fa-f]{1,4}")
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
 
 
-def parse_path(text: str) -> tuple[str, str]:
-    """Split ``<path> params`` into (address, rest). Drops a source route (RFC 5321 4.1.2)."""
+class AddressError(ValueError):
+    """A path or address that does not parse, or that cannot name a mailbox."""
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """An RFC 5321 Mailbox, parsed.
+
+    ``local`` is the Local-part's value: a Quoted-string without its quotes
+    and with each quoted pair reduced to its character, so ``"bob"@x`` and
+    ``bob@x`` have the same ``local``. ``domain`` is the Domain, or the
+    address literal with its brackets; it is ``""`` only for the special
+    recipient ``<Postmaster>`` (RFC 5321 4.5.1).
+    """
+
+    local: str
+    domain: str
+
+
+def _printable(text: str, what: str) -> None:
+    for c in text:
+        if ord(c) < 0x20 or ord(c) == 0x7F:
+            raise AddressError(f"{what} contains a control character")
+        if ord(c) > 0x7E:
+            raise AddressError(f"{what} contains {c!r}: addresses must be ASCII (this server does not offer SMTPUTF8)")
+
+
+def _quoted_local_part(text: str) -> tuple[str, int]:
+    """The value of the Quoted-string at the start of ``text`` and where it ends."""
+    value, i = [], 1
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            return "".join(value), i + 1
+        if ch == "\\":
+            if i + 1 == len(text):
+                break
+            value.append(text[i + 1])
+            i += 2
+            continue
+        value.append(ch)
+        i += 1
+    raise AddressError("the quoted local part has no closing '\"'")
+
+
+def _check_dot_string(local: str) -> None:
+    if _DOT_STRING.fullmatch(local):
+        return
+    if " " in local:
+        raise AddressError(f"the local part {local!r} contains a space; quote it (\"{local}\"@...) or remove it")
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        raise AddressError(f"the local part {local!r} has an empty atom (a leading, trailing or doubled '.'); "
+                           "quote it or remove the dot")
+    bad = next(c for c in local if c != "." and not re.fullmatch(f"[{_ATEXT}]", c))
+    raise AddressError(f"the local part {local!r} contains {bad!r}, which is allowed only in a quoted local part")
+
+
+def _check_ipv6(text: str) -> None:
+    """RFC 5321 4.1.3 IPv6-addr: full, compressed (``::`` for at least two groups), or either with IPv4 last."""
+    literal, groups_max = text, 8
+    if "." in text:  # IPv6v4-full / IPv6v4-comp: the last 32 bits written as IPv4
+        head, _, v4 = text.rpartition(":")
+        _check_ipv4(v4)
+        # "1::1.2.3.4" splits as "1:" + "1.2.3.4": give the "::" back its second colon
+        text, groups_max = (head + ":" if head.endswith(":") else head), 6
+    if "::" in text:
+        left, _, right = text.partition("::")
+        parts = (left.split(":") if left else []) + (right.split(":") if right else [])
+        if "::" in right or len(parts) > groups_max - 2:
+            raise AddressError(f"IPv6 address literal {literal!r} is malformed")
+    else:
+        parts = text.split(":")
+        if len(parts) != groups_max:
+            raise AddressError(f"IPv6 address literal {literal!r} needs {groups_max} groups or '::'")
+    if not all(_IPV6_HEX.fullmatch(p) for p in parts):
+        raise AddressError(f"IPv6 address literal {literal!r} is malformed")
+
+
+def _check_ipv4(text: str) -> None:
+    m = _IPV4.fullmatch(text)
+    if not m or any(int(g) > 255 for g in m.groups()):
+        raise AddressError(f"IPv4 address literal {text!r} is malformed")
+
+
+def _check_domain(domain: str) -> None:
+    if not domain:
+        raise AddressError("the address has no domain after '@'")
+    if len(domain.encode()) > MAX_DOMAIN_OCTETS:
+        raise AddressError(f"the domain is longer than {MAX_DOMAIN_OCTETS} octets")
+    if domain.startswith("["):
+        if not domain.endswith("]"):
+            raise AddressError("the address literal has no closing ']'")
+        literal = domain[1:-1]
+        if literal[:5].lower() == "ipv6:":
+            _check_ipv6(literal[5:])
+        elif _IPV4.fullmatch(literal):
+            _check_ipv4(literal)
+        elif not _GENERAL_LITERAL.fullmatch(literal):
+            raise AddressError(f"the address literal {domain!r} is neither IPv4, IPv6: nor tag:content")
+        return
+    if not _DOMAIN.fullmatch(domain):
+        raise AddressError(f"the domain {domain!r} is not a domain name (letters, digits and '-' in labels "
+                           "separated by single dots, no '-' at either end of a label) or an address literal")
+
+
+def parse_mailbox(address: str) -> Mailbox:
+    """Parse an RFC 5321 ``Mailbox`` (``local@domain``, no angle brackets).
+
+    Raises:
+        AddressError: ``address`` is not Mailbox syntax (the message says
+            what is wrong), or its local part is over 64 octets.
+    """
+    _printable(address, "the address")
+    if address.startswith('"'):
+        local, end = _quoted_local_part(address)
+        written = address[:end]
+    else:
+        end = address.find("@")
+        if end < 0:
+            raise AddressError(f"the address {address!r} has no '@domain'")
+        written = local = address[:end]
+        if not local:
+            raise AddressError("the address has an empty local part before '@'")
+        _check_dot_string(local)
+    if len(written) > MAX_LOCAL_PART_OCTETS:
+        raise AddressError(f"the local part is longer than {MAX_LOCAL_PART_OCTETS} octets")
+    if address[end:end + 1] != "@":
+        raise AddressError(f"the address {address!r} has no '@domain' after its local part")
+    domain = address[end + 1:]
+    _check_domain(domain)
+    return Mailbox(local, domain)
+
+
+def _is_postmaster(address: str) -> bool:
+    return address.lower() == "postmaster"
+
+
+def parse_path(text: str, *, forward: bool = False) -> tuple[str, str]:
+    """Split ``<path> params`` into (address, rest), checking the path's syntax.
+
+    The address is returned as written, without its angle brackets and
+    without a source route (RFC 5321 4.1.2: the route is checked, then
+    ignored). A reverse path (``forward=False``, MAIL FROM) may be the null
+    path ``<>``, returned as ``""``; a forward path (RCPT TO) may not, but
+    may be ``<Postmaster>`` without a domain (RFC 5321 4.5.1).
+
+    Raises:
+        AddressError: the path is not RFC 5321 syntax; the message says why.
+    """
     text = text.lstrip(" ")
     if not text.startswith("<"):
         raise AddressError("the address must be enclosed in <...>")
@@ -178,25 +358,37 @@ def parse_path(text: str) -> tuple[str, str]:
     address, rest = text[1:i], text[i + 1:]
     if rest and not rest.startswith(" "):
         raise AddressError("parameters must be separated from the address by a space")
+    if len(text[:i + 1].encode()) > MAX_PATH_OCTETS:
+        raise AddressError(f"the path is longer than {MAX_PATH_OCTETS} octets")
+    _printable(address, "the address")
+    if not address:
+        if forward:
+            raise AddressError("the null path <> is not a recipient")
+        return "", rest.strip(" ")
     if address.startswith("@"):  # obsolete source route: @a,@b:user@c
-        colon = address.find(":")
-        if colon < 0:
-            raise AddressError("malformed source route")
-        address = address[colon + 1:]
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in address):
-        raise AddressError("the address contains a control character")
+        route, colon, address = address.partition(":")
+        if not colon:
+            raise AddressError("malformed source route (@domain,...: with no ':')")
+        for hop in route.split(","):
+            if not hop.startswith("@") or not _DOMAIN.fullmatch(hop[1:]):
+                raise AddressError(f"malformed source route: {hop!r} is not @domain")
+    if not (forward and _is_postmaster(address)):
+        parse_mailbox(address)
     return address, rest.strip(" ")
 
 
 def split_address(address: str) -> tuple[str, str]:
-    """``local@domain`` -> (local, domain); a quoted local part is unquoted."""
-    at = address.rfind("@")
-    local, domain = (address, "") if at < 0 else (address[:at], address[at + 1:])
-    if local.startswith('"') and local.endswith('"') and len(local) >= 2:
-        local = local[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-    if not local:
-        raise AddressError("the address has an empty local part")
-    return local, domain
+    """``local@domain`` -> (the local part's value, domain); see :class:`Mailbox`.
+
+    ``Postmaster`` without a domain gives ``("Postmaster", "")``.
+
+    Raises:
+        AddressError: ``address`` is not RFC 5321 Mailbox syntax.
+    """
+    if _is_postmaster(address):
+        return address, ""
+    mailbox = parse_mailbox(address)
+    return mailbox.local, mailbox.domain
 
 
 @dataclass(frozen=True)
@@ -208,23 +400,43 @@ class Route:
     inbox: str
 
 
+def _check_name_part(part: str, what: str, local: str) -> None:
+    # One component of user/<user>/<detail>: MS-3 forbids '/' (a separator),
+    # IMAP wildcards, '.' and '..'; control characters cannot get this far
+    # (parse_mailbox refused them). Leading or trailing spaces are refused
+    # so that no mailbox looks like another user's in a listing.
+    if "/" in part or "*" in part or "%" in part or part in (".", ".."):
+        raise AddressError(f"local part {local!r} cannot name a mailbox: its {what} {part!r} "
+                           "contains '/', '*' or '%', or is '.' or '..'")
+    if part != part.strip(" "):
+        raise AddressError(f"local part {local!r} cannot name a mailbox: its {what} begins or ends with a space")
+
+
 def route_recipient(address: str, exists) -> Route:
     """Map an address to a mailbox (pure; ``exists(name) -> bool`` asks the store).
 
-    ``local@domain`` goes to ``user/local/INBOX``; ``local+detail@domain``
-    to ``user/local/detail`` when that mailbox exists, else to the INBOX.
-    The local part is compared case-insensitively (lower-cased); the domain
-    is ignored (one namespace per node). Raises AddressError for a local
-    part that cannot name a mailbox ('/' or an IMAP wildcard in it).
+    The mailbox is named from the local part's value (a quoted local part
+    unquoted, see :class:`Mailbox`): ``local@domain`` goes to
+    ``user/local/INBOX``; ``local+detail@domain`` to ``user/local/detail``
+    when that mailbox exists, else to the INBOX. The user (before the first
+    '+') is lower-cased; the detail is kept as written; the domain is
+    ignored (one namespace per node).
+
+    Raises:
+        AddressError: the address is not Mailbox syntax, or its local part
+            cannot name a mailbox: an empty user, a user or detail holding
+            '/', '*' or '%', being '.' or '..', or beginning or ending with
+            a space.
     """
     local, _domain = split_address(address)
     user, plus, detail = local.partition("+")
     user = user.lower()
-    for part in (user, detail):
-        if "/" in part or "*" in part or "%" in part or part in (".", ".."):
-            raise AddressError(f"local part {local!r} cannot name a mailbox")
     if not user:
-        raise AddressError("the address has an empty user before '+'")
+        raise AddressError("the address has an empty user before '+'" if plus
+                           else "the address has an empty local part")
+    _check_name_part(user, "user", local)
+    if detail:
+        _check_name_part(detail, "detail", local)
     inbox = f"user/{user}/INBOX"
     if plus and detail:
         candidate = f"user/{user}/{detail}"
@@ -513,11 +725,8 @@ class LmtpSession:
             self._error(501, "5.5.4", "syntax: RCPT TO:<address>")
             return None
         try:
-            address, rest = parse_path(arg[3:])
+            address, rest = parse_path(arg[3:], forward=True)
             params = _params(rest)
-            if not address:
-                raise AddressError("the null path <> is not a recipient")
-            split_address(address)
         except AddressError as exc:
             self._error(501, "5.1.3", f"bad recipient address: {exc}")
             return None

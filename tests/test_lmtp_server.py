@@ -7,6 +7,7 @@ serve`` child; the assertions are about replies and what the store holds.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -149,6 +150,40 @@ def test_plus_detail_goes_to_the_detail_mailbox_only_when_it_exists(tmp_path):
         c.quit()
     assert set(stored(node, "user/bob/lists")) == {body_guid(m1).hex()}
     assert set(stored(node, "user/bob/INBOX")) == {body_guid(m2).hex()}
+
+
+def test_address_vectors_over_a_real_socket_and_what_the_store_holds(tmp_path):
+    """LMTP-17, LMTP-9: every path of specs/vectors/addresses.json, sent as written by smtplib.LMTP,
+    gets its reply at MAIL and RCPT; the accepted recipients' mail lands in their mailboxes and
+    no other mailbox is created."""
+    with open(os.path.join(ROOT, "specs", "vectors", "addresses.json"), encoding="utf-8") as f:
+        cases = json.load(f)["cases"]
+    node = str(tmp_path / "n")
+    expected: dict[str, set[str]] = {}
+    with served_node(node) as runner:
+        for i, case in enumerate(cases):
+            c = client(runner)
+            c.command_encoding = "utf-8"  # the non-ASCII vector must reach the server as it is written
+            code, text = c.docmd("MAIL", "FROM:" + case["path"])
+            assert code == case["mail"], (case, text)
+            if code == 501:
+                assert text.startswith(b"5.1.7 ")
+            c.rset()
+            c.command_encoding = "utf-8"  # rset() sets it back to ASCII
+            assert c.docmd("MAIL", "FROM:<sender@x.org>")[0] == 250
+            code, text = c.docmd("RCPT", "TO:" + case["path"])
+            assert code == case["rcpt"], (case, text)
+            if code != 250:
+                assert text.startswith(b"5.1.3 "), (case, text)
+            else:
+                msg = make_message(f"address-{i}")
+                assert c.data(msg)[0] == 250
+                expected.setdefault(case["mailbox"], set()).add(body_guid(msg).hex())
+            c.quit()
+    with Node.open(node) as n:
+        assert sorted(mb.name for mb in n.list_mailboxes()) == sorted(expected)
+    for mailbox, guids in expected.items():
+        assert set(stored(node, mailbox)) == guids
 
 
 def test_retry_of_the_same_message_is_250_duplicate_and_stored_once(tmp_path):

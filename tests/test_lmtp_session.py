@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 
 import pytest
@@ -19,7 +20,9 @@ from engine.lmtp import (
     MessageRefused,
     Phase,
     RecipientRequested,
+    Mailbox,
     Reply,
+    parse_mailbox,
     parse_path,
     route_recipient,
     split_address,
@@ -342,6 +345,56 @@ def test_close_with_a_reply_at_a_boundary():
 
 
 # -- addresses and routing ----------------------------------------------------------
+
+
+ADDRESSES = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "specs", "vectors", "addresses.json"), encoding="utf-8"))["cases"]
+
+
+def _vector_id(case: dict) -> str:
+    return case["path"].encode("unicode_escape").decode()[:40]
+
+
+@pytest.mark.parametrize("case", ADDRESSES, ids=_vector_id)
+def test_address_vectors_at_mail_and_rcpt(case):
+    """LMTP-17: the session answers 501 for a path that is not RFC 5321 syntax, at MAIL and at RCPT."""
+    d = ready()
+    lines = d.feed(f"MAIL FROM:{case['path']}\r\n".encode())
+    assert codes(lines) == [case["mail"]], lines
+    if case["mail"] == 501:
+        assert lines[0].startswith("501 5.1.7 bad sender address: ")
+    d.feed(b"RSET\r\nMAIL FROM:<a@x.org>\r\n")
+    lines = d.feed(f"RCPT TO:{case['path']}\r\n".encode())
+    # the session only checks syntax; a recipient with no mailbox name (550) is refused by routing
+    assert codes(lines) == [501 if case["rcpt"] == 501 else 250], lines
+    if case["rcpt"] == 501:
+        assert lines[0].startswith("501 5.1.3 bad recipient address: ")
+        assert not [e for e in d.events if isinstance(e, RecipientRequested)]
+
+
+@pytest.mark.parametrize("case", [c for c in ADDRESSES if c["rcpt"] != 501], ids=_vector_id)
+def test_address_vectors_route_to_their_mailbox(case):
+    """LMTP-9"""
+    address, _ = parse_path(case["path"], forward=True)
+    if case["rcpt"] == 550:
+        with pytest.raises(AddressError, match="cannot name a mailbox|empty"):
+            route_recipient(address, lambda name: False)
+    else:
+        assert route_recipient(address, lambda name: False).mailbox == case["mailbox"]
+
+
+def test_quoted_and_dot_string_local_parts_have_the_same_value():
+    """LMTP-9"""
+    assert parse_mailbox('"bob"@x.org') == parse_mailbox("bob@x.org") == Mailbox("bob", "x.org")
+    assert parse_mailbox('"a\\ b\\"c"@[IPv6:::1]') == Mailbox('a b"c', "[IPv6:::1]")
+    assert split_address("Postmaster") == ("Postmaster", "")
+    with pytest.raises(AddressError, match="quote it"):
+        parse_mailbox("a b@x.org")
+    with pytest.raises(AddressError, match="SMTPUTF8"):
+        parse_path("<j\u00fcrgen@x.org>")
+    with pytest.raises(AddressError, match="not a recipient"):
+        parse_path("<>", forward=True)
+    assert parse_path("<>") == ("", "")
 
 
 def test_parse_path_and_split_address():
