@@ -632,7 +632,12 @@ def _authenticate(c, tag, uid):
         raw = c._run({0x20})
         c.expect_end()
         initial = True
-        response = decode_sasl_response(raw)
+        if mech != "PLAIN":  # answered NO by the session: no need to decode
+            return Authenticate(tag, mech, b"")
+        try:
+            response = decode_sasl_response(raw)
+        except ParseError as exc:
+            c.fail(exc.text)
         if response is None:
             c.fail("'*' cancels an exchange; it is not an initial response")
     else:
