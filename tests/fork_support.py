@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 from typing import Callable
 
-from engine.events import MessageAppended
 from engine.failover import promote
 from engine.node import Node
+from engine.store.events import MessageAppended
 from wal.epochs import find_fork
 
 __all__ = ["deliver_again", "follow", "nodes_from_one", "take_over", "two_record_redeliver"]

@@ -24,9 +24,8 @@ import pytest
 
 from engine.cluster import Cluster, ClusterConfig
 from engine.failover import promote
-from engine.tail_placement import TailPlacementError, locate_tail_base, place_tail
 from engine.node import DIVERGED_FILE, Node
-from engine.reconcile_apply import apply_reconcile
+from engine.reconcile import TailPlacementError, apply_reconcile, locate_tail_base, place_tail
 from wal import Log
 from wal.epochs import ForkUnknownError
 
@@ -324,8 +323,8 @@ def test_ctl9_walctl_reconcile_merges_a_stranded_tail_before_applying_it(strande
 def test_ctl9_a_merge_that_fails_changes_no_listing_and_is_made_again(stranded, monkeypatch):
     """Fault injection: the merge's REC-6 moves fail. Both tails stay pending as they
     were, no merged tail is listed, the failed merge's report is kept; the retry merges."""
-    from engine.mailerrors import ReadOnlyNodeError
-    from engine.reconcile_apply import _Executor
+    from engine.reconcile.apply import _Executor
+    from engine.store.errors import ReadOnlyNodeError
 
     s = stranded
     before = listing(s.n)

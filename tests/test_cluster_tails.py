@@ -25,9 +25,9 @@ import pytest
 
 from engine.cluster import Cluster, ClusterConfig
 from engine.control import ControlError
-from engine.mailerrors import ReadOnlyNodeError
 from engine.node import DIVERGED_FILE, Node
-from engine.reconcile_apply import ReconcileError
+from engine.reconcile import ReconcileError
+from engine.store.errors import ReadOnlyNodeError
 from tests.cluster_support import Cluster as ProcCluster
 from tests.cluster_support import Mailer, assert_all_present_once
 

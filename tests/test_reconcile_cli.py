@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 import wal
-from engine.events import body_guid
 from engine.node import Node
+from engine.store.events import body_guid
 from tools.walctl import cli
 
 
@@ -180,7 +180,9 @@ def test_every_rec_rule_is_named_by_a_test_and_every_cited_rule_exists():
         n for a, b in re.findall(r"rec(\d+)_to_rec(\d+)", names) for n in range(int(a), int(b) + 1)}
     assert defined - named == set()
     cited = set()
-    for rel in ("wal/epochs.py", "engine/reconciler.py", "engine/reconcile_apply.py", "engine/failover.py", "engine/tail_placement.py",
-                "engine/events.py", "engine/state.py", "tools/cmd_reconcile.py"):
+    reconcile_package = [os.path.join("engine", "reconcile", f)
+                         for f in os.listdir(os.path.join(root, "engine", "reconcile")) if f.endswith(".py")]
+    for rel in ("wal/epochs.py", *reconcile_package, "engine/failover.py", "engine/store/events.py",
+                "engine/store/decisions.py", "tools/cmd_reconcile.py"):
         cited |= {int(n) for n in re.findall(r"REC-(\d+)", open(os.path.join(root, rel), encoding="utf-8").read())}
     assert cited <= defined

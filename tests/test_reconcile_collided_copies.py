@@ -16,10 +16,10 @@ from unittest.mock import patch
 
 import pytest
 
-from engine.mailerrors import UnknownUidError
 from engine.node import Node
-from engine.reconcile_apply import ReconcileError, _Executor, apply_reconcile
-from engine.reconciler import Action
+from engine.reconcile import Action, ReconcileError, apply_reconcile
+from engine.reconcile.apply import _Executor
+from engine.store.errors import UnknownUidError
 from tests.fork_support import follow, nodes_from_one, take_over, two_record_redeliver
 
 MAILBOX = "user/u/INBOX"

@@ -16,7 +16,8 @@ import shutil
 
 from engine.cluster import Cluster, ClusterConfig
 from engine.node import Node
-from engine.reconcile_apply import _Executor, apply_reconcile
+from engine.reconcile import apply_reconcile
+from engine.reconcile.apply import _Executor
 from tests.fork_support import two_record_redeliver
 from tests.test_cluster_tails import forked_nodes, tail_args
 

@@ -15,9 +15,9 @@ import shutil
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from engine.events import body_guid, decode_event
 from engine.node import Node, rebuild_store
-from engine.reconcile_apply import apply_reconcile, reconcile
+from engine.reconcile import apply_reconcile, reconcile
+from engine.store.events import body_guid, decode_event
 
 FLAGSETS = [(), ("\\Seen",), ("\\Flagged",), ("$Work",), ("\\Seen", "\\Flagged"), ("\\Seen", "$Work")]
 BOXES = ["INBOX", "Work", "New"]

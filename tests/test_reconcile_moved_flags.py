@@ -8,8 +8,19 @@ from collections import namedtuple
 
 import pytest
 
-from engine import reconcile_apply
-from engine.events import (
+from engine.node import Node
+from engine.reconcile import (
+    DictSurvivorView,
+    MailboxView,
+    MessageView,
+    UndecodableRecordError,
+    diff,
+    guids_at_fork,
+    moved_keys_wanted,
+    plan,
+)
+from engine.reconcile import read as reconcile_read
+from engine.store.events import (
     FlagsChanged,
     MailboxCreated,
     MailboxRenumbered,
@@ -18,9 +29,6 @@ from engine.events import (
     body_guid,
     encode_event,
 )
-from engine.node import Node
-from engine.reconcile_apply import UndecodableRecordError, guids_at_fork
-from engine.reconciler import DictSurvivorView, MailboxView, MessageView, diff, moved_keys_wanted, plan
 from wal import codec
 from wal.epochs import SeekReader
 
@@ -147,7 +155,7 @@ class ListReader:
 
 
 def test_guids_at_fork_maps_uids_back_across_a_renumber(monkeypatch):
-    monkeypatch.setattr(reconcile_apply, "_GUID_WINDOW", 2)  # several windows
+    monkeypatch.setattr(reconcile_read, "_GUID_WINDOW", 2)  # several windows
     g = [body_guid(b"%d" % i) for i in range(6)]
     events = [MailboxCreated(INBOX, "INBOX", 7), app(INBOX, 1, g[1]), app(INBOX, 2, g[2]), app(INBOX, 3, g[3]),
               MessagesExpunged(INBOX, (1,), 4),
@@ -160,7 +168,7 @@ def test_guids_at_fork_maps_uids_back_across_a_renumber(monkeypatch):
 
 
 def test_guids_at_fork_stops_reading_once_everything_is_found(monkeypatch):
-    monkeypatch.setattr(reconcile_apply, "_GUID_WINDOW", 4)
+    monkeypatch.setattr(reconcile_read, "_GUID_WINDOW", 4)
     events = [MailboxCreated(INBOX, "INBOX", 7)] + [app(INBOX, u, body_guid(b"%d" % u)) for u in range(1, 100)]
     r = ListReader(events)
     assert guids_at_fork(r, len(events), {INBOX: {97}}) == {("pre", INBOX, 97): body_guid(b"97")}

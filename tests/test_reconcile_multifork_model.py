@@ -20,7 +20,7 @@ the way the cluster drives them, without processes:
   (wal.epochs.find_fork), a diverged tail is cut aside (Node.cut_diverged,
   pending in NODE/diverged.json) and the master's records are appended;
 * ``reconcile``: one pending tail is shipped the way Cluster does it: merged
-  first while stranded (engine.tail_placement.place_tail via
+  first while stranded (engine.reconcile.placement.place_tail via
   Cluster._place_tail, CTL-9), then applied on the master the node follows
   (Cluster._reconcile_tail), or locally if the node is a master itself
   (Cluster._reconcile_locally); then marked reconciled;
@@ -65,11 +65,11 @@ from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.events import decode_event
 from engine.failover import promote
 from engine.node import Node
-from engine.reconcile_apply import ReconcileError, _Executor, apply_reconcile
-from engine.tail_placement import TailPlacementError
+from engine.reconcile import ReconcileError, TailPlacementError, apply_reconcile
+from engine.reconcile.apply import _Executor
+from engine.store.events import decode_event
 from wal import Log
 from wal.epochs import find_fork
 

@@ -19,7 +19,7 @@ import pytest
 
 from engine.failover import promote
 from engine.node import Node
-from engine.reconcile_apply import apply_reconcile
+from engine.reconcile import apply_reconcile
 from tests.fork_support import follow, nodes_from_one, take_over
 from wal.epochs import find_fork
 
@@ -129,7 +129,7 @@ def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledg
     n0, n1, n2 = (Node.open(str(tmp_path / n)) for n in ("n0", "n1", "n2"))
 
     def ms(node, lsn):
-        from engine.events import decode_event
+        from engine.store.events import decode_event
 
         rec = next(node.log.read(lsn, lsn))
         return decode_event(rec.type, rec.payload).changed_ms
@@ -324,8 +324,8 @@ def test_a_losers_rec6_redelivery_of_a_message_the_survivors_client_expunged_is_
 # delivery of that GUID, which has no operations, so the change was planned again. The survivor's
 # deliveries of one GUID into one mailbox are one message too (REC-5), its operations merged.
 def test_the_survivors_operations_on_a_message_it_moved_count_for_a_loser_copy_of_it():
-    from engine.events import FlagsChanged, MessageAppended, MessagesExpunged, body_guid
-    from engine.reconciler import DictSurvivorView, MailboxView, MessageView, diff, plan
+    from engine.reconcile import DictSurvivorView, MailboxView, MessageView, diff, plan
+    from engine.store.events import FlagsChanged, MessageAppended, MessagesExpunged, body_guid
 
     box, g, t_deliver, t_seen = "3" * 32, body_guid(b"m2"), 1000, 2000
 

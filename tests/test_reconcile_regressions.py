@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.mailerrors import UnknownUidError
 from engine.node import Node
-from engine.reconcile_apply import apply_reconcile
+from engine.reconcile import apply_reconcile
+from engine.store.errors import UnknownUidError
 from tests.test_cluster_tails import cluster_on, tail_args
 
 MAILBOX = "user/u/INBOX"
@@ -63,7 +63,7 @@ def test_a_collided_message_delivered_moments_ago_still_moves_to_a_fresh_uid(tmp
         assert done == ["copy_message", "redeliver"]
         rows = {m.guid: m.uid for m in a.list_messages(MAILBOX)}
         assert len(rows) == 3 and len(a.list_messages(MAILBOX)) == 3
-        from engine.events import body_guid
+        from engine.store.events import body_guid
 
         assert rows[body_guid(survivor_body).hex()] > 2 and rows[body_guid(loser_body).hex()] > 2
     finally:

@@ -1,0 +1,291 @@
+"""Replaying one side's tail into tracks: the first half of the pure core (specs/reconcile.md).
+
+A *tail* is the records one log wrote after the fork point. :class:`SideReplay`
+feeds them in LSN order into a :class:`MailboxTrack` per mailbox and a
+:class:`MessageTrack` per message the tail met, keyed so that a message is
+named the same way on both sides without the shared prefix (see ``Key``).
+Each track keeps the last operation per flag (:class:`FlagOp`), which the
+flag rule (:func:`resolve_flag`, REC-8) weighs against the other side's.
+
+Pure: no I/O, no clock; times are the records' own ``changed_ms``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..store.events import (
+    Checkpoint,
+    EpochStarted,
+    FlagsChanged,
+    MailboxCreated,
+    MailboxDeleted,
+    MailboxRenamed,
+    MailboxRenumbered,
+    MessageAppended,
+    MessagesExpunged,
+    renumbered_uids,
+)
+
+__all__ = ["Key", "FlagOp", "resolve_flag", "MessageTrack", "MailboxTrack", "SideReplay"]
+
+# A message key names one message on one side, stable across renumbering:
+#   ("pre", mailbox_id, uid at the fork)  a message that existed at the fork
+#   ("new", mailbox_id, lsn)              a message delivered in this side's tail
+Key = tuple
+
+
+@dataclass(frozen=True)
+class FlagOp:
+    """The last thing one side did to one flag of one message (REC-8)."""
+
+    value: bool  # True: the flag was set; False: cleared
+    changed_ms: int
+    lsn: int
+    via: str  # "add", "remove", "replace" or "append"
+
+    def to_dict(self) -> dict:
+        return {"op": "add" if self.value else "remove", "changed_ms": self.changed_ms, "lsn": self.lsn,
+                "via": self.via}
+
+
+def resolve_flag(survivor: FlagOp | None, loser: FlagOp | None) -> tuple[str, FlagOp | None]:
+    """REC-8: which side's operation on a flag wins.
+
+    Returns ``(winner, op)`` with winner ``"survivor"``, ``"loser"`` or
+    ``"none"``. The later ``changed_ms`` wins; on a tie an addition wins
+    (additions are kept); with one side silent, the other side's op stands.
+    """
+    if loser is None:
+        return ("survivor" if survivor is not None else "none"), survivor
+    if survivor is None:
+        return "loser", loser
+    if survivor.changed_ms != loser.changed_ms:
+        return ("survivor", survivor) if survivor.changed_ms > loser.changed_ms else ("loser", loser)
+    if survivor.value == loser.value or survivor.value:
+        return "survivor", survivor
+    return "loser", loser
+
+
+@dataclass
+class MessageTrack:
+    """What one side's tail says about one message."""
+
+    key: Key
+    mailbox_id: str
+    uid: int  # the UID when the tail first met it (delivery UID, or UID at the fork)
+    guid: bytes | None = None  # None for a message from before the fork (the tail never saw its delivery)
+    size: int = 0
+    internaldate_ms: int = 0
+    delivered_ms: int = 0
+    lsn: int | None = None  # the delivery record (None before the fork)
+    uid_space: object = "fork"  # "fork" or the UIDVALIDITY the UID belongs to
+    flags: set[str] | None = None  # current flags, when known (messages delivered in the tail)
+    explicit: dict[str, FlagOp] = field(default_factory=dict)
+    baseline: tuple[frozenset, FlagOp] | None = None  # the last replace
+    changes: list[dict] = field(default_factory=list)
+    expunged_lsn: int | None = None
+    moved: bool = False  # the expunge was a move's (MS-16): the message lives on at another UID
+    gone_with_mailbox: bool = False
+
+    def op(self, flag: str) -> FlagOp | None:
+        """This side's last operation on ``flag`` since the fork (None: untouched)."""
+        got = self.explicit.get(flag)
+        if got is not None:
+            return got
+        if self.baseline is not None:
+            kept, op = self.baseline
+            return FlagOp(flag in kept, op.changed_ms, op.lsn, "replace")
+        return None
+
+    def touched_flags(self) -> set[str]:
+        out = set(self.explicit)
+        if self.baseline is not None:
+            out |= set(self.baseline[0])
+        return out
+
+    @property
+    def alive(self) -> bool:
+        return self.expunged_lsn is None and not self.gone_with_mailbox
+
+
+@dataclass
+class MailboxTrack:
+    """What one side's tail says about one mailbox."""
+
+    mailbox_id: str
+    created_lsn: int | None = None  # None: the mailbox existed at the fork
+    uidvalidity: int | None = None  # known if created or renumbered in the tail
+    fork_name: str | None = None  # learnt from a rename's old name or a delete
+    name: str | None = None  # current name, when known
+    renames: list[tuple[int, str, str]] = field(default_factory=list)
+    deleted: tuple[int, str] | None = None
+    renumbers: list[tuple[int, int]] = field(default_factory=list)  # (lsn, new uidvalidity)
+    uid_key: dict[int, Key] = field(default_factory=dict)  # current UID -> key (only UIDs the tail met)
+    expunged_key: dict[int, Key] = field(default_factory=dict)  # expunged UID -> its key (CTL-9 merges)
+    max_uid: int = 0  # greatest UID delivered in the tail
+    uid_space: object = "fork"
+
+    @property
+    def created(self) -> bool:
+        return self.created_lsn is not None
+
+    @property
+    def renumbered(self) -> bool:
+        return bool(self.renumbers)
+
+    def key_for(self, uid: int) -> Key | None:
+        key = self.uid_key.get(uid)
+        if key is None and not self.created and not self.renumbered:
+            key = ("pre", self.mailbox_id, uid)
+        return key
+
+    def uid_of(self, key: Key, expunged: bool) -> int | None:
+        """The UID ``key`` has at the end of this side's tail (None: gone)."""
+        if expunged or self.deleted is not None:
+            return None
+        for uid, k in self.uid_key.items():
+            if k == key:
+                return uid
+        if key[0] == "pre" and not self.renumbered:
+            return key[2]
+        return None
+
+
+class SideReplay:
+    """Replays one side's tail (records after the fork) into tracks."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.mailboxes: dict[str, MailboxTrack] = {}
+        self.messages: dict[Key, MessageTrack] = {}
+        self.records = 0
+        self.first_lsn: int | None = None
+        self.last_lsn: int | None = None
+        self.epochs: list[dict] = []
+        self.other_records = 0
+
+    def _mailbox(self, mailbox_id: str) -> MailboxTrack:
+        mb = self.mailboxes.get(mailbox_id)
+        if mb is None:
+            mb = self.mailboxes[mailbox_id] = MailboxTrack(mailbox_id)
+        return mb
+
+    def _message(self, mb: MailboxTrack, uid: int) -> MessageTrack | None:
+        key = mb.key_for(uid)
+        if key is None:
+            return None
+        msg = self.messages.get(key)
+        if msg is None:
+            msg = self.messages[key] = MessageTrack(key, mb.mailbox_id, uid)
+            mb.uid_key[uid] = key
+        return msg
+
+    def _expunge(self, mb: MailboxTrack, uid: int, lsn: int, *, moved: bool = False) -> None:
+        msg = self._message(mb, uid)
+        if msg is not None:
+            msg.expunged_lsn = lsn
+            msg.moved = moved
+            mb.expunged_key[uid] = msg.key
+        mb.uid_key.pop(uid, None)
+
+    def feed(self, lsn: int, event) -> None:
+        """Apply one decoded record of the tail (in LSN order)."""
+        self.records += 1
+        if self.first_lsn is None:
+            self.first_lsn = lsn
+        self.last_lsn = lsn
+        if isinstance(event, MailboxCreated):
+            mb = self.mailboxes[event.mailbox_id] = MailboxTrack(
+                event.mailbox_id, created_lsn=lsn, uidvalidity=event.uidvalidity, name=event.name,
+                uid_space=event.uidvalidity,
+            )
+            mb.fork_name = None
+        elif isinstance(event, MailboxRenamed):
+            mb = self._mailbox(event.mailbox_id)
+            if mb.name is None and not mb.created:
+                mb.fork_name = mb.fork_name or event.old_name
+            mb.renames.append((lsn, event.old_name, event.new_name))
+            mb.name = event.new_name
+        elif isinstance(event, MailboxDeleted):
+            mb = self._mailbox(event.mailbox_id)
+            if mb.name is None and not mb.created:
+                mb.fork_name = mb.fork_name or event.name
+                mb.name = event.name
+            mb.deleted = (lsn, event.name)
+            for msg in self.messages.values():
+                if msg.mailbox_id == event.mailbox_id:
+                    msg.gone_with_mailbox = True
+        elif isinstance(event, MessageAppended):
+            mb = self._mailbox(event.mailbox_id)
+            key = ("new", event.mailbox_id, lsn)
+            flags = set(event.flags)
+            at = FlagOp(True, event.delivered_ms, lsn, "append")
+            explicit, baseline = {f: at for f in flags}, None
+            if event.replaces:
+                # A move (MS-16): the same message at a new UID, and the old UID expunged by the
+                # same record. Its flags were copied, not set by a client: its operations since
+                # the fork are the old UID's (none if the tail never touched it).
+                old = self._message(mb, event.replaces)
+                explicit = dict(old.explicit) if old is not None else {}
+                baseline = old.baseline if old is not None else None
+            self.messages[key] = MessageTrack(
+                key, event.mailbox_id, event.uid, guid=event.guid, size=len(event.body),
+                internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
+                uid_space=mb.uid_space, flags=flags, explicit=explicit, baseline=baseline,
+            )
+            if event.replaces:
+                self._expunge(mb, event.replaces, lsn, moved=True)
+            mb.uid_key[event.uid] = key
+            mb.max_uid = max(mb.max_uid, event.uid)
+        elif isinstance(event, FlagsChanged):
+            mb = self._mailbox(event.mailbox_id)
+            for uid in event.uids:
+                # A change logged on an expunged UID (only a CTL-9 merge writes one) is its message's.
+                gone = mb.expunged_key.get(uid) if uid not in mb.uid_key else None
+                msg = self.messages.get(gone) if gone is not None else self._message(mb, uid)
+                if msg is None:
+                    continue
+                flags = set(event.flags)
+                if event.op == "replace":
+                    msg.explicit = {}
+                    msg.baseline = (frozenset(flags), FlagOp(True, event.changed_ms, lsn, "replace"))
+                    if msg.flags is not None:
+                        msg.flags = set(flags)
+                else:
+                    value = event.op == "add"
+                    for f in flags:
+                        msg.explicit[f] = FlagOp(value, event.changed_ms, lsn, event.op)
+                    if msg.flags is not None:
+                        msg.flags = (msg.flags | flags) if value else (msg.flags - flags)
+                msg.changes.append({"uid": uid, "op": event.op, "flags": sorted(flags),
+                                    "changed_ms": event.changed_ms, "lsn": lsn})
+        elif isinstance(event, MessagesExpunged):
+            mb = self._mailbox(event.mailbox_id)
+            for uid in event.uids:
+                self._expunge(mb, uid, lsn)
+        elif isinstance(event, MailboxRenumbered):
+            mb = self._mailbox(event.mailbox_id)
+            present = set(mb.uid_key) | {old for old, _ in event.uids}
+            mapping = renumbered_uids(event, present)
+            new_map: dict[int, Key] = {}
+            for old, new in mapping.items():
+                key = mb.key_for(old)
+                if key is not None:
+                    new_map[new] = key
+                    if key not in self.messages:
+                        self.messages[key] = MessageTrack(key, mb.mailbox_id, old)
+            mb.uid_key = new_map
+            mb.expunged_key = {}
+            mb.renumbers.append((lsn, event.uidvalidity))
+            mb.uidvalidity = event.uidvalidity
+            mb.uid_space = event.uidvalidity
+        elif isinstance(event, EpochStarted):
+            self.epochs.append({"lsn": lsn, "epoch": event.epoch, "node": event.node})
+        elif isinstance(event, Checkpoint):
+            self.other_records += 1
+        else:  # pragma: no cover - decode_event only returns known types
+            self.other_records += 1
+
+    def messages_in(self, mailbox_id: str, kind: str = "new") -> list[MessageTrack]:
+        return [m for m in self.messages.values() if m.mailbox_id == mailbox_id and m.key[0] == kind]
