@@ -1,4 +1,4 @@
-"""AsyncNode (engine/asyncnode.py): the anyio face over Node, and the embedding examples in README.md.
+"""AsyncNode (engine/asyncnode.py): the anyio face over Node, and the examples of docs/embedding.md.
 
 Faults are injected through the log's FileOps (tests/helpers.FaultyFileOps):
 the only way to make a real fdatasync fail on demand without root.
@@ -134,23 +134,22 @@ def test_plan_deliveries_without_blocking_gives_up_on_a_busy_lock(tmp_path):
         assert got == [None]
 
 
-# -- the README's embedding examples run as documented ------------------------------------
+# -- the examples of docs/embedding.md run as documented ------------------------------------
 
 
 def _embedding_examples() -> list[str]:
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    section = text.split("<!-- section: embedding -->", 1)[1].split("<!-- section:", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+    text = open(os.path.join(ROOT, "docs", "embedding.md"), encoding="utf-8").read()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
-def test_readme_has_blocking_and_async_examples():
+def test_docs_have_blocking_and_async_examples():
     examples = _embedding_examples()
     assert len(examples) >= 2
     assert any("Node.init" in e for e in examples) and any("AsyncNode" in e for e in examples)
 
 
 @pytest.mark.parametrize("index", range(len(_embedding_examples())))
-def test_readme_embedding_example_runs(index, tmp_path):
+def test_docs_embedding_example_runs(index, tmp_path):
     code = _embedding_examples()[index]
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120,
                           env={**os.environ, "TMPDIR": str(tmp_path)})

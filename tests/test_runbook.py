@@ -1,10 +1,12 @@
-"""The README's runbook stays true to the code: every node.toml key, status field and metric is in it.
+"""The operations pages stay true to the code: every node.toml key, status field and metric is in them.
 
-The node.toml table must be exactly what ``python -m tools.config_doc``
-generates from engine.config.DEFAULT_TOML; status fields are taken from the
+The node.toml table of docs/operations/configuration.md must be exactly what
+``python -m tools.config_doc`` generates from engine.config.DEFAULT_TOML;
+status fields (docs/operations/status-and-metrics.md) are taken from the
 objects that produce ``walctl status`` (a node, its cluster side as master
 and as replica, the master's per-replica rows, a replica's link); metric
-names from the registry engine/metrics.py builds.
+names from the registry engine/metrics.py builds; the Postfix settings of
+docs/operations/postfix.md are the ones tests/test_postfix.py runs.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ def _readme() -> str:
         return f.read()
 
 
-def _runbook() -> str:
-    text = _readme()
-    start = text.index("<!-- section: runbook -->")
-    return text[start:text.index("<!-- section: ", start + 1)]
+def _operations(page: str) -> str:
+    with open(os.path.join(ROOT, "docs", "operations", page), encoding="utf-8") as f:
+        return f.read()
 
 
-def _documented(name: str) -> bool:
-    return f"`{name}`" in _runbook() or re.search(rf"`[^`]*\b{re.escape(name)}\b[^`]*`", _runbook()) is not None
+def _documented(name: str, page: str = "status-and-metrics.md") -> bool:
+    text = _operations(page)
+    return f"`{name}`" in text or re.search(rf"`[^`]*\b{re.escape(name)}\b[^`]*`", text) is not None
 
 
 def test_readme_opens_with_make_demo_and_make_test():
@@ -45,14 +47,15 @@ def test_readme_opens_with_make_demo_and_make_test():
     assert commands == ["make demo", "make test"]
 
 
-def test_runbook_section_comes_before_dependencies():
-    text = _readme()
-    assert text.count("<!-- section: runbook -->") == 1
-    assert text.index("<!-- section: runbook -->") < text.index("<!-- section: dependencies -->")
+def test_readme_links_the_runbook_and_the_runbook_links_its_references():
+    assert "(docs/operations/runbook.md)" in _readme()
+    runbook = _operations("runbook.md")
+    for page in ("configuration.md", "status-and-metrics.md", "systemd.md", "postfix.md"):
+        assert f"]({page}" in runbook, page
 
 
 def test_node_toml_table_is_the_generated_one():
-    assert markdown_table() in _runbook(), "regenerate it: python -m tools.config_doc"
+    assert markdown_table() in _operations("configuration.md"), "regenerate it: python -m tools.config_doc"
     assert len(settings()) == sum(len(v) for v in DEFAULTS.values())
 
 
@@ -73,7 +76,7 @@ def test_every_status_field_is_documented(tmp_path):
     fields |= {"durable_lag_records", "durable_lag_seconds", "applied_lag_records"}  # ...and what status adds to it
     fields |= set(ReplicaLink("node2", "127.0.0.1:7001").as_dict())  # a replica's connection
     missing = sorted(f for f in fields if not _documented(f))
-    assert not missing, f"status fields missing from the README runbook: {missing}"
+    assert not missing, f"status fields missing from docs/operations/status-and-metrics.md: {missing}"
 
 
 def test_every_metric_is_documented():
@@ -82,14 +85,14 @@ def test_every_metric_is_documented():
         names.append(family.name + ("_total" if family.type == "counter" else ""))
     assert len(names) >= 10
     missing = [n for n in names if not _documented(n)]
-    assert not missing, f"metrics missing from the README runbook: {missing}"
+    assert not missing, f"metrics missing from docs/operations/status-and-metrics.md: {missing}"
 
 
 def test_postfix_settings_are_the_tested_ones():
     with open(os.path.join(ROOT, "tests", "test_postfix.py"), encoding="utf-8") as f:
         tested = f.read()
-    runbook = _runbook()
+    page = _operations("postfix.md")
     for setting in ("virtual_transport", "virtual_mailbox_domains", "local_transport", "local_recipient_maps",
                     "mailbox_transport", "mydestination"):
         assert f'"{setting}"' in tested, setting
-        assert re.search(rf"^{setting} =", runbook, re.M), setting
+        assert re.search(rf"^{setting} =", page, re.M), setting
