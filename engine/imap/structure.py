@@ -48,7 +48,7 @@ import re
 from .responses import Raw, encode_value
 
 __all__ = ["analyze", "section_bytes", "binary_bytes", "header_fields", "header_values", "STRUCTURE_VERSION",
-           "MAX_DEPTH", "UnknownEncoding", "parse_addresses"]
+           "MAX_DEPTH", "UnknownEncoding", "parse_addresses", "decode_transfer"]
 
 STRUCTURE_VERSION = 1
 MAX_DEPTH = 20
@@ -542,7 +542,16 @@ def binary_bytes(raw: bytes, structure: dict, part: tuple[int, ...]) -> bytes | 
     data = raw[node["b"]:node["e"]]
     if "p" in node or "m" in node:
         return data
-    enc = node["c"]
+    return decode_transfer(data, node["c"])
+
+
+def decode_transfer(data: bytes, encoding: str) -> bytes:
+    """Remove a Content-Transfer-Encoding (RFC 2045 6).
+
+    Raises:
+        UnknownEncoding: not 7bit/8bit/binary/base64/quoted-printable, or base64 that does not decode.
+    """
+    enc = encoding.lower()
     if enc in ("7bit", "8bit", "binary", ""):
         return data
     if enc == "base64":
