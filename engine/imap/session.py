@@ -195,10 +195,10 @@ class ImapConnection:
         """LOGIN and AUTHENTICATE PLAIN are allowed (TLS, loopback or the operator's choice): IMAP-8."""
         return self.tls or self.plaintext_login
 
-    def capabilities(self) -> tuple[str, ...]:
-        """The capability list for the current state (RFC 9051 7.2.2)."""
+    def capabilities(self, state: State | None = None) -> tuple[str, ...]:
+        """The capability list for the current state, or for ``state`` (RFC 9051 7.2.2)."""
         caps = list(BASE_CAPABILITIES)
-        if self.state is State.NOT_AUTHENTICATED:
+        if (state or self.state) is State.NOT_AUTHENTICATED:
             if self.starttls_offered and not self.tls:
                 caps.append("STARTTLS")
             if self.login_allowed:
