@@ -40,6 +40,8 @@ STRATEGIES = ("renumber", "uidvalidity")
 
 @dataclass(frozen=True)
 class MessageView:
+    """One message of the survivor's store as it is now."""
+
     uid: int
     guid: bytes
     flags: frozenset
@@ -49,6 +51,8 @@ class MessageView:
 
 @dataclass
 class MailboxView:
+    """One mailbox of the survivor's store as it is now (read once per plan, never changed)."""
+
     mailbox_id: str
     name: str
     uidvalidity: int
@@ -120,6 +124,9 @@ class Action:
 
 @dataclass
 class Plan:
+    """What :func:`plan` decided: the actions in the order they run, and the decisions and
+    warnings that go to the report (REC-11)."""
+
     survivor: str  # "a" or "b"
     strategy: str
     destructive: bool
@@ -140,6 +147,8 @@ class Plan:
                 "warnings": self.warnings, "counts": self.counts()}
 
 
+# The order actions run in: a mailbox exists before messages go into it, messages are in place
+# before their flags, collisions and expunges come after the copies they make room for.
 _ORDER = {"create_mailbox": 0, "rename_mailbox": 1, "copy_message": 2, "set_flags": 3, "keep_flag_changes": 3,
           "redeliver": 4, "expunge": 5, "renumber": 6, "delete_mailbox": 7}
 
@@ -164,20 +173,20 @@ def moved_keys_wanted(d: Diff, survivor: str) -> dict[str, set[int]]:
     survivor's expunge was a client's, that redelivery is the message the
     survivor's client expunged, not one to copy back.
     """
-    sr = d.a if survivor == "a" else d.b
-    lr = d.b if survivor == "a" else d.a
+    survivor_replay = d.a if survivor == "a" else d.b
+    loser_replay = d.b if survivor == "a" else d.a
     out: dict[str, set[int]] = {}
-    for md in d.mailboxes:
-        lt = md.track("b" if survivor == "a" else "a")
-        if not md.same_id or lt is None:
+    for mailbox_diff in d.mailboxes:
+        loser_track = mailbox_diff.track("b" if survivor == "a" else "a")
+        if not mailbox_diff.same_id or loser_track is None:
             continue
-        delivered = bool(lr.messages_in(lt.mailbox_id))
-        for lm in lr.messages_in(lt.mailbox_id, "pre"):
-            sm = sr.messages.get(lm.key)
-            if sm is None or sm.expunged_lsn is None or sm.gone_with_mailbox:
+        delivered = bool(loser_replay.messages_in(loser_track.mailbox_id))
+        for loser_msg in loser_replay.messages_in(loser_track.mailbox_id, "pre"):
+            survivor_msg = survivor_replay.messages.get(loser_msg.key)
+            if survivor_msg is None or survivor_msg.expunged_lsn is None or survivor_msg.gone_with_mailbox:
                 continue
-            if (lm.explicit or lm.baseline) or (delivered and lm.expunged_lsn is not None):
-                out.setdefault(lm.mailbox_id, set()).add(lm.key[2])
+            if (loser_msg.explicit or loser_msg.baseline) or (delivered and loser_msg.expunged_lsn is not None):
+                out.setdefault(loser_msg.mailbox_id, set()).add(loser_msg.key[2])
     return out
 
 
@@ -223,12 +232,12 @@ def _one_per_guid(tracks: Iterable[MessageTrack]) -> list[MessageTrack]:
     return out
 
 
-def _winning_ops(lm: MessageTrack, sm: MessageTrack) -> list[list]:
+def _winning_ops(loser_msg: MessageTrack, survivor_msg: MessageTrack) -> list[list]:
     """``[flag, value, changed_ms]`` for each flag whose loser operation wins over the
     survivor's (REC-8), in flag order."""
     out = []
-    for flag in sorted(lm.touched_flags()):
-        winner, op = resolve_flag(sm.op(flag), lm.op(flag))
+    for flag in sorted(loser_msg.touched_flags()):
+        winner, op = resolve_flag(survivor_msg.op(flag), loser_msg.op(flag))
         if winner == "loser":
             out.append([flag, op.value, op.changed_ms])
     return out
@@ -271,355 +280,500 @@ def plan(d: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumbe
             become a tail reconciled again later: a loser's flag change on a
             message the survivor expunged is kept (``keep_flag_changes``),
             not dropped, since that expunge may never be applied (REC-10).
+
+    Raises:
+        ValueError: ``survivor`` or ``strategy`` is not one of the allowed values.
     """
-    pre_guids = pre_guids or {}
-    if survivor not in ("a", "b"):
-        raise ValueError("survivor must be 'a' or 'b'")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
-    loser = "b" if survivor == "a" else "a"
-    sr = d.a if survivor == "a" else d.b
-    lr = d.b if survivor == "a" else d.a
-    p = Plan(survivor, strategy, destructive)
-    copies: list[tuple[int, Action]] = []
-    created_names: set[str] = set()
+    return Planner(d, survivor, view, strategy=strategy, destructive=destructive, pre_guids=pre_guids,
+                   merge=merge).run()
 
-    def decide(rule: str, mailbox: str, text: str, **extra) -> None:
-        p.decisions.append({"rule": rule, "mailbox": mailbox, "decision": text, **extra})
 
-    def target_for(md: MailboxDiff, lt: MailboxTrack) -> tuple[MailboxView | None, str]:
-        """The survivor mailbox that receives the loser's messages for this pair."""
-        if md.same_id:
-            v = view.by_id(lt.mailbox_id)
-            if v is not None:
-                return v, v.name
-        name = (lt.deleted[1] if lt.deleted else lt.name) or md.fork_name
+@dataclass
+class _MailboxPair:
+    """One mailbox of the diff as the planner works on it."""
+
+    diff: MailboxDiff
+    survivor_track: MailboxTrack | None  # what the survivor's tail did to it (None: nothing)
+    loser_track: MailboxTrack  # what the loser's tail did to it
+    target: MailboxView | None  # the survivor's mailbox that receives the loser's changes (None: none yet)
+    target_name: str  # its name, or the name a create_mailbox gives it
+    loser_deliveries: list[MessageTrack]  # the loser's tail's deliveries into it, one per GUID
+    uid_floor: int  # REC-6: every UID the reconcile gives here is at least this
+
+    @property
+    def label(self) -> str:
+        return self.diff.name
+
+    @property
+    def same_mailbox(self) -> bool:
+        """The target is the mailbox both sides had at the fork (one id), not one matched by name."""
+        return self.diff.same_id and self.target is not None and self.target.mailbox_id == self.loser_track.mailbox_id
+
+
+class Planner:
+    """Builds the :class:`Plan` for one diff (:func:`plan` is the entry point).
+
+    Each mailbox pair the loser's tail touched is planned by the rule groups
+    below, in this order (the order of the report's decisions):
+
+    1. the loser deleted the mailbox (:meth:`_loser_deleted_mailbox`, REC-10);
+    2. the mailbox itself: create or rename (:meth:`_create_or_rename_mailbox`, REC-7);
+    3. copies of the loser's deliveries (:meth:`_copy_loser_deliveries`, REC-5);
+    4. flags (:meth:`_merge_flags`, REC-8, with REC-14 and CTL-9 for messages
+       the survivor expunged);
+    5. UID collisions (:meth:`_resolve_collisions`, REC-6 or REC-9);
+    6. the loser's expunges of messages from before the fork
+       (:meth:`_apply_loser_expunges`, REC-10 and its REC-6 exception).
+
+    Copies then go in the loser's arrival order across mailboxes (REC-5) and
+    every action in the order the executor must run them (``_ORDER``).
+    """
+
+    def __init__(self, diff: Diff, survivor: str, view: SurvivorView, *, strategy: str = "renumber",
+                 destructive: bool = False, pre_guids: dict[Key, bytes] | None = None, merge: bool = False):
+        if survivor not in ("a", "b"):
+            raise ValueError("survivor must be 'a' or 'b'")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+        self.diff = diff
+        self.survivor = survivor
+        self.loser = "b" if survivor == "a" else "a"
+        self.view = view
+        self.strategy = strategy
+        self.destructive = destructive
+        self.pre_guids = pre_guids or {}
+        self.merge = merge
+        self.survivor_replay = diff.a if survivor == "a" else diff.b
+        self.loser_replay = diff.b if survivor == "a" else diff.a
+        self.plan = Plan(survivor, strategy, destructive)
+        self._copies: list[tuple[int, Action]] = []  # (LSN of the loser's delivery, its copy)
+        self._created_names: set[str] = set()
+
+    def run(self) -> Plan:
+        """Plan every mailbox of the diff; call once."""
+        for mailbox_diff in self.diff.mailboxes:
+            self._plan_mailbox(mailbox_diff)
+        # REC-5: copies go in the loser's arrival order across mailboxes.
+        self.plan.actions.extend(action for _, action in sorted(self._copies, key=lambda c: c[0]))
+        self.plan.actions.sort(key=lambda action: _ORDER[action.kind])  # stable: copies keep their order
+        return self.plan
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _decide(self, rule: str, mailbox: str, text: str, **extra) -> None:
+        """Record a choice that needs no action (REC-11: it goes to the report)."""
+        self.plan.decisions.append({"rule": rule, "mailbox": mailbox, "decision": text, **extra})
+
+    def _act(self, kind: str, rule: str, pair: _MailboxPair, detail: dict, reason: str) -> None:
+        self.plan.actions.append(Action(kind, rule, pair.target.mailbox_id, pair.target.name, detail, reason))
+
+    def _target_for(self, mailbox_diff: MailboxDiff, loser_track: MailboxTrack) -> tuple[MailboxView | None, str]:
+        """REC-4, REC-7: the survivor mailbox that receives the loser's messages for this pair: the
+        same mailbox (by id) if it existed at the fork and still does, else the one of its name."""
+        if mailbox_diff.same_id:
+            by_id = self.view.by_id(loser_track.mailbox_id)
+            if by_id is not None:
+                return by_id, by_id.name
+        name = (loser_track.deleted[1] if loser_track.deleted else loser_track.name) or mailbox_diff.fork_name
         if name is None:
-            return None, lt.mailbox_id
-        return view.by_name(name), name
+            return None, loser_track.mailbox_id
+        return self.view.by_name(name), name
 
-    for md in d.mailboxes:
-        st, lt = md.track(survivor), md.track(loser)
-        if lt is None:
-            continue  # only the survivor changed this mailbox: nothing to bring over
-        label = md.name
-        loser_deleted = lt.deleted is not None
-        if loser_deleted and not destructive:
-            decide("REC-10", label, f"deleted on the loser (LSN {lt.deleted[0]}); not applied without "
-                                    f"--apply-destructive: its messages are kept", lsn=lt.deleted[0])
-        honour_delete = loser_deleted and destructive
-        tgt, tgt_name = target_for(md, lt)
+    def _plan_mailbox(self, mailbox_diff: MailboxDiff) -> None:
+        loser_track = mailbox_diff.track(self.loser)
+        if loser_track is None:
+            return  # only the survivor changed this mailbox: nothing to bring over
+        target, target_name = self._target_for(mailbox_diff, loser_track)
+        pair = _MailboxPair(
+            mailbox_diff, mailbox_diff.track(self.survivor), loser_track, target, target_name,
+            loser_deliveries=_one_per_guid(self.loser_replay.messages_in(loser_track.mailbox_id)),
+            # REC-6: never reuse a UID the loser's clients saw
+            uid_floor=loser_track.max_uid + 1 if mailbox_diff.same_id else 0,
+        )
+        if loser_track.deleted is not None:
+            if self.destructive:
+                self._loser_deleted_mailbox(pair)
+                return
+            self._decide("REC-10", pair.label, f"deleted on the loser (LSN {loser_track.deleted[0]}); not applied "
+                                               f"without --apply-destructive: its messages are kept",
+                         lsn=loser_track.deleted[0])
+        self._create_or_rename_mailbox(pair)
+        self._copy_loser_deliveries(pair)
+        if pair.target is None:
+            return
+        self._merge_flags(pair)
+        collided = self._resolve_collisions(pair)
+        self._apply_loser_expunges(pair, collided if self.strategy == "renumber" else set())
 
-        # -- the mailbox itself ------------------------------------------------
-        if honour_delete:
-            if md.same_id and tgt is not None and tgt.mailbox_id == lt.mailbox_id:
-                fresh = [m for m in sr.messages_in(lt.mailbox_id) if m.alive] if st else []
-                if fresh:
-                    decide("REC-10", label, f"deleted on the loser, but the survivor received {len(fresh)} "
-                                            f"message(s) in it after the fork: kept")
-                    p.warnings.append(f"mailbox {label!r}: not deleted, the survivor has new mail in it")
-                else:
-                    p.actions.append(Action("delete_mailbox", "REC-10", tgt.mailbox_id, tgt.name, {},
-                                            "deleted on the loser; --apply-destructive"))
-            else:
-                decide("REC-10", label, "created or deleted on the loser only: nothing to copy")
-            continue
-        if tgt is None:
-            needs = any(True for _ in lr.messages_in(lt.mailbox_id)) or lt.created
-            if needs and tgt_name not in created_names:
-                why = ("created on the loser" if lt.created else
+    # -- REC-10, REC-7: the mailbox itself ---------------------------------------
+
+    def _loser_deleted_mailbox(self, pair: _MailboxPair) -> None:
+        """REC-10 with --apply-destructive: delete the survivor's mailbox the loser deleted, unless
+        the survivor received mail in it after the fork."""
+        if not pair.same_mailbox:
+            self._decide("REC-10", pair.label, "created or deleted on the loser only: nothing to copy")
+            return
+        fresh = ([m for m in self.survivor_replay.messages_in(pair.loser_track.mailbox_id) if m.alive]
+                 if pair.survivor_track else [])
+        if fresh:
+            self._decide("REC-10", pair.label, f"deleted on the loser, but the survivor received {len(fresh)} "
+                                               f"message(s) in it after the fork: kept")
+            self.plan.warnings.append(f"mailbox {pair.label!r}: not deleted, the survivor has new mail in it")
+        else:
+            self._act("delete_mailbox", "REC-10", pair, {}, "deleted on the loser; --apply-destructive")
+
+    def _create_or_rename_mailbox(self, pair: _MailboxPair) -> None:
+        """REC-7: create the target when the survivor has none (once per name), or give it the
+        loser's last name unless the survivor renamed it too or the name is taken."""
+        loser_track, target = pair.loser_track, pair.target
+        if target is None:
+            needs = any(True for _ in self.loser_replay.messages_in(loser_track.mailbox_id)) or loser_track.created
+            if needs and pair.target_name not in self._created_names:
+                why = ("created on the loser" if loser_track.created else
                        "deleted on the survivor; the loser still has mail for it: recreated under its name")
-                p.actions.append(Action("create_mailbox", "REC-7", None, tgt_name, {}, why))
-                created_names.add(tgt_name)
-        elif md.same_id and lt.renames and tgt.mailbox_id == lt.mailbox_id:
-            final = lt.renames[-1][2]
-            fork_name = lt.renames[0][1]
-            if tgt.name == final:
-                pass
-            elif st is not None and st.renames:
-                decide("REC-7", label, f"renamed on both sides ({fork_name!r} -> {tgt.name!r} on the survivor, "
-                                       f"-> {final!r} on the loser): the survivor's name is kept")
-            elif view.by_name(final) is not None:
-                decide("REC-7", label, f"renamed to {final!r} on the loser, but the survivor has a mailbox "
-                                       f"of that name: kept as {tgt.name!r}")
-            else:
-                p.actions.append(Action("rename_mailbox", "REC-7", tgt.mailbox_id, tgt.name,
-                                        {"new_name": final}, f"renamed on the loser to {final!r}"))
+                self.plan.actions.append(Action("create_mailbox", "REC-7", None, pair.target_name, {}, why))
+                self._created_names.add(pair.target_name)
+            return
+        if not (pair.same_mailbox and loser_track.renames):
+            return
+        final = loser_track.renames[-1][2]
+        fork_name = loser_track.renames[0][1]
+        if target.name == final:
+            return
+        if pair.survivor_track is not None and pair.survivor_track.renames:
+            self._decide("REC-7", pair.label, f"renamed on both sides ({fork_name!r} -> {target.name!r} on the "
+                                              f"survivor, -> {final!r} on the loser): the survivor's name is kept")
+        elif self.view.by_name(final) is not None:
+            self._decide("REC-7", pair.label, f"renamed to {final!r} on the loser, but the survivor has a mailbox "
+                                              f"of that name: kept as {target.name!r}")
+        else:
+            self._act("rename_mailbox", "REC-7", pair, {"new_name": final}, f"renamed on the loser to {final!r}")
 
-        # -- copies: messages only the loser has (REC-5) ------------------------
-        both_guids = {x.guid for pair in md.both for x in pair}
-        survivor_guids = {x.guid for x in sr.messages_in(st.mailbox_id)} if st is not None else set()
-        # Messages from before the fork that the survivor expunged, by GUID when known
-        # (moved_keys_wanted): a loser's REC-6 redelivery of one of them is that message.
-        expunged_pre = {}
-        if md.same_id and st is not None:
-            for sm in sr.messages_in(st.mailbox_id, "pre"):
-                guid = pre_guids.get(sm.key)
-                if guid is not None and sm.expunged_lsn is not None and not sm.gone_with_mailbox:
-                    expunged_pre[guid] = sm
-        floor = 0
-        if md.same_id:
-            floor = lt.max_uid + 1  # REC-6: never reuse a UID the loser's clients saw
-        loser_new = _one_per_guid(lr.messages_in(lt.mailbox_id))
-        # REC-8: the survivor's side is its operations in the mailbox that receives the loser's
-        # messages (not the paired one when that was deleted and the target made anew, REC-7)
-        survivor_box = tgt.mailbox_id if tgt is not None else st.mailbox_id if st is not None else None
-        survivor_new = ({m.guid: m for m in _one_per_guid(sr.messages_in(survivor_box))}
-                        if survivor_box is not None else {})
-        for m in sorted(loser_new, key=lambda m: m.lsn):
-            if not m.alive and destructive and m.expunged_lsn is not None:
-                decide("REC-10", label, "delivered and expunged on the loser: not copied (--apply-destructive)",
-                       guid=m.guid.hex(), lsn=m.lsn)
+    # -- REC-5: copies of messages only the loser has ----------------------------
+
+    def _survivor_expunged_at_fork(self, pair: _MailboxPair) -> dict[bytes, MessageTrack]:
+        """GUID -> the survivor's track of a message from before the fork that its tail expunged
+        (GUIDs known from ``pre_guids``, :func:`moved_keys_wanted`): a loser's REC-6 redelivery
+        of one of them is that message."""
+        out = {}
+        if pair.diff.same_id and pair.survivor_track is not None:
+            for expunged in self.survivor_replay.messages_in(pair.survivor_track.mailbox_id, "pre"):
+                guid = self.pre_guids.get(expunged.key)
+                if guid is not None and expunged.expunged_lsn is not None and not expunged.gone_with_mailbox:
+                    out[guid] = expunged
+        return out
+
+    def _copy_loser_deliveries(self, pair: _MailboxPair) -> None:
+        """REC-5: copy back each message only the loser's tail delivered (one per GUID); not one
+        the survivor holds, one both sides delivered that the survivor expunged since, or the
+        loser's move of a message the survivor expunged; REC-10: not one the loser expunged,
+        with --apply-destructive."""
+        label, target = pair.label, pair.target
+        both_guids = {m.guid for both in pair.diff.both for m in both}
+        survivor_guids = ({m.guid for m in self.survivor_replay.messages_in(pair.survivor_track.mailbox_id)}
+                          if pair.survivor_track is not None else set())
+        expunged_at_fork = self._survivor_expunged_at_fork(pair)
+        for message in sorted(pair.loser_deliveries, key=lambda m: m.lsn):
+            if not message.alive and self.destructive and message.expunged_lsn is not None:
+                self._decide("REC-10", label, "delivered and expunged on the loser: not copied "
+                                              "(--apply-destructive)", guid=message.guid.hex(), lsn=message.lsn)
                 continue
-            present = tgt.uids_of(m.guid) if tgt is not None else []
+            present = target.uids_of(message.guid) if target is not None else []
             if present:
-                if m.guid in both_guids:
+                if message.guid in both_guids:
                     rule, what = "REC-5", ("the survivor has it too (delivered on both sides, or copied back "
                                            "by an earlier apply): one message")
                 else:
                     rule, what = "REC-12", "already on the survivor"
-                decide(rule, label, f"{what}, at UID {present[0]}", guid=m.guid.hex(), lsn=m.lsn)
+                self._decide(rule, label, f"{what}, at UID {present[0]}", guid=message.guid.hex(), lsn=message.lsn)
                 continue
-            if m.guid in survivor_guids:
-                decide("REC-5", label, "delivered on both sides and expunged on the survivor since: not copied back",
-                       guid=m.guid.hex(), lsn=m.lsn)
+            if message.guid in survivor_guids:
+                self._decide("REC-5", label, "delivered on both sides and expunged on the survivor since: not "
+                                             "copied back", guid=message.guid.hex(), lsn=message.lsn)
                 continue
-            if m.guid in expunged_pre:
-                sm = expunged_pre[m.guid]
-                decide("REC-5", label, f"the loser's delivery is its move (REC-6) of UID {sm.key[2]} from before "
-                                       f"the fork, which the survivor expunged at LSN {sm.expunged_lsn}: one "
-                                       f"message, the expunge stands, not copied back",
-                       guid=m.guid.hex(), lsn=m.lsn, uid=sm.key[2])
+            if message.guid in expunged_at_fork:
+                expunged = expunged_at_fork[message.guid]
+                self._decide("REC-5", label, f"the loser's delivery is its move (REC-6) of UID {expunged.key[2]} "
+                                             f"from before the fork, which the survivor expunged at LSN "
+                                             f"{expunged.expunged_lsn}: one message, the expunge stands, not "
+                                             f"copied back", guid=message.guid.hex(), lsn=message.lsn,
+                             uid=expunged.key[2])
                 continue
-            why = "delivered only on the loser"
-            if m.expunged_lsn is not None:
-                why += f"; expunged there at LSN {m.expunged_lsn}, kept without --apply-destructive"
-            elif m.gone_with_mailbox:
-                why += "; its mailbox was deleted there, kept without --apply-destructive"
-            flags = sorted(m.flags or ())
-            # REC-8: the copy holds the flags the message ended with, at its delivery time; each
-            # flag's later winning change is logged after it at its own time (as set_flags would).
-            later = {f: [op.value, op.changed_ms] for f in sorted(m.touched_flags())
-                     if (op := m.op(f)) is not None and not (op.via == "append" and op.changed_ms == m.delivered_ms)}
-            act = Action("copy_message", "REC-5", tgt.mailbox_id if tgt else None, tgt.name if tgt else tgt_name,
-                         {"guid": m.guid.hex(), "source_lsn": m.lsn, "flags": flags, "uid_floor": floor,
-                          "internaldate_ms": m.internaldate_ms, "delivered_ms": m.delivered_ms,
-                          "loser_uid": m.uid, "size": m.size, "flag_changes": later}, why)
-            copies.append((m.lsn, act))
+            self._copies.append((message.lsn, self._copy_action(pair, message)))
 
-        if tgt is None:
-            continue
+    @staticmethod
+    def _copy_action(pair: _MailboxPair, message: MessageTrack) -> Action:
+        why = "delivered only on the loser"
+        if message.expunged_lsn is not None:
+            why += f"; expunged there at LSN {message.expunged_lsn}, kept without --apply-destructive"
+        elif message.gone_with_mailbox:
+            why += "; its mailbox was deleted there, kept without --apply-destructive"
+        # REC-8: the copy holds the flags the message ended with, at its delivery time; each
+        # flag's later winning change is logged after it at its own time (as set_flags would).
+        later = {flag: [op.value, op.changed_ms] for flag in sorted(message.touched_flags())
+                 if (op := message.op(flag)) is not None
+                 and not (op.via == "append" and op.changed_ms == message.delivered_ms)}
+        target = pair.target
+        return Action("copy_message", "REC-5", target.mailbox_id if target else None,
+                      target.name if target else pair.target_name,
+                      {"guid": message.guid.hex(), "source_lsn": message.lsn, "flags": sorted(message.flags or ()),
+                       "uid_floor": pair.uid_floor, "internaldate_ms": message.internaldate_ms,
+                       "delivered_ms": message.delivered_ms, "loser_uid": message.uid, "size": message.size,
+                       "flag_changes": later}, why)
 
-        # -- flags (REC-8) ----------------------------------------------------------
-        def survivor_msg(key: Key, lm: MessageTrack) -> tuple[MessageTrack | None, MessageView | None]:
-            if key[0] == "pre":
-                sm = sr.messages.get(key)
-                if not md.same_id or tgt.mailbox_id != lt.mailbox_id:
-                    return sm, None
-                if sm is not None and not sm.alive:
-                    return moved_to(key, sm)
-                uid = st.uid_of(key, False) if st is not None else key[2]
-                return sm, (tgt.messages.get(uid) if uid is not None else None)
-            # a message delivered in the loser's tail: the survivor's copy of that GUID, one message
-            # however many times the survivor's tail delivered it (a REC-6 move, copies of tails)
-            sm = survivor_new.get(lm.guid)
-            uids = tgt.uids_of(lm.guid)
-            if sm is None and uids and st is not None:
-                # REC-8: the survivor holds that GUID from before the fork (the loser's copy is a
-                # REC-6 redelivery of it): the survivor's operations on that UID are its side.
-                hk = st.key_for(uids[0])
-                if hk is not None and hk[0] == "pre":
-                    sm = sr.messages.get(hk)
-            return sm, (tgt.messages.get(uids[0]) if uids else None)
+    # -- REC-8, REC-14, CTL-9: flags ---------------------------------------------
 
-        def moved_to(key: Key, sm: MessageTrack) -> tuple[MessageTrack, MessageView | None]:
-            """REC-14: where a pre-fork message the survivor expunged lives on, if anywhere: the
-            greatest UID holding its GUID that already held it before the expunge (a REC-6
-            redelivery, or a copy from before the fork). Expunged by a client with no such
-            copy: nowhere, and the loser's flag changes on it are dropped."""
-            guid = pre_guids.get(key)
-            if guid is None or sm.gone_with_mailbox or st is None:
-                return sm, None
-            holders = []
-            for u in tgt.uids_of(guid):
-                hk = st.key_for(u)
-                if hk is None:
-                    continue  # the survivor renumbered the mailbox and the tail never met this UID
-                hm = sr.messages.get(hk)
-                if hk[0] == "new" and (hm is None or hm.lsn > sm.expunged_lsn):
-                    continue  # delivered after the expunge: a new arrival, not where the message moved
-                holders.append((u, hk, hm))
-            if not holders:
-                return sm, None
-            u, hk, hm = max(holders, key=lambda h: h[0])
-            decide("REC-14", label, f"UID {key[2]} (from before the fork) was expunged on the survivor at LSN "
-                                   f"{sm.expunged_lsn}; its message lives on at UID {u}, which gets the loser's "
-                                   f"flag changes", uid=key[2], moved_to=u, guid=guid.hex())
-            return _survivor_ops(sm, hm, hk, guid), tgt.messages[u]
+    def _merge_flags(self, pair: _MailboxPair) -> None:
+        """REC-8: bring the loser's winning flag operations to the survivor's messages.
 
-        # A message the loser expunged (or lost with its mailbox) stays on the survivor
-        # unless destructive (REC-10), and then its flags are the loser's like any other's.
-        touched = [m for m in [*lr.messages_in(lt.mailbox_id, "pre"), *loser_new]
-                   if (m.alive or not destructive) and (m.explicit or m.baseline)]
-        # REC-8: several of the loser's tracks can be one survivor message (a pre-fork UID the
-        # survivor moved, and the loser's own delivery of that GUID): its operations per flag
-        # are the latest on any of them, as in REC-5, and it gets one set_flags action.
-        same_message: dict[int, list[tuple[MessageTrack, MessageTrack | None]]] = {}
-        targets: dict[int, MessageView] = {}
-        for lm in sorted(touched, key=lambda m: (m.key[0], m.uid)):
-            sm, vm = survivor_msg(lm.key, lm)
-            if vm is None:
-                if lm.key[0] == "pre" and sm is not None and sm.expunged_lsn is not None:
-                    kept = _winning_ops(lm, sm) if merge and not sm.gone_with_mailbox and st is not None \
-                        and not st.renumbered else None
-                    if kept:
-                        decide("CTL-9", label, f"UID {lm.key[2]} (from before the fork) was expunged on the "
-                                               f"survivor at LSN {sm.expunged_lsn}; the merged tail keeps the "
-                                               f"loser's flag changes on it for the reconcile it goes to",
-                               uid=lm.key[2])
-                        p.actions.append(Action("keep_flag_changes", "CTL-9", tgt.mailbox_id, tgt.name,
-                                                {"uid": lm.key[2], "ops": kept},
-                                                "flag changes on a message the merge's newer tail expunged"))
-                    elif kept is None:
-                        decide("REC-14", label, f"UID {lm.key[2]} (from before the fork) was expunged on the "
-                                               f"survivor at LSN {sm.expunged_lsn} and lives on at no other UID: "
-                                               f"the loser's flag changes on it are dropped", uid=lm.key[2])
+        A message the loser expunged (or lost with its mailbox) stays on the survivor unless
+        destructive (REC-10), and then its flags are the loser's like any other's. Several of
+        the loser's tracks can be one survivor message (a pre-fork UID the survivor moved, and
+        the loser's own delivery of that GUID): its operations per flag are the latest on any
+        of them, as in REC-5, and it gets one set_flags action.
+        """
+        survivor_deliveries = {m.guid: m for m in
+                               _one_per_guid(self.survivor_replay.messages_in(pair.target.mailbox_id))}
+        touched = [m for m in [*self.loser_replay.messages_in(pair.loser_track.mailbox_id, "pre"),
+                               *pair.loser_deliveries]
+                   if (m.alive or not self.destructive) and (m.explicit or m.baseline)]
+        tracks_at: dict[int, list[tuple[MessageTrack, MessageTrack | None]]] = {}  # survivor UID -> its tracks
+        held_at: dict[int, MessageView] = {}
+        for loser_msg in sorted(touched, key=lambda m: (m.key[0], m.uid)):
+            survivor_msg, held = self._survivor_side(pair, loser_msg, survivor_deliveries)
+            if held is None:
+                if loser_msg.key[0] == "pre" and survivor_msg is not None and survivor_msg.expunged_lsn is not None:
+                    self._flags_on_a_message_the_survivor_expunged(pair, loser_msg, survivor_msg)
                 continue
-            if lm.guid is not None and vm.guid != lm.guid:
-                p.warnings.append(f"mailbox {label!r} UID {vm.uid}: GUID {vm.guid.hex()[:16]} on the survivor, "
-                                  f"{lm.guid.hex()[:16]} expected; flags left alone")
+            if loser_msg.guid is not None and held.guid != loser_msg.guid:
+                self.plan.warnings.append(f"mailbox {pair.label!r} UID {held.uid}: GUID {held.guid.hex()[:16]} on "
+                                          f"the survivor, {loser_msg.guid.hex()[:16]} expected; flags left alone")
                 continue
-            targets[vm.uid] = vm
-            same_message.setdefault(vm.uid, []).append((lm, sm))
-        for uid, tracks in same_message.items():
-            vm = targets[uid]
-            add, remove, changed = [], [], {}
-            record: dict[str, list[str]] = {"add": [], "remove": []}
-            touched_flags = set(vm.flags).union(*(t.touched_flags() for pair in tracks for t in pair if t))
-            for flag in sorted(touched_flags):
-                lop = _latest(lm.op(flag) for lm, _ in tracks)
-                sop = _latest(sm.op(flag) for _, sm in tracks if sm is not None)
-                winner, op = resolve_flag(sop, lop)
-                if winner != "loser":
-                    if winner == "survivor" and lop is not None and sop.value != lop.value:
-                        decide("REC-8", label, f"flag {flag} on UID {vm.uid}: the survivor's later "
-                                               f"{'add' if sop.value else 'remove'} wins", flag=flag, uid=vm.uid,
-                               survivor=sop.to_dict(), loser=lop.to_dict())
-                    continue
-                want = op.value
-                if sop is not None and sop.value != want:
-                    decide("REC-8", label, f"flag {flag} on UID {vm.uid}: the loser's later "
-                                           f"{'add' if want else 'remove'} wins", flag=flag, uid=vm.uid,
-                           survivor=sop.to_dict(), loser=lop.to_dict())
-                if want and flag not in vm.flags:
-                    add.append(flag)
-                elif not want and flag in vm.flags:
-                    remove.append(flag)
+            held_at[held.uid] = held
+            tracks_at.setdefault(held.uid, []).append((loser_msg, survivor_msg))
+        for uid, tracks in tracks_at.items():
+            self._set_flags(pair, held_at[uid], tracks)
+
+    def _survivor_side(self, pair: _MailboxPair, loser_msg: MessageTrack,
+                       survivor_deliveries: dict[bytes, MessageTrack]) -> tuple[MessageTrack | None,
+                                                                               MessageView | None]:
+        """The survivor's track of the message ``loser_msg`` is (its operations since the fork,
+        None if it has none) and the survivor's message now (None: it holds none)."""
+        key, target, survivor_track = loser_msg.key, pair.target, pair.survivor_track
+        if key[0] == "pre":
+            survivor_msg = self.survivor_replay.messages.get(key)
+            if not pair.same_mailbox:
+                return survivor_msg, None
+            if survivor_msg is not None and not survivor_msg.alive:
+                return self._where_it_moved(pair, key, survivor_msg)
+            uid = survivor_track.uid_of(key, False) if survivor_track is not None else key[2]
+            return survivor_msg, (target.messages.get(uid) if uid is not None else None)
+        # A message delivered in the loser's tail: the survivor's copy of that GUID, one message
+        # however many times the survivor's tail delivered it (a REC-6 move, copies of tails).
+        survivor_msg = survivor_deliveries.get(loser_msg.guid)
+        uids = target.uids_of(loser_msg.guid)
+        if survivor_msg is None and uids and survivor_track is not None:
+            # REC-8: the survivor holds that GUID from before the fork (the loser's copy is a
+            # REC-6 redelivery of it): the survivor's operations on that UID are its side.
+            held_key = survivor_track.key_for(uids[0])
+            if held_key is not None and held_key[0] == "pre":
+                survivor_msg = self.survivor_replay.messages.get(held_key)
+        return survivor_msg, (target.messages.get(uids[0]) if uids else None)
+
+    def _where_it_moved(self, pair: _MailboxPair, key: Key,
+                        survivor_msg: MessageTrack) -> tuple[MessageTrack, MessageView | None]:
+        """REC-14: where a pre-fork message the survivor expunged lives on, if anywhere: the
+        greatest UID holding its GUID that already held it before the expunge (a REC-6
+        redelivery, or a copy from before the fork). Expunged by a client with no such
+        copy: nowhere, and the loser's flag changes on it are dropped."""
+        guid = self.pre_guids.get(key)
+        survivor_track = pair.survivor_track
+        if guid is None or survivor_msg.gone_with_mailbox or survivor_track is None:
+            return survivor_msg, None
+        holders = []
+        for uid in pair.target.uids_of(guid):
+            held_key = survivor_track.key_for(uid)
+            if held_key is None:
+                continue  # the survivor renumbered the mailbox and the tail never met this UID
+            holder = self.survivor_replay.messages.get(held_key)
+            if held_key[0] == "new" and (holder is None or holder.lsn > survivor_msg.expunged_lsn):
+                continue  # delivered after the expunge: a new arrival, not where the message moved
+            holders.append((uid, held_key, holder))
+        if not holders:
+            return survivor_msg, None
+        uid, held_key, holder = max(holders, key=lambda h: h[0])
+        self._decide("REC-14", pair.label, f"UID {key[2]} (from before the fork) was expunged on the survivor at "
+                                           f"LSN {survivor_msg.expunged_lsn}; its message lives on at UID {uid}, "
+                                           f"which gets the loser's flag changes", uid=key[2], moved_to=uid,
+                     guid=guid.hex())
+        return _survivor_ops(survivor_msg, holder, held_key, guid), pair.target.messages[uid]
+
+    def _flags_on_a_message_the_survivor_expunged(self, pair: _MailboxPair, loser_msg: MessageTrack,
+                                                  survivor_msg: MessageTrack) -> None:
+        """The loser's flag changes on a message from before the fork that the survivor expunged
+        and holds nowhere else: dropped (REC-14), or, on a CTL-9 merge's scratch node, kept
+        (``keep_flag_changes``) for the reconcile the merged tail goes to."""
+        uid = loser_msg.key[2]
+        survivor_track = pair.survivor_track
+        kept = (_winning_ops(loser_msg, survivor_msg)
+                if self.merge and not survivor_msg.gone_with_mailbox and survivor_track is not None
+                and not survivor_track.renumbered else None)
+        if kept:
+            self._decide("CTL-9", pair.label, f"UID {uid} (from before the fork) was expunged on the survivor at "
+                                              f"LSN {survivor_msg.expunged_lsn}; the merged tail keeps the loser's "
+                                              f"flag changes on it for the reconcile it goes to", uid=uid)
+            self._act("keep_flag_changes", "CTL-9", pair, {"uid": uid, "ops": kept},
+                      "flag changes on a message the merge's newer tail expunged")
+        elif kept is None:
+            self._decide("REC-14", pair.label, f"UID {uid} (from before the fork) was expunged on the survivor at "
+                                               f"LSN {survivor_msg.expunged_lsn} and lives on at no other UID: the "
+                                               f"loser's flag changes on it are dropped", uid=uid)
+
+    def _set_flags(self, pair: _MailboxPair, held: MessageView,
+                   tracks: list[tuple[MessageTrack, MessageTrack | None]]) -> None:
+        """REC-8: per flag, the latest operation of each side on any of ``tracks`` (one survivor
+        message, ``held``), and the winner; one set_flags action for the loser's wins."""
+        add, remove, changed = [], [], {}
+        record: dict[str, list[str]] = {"add": [], "remove": []}
+        touched_flags = set(held.flags).union(*(t.touched_flags() for both in tracks for t in both if t))
+        for flag in sorted(touched_flags):
+            loser_op = _latest(loser_msg.op(flag) for loser_msg, _ in tracks)
+            survivor_op = _latest(survivor_msg.op(flag) for _, survivor_msg in tracks if survivor_msg is not None)
+            winner, op = resolve_flag(survivor_op, loser_op)
+            if winner != "loser":
+                if winner == "survivor" and loser_op is not None and survivor_op.value != loser_op.value:
+                    self._decide("REC-8", pair.label, f"flag {flag} on UID {held.uid}: the survivor's later "
+                                                      f"{'add' if survivor_op.value else 'remove'} wins", flag=flag,
+                                 uid=held.uid, survivor=survivor_op.to_dict(), loser=loser_op.to_dict())
+                continue
+            want = op.value
+            if survivor_op is not None and survivor_op.value != want:
+                self._decide("REC-8", pair.label, f"flag {flag} on UID {held.uid}: the loser's later "
+                                                  f"{'add' if want else 'remove'} wins", flag=flag, uid=held.uid,
+                             survivor=survivor_op.to_dict(), loser=loser_op.to_dict())
+            if want and flag not in held.flags:
+                add.append(flag)
+            elif not want and flag in held.flags:
+                remove.append(flag)
+            else:
+                # REC-8: already as the winning change wants, which is logged all the same: a
+                # later reconcile of another tail must find it (an older opposite change of
+                # that tail would otherwise count as the latest).
+                record["add" if want else "remove"].append(flag)
+            changed[flag] = op.changed_ms  # REC-8: logged at the applied change's time
+        if add or remove or record["add"] or record["remove"]:
+            self._act("set_flags", "REC-8", pair, {"uid": held.uid, "guid": held.guid.hex(), "add": add,
+                                                   "remove": remove, "record": record, "changed_ms": changed},
+                      "flag changes made on the loser")
+
+    # -- REC-6, REC-9: UID collisions --------------------------------------------
+
+    def _resolve_collisions(self, pair: _MailboxPair) -> set[int]:
+        """REC-6, REC-9: the collided UIDs still holding the survivor's message, each resolved by
+        the strategy: a move to a fresh UID (``renumber``) or a new UIDVALIDITY. Returns them."""
+        survivor_track, target = pair.survivor_track, pair.target
+        if not pair.same_mailbox or (survivor_track is not None and survivor_track.renumbered):
+            return set()
+        live = []  # (UID, the survivor's message there, the loser's) for each collision still there
+        for uid, message_a, message_b in pair.diff.collisions:
+            survivor_msg, loser_msg = (message_a, message_b) if self.survivor == "a" else (message_b, message_a)
+            held = target.messages.get(uid)
+            if held is None:
+                continue  # the survivor's message at that UID is gone already
+            if held.guid != survivor_msg.guid:
+                self.plan.warnings.append(f"mailbox {pair.label!r} UID {uid}: GUID {held.guid.hex()[:16]} on the "
+                                          f"survivor, {survivor_msg.guid.hex()[:16]} expected")
+            self.plan.warnings.append(f"mailbox {pair.label!r} UID {uid} collision: GUID "
+                                      f"{survivor_msg.guid.hex()[:16]} on the survivor, "
+                                      f"{loser_msg.guid.hex()[:16]} on the loser")
+            live.append((uid, held))
+        if live and self.strategy == "renumber":
+            self._move_collided(pair, live)
+        elif live:
+            self._act("renumber", "REC-9", pair, {"collisions": sorted(uid for uid, _ in live)},
+                      "UID collision: new UIDVALIDITY, every message renumbered by arrival")
+        return {uid for uid, _ in live}
+
+    def _move_collided(self, pair: _MailboxPair, live: list[tuple[int, MessageView]]) -> None:
+        """REC-6: one move per GUID that no UID outside the collided ones holds. A GUID at
+        several collided UIDs (an earlier apply's redelivery whose expunge never came, or the
+        same bytes delivered twice) moves once, from its greatest UID (the one it lives on, as
+        in REC-5); every collided UID a move does not take is expunged after."""
+        target = pair.target
+        collided = {uid for uid, _ in live}
+        moving: dict[bytes, list[int]] = {}  # GUID -> its collided UIDs, when it has no other
+        for uid, held in live:
+            if not [u for u in target.uids_of(held.guid) if u not in collided]:
+                moving.setdefault(held.guid, []).append(uid)
+        moved = set()
+        for guid, uids in sorted(moving.items(), key=lambda item: max(item[1])):
+            uid = max(uids)
+            moved.add(uid)
+            self._act("redeliver", "REC-6", pair, {"uid": uid, "guid": guid.hex(), "uid_floor": pair.uid_floor,
+                                                   "collided": sorted(uids)},
+                      f"UID {uid} collided: the survivor's message moves to a fresh UID (one record: delivered "
+                      f"there, expunged here)")
+        rest = sorted((uid, held) for uid, held in live if uid not in moved)
+        if rest:
+            self._act("expunge", "REC-6", pair, {"uids": [uid for uid, _ in rest],
+                                                 "guids": [held.guid.hex() for _, held in rest]},
+                      "collided UIDs whose message lives at another UID are expunged once it has its fresh UID")
+
+    # -- REC-10: the loser's expunges of messages from before the fork ------------
+
+    def _apply_loser_expunges(self, pair: _MailboxPair, collided: set[int]) -> None:
+        """REC-10: the loser's expunges of messages from before the fork, applied only with
+        --apply-destructive; a move (MS-16) is not an expunge. One exception (REC-6): a message
+        the survivor also holds at another UID, see :meth:`_expunge_second_copies`."""
+        if not pair.same_mailbox:
+            return
+        label, target, survivor_track = pair.label, pair.target, pair.survivor_track
+        gone = []
+        second_copies: dict[bytes, list[tuple[int, MessageTrack]]] = {}
+        for loser_msg in self.loser_replay.messages_in(pair.loser_track.mailbox_id, "pre"):
+            if loser_msg.expunged_lsn is None or loser_msg.moved:
+                continue  # a move (MS-16) is not an expunge: the message lives on
+            survivor_msg = self.survivor_replay.messages.get(loser_msg.key)
+            uid = (survivor_track.uid_of(loser_msg.key, survivor_msg is not None and not survivor_msg.alive)
+                   if survivor_track is not None else loser_msg.key[2])
+            if uid is None or uid not in target.messages:
+                continue
+            if self.destructive:
+                gone.append(uid)
+            elif len(target.uids_of(target.messages[uid].guid)) > 1:
+                second_copies.setdefault(target.messages[uid].guid, []).append((uid, loser_msg))
+            else:
+                self._decide("REC-10", label, f"UID {loser_msg.key[2]} expunged on the loser (LSN "
+                                              f"{loser_msg.expunged_lsn}); not applied without "
+                                              f"--apply-destructive", uid=loser_msg.key[2])
+        self._expunge_second_copies(pair, second_copies, collided)
+        if gone:
+            self._act("expunge", "REC-10", pair, {"uids": sorted(gone),
+                                                  "guids": [target.messages[u].guid.hex() for u in sorted(gone)]},
+                      "expunged on the loser; --apply-destructive")
+
+    def _expunge_second_copies(self, pair: _MailboxPair, second_copies: dict[bytes, list[tuple[int, MessageTrack]]],
+                               collided: set[int]) -> None:
+        """REC-6 done in two applies: the survivor holds the message at a fresh UID too, and the
+        loser's tail has the expunge of the collided UID (an earlier apply's, cut aside with its
+        branch). Expunging it loses nothing, keeping it leaves the message twice. The
+        survivor's last UID of that message always stays: a UID outside this plan's REC-6
+        expunges (``collided``, and these UIDs) when the message has one, else its greatest."""
+        target = pair.target
+        expunged = []
+        for guid, hits in second_copies.items():
+            hit_uids = {uid for uid, _ in hits}
+            outside = [u for u in target.uids_of(guid) if u not in collided and u not in hit_uids]
+            keep = max(outside) if outside else max(hit_uids)
+            for uid, loser_msg in hits:
+                if uid == keep:
+                    self._decide("REC-10", pair.label, f"UID {loser_msg.key[2]} expunged on the loser (LSN "
+                                                       f"{loser_msg.expunged_lsn}); not applied without "
+                                                       f"--apply-destructive", uid=loser_msg.key[2])
                 else:
-                    # REC-8: already as the winning change wants, which is logged all the same: a
-                    # later reconcile of another tail must find it (an older opposite change of
-                    # that tail would otherwise count as the latest).
-                    record["add" if want else "remove"].append(flag)
-                changed[flag] = op.changed_ms  # REC-8: logged at the applied change's time
-            if add or remove or record["add"] or record["remove"]:
-                p.actions.append(Action("set_flags", "REC-8", tgt.mailbox_id, tgt.name,
-                                        {"uid": vm.uid, "guid": vm.guid.hex(), "add": add, "remove": remove,
-                                         "record": record, "changed_ms": changed},
-                                        "flag changes made on the loser"))
-
-        # -- UID collisions (REC-6, REC-9) --------------------------------------------
-        active = []  # (UID, the survivor's message there, the loser's) for each collision still there
-        if md.same_id and tgt.mailbox_id == lt.mailbox_id and (st is None or not st.renumbered):
-            for uid, ma, mb_ in md.collisions:
-                sm, lm = (ma, mb_) if survivor == "a" else (mb_, ma)
-                vm = tgt.messages.get(uid)
-                if vm is None:
-                    continue  # the survivor's message at that UID is gone already
-                if vm.guid != sm.guid:
-                    p.warnings.append(f"mailbox {label!r} UID {uid}: GUID {vm.guid.hex()[:16]} on the survivor, "
-                                      f"{sm.guid.hex()[:16]} expected")
-                p.warnings.append(f"mailbox {label!r} UID {uid} collision: GUID {sm.guid.hex()[:16]} on the "
-                                  f"survivor, {lm.guid.hex()[:16]} on the loser")
-                active.append((uid, vm, lm))
-            if active and strategy == "renumber":
-                # One redelivery per GUID that no UID outside the collided ones holds: a GUID at
-                # several collided UIDs (an earlier apply's redelivery whose expunge never came,
-                # or the same bytes delivered twice) moves once, from its greatest UID (the one
-                # it lives on, as in REC-5); every collided UID is expunged after.
-                collided = {u for u, _, _ in active}
-                moving: dict[bytes, list[int]] = {}  # GUID -> its collided UIDs, when it has no other
-                for uid, vm, lm in active:
-                    if not [u for u in tgt.uids_of(vm.guid) if u not in collided]:
-                        moving.setdefault(vm.guid, []).append(uid)
-                moves = set()
-                for guid, uids in sorted(moving.items(), key=lambda x: max(x[1])):
-                    uid = max(uids)
-                    moves.add(uid)
-                    p.actions.append(Action("redeliver", "REC-6", tgt.mailbox_id, tgt.name,
-                                            {"uid": uid, "guid": guid.hex(), "uid_floor": floor,
-                                             "collided": sorted(uids)},
-                                            f"UID {uid} collided: the survivor's message moves to a fresh UID "
-                                            f"(one record: delivered there, expunged here)"))
-                rest = sorted((u, vm) for u, vm, _ in active if u not in moves)
-                if rest:
-                    p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
-                                            {"uids": [u for u, _ in rest], "guids": [vm.guid.hex() for _, vm in rest]},
-                                            "collided UIDs whose message lives at another UID are expunged once "
-                                            "it has its fresh UID"))
-            elif active:
-                p.actions.append(Action("renumber", "REC-9", tgt.mailbox_id, tgt.name,
-                                        {"collisions": sorted(u for u, _, _ in active)},
-                                        "UID collision: new UIDVALIDITY, every message renumbered by arrival"))
-
-        # -- the loser's expunges of messages from before the fork (REC-10) -------------
-        if md.same_id and tgt.mailbox_id == lt.mailbox_id:
-            gone = []
-            moved: dict[bytes, list[tuple[int, MessageTrack]]] = {}
-            for lm in lr.messages_in(lt.mailbox_id, "pre"):
-                if lm.expunged_lsn is None or lm.moved:
-                    continue  # a move (MS-16) is not an expunge: the message lives on
-                sm = sr.messages.get(lm.key)
-                uid = st.uid_of(lm.key, sm is not None and not sm.alive) if st is not None else lm.key[2]
-                if uid is None or uid not in tgt.messages:
-                    continue
-                if destructive:
-                    gone.append(uid)
-                elif len(tgt.uids_of(tgt.messages[uid].guid)) > 1:
-                    moved.setdefault(tgt.messages[uid].guid, []).append((uid, lm))
-                else:
-                    decide("REC-10", label, f"UID {lm.key[2]} expunged on the loser (LSN {lm.expunged_lsn}); "
-                                            f"not applied without --apply-destructive", uid=lm.key[2])
-            # REC-6 done in two applies: the survivor holds the message at a fresh UID too, and the
-            # loser's tail has the expunge of the collided UID (an earlier apply's, cut aside with its
-            # branch). Expunging it loses nothing, keeping it leaves the message twice. The
-            # survivor's last UID of that message always stays.
-            # Kept: a UID outside this plan's REC-6 expunges (collided UIDs, these hits) when the
-            # message has one, else its greatest hit.
-            collided_uids = {u for u, _, _ in active} if strategy == "renumber" else set()
-            renumbered = []
-            for guid, hits in moved.items():
-                hit_uids = {uid for uid, _ in hits}
-                outside = [u for u in tgt.uids_of(guid) if u not in collided_uids and u not in hit_uids]
-                keep = max(outside) if outside else max(hit_uids)
-                for uid, lm in hits:
-                    if uid == keep:
-                        decide("REC-10", label, f"UID {lm.key[2]} expunged on the loser (LSN {lm.expunged_lsn}); "
-                                                f"not applied without --apply-destructive", uid=lm.key[2])
-                    else:
-                        renumbered.append(uid)
-            if renumbered:
-                p.actions.append(Action("expunge", "REC-6", tgt.mailbox_id, tgt.name,
-                                        {"uids": sorted(renumbered),
-                                         "guids": [tgt.messages[u].guid.hex() for u in sorted(renumbered)]},
-                                        "expunged on the loser, and the survivor holds each of these messages at "
-                                        "a later UID too (a collision renumbered by an earlier apply)"))
-            if gone:
-                p.actions.append(Action("expunge", "REC-10", tgt.mailbox_id, tgt.name,
-                                        {"uids": sorted(gone),
-                                         "guids": [tgt.messages[u].guid.hex() for u in sorted(gone)]},
-                                        "expunged on the loser; --apply-destructive"))
-
-    # Copies go in the loser's arrival order across mailboxes (REC-5).
-    p.actions.extend(a for _, a in sorted(copies, key=lambda x: x[0]))
-    p.actions.sort(key=lambda a: _ORDER[a.kind])  # stable: copies keep their order
-    return p
+                    expunged.append(uid)
+        if expunged:
+            self._act("expunge", "REC-6", pair, {"uids": sorted(expunged),
+                                                 "guids": [target.messages[u].guid.hex() for u in sorted(expunged)]},
+                      "expunged on the loser, and the survivor holds each of these messages at a later UID too "
+                      "(a collision renumbered by an earlier apply)")
