@@ -215,6 +215,9 @@ class Executor:
 
     # -- not authenticated ---------------------------------------------------------------------
 
+    async def _starttls(self, cmd: c.StartTls, out):
+        out.append(Status("OK", "begin TLS negotiation now", None, cmd.tag))  # the transport starts TLS
+
     async def _login(self, cmd: c.Login, out):
         await self._log_in(cmd.tag, cmd.username, cmd.password, out)
 
@@ -692,7 +695,7 @@ def _body_item(a: c.FetchAtt, raw: bytes, structure) -> object:
 
 _HANDLERS = {
     c.Noop: Executor._noop, c.Check: Executor._noop, c.Id: Executor._id, c.Login: Executor._login,
-    c.Authenticate: Executor._authenticate, c.Enable: Executor._enable, c.Namespace: Executor._namespace,
+    c.Authenticate: Executor._authenticate, c.StartTls: Executor._starttls, c.Enable: Executor._enable, c.Namespace: Executor._namespace,
     c.ListCmd: Executor._list, c.Lsub: Executor._lsub, c.Status: Executor._status, c.Create: Executor._create,
     c.Delete: Executor._delete, c.Rename: Executor._rename, c.Subscribe: Executor._subscribe,
     c.Unsubscribe: Executor._subscribe, c.Select: Executor._select, c.Append: Executor._append,
