@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..store.events import (
-    Checkpoint,
     EpochStarted,
     FlagsChanged,
     MailboxCreated,
@@ -166,28 +165,31 @@ class SideReplay:
         self.other_records = 0
 
     def _mailbox(self, mailbox_id: str) -> MailboxTrack:
-        mb = self.mailboxes.get(mailbox_id)
-        if mb is None:
-            mb = self.mailboxes[mailbox_id] = MailboxTrack(mailbox_id)
-        return mb
+        """The track of ``mailbox_id``, begun now if the tail had not met it (it existed at the fork)."""
+        mailbox = self.mailboxes.get(mailbox_id)
+        if mailbox is None:
+            mailbox = self.mailboxes[mailbox_id] = MailboxTrack(mailbox_id)
+        return mailbox
 
-    def _message(self, mb: MailboxTrack, uid: int) -> MessageTrack | None:
-        key = mb.key_for(uid)
+    def _message(self, mailbox: MailboxTrack, uid: int) -> MessageTrack | None:
+        """The track of the message at ``uid`` now, begun if the tail had not met it (None: a UID
+        the tail cannot name, in a mailbox it created or renumbered)."""
+        key = mailbox.key_for(uid)
         if key is None:
             return None
-        msg = self.messages.get(key)
-        if msg is None:
-            msg = self.messages[key] = MessageTrack(key, mb.mailbox_id, uid)
-            mb.uid_key[uid] = key
-        return msg
+        message = self.messages.get(key)
+        if message is None:
+            message = self.messages[key] = MessageTrack(key, mailbox.mailbox_id, uid)
+            mailbox.uid_key[uid] = key
+        return message
 
-    def _expunge(self, mb: MailboxTrack, uid: int, lsn: int, *, moved: bool = False) -> None:
-        msg = self._message(mb, uid)
-        if msg is not None:
-            msg.expunged_lsn = lsn
-            msg.moved = moved
-            mb.expunged_key[uid] = msg.key
-        mb.uid_key.pop(uid, None)
+    def _expunge(self, mailbox: MailboxTrack, uid: int, lsn: int, *, moved: bool = False) -> None:
+        message = self._message(mailbox, uid)
+        if message is not None:
+            message.expunged_lsn = lsn
+            message.moved = moved
+            mailbox.expunged_key[uid] = message.key
+        mailbox.uid_key.pop(uid, None)
 
     def feed(self, lsn: int, event) -> None:
         """Apply one decoded record of the tail (in LSN order)."""
@@ -195,97 +197,117 @@ class SideReplay:
         if self.first_lsn is None:
             self.first_lsn = lsn
         self.last_lsn = lsn
-        if isinstance(event, MailboxCreated):
-            mb = self.mailboxes[event.mailbox_id] = MailboxTrack(
-                event.mailbox_id, created_lsn=lsn, uidvalidity=event.uidvalidity, name=event.name,
-                uid_space=event.uidvalidity,
-            )
-            mb.fork_name = None
-        elif isinstance(event, MailboxRenamed):
-            mb = self._mailbox(event.mailbox_id)
-            if mb.name is None and not mb.created:
-                mb.fork_name = mb.fork_name or event.old_name
-            mb.renames.append((lsn, event.old_name, event.new_name))
-            mb.name = event.new_name
-        elif isinstance(event, MailboxDeleted):
-            mb = self._mailbox(event.mailbox_id)
-            if mb.name is None and not mb.created:
-                mb.fork_name = mb.fork_name or event.name
-                mb.name = event.name
-            mb.deleted = (lsn, event.name)
-            for msg in self.messages.values():
-                if msg.mailbox_id == event.mailbox_id:
-                    msg.gone_with_mailbox = True
-        elif isinstance(event, MessageAppended):
-            mb = self._mailbox(event.mailbox_id)
-            key = ("new", event.mailbox_id, lsn)
-            flags = set(event.flags)
-            at = FlagOp(True, event.delivered_ms, lsn, "append")
-            explicit, baseline = {f: at for f in flags}, None
-            if event.replaces:
-                # A move (MS-16): the same message at a new UID, and the old UID expunged by the
-                # same record. Its flags were copied, not set by a client: its operations since
-                # the fork are the old UID's (none if the tail never touched it).
-                old = self._message(mb, event.replaces)
-                explicit = dict(old.explicit) if old is not None else {}
-                baseline = old.baseline if old is not None else None
-            self.messages[key] = MessageTrack(
-                key, event.mailbox_id, event.uid, guid=event.guid, size=len(event.body),
-                internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
-                uid_space=mb.uid_space, flags=flags, explicit=explicit, baseline=baseline,
-            )
-            if event.replaces:
-                self._expunge(mb, event.replaces, lsn, moved=True)
-            mb.uid_key[event.uid] = key
-            mb.max_uid = max(mb.max_uid, event.uid)
-        elif isinstance(event, FlagsChanged):
-            mb = self._mailbox(event.mailbox_id)
-            for uid in event.uids:
-                # A change logged on an expunged UID (only a CTL-9 merge writes one) is its message's.
-                gone = mb.expunged_key.get(uid) if uid not in mb.uid_key else None
-                msg = self.messages.get(gone) if gone is not None else self._message(mb, uid)
-                if msg is None:
-                    continue
-                flags = set(event.flags)
-                if event.op == "replace":
-                    msg.explicit = {}
-                    msg.baseline = (frozenset(flags), FlagOp(True, event.changed_ms, lsn, "replace"))
-                    if msg.flags is not None:
-                        msg.flags = set(flags)
-                else:
-                    value = event.op == "add"
-                    for f in flags:
-                        msg.explicit[f] = FlagOp(value, event.changed_ms, lsn, event.op)
-                    if msg.flags is not None:
-                        msg.flags = (msg.flags | flags) if value else (msg.flags - flags)
-                msg.changes.append({"uid": uid, "op": event.op, "flags": sorted(flags),
-                                    "changed_ms": event.changed_ms, "lsn": lsn})
-        elif isinstance(event, MessagesExpunged):
-            mb = self._mailbox(event.mailbox_id)
-            for uid in event.uids:
-                self._expunge(mb, uid, lsn)
-        elif isinstance(event, MailboxRenumbered):
-            mb = self._mailbox(event.mailbox_id)
-            present = set(mb.uid_key) | {old for old, _ in event.uids}
-            mapping = renumbered_uids(event, present)
-            new_map: dict[int, Key] = {}
-            for old, new in mapping.items():
-                key = mb.key_for(old)
-                if key is not None:
-                    new_map[new] = key
-                    if key not in self.messages:
-                        self.messages[key] = MessageTrack(key, mb.mailbox_id, old)
-            mb.uid_key = new_map
-            mb.expunged_key = {}
-            mb.renumbers.append((lsn, event.uidvalidity))
-            mb.uidvalidity = event.uidvalidity
-            mb.uid_space = event.uidvalidity
-        elif isinstance(event, EpochStarted):
-            self.epochs.append({"lsn": lsn, "epoch": event.epoch, "node": event.node})
-        elif isinstance(event, Checkpoint):
-            self.other_records += 1
-        else:  # pragma: no cover - decode_event only returns known types
+        replay = self._REPLAY.get(type(event))
+        if replay is not None:
+            replay(self, lsn, event)
+        else:  # a Checkpoint (decode_event returns only known types)
             self.other_records += 1
 
+    def _mailbox_created(self, lsn: int, event: MailboxCreated) -> None:
+        self.mailboxes[event.mailbox_id] = MailboxTrack(
+            event.mailbox_id, created_lsn=lsn, uidvalidity=event.uidvalidity, name=event.name,
+            uid_space=event.uidvalidity,
+        )
+
+    def _mailbox_renamed(self, lsn: int, event: MailboxRenamed) -> None:
+        mailbox = self._mailbox(event.mailbox_id)
+        if mailbox.name is None and not mailbox.created:
+            mailbox.fork_name = mailbox.fork_name or event.old_name
+        mailbox.renames.append((lsn, event.old_name, event.new_name))
+        mailbox.name = event.new_name
+
+    def _mailbox_deleted(self, lsn: int, event: MailboxDeleted) -> None:
+        mailbox = self._mailbox(event.mailbox_id)
+        if mailbox.name is None and not mailbox.created:
+            mailbox.fork_name = mailbox.fork_name or event.name
+            mailbox.name = event.name
+        mailbox.deleted = (lsn, event.name)
+        for message in self.messages.values():
+            if message.mailbox_id == event.mailbox_id:
+                message.gone_with_mailbox = True
+
+    def _message_appended(self, lsn: int, event: MessageAppended) -> None:
+        mailbox = self._mailbox(event.mailbox_id)
+        key = ("new", event.mailbox_id, lsn)
+        flags = set(event.flags)
+        at = FlagOp(True, event.delivered_ms, lsn, "append")
+        explicit, baseline = {f: at for f in flags}, None
+        if event.replaces:
+            # A move (MS-16): the same message at a new UID, and the old UID expunged by the
+            # same record. Its flags were copied, not set by a client: its operations since
+            # the fork are the old UID's (none if the tail never touched it).
+            old = self._message(mailbox, event.replaces)
+            explicit = dict(old.explicit) if old is not None else {}
+            baseline = old.baseline if old is not None else None
+        self.messages[key] = MessageTrack(
+            key, event.mailbox_id, event.uid, guid=event.guid, size=len(event.body),
+            internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
+            uid_space=mailbox.uid_space, flags=flags, explicit=explicit, baseline=baseline,
+        )
+        if event.replaces:
+            self._expunge(mailbox, event.replaces, lsn, moved=True)
+        mailbox.uid_key[event.uid] = key
+        mailbox.max_uid = max(mailbox.max_uid, event.uid)
+
+    def _flags_changed(self, lsn: int, event: FlagsChanged) -> None:
+        mailbox = self._mailbox(event.mailbox_id)
+        flags = set(event.flags)
+        for uid in event.uids:
+            # A change logged on an expunged UID (only a CTL-9 merge writes one) is its message's.
+            gone = mailbox.expunged_key.get(uid) if uid not in mailbox.uid_key else None
+            message = self.messages.get(gone) if gone is not None else self._message(mailbox, uid)
+            if message is None:
+                continue
+            if event.op == "replace":
+                message.explicit = {}
+                message.baseline = (frozenset(flags), FlagOp(True, event.changed_ms, lsn, "replace"))
+                if message.flags is not None:
+                    message.flags = set(flags)
+            else:
+                value = event.op == "add"
+                for flag in flags:
+                    message.explicit[flag] = FlagOp(value, event.changed_ms, lsn, event.op)
+                if message.flags is not None:
+                    message.flags = (message.flags | flags) if value else (message.flags - flags)
+            message.changes.append({"uid": uid, "op": event.op, "flags": sorted(flags),
+                                    "changed_ms": event.changed_ms, "lsn": lsn})
+
+    def _messages_expunged(self, lsn: int, event: MessagesExpunged) -> None:
+        mailbox = self._mailbox(event.mailbox_id)
+        for uid in event.uids:
+            self._expunge(mailbox, uid, lsn)
+
+    def _mailbox_renumbered(self, lsn: int, event: MailboxRenumbered) -> None:
+        mailbox = self._mailbox(event.mailbox_id)
+        present = set(mailbox.uid_key) | {old for old, _ in event.uids}
+        keys_by_new_uid: dict[int, Key] = {}
+        for old, new in renumbered_uids(event, present).items():
+            key = mailbox.key_for(old)
+            if key is not None:
+                keys_by_new_uid[new] = key
+                if key not in self.messages:
+                    self.messages[key] = MessageTrack(key, mailbox.mailbox_id, old)
+        mailbox.uid_key = keys_by_new_uid
+        mailbox.expunged_key = {}
+        mailbox.renumbers.append((lsn, event.uidvalidity))
+        mailbox.uidvalidity = event.uidvalidity
+        mailbox.uid_space = event.uidvalidity
+
+    def _epoch_started(self, lsn: int, event: EpochStarted) -> None:
+        self.epochs.append({"lsn": lsn, "epoch": event.epoch, "node": event.node})
+
+    _REPLAY = {
+        MailboxCreated: _mailbox_created,
+        MailboxRenamed: _mailbox_renamed,
+        MailboxDeleted: _mailbox_deleted,
+        MessageAppended: _message_appended,
+        FlagsChanged: _flags_changed,
+        MessagesExpunged: _messages_expunged,
+        MailboxRenumbered: _mailbox_renumbered,
+        EpochStarted: _epoch_started,
+    }
+
     def messages_in(self, mailbox_id: str, kind: str = "new") -> list[MessageTrack]:
+        """This side's tracks of messages in ``mailbox_id``: delivered in the tail (``"new"``)
+        or from before the fork (``"pre"``)."""
         return [m for m in self.messages.values() if m.mailbox_id == mailbox_id and m.key[0] == kind]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .replay import MailboxTrack, MessageTrack, SideReplay
+from .replay import MailboxTrack, MessageTrack, SideReplay, resolve_flag
 
 __all__ = ["MailboxDiff", "Diff", "diff", "compare"]
 
@@ -127,18 +127,18 @@ class Diff:
                 "epochs_started": {"a": self.a.epochs, "b": self.b.epochs}}
 
 
-def _message_conflicts(ma: MessageTrack, mb: MessageTrack, uid_a: int, uid_b: int) -> list[dict]:
-    """Per-flag conflicts between two sides' operations on one message (REC-8)."""
+def _message_conflicts(message_a: MessageTrack, message_b: MessageTrack, uid_a: int, uid_b: int) -> list[dict]:
+    """Per-flag conflicts between two sides' operations on one message, each with its REC-8 winner."""
     out = []
-    for flag in sorted(ma.touched_flags() | mb.touched_flags()):
-        oa, ob = ma.op(flag), mb.op(flag)
-        if oa is None or ob is None or oa.value == ob.value:
+    for flag in sorted(message_a.touched_flags() | message_b.touched_flags()):
+        op_a, op_b = message_a.op(flag), message_b.op(flag)
+        if op_a is None or op_b is None or op_a.value == op_b.value:
             continue
-        winner = "a" if oa.changed_ms > ob.changed_ms else "b" if ob.changed_ms > oa.changed_ms else (
-            "a" if oa.value else "b")
-        result = (oa if winner == "a" else ob).value
-        out.append({"uid_a": uid_a, "uid_b": uid_b, "guid": ma.guid.hex() if ma.guid else None, "flag": flag,
-                    "a": oa.to_dict(), "b": ob.to_dict(), "winner": winner, "result": "set" if result else "clear"})
+        winner = "a" if resolve_flag(op_a, op_b)[0] == "survivor" else "b"
+        result = (op_a if winner == "a" else op_b).value
+        out.append({"uid_a": uid_a, "uid_b": uid_b, "guid": message_a.guid.hex() if message_a.guid else None,
+                    "flag": flag, "a": op_a.to_dict(), "b": op_b.to_dict(), "winner": winner,
+                    "result": "set" if result else "clear"})
     return out
 
 
@@ -152,80 +152,106 @@ def diff(tail_a: Iterable[tuple[int, object]], tail_b: Iterable[tuple[int, objec
             prefix). Missing names are shown as the mailbox id.
     """
     a, b = SideReplay("a"), SideReplay("b")
-    for lsn, ev in tail_a:
-        a.feed(lsn, ev)
-    for lsn, ev in tail_b:
-        b.feed(lsn, ev)
+    for lsn, event in tail_a:
+        a.feed(lsn, event)
+    for lsn, event in tail_b:
+        b.feed(lsn, event)
     return compare(a, b, names=names)
 
 
 def compare(a: SideReplay, b: SideReplay, *, names: dict[str, str] | None = None) -> Diff:
-    """The diff of two replayed tails (see :func:`diff`)."""
+    """The diff of two replayed tails (see :func:`diff`), one :class:`MailboxDiff` per pair, by name."""
     names = names or {}
-    pairs: list[tuple[MailboxTrack | None, MailboxTrack | None, bool]] = []
-    # REC-4: mailboxes that existed at the fork are one mailbox on both sides.
-    pre_ids = sorted({i for s in (a, b) for i, t in s.mailboxes.items() if not t.created})
-    for mid in pre_ids:
-        pairs.append((a.mailboxes.get(mid), b.mailboxes.get(mid), True))
-    # Mailboxes created in the tails pair by name (the last name each had).
-    created_b: dict[str, list[MailboxTrack]] = {}
-    for t in sorted((t for t in b.mailboxes.values() if t.created), key=lambda t: t.created_lsn):
-        created_b.setdefault(t.deleted[1] if t.deleted else t.name, []).append(t)
-    for t in sorted((t for t in a.mailboxes.values() if t.created), key=lambda t: t.created_lsn):
-        nm = t.deleted[1] if t.deleted else t.name
-        cands = created_b.get(nm)
-        pairs.append((t, cands.pop(0) if cands else None, False))
-    for lst in created_b.values():
-        for t in lst:
-            pairs.append((None, t, False))
-
-    out = []
-    for ta, tb, same in pairs:
-        mid = (ta or tb).mailbox_id
-        fork_name = None
-        if same:
-            fork_name = (ta.fork_name if ta else None) or (tb.fork_name if tb else None) or names.get(mid)
-        display = (ta.name if ta and ta.name else None) or (tb.name if tb and tb.name else None) or fork_name or mid
-        md = MailboxDiff(display, ta, tb, same, fork_name)
-        new_a = a.messages_in(ta.mailbox_id) if ta else []
-        new_b = b.messages_in(tb.mailbox_id) if tb else []
-        guids_b: dict[bytes, MessageTrack] = {}
-        for m in new_b:
-            guids_b.setdefault(m.guid, m)
-        guids_a: dict[bytes, MessageTrack] = {}
-        for m in new_a:
-            guids_a.setdefault(m.guid, m)
-        for m in sorted(new_a, key=lambda m: m.lsn):
-            other = guids_b.get(m.guid)
-            if other is None:
-                md.only_in_a.append(m)
-            elif guids_a[m.guid] is m:
-                md.both.append((m, other))
-                md.conflicts.extend(_message_conflicts(m, other, m.uid, other.uid))
-        md.only_in_b = [m for m in sorted(new_b, key=lambda m: m.lsn) if m.guid not in guids_a]
-        if same:
-            # REC-6: one UID given to different messages on the two sides.
-            by_uid_b = {(m.uid_space, m.uid): m for m in new_b}
-            for m in sorted(new_a, key=lambda m: m.uid):
-                o = by_uid_b.get((m.uid_space, m.uid))
-                if o is not None and o.guid != m.guid:
-                    md.collisions.append((m.uid, m, o))
-            pre_a = {m.key: m for m in a.messages_in(mid, "pre")} if ta else {}
-            pre_b = {m.key: m for m in b.messages_in(mid, "pre")} if tb else {}
-            for key in sorted(set(pre_a) & set(pre_b)):
-                md.conflicts.extend(_message_conflicts(pre_a[key], pre_b[key], key[2], key[2]))
-            md.expunged_a = sorted(m.key[2] for m in pre_a.values() if m.expunged_lsn is not None)
-            md.expunged_b = sorted(m.key[2] for m in pre_b.values() if m.expunged_lsn is not None)
-        for side, lst in (("a", md.flag_changes_a), ("b", md.flag_changes_b)):
-            replay = a if side == "a" else b
-            t = md.track(side)
-            if t is None:
-                continue
-            for kind in ("pre", "new"):
-                for m in replay.messages_in(t.mailbox_id, kind):
-                    for ch in m.changes:
-                        lst.append(dict(ch, guid=m.guid.hex() if m.guid else None))
-            lst.sort(key=lambda c: c["lsn"])
-        out.append(md)
+    out = [_compare_pair(a, b, track_a, track_b, same_id, names)
+           for track_a, track_b, same_id in _pair_mailboxes(a, b)]
     out.sort(key=lambda m: (m.name, m.mailbox_id or ""))
     return Diff(a, b, out)
+
+
+def _pair_mailboxes(a: SideReplay, b: SideReplay) -> list[tuple[MailboxTrack | None, MailboxTrack | None, bool]]:
+    """REC-4: ``(A's track, B's track, same id)`` for each mailbox either tail touched."""
+    pairs: list[tuple[MailboxTrack | None, MailboxTrack | None, bool]] = []
+    # Mailboxes that existed at the fork are one mailbox on both sides.
+    at_fork = sorted({mailbox_id for side in (a, b) for mailbox_id, track in side.mailboxes.items()
+                      if not track.created})
+    for mailbox_id in at_fork:
+        pairs.append((a.mailboxes.get(mailbox_id), b.mailboxes.get(mailbox_id), True))
+    # Mailboxes created in the tails pair by name (the last name each had).
+    created_b: dict[str, list[MailboxTrack]] = {}
+    for track in sorted((t for t in b.mailboxes.values() if t.created), key=lambda t: t.created_lsn):
+        created_b.setdefault(track.deleted[1] if track.deleted else track.name, []).append(track)
+    for track in sorted((t for t in a.mailboxes.values() if t.created), key=lambda t: t.created_lsn):
+        same_name = created_b.get(track.deleted[1] if track.deleted else track.name)
+        pairs.append((track, same_name.pop(0) if same_name else None, False))
+    for unpaired in created_b.values():
+        for track in unpaired:
+            pairs.append((None, track, False))
+    return pairs
+
+
+def _compare_pair(a: SideReplay, b: SideReplay, track_a: MailboxTrack | None, track_b: MailboxTrack | None,
+                  same_id: bool, names: dict[str, str]) -> MailboxDiff:
+    """What differs in one pair of mailboxes: deliveries (REC-5), UID collisions (REC-6),
+    flag conflicts (REC-8), expunges of messages from before the fork, and every flag change."""
+    mailbox_id = (track_a or track_b).mailbox_id
+    fork_name = None
+    if same_id:
+        fork_name = ((track_a.fork_name if track_a else None) or (track_b.fork_name if track_b else None)
+                     or names.get(mailbox_id))
+    display = ((track_a.name if track_a and track_a.name else None)
+               or (track_b.name if track_b and track_b.name else None) or fork_name or mailbox_id)
+    mailbox_diff = MailboxDiff(display, track_a, track_b, same_id, fork_name)
+    new_a = a.messages_in(track_a.mailbox_id) if track_a else []
+    new_b = b.messages_in(track_b.mailbox_id) if track_b else []
+    _compare_deliveries(mailbox_diff, new_a, new_b)
+    if same_id:
+        _compare_at_fork(mailbox_diff, a, b, new_a, new_b)
+    for side, changes in (("a", mailbox_diff.flag_changes_a), ("b", mailbox_diff.flag_changes_b)):
+        replay = a if side == "a" else b
+        track = mailbox_diff.track(side)
+        if track is None:
+            continue
+        for kind in ("pre", "new"):
+            for message in replay.messages_in(track.mailbox_id, kind):
+                for change in message.changes:
+                    changes.append(dict(change, guid=message.guid.hex() if message.guid else None))
+        changes.sort(key=lambda c: c["lsn"])
+    return mailbox_diff
+
+
+def _compare_deliveries(mailbox_diff: MailboxDiff, new_a: list[MessageTrack], new_b: list[MessageTrack]) -> None:
+    """REC-5: messages by GUID: delivered only in A, only in B, or in both (one message, the
+    first delivery of each side; its flag conflicts, REC-8)."""
+    first_b: dict[bytes, MessageTrack] = {}
+    for message in new_b:
+        first_b.setdefault(message.guid, message)
+    first_a: dict[bytes, MessageTrack] = {}
+    for message in new_a:
+        first_a.setdefault(message.guid, message)
+    for message in sorted(new_a, key=lambda m: m.lsn):
+        other = first_b.get(message.guid)
+        if other is None:
+            mailbox_diff.only_in_a.append(message)
+        elif first_a[message.guid] is message:
+            mailbox_diff.both.append((message, other))
+            mailbox_diff.conflicts.extend(_message_conflicts(message, other, message.uid, other.uid))
+    mailbox_diff.only_in_b = [m for m in sorted(new_b, key=lambda m: m.lsn) if m.guid not in first_a]
+
+
+def _compare_at_fork(mailbox_diff: MailboxDiff, a: SideReplay, b: SideReplay, new_a: list[MessageTrack],
+                     new_b: list[MessageTrack]) -> None:
+    """For a mailbox that existed at the fork: UID collisions (REC-6: one UID given to
+    different messages on the two sides), flag conflicts on messages from before the fork
+    (REC-8) and the UIDs at the fork each side expunged."""
+    by_uid_b = {(m.uid_space, m.uid): m for m in new_b}
+    for message in sorted(new_a, key=lambda m: m.uid):
+        other = by_uid_b.get((message.uid_space, message.uid))
+        if other is not None and other.guid != message.guid:
+            mailbox_diff.collisions.append((message.uid, message, other))
+    mailbox_id = mailbox_diff.mailbox_id
+    pre_a = {m.key: m for m in a.messages_in(mailbox_id, "pre")} if mailbox_diff.a else {}
+    pre_b = {m.key: m for m in b.messages_in(mailbox_id, "pre")} if mailbox_diff.b else {}
+    for key in sorted(set(pre_a) & set(pre_b)):
+        mailbox_diff.conflicts.extend(_message_conflicts(pre_a[key], pre_b[key], key[2], key[2]))
+    mailbox_diff.expunged_a = sorted(m.key[2] for m in pre_a.values() if m.expunged_lsn is not None)
+    mailbox_diff.expunged_b = sorted(m.key[2] for m in pre_b.values() if m.expunged_lsn is not None)
