@@ -77,8 +77,8 @@ def describe_damage(where: str, reason: str, log: str | None = None) -> str:
     directory when the caller knows it (the advice then names it).
     """
     target = log or "LOG"
-    return (f"log is damaged at {where}: {reason}. See the damage with `walctl verify {target}`; restore the log "
-            f"from a replica, or cut it there with `walctl repair {target}` (the cut bytes are kept)")
+    return (f"log is damaged at {where}: {reason}. Restore it from a replica, or cut it there with "
+            f"`walctl repair {target}` (the cut bytes are kept); `walctl verify {target}` shows the damage")
 
 
 def _describe(exc: wal.WalError, log: str | None = None) -> str:

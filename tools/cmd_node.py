@@ -26,7 +26,7 @@ from engine.mailerrors import MailStoreError
 from engine.node import LOG_DIR, STORE_FILE, Node, rebuild_store
 from engine.store import mailbox_digest, store_digest
 
-from .cliutil import CONTEXT_SETTINGS, dump_json
+from .cliutil import CONTEXT_SETTINGS, _describe, dump_json
 
 __all__ = ["NODE_COMMANDS", "init", "serve", "deliver", "digest", "rebuild", "mailbox", "messages"]
 
@@ -44,14 +44,17 @@ def _host_port(value: str) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Typed engine and log errors become one 'Error: ...' line and exit status 1."""
+def _errors(node: str | None = None) -> Iterator[None]:
+    """Typed engine and log errors become one 'Error: ...' line and exit status 1.
+
+    ``node``: the node directory, so that a damaged log's advice names its log.
+    """
     try:
         yield
     except MailStoreError as exc:
         raise click.ClickException(str(exc)) from exc
     except wal.WalError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(_describe(exc, os.path.join(node, LOG_DIR) if node else None)) from exc
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")) from exc
 
@@ -83,7 +86,7 @@ def _open_node(path: str, *, writing: bool) -> Iterator[Node]:
     if log_in_use(path):
         what = "deliver over LMTP, or stop `walctl serve` first" if writing else "stop `walctl serve` first"
         raise click.ClickException(f"node {path} is running (its log is locked by another process): {what}")
-    with _errors():
+    with _errors(path):
         node = Node.open(path)
         try:
             yield node
@@ -165,20 +168,33 @@ def init(node: str, role: str, name: str, max_message_bytes: int | None) -> None
         walctl init /var/lib/mailwal/node1
     """
     from engine.config import DEFAULT_TOML
+    from engine.node import read_config
+    from engine.protocol import valid_replica_name
     from engine.replication_auth import create_secret
 
+    if os.path.isfile(os.path.join(node, "node.json")):
+        with _errors(node):
+            existing = read_config(node)
+        how = f"walctl serve {node}" if existing.role == "master" else f"walctl follow {node} --peer HOST:PORT ..."
+        raise click.ClickException(f"{node} is already a node ({existing.role} {existing.name}); run it with "
+                                   f"`{how}`, or init another directory")
+    if name and not valid_replica_name(name):
+        raise click.BadParameter(f"{name!r}: use 1-48 letters, digits, '.', '_' or '-'", param_hint="--name")
     kwargs = {"max_message_bytes": max_message_bytes} if max_message_bytes else {}
-    with _errors():
+    with _errors(node):
         Node.init(node, role=role, name=name, **kwargs).close()
         toml = os.path.join(node, "node.toml")
         if not os.path.exists(toml):
+            text = DEFAULT_TOML
+            if name:  # the name given here is the node's setting, not only node.json's
+                text = text.replace('\nname = ""\n', f'\nname = "{name}"\n', 1)
             with open(toml, "w") as f:
-                f.write(DEFAULT_TOML)
+                f.write(text)
         secret = os.path.join(node, "replication.secret")
         if not os.path.exists(secret):
             create_secret(secret)
     click.echo(f"created {role} node {os.path.abspath(node)} (settings: {toml}; replication secret: {secret}, "
-               f"copy it to every replica)")
+               f"which every node of the cluster needs: --secret-file {secret}, or a copy, mode 0600)")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -200,7 +216,7 @@ def deliver(node: str, mailbox: str, flags: str, create: bool, as_json: bool) ->
     """
     body = sys.stdin.buffer.read()
     flag_list = [f for f in flags.replace(",", " ").split() if f]
-    with _open_node(node, writing=True) as n, _errors():
+    with _open_node(node, writing=True) as n, _errors(node):
         receipt = n.deliver(mailbox, body, flags=flag_list, create=create)
     if as_json:
         dump_json(receipt.to_dict())
@@ -246,7 +262,7 @@ def digest(node: str, as_json: bool) -> None:
             ro.close()
         _print_digest(d, as_json, "node is running: read from its store, as of this applied LSN")
         return
-    with _open_node(node, writing=False) as n, _errors():
+    with _open_node(node, writing=False) as n, _errors(node):
         d = n.digest()
     _print_digest(d, as_json)
 
@@ -270,7 +286,7 @@ def rebuild(node: str, as_json: bool) -> None:
     from .cliutil import stderr_console
 
     console = stderr_console()  # a progress bar on a terminal, nothing in pipes
-    with _errors():
+    with _errors(node):
         if console is None:
             d = rebuild_store(node)
         else:
@@ -313,7 +329,7 @@ def mailbox_list(node: str, as_json: bool) -> None:
         finally:
             ro.close()
     else:
-        with _open_node(node, writing=False) as n, _errors():
+        with _open_node(node, writing=False) as n, _errors(node):
             rows = [_mailbox_dict(mb) for mb in n.list_mailboxes()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -328,7 +344,7 @@ def mailbox_list(node: str, as_json: bool) -> None:
 @click.pass_obj
 def mailbox_create(node: str, name: str) -> None:
     """Create mailbox NAME."""
-    with _open_node(node, writing=True) as n, _errors():
+    with _open_node(node, writing=True) as n, _errors(node):
         lsn = n.create_mailbox(name)
     click.echo(f"created {name} (LSN {lsn})")
 
@@ -339,7 +355,7 @@ def mailbox_create(node: str, name: str) -> None:
 @click.pass_obj
 def mailbox_rename(node: str, old: str, new: str) -> None:
     """Rename mailbox OLD to NEW (UIDVALIDITY and UIDs stay)."""
-    with _open_node(node, writing=True) as n, _errors():
+    with _open_node(node, writing=True) as n, _errors(node):
         lsn = n.rename_mailbox(old, new)
     click.echo(f"renamed {old} to {new} (LSN {lsn})")
 
@@ -350,9 +366,57 @@ def mailbox_rename(node: str, old: str, new: str) -> None:
 @click.pass_obj
 def mailbox_delete(node: str, name: str, recursive: bool) -> None:
     """Delete mailbox NAME and its messages."""
-    with _open_node(node, writing=True) as n, _errors():
+    with _open_node(node, writing=True) as n, _errors(node):
         lsn = n.delete_mailbox(name, recursive=recursive)
     click.echo(f"deleted {name} (LSN {lsn})")
+
+
+#: How much of a body is read for its header (a header longer than this shows what fits).
+HEADER_READ_BYTES = 64 * 1024
+
+
+def add_headers(node: str, rows: list[dict]) -> None:
+    """Set ``from`` and ``subject`` of each message row, parsed from its stored body.
+
+    Reads the first :data:`HEADER_READ_BYTES` of each body from the node's
+    store, read-only (so also while the node runs). Encoded words (RFC 2047)
+    are decoded; a header that is missing or unreadable gives "".
+    """
+    import email.parser
+    import email.policy
+
+    parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+    uri = "file:" + os.path.abspath(os.path.join(node, STORE_FILE)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        for r in rows:
+            row = conn.execute("SELECT substr(data, 1, ?) FROM bodies WHERE guid=?",
+                               (HEADER_READ_BYTES, bytes.fromhex(r["guid"]))).fetchone()
+            head = bytes(row[0]) if row and row[0] is not None else b""
+            end = head.find(b"\r\n\r\n")
+            head = head[:end + 4] if end >= 0 else head
+            try:
+                msg = parser.parsebytes(head)
+                r["from"], r["subject"] = (" ".join(str(msg.get(h, "") or "").split()) for h in ("from", "subject"))
+            except Exception:  # a header the parser cannot read: shown as empty, never fatal
+                r["from"], r["subject"] = "", ""
+    finally:
+        conn.close()
+
+
+def _message_table(rows: list[dict]) -> list[str]:
+    """Text lines: a header row, then one line per message (GUID shortened; --json has it whole)."""
+    cols = [("UID", lambda r: str(r["uid"]), ">"), ("SIZE", lambda r: str(r["size"]), ">"),
+            ("MODSEQ", lambda r: str(r["modseq"]), ">"), ("FLAGS", lambda r: " ".join(r["flags"]), "<"),
+            ("GUID", lambda r: r["guid"][:12], "<"), ("FROM", lambda r: r["from"][:40], "<"),
+            ("SUBJECT", lambda r: r["subject"], "<")]
+    cells = [[get(r) for _, get, _ in cols] for r in rows]
+    widths = [max([len(name)] + [len(c[i]) for c in cells]) for i, (name, _, _) in enumerate(cols)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(f"{v:{align}{w}}" for v, w, (_, _, align) in zip(values, widths, cols)).rstrip()
+
+    return [line([name for name, _, _ in cols])] + [line(c) for c in cells]
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -360,7 +424,11 @@ def mailbox_delete(node: str, name: str, recursive: bool) -> None:
 @click.argument("mailbox_name", metavar="MAILBOX")
 @json_flag
 def messages(node: str, mailbox_name: str, as_json: bool) -> None:
-    """List the messages of MAILBOX: UID, GUID, flags, size, MODSEQ.
+    """List the messages of MAILBOX: UID, size, MODSEQ, flags, GUID, sender, subject.
+
+    Sender and subject are read from each stored message's header. --json
+    prints every field: uid, guid, flags, size, internaldate_ms, modseq,
+    from, subject.
 
     \b
     Example:
@@ -374,13 +442,18 @@ def messages(node: str, mailbox_name: str, as_json: bool) -> None:
         finally:
             ro.close()
     else:
-        with _open_node(node, writing=False) as n, _errors():
+        with _open_node(node, writing=False) as n, _errors(node):
             rows = [_message_dict(m) for m in n.list_messages(mailbox_name)]
+    with _errors(node):
+        add_headers(node, rows)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    for r in rows:
-        click.echo(f"{r['uid']:>6}  {r['guid']}  {r['size']:>8}  modseq={r['modseq']}  {' '.join(r['flags'])}")
+    if not rows:
+        click.echo(f"{mailbox_name} holds no messages", err=True)
+        return
+    for line in _message_table(rows):
+        click.echo(line)
 
 
 NODE_COMMANDS = (init, deliver, digest, rebuild, mailbox, messages)  # serve/follow: tools/cmd_cluster.py

@@ -9,7 +9,7 @@ import click
 import wal
 from wal.segment import list_segments
 
-from .cliutil import EXIT_FAILED, dump_json, json_option, log_argument, stderr_console, wal_errors
+from .cliutil import EXIT_FAILED, describe_damage, dump_json, json_option, log_argument, stderr_console, wal_errors
 
 __all__ = ["verify"]
 
@@ -88,9 +88,6 @@ def verify(log: str, as_json: bool) -> None:
     if not report.ok:
         e = report.error or {}
         lsn = f", LSN {e.get('lsn')}" if e.get("lsn") is not None else ""
-        click.echo(
-            f"Error: log is damaged at segment {e.get('segment')}, offset {e.get('offset')}{lsn}: "
-            f"{e.get('reason')}. Restore it from a replica, or cut it there with 'walctl repair'.",
-            err=True,
-        )
+        where = f"segment {e.get('segment')}, offset {e.get('offset')}{lsn}"
+        click.echo(f"Error: {describe_damage(where, str(e.get('reason')), log)}", err=True)
         click.get_current_context().exit(EXIT_FAILED)
