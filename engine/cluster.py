@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import anyio.abc
@@ -52,6 +52,7 @@ from .errors import (
     DivergedError,
     ReplicationRefusedError,
     ReplicationTimeoutError,
+    listen_error,
 )
 from .events import EpochStarted
 from .mailerrors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure, UnknownMailboxError
@@ -137,6 +138,32 @@ class SyncReplicationBackend:
         return results
 
 
+async def report_link(link: ReplicaLink, candidates: list[str], waiting: Callable[[str], None],
+                      connected: Callable[[str], None], *, patience_s: float = 1.0) -> None:
+    """Tell the operator where a replica stands with its master, once per change (until cancelled).
+
+    When the replica is not streaming within ``patience_s`` (at start, or
+    after losing its master), ``waiting`` gets one line: it is waiting, for
+    which addresses, and why the last attempt failed. Each time it streams
+    again, ``connected`` gets one line naming the master (a quick reconnect
+    says only that).
+    """
+    while True:
+        with anyio.move_on_after(patience_s):
+            await link.wait_state("streaming")
+        if link.state != "streaming":
+            why = f" (last attempt: {link.master}: {link.last_error})" if link.last_error else ""
+            waiting(f"replica {link.name}: waiting for its master at {', '.join(candidates)}{why}")
+            await link.wait_state("streaming")
+        connected(f"replica {link.name}: connected to the master at {link.master}")
+        await link.wait_state(*(s for s in _LINK_STATES if s != "streaming"))
+
+
+#: Every state of :class:`engine.receiver.ReplicaLink`.
+_LINK_STATES = ("starting", "connecting", "authenticating", "placing", "seeding", "streaming", "fenced", "backoff",
+                "refused", "promoted", "failed", "stopped")
+
+
 def _check_applied(result) -> None:
     """Raise unless a reconcile apply completed: a tail is reconciled only when every
     action was done or skipped (e.g. a soft failover made the survivor read-only midway)."""
@@ -195,7 +222,10 @@ class Cluster:
                 from .metrics import Metrics
 
                 self._metrics = m = Metrics()
-                port = m.serve(self.config.metrics[0], self.config.metrics[1], self.status)
+                try:
+                    port = m.serve(self.config.metrics[0], self.config.metrics[1], self.status)
+                except OSError as exc:
+                    raise listen_error("metrics", self.config.metrics, exc) from exc
 
                 def on_sync(records: int, seconds: float) -> None:
                     m.fsync_seconds.observe(seconds)
@@ -246,7 +276,10 @@ class Cluster:
 
     async def _listen(self, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         host, port = self.config.listen
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+        try:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+        except OSError as exc:
+            raise listen_error("replication and control", (host, port), exc) from exc
         async with listener, anyio.create_task_group() as tg:
             bound = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
             task_status.started((bound[0], bound[1]))
@@ -365,30 +398,38 @@ class Cluster:
                 log.error("replica %s has no master address to follow", self.config.name)
                 return
             self.link = link = ReplicaLink(self.config.name, f"{peers[0][0]}:{peers[0][1]}")
-            while True:
-                try:
-                    await run_replica(
-                        node.log, peers[0][0], peers[0][1], self.secret or b"", self.config.name,
-                        applied_lsn=lambda: min(node.applied_lsn, node.log.last_lsn), link=link,
-                        alternates=peers[1:], on_promote=self._on_promoted_by_master,
-                    )
-                except DivergedError as exc:
-                    await self._diverged(exc)
-                    continue
-                except BehindRetentionError as exc:
-                    self._event("lost", f"{exc}: this replica must be reseeded: stop it and run "
-                                        f"`walctl follow {node.path} --reseed ...`")
-                    await anyio.sleep(self.config.reconnect_refused_s)
-                    continue
-                except (ReplicationRefusedError, AuthenticationError) as exc:
-                    self._event("refused", str(exc))
-                    await anyio.sleep(self.config.reconnect_refused_s)
-                    continue
-                # returned: promoted by the master (soft failover)
-                break
+            async with anyio.create_task_group() as reporting:
+                reporting.start_soon(report_link, link, [f"{h}:{p}" for h, p in peers], log.warning, log.info)
+                await self._follow(link, peers)
+                reporting.cancel_scope.cancel()
         if link.state == "promoted":
             self._event("promoted", f"promoted by the master to epoch {node.log.epoch}")
             self._start_role()
+
+    async def _follow(self, link: ReplicaLink, peers: list[tuple[str, int]]) -> None:
+        """Follow the master among ``peers`` until this replica is promoted by it."""
+        node = self.node
+        while True:
+            try:
+                await run_replica(
+                    node.log, peers[0][0], peers[0][1], self.secret or b"", self.config.name,
+                    applied_lsn=lambda: min(node.applied_lsn, node.log.last_lsn), link=link,
+                    alternates=peers[1:], on_promote=self._on_promoted_by_master,
+                )
+            except DivergedError as exc:
+                await self._diverged(exc)
+                continue
+            except BehindRetentionError as exc:
+                self._event("lost", f"{exc}: this replica must be reseeded: stop it and run "
+                                    f"`walctl follow {node.path} --reseed ...`")
+                await anyio.sleep(self.config.reconnect_refused_s)
+                continue
+            except (ReplicationRefusedError, AuthenticationError) as exc:
+                self._event("refused", str(exc))
+                await anyio.sleep(self.config.reconnect_refused_s)
+                continue
+            # returned: promoted by the master (soft failover)
+            break
 
     async def _on_promoted_by_master(self, epoch: int) -> None:
         """The epoch is started; become master and log EpochStarted before answering."""
@@ -539,6 +580,12 @@ class Cluster:
         node = self.node
         if node.role != "master" or self.hub is None:
             raise ReadOnlyNodeError("only the master can hand over; this node is a replica")
+        known = {r.name: r.connected for r in self.hub.status()}
+        if to not in known:  # answered at once: writes are never paused for a name nobody has
+            listing = ", ".join(f"{name} ({'connected' if up else 'not connected'})"
+                                for name, up in sorted(known.items()))
+            raise ControlError(f"no replica named {to!r}; known replicas: {listing or 'none has connected yet'}",
+                               "UnknownReplicaError")
         timeout = timeout or self.config.failover_timeout_s
         started = time.monotonic()
         node.pause_writes(f"soft failover to {to} in progress")

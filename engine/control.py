@@ -30,6 +30,8 @@ from typing import Any, Awaitable, Callable
 import anyio
 from anyio.abc import ByteStream
 
+from .errors import listen_error
+
 __all__ = ["ControlClient", "serve_control", "serve_control_connection", "ControlError", "encode_bytes",
            "decode_bytes", "MAX_LINE_BYTES", "PREAMBLE"]
 
@@ -146,29 +148,54 @@ async def serve_control_connection(stream: ByteStream, handler: Handler, secret:
 
 async def serve_control(handler: Handler, *, unix_path: str | None = None, tcp: tuple[str, int] | None = None,
                         secret: bytes | None = None, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve control requests until cancelled. Reports the TCP port via task_status."""
+    """Serve control requests until cancelled. Reports the TCP port via task_status.
+
+    The Unix socket exists exactly while the node serves: it is removed when
+    this returns or is cancelled (a clean stop, or a start that failed), so
+    a socket file found without a node is one a killed process left behind
+    (clients then say the node is not running, CTL-1).
+    """
     listeners = []
-    if unix_path is not None:
-        try:
-            os.unlink(unix_path)
-        except FileNotFoundError:
-            pass
-        old = os.umask(0o177)
-        try:
-            listeners.append((await anyio.create_unix_listener(unix_path), None))
-        finally:
-            os.umask(old)
-    port = None
-    if tcp is not None:
-        if secret is None:
-            raise ValueError("a TCP control listener needs a shared secret")
-        tl = await anyio.create_tcp_listener(local_host=tcp[0], local_port=tcp[1])
-        port = tl.extra(anyio.abc.SocketAttribute.local_port)
-        listeners.append((tl, secret))
-    async with anyio.create_task_group() as tg:
-        for listener, sec in listeners:
-            tg.start_soon(listener.serve, lambda s, sec=sec: serve_control_connection(s, handler, sec))
-        task_status.started(port)
+    socket_id = None
+    try:
+        if unix_path is not None:
+            _remove_socket(unix_path)
+            old = os.umask(0o177)
+            try:
+                listeners.append((await anyio.create_unix_listener(unix_path), None))
+            finally:
+                os.umask(old)
+            st = os.stat(unix_path)
+            socket_id = (st.st_dev, st.st_ino)
+        port = None
+        if tcp is not None:
+            if secret is None:
+                raise ValueError("a TCP control listener needs a shared secret")
+            try:
+                tl = await anyio.create_tcp_listener(local_host=tcp[0], local_port=tcp[1])
+            except OSError as exc:
+                raise listen_error("control", tcp, exc) from exc
+            port = tl.extra(anyio.abc.SocketAttribute.local_port)
+            listeners.append((tl, secret))
+        async with anyio.create_task_group() as tg:
+            for listener, sec in listeners:
+                tg.start_soon(listener.serve, lambda s, sec=sec: serve_control_connection(s, handler, sec))
+            task_status.started(port)
+    finally:
+        if socket_id is not None:
+            _remove_socket(unix_path, only=socket_id)
+
+
+def _remove_socket(path: str, only: tuple[int, int] | None = None) -> None:
+    """Unlink the socket file ``path`` if it exists (``only``: if it is still that (dev, inode))."""
+    try:
+        if only is not None:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) != only:
+                return
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class ControlClient:

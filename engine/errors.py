@@ -39,11 +39,46 @@ __all__ = [
     "ReplicationTimeoutError",
     "ConnectionLostError",
     "SecretFileError",
+    "ListenError",
+    "listen_error",
+    "format_address",
 ]
 
 
 class EngineError(Exception):
     """Base class of every error raised on purpose by :mod:`engine`."""
+
+
+class ListenError(EngineError):
+    """A node's listener could not bind its address (in use, not local, no permission).
+
+    ``service`` names what would have listened (``LMTP``, ``replication and
+    control``, ``metrics``), ``address`` is ``(host, port)``, ``reason`` the
+    system's words and ``errno`` its number. Raised while the node starts,
+    before it accepts anything: the node stops and nothing was acknowledged.
+    Fix: pick another address, or stop whatever listens there.
+    """
+
+    def __init__(self, service: str, address: tuple[str, int], reason: str, errno: int | None = None):
+        self.service = service
+        self.address = address
+        self.reason = reason
+        self.errno = errno
+        super().__init__(f"cannot listen for {service} on {format_address(address)}: {reason}")
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``HOST:PORT`` (``[HOST]:PORT`` for an IPv6 host)."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_error(service: str, address: tuple[str, int], exc: OSError) -> ListenError:
+    """The :class:`ListenError` for ``exc``, raised by a bind of ``address``."""
+    import os
+
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    return ListenError(service, address, reason, exc.errno)
 
 
 # -- protocol errors ---------------------------------------------------------

@@ -52,6 +52,7 @@ from typing import Any, Awaitable, Callable
 import anyio
 
 from .asyncnode import AsyncNode
+from .errors import listen_error
 from .events import validate_mailbox_name
 from .lmtp import (
     DEFAULT_MAX_RECIPIENTS,
@@ -266,12 +267,34 @@ class LmtpServer:
         self._changed: asyncio.Event | None = None
         self._idle_task: asyncio.Task | None = None
 
-    async def start(self) -> tuple[str, int]:
-        """Listen; returns the bound (host, port) (port 0 picks a free one)."""
+    async def bind(self) -> None:
+        """Bind the listening socket without accepting yet (idempotent).
+
+        A node binds first, so an address it cannot have stops it before
+        any service starts; :meth:`start` then begins accepting.
+
+        Raises:
+            ListenError: the address cannot be bound (in use, not local).
+        """
+        if self._server is not None:
+            return
         self.loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
-        self._server = await self.loop.create_server(lambda: _Connection(self), self.config.host, self.config.port,
-                                                     reuse_address=True)
+        try:
+            self._server = await self.loop.create_server(lambda: _Connection(self), self.config.host,
+                                                         self.config.port, reuse_address=True, start_serving=False)
+        except OSError as exc:
+            raise listen_error("LMTP", (self.config.host, self.config.port), exc) from exc
+
+    async def start(self) -> tuple[str, int]:
+        """Listen (binding first if :meth:`bind` was not called); returns the bound
+        (host, port) (port 0 picks a free one).
+
+        Raises:
+            ListenError: the address cannot be bound (in use, not local).
+        """
+        await self.bind()
+        await self._server.start_serving()
         self._idle_task = self.loop.create_task(self._reap_idle())
         sock = self._server.sockets[0].getsockname()
         return sock[0], sock[1]
@@ -465,9 +488,11 @@ class NodeRunner:
                 if self.handle_signals:
                     tg.start_soon(self._watch_signals)
                 if self.lmtp_enabled:
-                    # Created first so services can wrap its backend; listening starts
-                    # only once every service is up (no mail before the node is ready).
+                    # Created and bound first, so services can wrap its backend and an address
+                    # in use stops the node before anything starts; accepting starts only once
+                    # every service is up (no mail before the node is ready).
                     self.lmtp = LmtpServer(anode, self.lmtp_config)
+                    await self.lmtp.bind()
                 for name, service in self.services:
                     await tg.start(service, self)
                 if self.lmtp is not None:

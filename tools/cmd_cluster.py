@@ -8,6 +8,7 @@ Running nodes are reached through their control channel (engine/control.py):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from .cmd_node import _errors, _host_port, _require_node, log_in_use, node_argum
 __all__ = ["CLUSTER_COMMANDS", "serve", "follow"]
 
 SECRET_FILE = "replication.secret"
+#: Console width of `walctl status` when stdout is not a terminal: wide enough that no value is cut.
+STATUS_WIDTH_NOT_TTY = 1000
 
 
 def _setup_logging(file: str | None, quiet: bool, as_json: bool) -> None:
@@ -43,14 +46,42 @@ def _setup_logging(file: str | None, quiet: bool, as_json: bool) -> None:
     root.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+class HostPort(click.ParamType):
+    """A ``HOST:PORT`` option value (kept as text); ``""`` too when ``empty_ok``."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, empty_ok: bool = False):
+        self.empty_ok = empty_ok
+
+    def convert(self, value, param, ctx):
+        from engine.config import parse_host_port
+
+        if value == "" and self.empty_ok:
+            return value
+        try:
+            parse_host_port(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+class ConfigFileError(click.ClickException):
+    """A bad node.toml: one Error line naming the file and the key, exit status 2 (no usage banner)."""
+
+    exit_code = 2
+
+
 def _node_options(f):
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True), default=None,
                      help="A node.toml (see `walctl init`); flags override it. Default: NODE/node.toml if present."),
-        click.option("--lmtp", default=None, metavar="HOST:PORT", help="LMTP front address ('' for none)."),
-        click.option("--listen", default=None, metavar="HOST:PORT",
+        click.option("--lmtp", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
+                     help="LMTP front address ('' for none). Default: [lmtp] listen of node.toml, else "
+                          "127.0.0.1:2424 for `serve` and none for `follow` (a replica answers 451)."),
+        click.option("--listen", default=None, type=HostPort(), metavar="HOST:PORT",
                      help="Replication and control port of this node."),
-        click.option("--peer", "peers", multiple=True, metavar="HOST:PORT",
+        click.option("--peer", "peers", multiple=True, type=HostPort(), metavar="HOST:PORT",
                      help="Replication address of another node of the cluster (repeat)."),
         click.option("--name", default=None, help="This node's name (default: node.json's)."),
         click.option("--secret-file", default=None, type=click.Path(dir_okay=False),
@@ -62,7 +93,8 @@ def _node_options(f):
                      help="When too few replicas answer: refuse (451) or accept anyway."),
         click.option("--auto-reconcile/--no-auto-reconcile", default=None,
                      help="Send a diverged tail to the master's reconciler automatically."),
-        click.option("--metrics", default=None, metavar="HOST:PORT", help="Prometheus endpoint."),
+        click.option("--metrics", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
+                     help="Prometheus endpoint."),
         click.option("--retention-max-bytes", type=click.IntRange(min=0), default=None,
                      help="Drop log segments nobody needs once the log is larger (0: keep everything)."),
         click.option("--unknown-recipients", type=click.Choice(["create", "reject"]), default=None,
@@ -78,16 +110,25 @@ def _node_options(f):
     return f
 
 
-def _settings(node: str, config_file, **flags) -> dict:
+def _settings(node: str, config_file, role: str, **flags) -> dict:
+    """The node's settings: each flag given, else its node.toml key, else its default.
+
+    ``role`` ("master" for serve, "replica" for follow) picks the defaults
+    that depend on it (:data:`engine.config.ROLE_DEFAULTS`). ``sources``
+    says where each address came from, for error messages.
+    """
     path = config_file or (os.path.join(node, "node.toml") if os.path.isfile(os.path.join(node, "node.toml")) else None)
     try:
         cfg = load_config(path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise ConfigFileError(str(exc)) from exc
 
     def pick(flag, section, key):
         value = flags.get(flag)
-        return cfg[section][key] if value is None else value
+        return cfg.value(section, key, role) if value is None else value
+
+    def source(flag, section, key):
+        return f"--{flag}" if flags.get(flag) is not None else cfg.source(section, key, role)
 
     return {
         "name": pick("name", "node", "name"),
@@ -108,30 +149,50 @@ def _settings(node: str, config_file, **flags) -> dict:
         "log_file": pick("log_file", "log", "file") or None,
         "log_json": pick("log_json", "log", "json"),
         "quiet": pick("quiet", "log", "quiet"),
+        "sources": {
+            "LMTP": source("lmtp", "lmtp", "listen"),
+            "replication and control": source("listen", "replication", "listen"),
+            "metrics": source("metrics", "metrics", "listen"),
+        },
     }
 
 
+def _find(exc: BaseException, kind: type) -> BaseException | None:
+    """The first ``kind`` in ``exc`` or the exception groups it nests."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _find(sub, kind)
+            if found is not None:
+                return found
+    return None
+
+
 def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
+    import errno
+
     import anyio
 
     from engine.cluster import Cluster, ClusterConfig, parse_address
+    from engine.errors import ListenError
+    from engine.node import LOG_DIR
     from engine.server import LmtpConfig, NodeRunner
+
+    from .cliutil import error_message
 
     _setup_logging(s["log_file"], s["quiet"], s["log_json"])
     # A thread whose fdatasync returned should get the GIL quickly: the default
     # 5 ms switch interval added ~1 ms to a lone delivery (measured: 434/s vs 1,178/s).
     sys.setswitchinterval(0.0005)
-    try:
-        listen = parse_address(s["listen"]) if s["listen"] else None
-        peers = [parse_address(p) for p in list(masters) + s["peers"]]
-        metrics = parse_address(s["metrics"]) if s["metrics"] else None
-        lmtp = False
-        if s["lmtp"]:
-            host, port = parse_address(s["lmtp"])
-            lmtp = LmtpConfig(host=host, port=port, unknown_recipients=s["unknown_recipients"],
-                              max_message_bytes=s["max_message_bytes"], shutdown_grace_s=s["shutdown_grace_s"])
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    listen = parse_address(s["listen"]) if s["listen"] else None
+    peers = [parse_address(p) for p in list(masters) + s["peers"]]
+    metrics = parse_address(s["metrics"]) if s["metrics"] else None
+    lmtp = False
+    if s["lmtp"]:
+        host, port = parse_address(s["lmtp"])
+        lmtp = LmtpConfig(host=host, port=port, unknown_recipients=s["unknown_recipients"],
+                          max_message_bytes=s["max_message_bytes"], shutdown_grace_s=s["shutdown_grace_s"])
     if listen and not os.path.exists(s["secret_file"]):
         raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
                                    f"there (mode 0600), or pass --secret-file")
@@ -143,8 +204,19 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
         retention_max_bytes=s["retention_max_bytes"]))
     runner = NodeRunner(node, lmtp)
     runner.add_service("cluster", cluster.service)
-    with _errors():
+    try:
         anyio.run(runner.run)
+    except Exception as exc:
+        clash = _find(exc, ListenError)
+        if clash is not None:
+            what = ("another process listens there: stop it, or choose another address"
+                    if clash.errno == errno.EADDRINUSE else "choose an address of this host")
+            raise click.ClickException(f"{clash} (set by {s['sources'].get(clash.service, 'the default')}); "
+                                       f"{what}") from None
+        message, typed = error_message(exc, log=os.path.join(node, LOG_DIR))
+        if typed:  # the node's own words (a damaged log, a refusal); anything else: walctl's guard
+            raise click.ClickException(message) from None
+        raise
     return 0
 
 
@@ -167,8 +239,8 @@ def serve(node: str, config_file, **flags) -> None:
     _require_node(node)
     if log_in_use(node):
         raise click.ClickException(f"node {node} is already running (its log is locked by another process)")
-    s = _settings(node, config_file, **flags)
-    with _errors():
+    s = _settings(node, config_file, "master", **flags)
+    with _errors(node):
         cfg = read_config(node)
     if cfg.role != "master":
         raise click.ClickException(f"node {node} is a replica: run `walctl follow {node} --master HOST:PORT`, "
@@ -209,7 +281,7 @@ def _other_master(s: dict) -> dict | None:
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @node_argument
-@click.option("--master", "masters", multiple=True, metavar="HOST:PORT",
+@click.option("--master", "masters", multiple=True, type=HostPort(), metavar="HOST:PORT",
               help="The master's replication address (repeat for every node that may be master).")
 @click.option("--reseed", is_flag=True,
               help="Move this node's log and store aside (NODE/lost-STAMP/) and seed it anew from the master.")
@@ -229,44 +301,71 @@ def follow(node: str, masters: tuple[str, ...], reseed: bool, config_file, **fla
     """
     from engine.node import LOG_DIR, Node, read_config, write_config
 
-    s = _settings(node, config_file, **flags)
+    s = _settings(node, config_file, "replica", **flags)
     if not masters and not s["peers"]:
         raise click.UsageError("give the master's address with --master HOST:PORT")
     if log_in_use(node):
         raise click.ClickException(f"node {node} is already running (its log is locked by another process)")
-    if not os.path.isfile(os.path.join(node, "node.json")):
-        with _errors():
-            Node.init(node, role="replica", name=s["name"] or "", create_log=False)
-    with _errors():
-        cfg = read_config(node)
-        if cfg.role != "replica" or (s["name"] and s["name"] != cfg.name):
-            cfg.role = "replica"
-            cfg.name = s["name"] or cfg.name
-            write_config(os.path.abspath(node), cfg)
     if not os.path.exists(s["secret_file"]):
-        raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
-                                   f"there (mode 0600), or pass --secret-file")
-    if reseed and os.path.isdir(os.path.join(node, LOG_DIR)):
-        aside = os.path.join(node, "lost-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
-        os.makedirs(aside)
-        for name in (LOG_DIR, "store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
-            if os.path.exists(os.path.join(node, name)):
-                os.rename(os.path.join(node, name), os.path.join(aside, name))
-        click.echo(f"moved the old log and store to {aside}", err=True)
-    if not os.path.isdir(os.path.join(node, LOG_DIR)):
-        _seed(node, [*masters, *s["peers"]], s, cfg.name)
+        raise click.ClickException(f"no secret file {s['secret_file']}: give the master's replication.secret "
+                                   f"with --secret-file (or copy it there, mode 0600)")
+    new = not os.path.isfile(os.path.join(node, "node.json"))
+    before = set(os.listdir(node)) if os.path.isdir(node) else None
+    try:
+        if new:
+            with _errors(node):
+                Node.init(node, role="replica", name=s["name"] or "", create_log=False)
+        with _errors(node):
+            cfg = read_config(node)
+            if cfg.role != "replica" or (s["name"] and s["name"] != cfg.name):
+                cfg.role = "replica"
+                cfg.name = s["name"] or cfg.name
+                write_config(os.path.abspath(node), cfg)
+        if reseed and os.path.isdir(os.path.join(node, LOG_DIR)):
+            aside = os.path.join(node, "lost-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()))
+            os.makedirs(aside)
+            for name in (LOG_DIR, "store.sqlite", "store.sqlite-wal", "store.sqlite-shm"):
+                if os.path.exists(os.path.join(node, name)):
+                    os.rename(os.path.join(node, name), os.path.join(aside, name))
+            click.echo(f"moved the old log and store to {aside}", err=True)
+        if not os.path.isdir(os.path.join(node, LOG_DIR)):
+            _setup_logging(s["log_file"], s["quiet"], s["log_json"])
+            _seed(node, [*masters, *s["peers"]], s, cfg.name)
+    except BaseException:
+        if new:  # a seed that failed leaves the directory as it was: no half-made node
+            _remove_created(node, before)
+        raise
     sys.exit(_run(node, s, masters=list(masters)))
+
+
+def _remove_created(node: str, before: set[str] | None) -> None:
+    """Remove what a failed ``follow`` created in ``node`` (the directory too if it was
+    not there); entries that were there before (a secret copied in) stay."""
+    import shutil
+
+    if not os.path.isdir(node):
+        return
+    for name in set(os.listdir(node)) - (before or set()):
+        path = os.path.join(node, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    if before is None:
+        with contextlib.suppress(OSError):
+            os.rmdir(node)
 
 
 def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
     """Create a new replica's log (and store, from a snapshot) from its master."""
     import anyio
 
-    from engine.cluster import parse_address
+    from engine.cluster import parse_address, report_link
     from engine.node import LOG_DIR, STORE_FILE
-    from engine.receiver import run_replica
+    from engine.receiver import ReplicaLink, run_replica
 
-    from .cliutil import stderr_console
+    from .cliutil import error_message, stderr_console
 
     secret = load_secret(s["secret_file"])
     addrs = [parse_address(a) for a in addresses]
@@ -310,32 +409,55 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
 
+    link = ReplicaLink(name, addresses[0])
+
+    def say(text: str) -> None:
+        click.echo(text, err=True)
+
     async def main():
         async with anyio.create_task_group() as tg:
-            link = await tg.start(lambda task_status: run_replica(
+            tg.start_soon(report_link, link, addresses, say, lambda _text: None)
+            await tg.start(lambda task_status: run_replica(
                 os.path.join(node, LOG_DIR), addrs[0][0], addrs[0][1], secret, name,
-                snapshot_sink=Sink, alternates=addrs[1:], task_status=task_status))
-            click.echo(f"seeding: following {link.master}", err=True)
+                snapshot_sink=Sink, alternates=addrs[1:], link=link, task_status=task_status))
+            say(f"seeding: following {link.master}")
             tg.cancel_scope.cancel()
 
     task = progress.add_task(f"store snapshot from {addresses[0]}", total=None) if progress else None
-    with _errors():
+    try:
         if progress is not None:
             with progress:
                 anyio.run(main)
         else:
             anyio.run(main)
+    except Exception as exc:
+        message, typed = error_message(exc, log=os.path.join(node, LOG_DIR))
+        if typed or isinstance(exc, OSError):
+            raise click.ClickException(f"cannot seed {node} from {link.master}: {message}") from None
+        raise
 
 
 def _client(node: str | None, connect: str | None, secret_file: str | None) -> ControlClient:
+    """A control connection to the node: ``--connect`` over TCP, else NODE/control.sock.
+
+    No socket file, or one nobody answers (a killed node leaves its socket
+    behind), means the node is not running, and the error says so.
+    """
+    import errno
+
     try:
         if connect:
             host, port = _host_port(connect)
             sf = secret_file or (os.path.join(node, SECRET_FILE) if node else None)
             secret = load_secret(sf) if sf and os.path.exists(sf) else None
             return ControlClient.tcp(host, port, secret)
+        _require_node(node)
         return ControlClient.unix(os.path.join(node, "control.sock"))
     except (OSError, ControlError) as exc:
+        if not connect and isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            raise click.ClickException(f"node {node} is not running (nothing answers on "
+                                       f"{os.path.join(node, 'control.sock')}): start it with `walctl serve "
+                                       f"{node}` or `walctl follow {node} ...`") from exc
         where = connect or os.path.join(node, "control.sock")
         raise click.ClickException(f"cannot reach the node at {where}: {exc}") from exc
 
@@ -387,6 +509,8 @@ def _print_status(st: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a file, a pipe, `less`: never cut a value at 80 columns
+        console = Console(width=STATUS_WIDTH_NOT_TTY)
     t = Table(title=f"node {st.get('node')} ({st.get('role')})", show_header=False)
     for key in ("log_id", "epoch", "last_lsn", "last_hash", "applied_lsn", "listen", "master", "sync_mode",
                 "sync_degraded", "writes_paused", "log_failed", "applier_error", "quarantined",
@@ -404,15 +528,22 @@ def _print_status(st: dict) -> None:
             t.add_row("last error", str(conn["last_error"]))
     console.print(t)
     if st.get("replicas"):
-        r = Table(title="replicas")
-        for col in ("name", "connected", "since", "durable", "applied", "lag rec", "lag bytes", "lag s", "last error"):
+        r = Table(title="replicas", caption="lags in records behind the master's last LSN; lag bytes and seconds: "
+                                            "sent, not yet durable on the replica")
+        for col in ("name", "connected", "since", "durable LSN", "applied LSN", "durable lag", "applied lag",
+                    "lag bytes", "lag seconds", "last error"):
             r.add_column(col)
+
+        def cell(value) -> str:
+            return "" if value is None else str(value)
+
         for rep in st["replicas"]:
             since = rep.get("since")
             r.add_row(rep.get("name", "?"), "yes" if rep.get("connected") else "no",
                       time.strftime("%H:%M:%S", time.localtime(since)) if since else "",
-                      str(rep.get("durable_lsn", "")), str(rep.get("applied_lsn", "")),
-                      str(rep.get("durable_lag_records", "")), str(rep.get("lag_bytes", "")),
+                      cell(rep.get("durable_lsn")), cell(rep.get("applied_lsn")),
+                      cell(rep.get("durable_lag_records")), cell(rep.get("applied_lag_records")),
+                      cell(rep.get("lag_bytes")),
                       f"{rep['lag_seconds']:.3f}" if rep.get("lag_seconds") is not None else "",
                       # a connected replica's last error is history (kept in --json as last_error)
                       "" if rep.get("connected") else str(rep.get("last_error") or ""))
@@ -465,7 +596,7 @@ def _show_status(node: str | None, connect: str | None, secret_file: str | None,
         st["running"] = True
     else:
         _require_node(node)
-        with _errors():
+        with _errors(node):
             st = _offline_status(node)
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
@@ -477,18 +608,20 @@ def _show_status(node: str | None, connect: str | None, secret_file: str | None,
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("node", required=False, type=click.Path(file_okay=False))
-@click.option("--to", "target", required=True, help="Name of the replica to hand the master role to.")
+@click.option("--to", "target", required=True, metavar="NAME",
+              help="Name of the replica to hand the master role to (as `walctl status` lists it).")
 @click.option("--timeout", type=float, default=None, help="Seconds before the failover is aborted.")
 @_with_connect
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def failover(node, target, timeout, connect, secret_file, as_json) -> None:
     """Soft failover: drain every replication event, then hand the master role over.
 
-    The master refuses new writes (LMTP 451), waits until TARGET holds its
-    whole log durably, promotes it in a new epoch and becomes its replica;
-    the other replicas follow the new master by themselves. On timeout the
-    failover is aborted and the master resumes. Prints how long writes were
-    refused.
+    The master refuses new writes (LMTP 451), waits until the replica named
+    by --to NAME holds its whole log durably, promotes it in a new epoch and
+    becomes its replica; the other replicas follow the new master by
+    themselves. On timeout the failover is aborted and the master resumes.
+    A NAME the master does not know is refused at once, listing the known
+    replicas. Prints how long writes were refused.
 
     \b
     Example:
@@ -533,7 +666,7 @@ def promote(node, force, connect, secret_file, as_json) -> None:
         from engine.node import Node
 
         _require_node(node)
-        with _errors():
+        with _errors(node):
             n = Node.open(node)
             try:
                 n.set_role("master")
@@ -566,7 +699,7 @@ def _q(node: str, op: str, **args):
         return _call(node, None, None, op, **args)
     from engine.node import Node
 
-    with _errors():
+    with _errors(node):
         n = Node.open(node, start_applier=False)
         try:
             if op == "quarantine_list":
@@ -648,13 +781,47 @@ def check(master, replica, secret_file, repair, timeout, as_json) -> None:
     The master logs a checkpoint; once the replica applied it, mailboxes
     whose digest differs (or whose rows or bodies fail a full recompute on
     the replica) are listed with what differs: UIDs missing on either side,
-    GUID mismatches, flag differences. --repair resyncs them. Exit 0 when
-    everything matches. After a crash of either node, run this.
+    GUID mismatches, flag differences. --repair resyncs them from the master
+    and then checks again at a new checkpoint. After a crash of either
+    node, run this.
+
+    Exit status: 0 when every mailbox matches (with --repair: when the
+    check after the repair finds every mailbox matching); 1 otherwise, with
+    one Error line saying which mailboxes still differ.
 
     \b
     Example:
         walctl check --master 127.0.0.1:7001 --replica 127.0.0.1:7002 --secret-file s
     """
+    report = _check_pair(master, replica, secret_file, timeout)
+    after = None
+    if repair and not report["ok"]:
+        for entry in report["mismatched"]:
+            entry["repair"] = _call(None, replica, secret_file, "quarantine_resync", mailbox=entry["mailbox"])
+        after = _check_pair(master, replica, secret_file, timeout)
+        report["after_repair"] = after
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _print_check(report)
+        if after is not None:
+            click.echo("after the repair, ", nl=False)
+            _print_check(after)
+    final = after or report
+    if final["ok"]:
+        sys.exit(0)
+    names = [e["mailbox"] for e in final["mismatched"]]
+    listing = "; ".join(f"{e['mailbox']}: {', '.join(e['reasons']) or 'digest differs'}" for e in final["mismatched"])
+    if after is not None:
+        raise click.ClickException(
+            f"{len(names)} mailbox(es) still differ after the repair, at checkpoint LSN {after['checkpoint_lsn']} "
+            f"({listing}): the master's own copy may be damaged; run `walctl scrub` on the master")
+    raise click.ClickException(f"{len(names)} mailbox(es) differ at checkpoint LSN {report['checkpoint_lsn']} "
+                               f"({listing}); `walctl check ... --repair` resyncs them from the master")
+
+
+def _check_pair(master: str, replica: str, secret_file: str, timeout: float) -> dict:
+    """One check of the pair at a new checkpoint: ``{checkpoint_lsn, ok, mismatched: [...]}``."""
     import contextlib
 
     from .cliutil import stderr_console
@@ -688,21 +855,21 @@ def check(master, replica, secret_file, repair, timeout, as_json) -> None:
             entry["flag_differences"] = sorted(u for u in set(mm) & set(rm) if mm[u]["flags"] != rm[u]["flags"])
         except click.ClickException as exc:
             entry["detail_error"] = str(exc)
-        if repair:
-            entry["repair"] = _call(None, replica, secret_file, "quarantine_resync", mailbox=name)
         report["mismatched"].append(entry)
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-    else:
-        click.echo(f"checkpoint at LSN {cp}: " + ("all mailboxes match" if not names else f"{len(names)} mismatched"))
-        for e in report["mismatched"]:
-            click.echo(f"  {e['mailbox']}: {'; '.join(e['reasons'])}")
-            for k in ("missing_on_replica", "missing_on_master", "guid_mismatch", "flag_differences"):
-                if e.get(k):
-                    click.echo(f"    {k.replace('_', ' ')}: UIDs {e[k][:20]}")
-            if "repair" in e:
-                click.echo(f"    repaired: {e['repair']}")
-    sys.exit(0 if not names or repair else 1)
+    return report
+
+
+def _print_check(report: dict) -> None:
+    mismatched = report["mismatched"]
+    click.echo(f"checkpoint at LSN {report['checkpoint_lsn']}: "
+               + ("all mailboxes match" if not mismatched else f"{len(mismatched)} mismatched"))
+    for e in mismatched:
+        click.echo(f"  {e['mailbox']}: {'; '.join(e['reasons'])}")
+        for k in ("missing_on_replica", "missing_on_master", "guid_mismatch", "flag_differences"):
+            if e.get(k):
+                click.echo(f"    {k.replace('_', ' ')}: UIDs {e[k][:20]}")
+        if "repair" in e:
+            click.echo(f"    repaired: {e['repair']}")
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -713,48 +880,79 @@ def scrub(node, repair, as_json) -> None:
     """Rehash every log record against its hash and every body against its GUID.
 
     Reports damage; with --repair, a running replica fetches good copies of
-    damaged mailboxes from its master. Exit 0 when nothing is damaged.
+    damaged mailboxes from its master, and then every mailbox is checked
+    again. A damaged log is not repaired here (see `walctl verify` and
+    `walctl repair`).
+
+    Exit status: 0 when nothing is damaged (with --repair: when nothing is
+    damaged after the repair); 1 otherwise, with one Error line saying what
+    is still damaged.
 
     \b
     Example:
         walctl scrub node2 --repair
     """
-    import wal
     from engine.node import LOG_DIR
 
+    from .cliutil import describe_damage
     from .walctl_verify import _run_verify
 
     _require_node(node)
-    log_report = _run_verify(os.path.join(node, LOG_DIR))  # progress bar on a terminal
-    if _running(node, None):
-        problems = _call(node, None, None, "verify_store")
-    else:
-        from engine.node import Node
-
-        with _errors():
-            n = Node.open(node, start_applier=False)
-            try:
-                problems = n.verify_store()
-            finally:
-                n.close()
-    repaired = {}
+    log_dir = os.path.join(node, LOG_DIR)
+    log_report = _run_verify(log_dir)  # progress bar on a terminal
+    problems = _store_problems(node)
+    repaired, after = {}, None
     if repair and problems:
         if not _running(node, None):
             raise click.ClickException("--repair needs the node running as a replica (it fetches from the master)")
         for name in problems:
             repaired[name] = _call(node, None, None, "quarantine_resync", mailbox=name)
+        after = _store_problems(node)
+    remaining = problems if after is None else after
     out = {"log": log_report.to_dict(), "mailboxes": problems, "repaired": repaired,
-           "ok": log_report.ok and (not problems or bool(repaired))}
+           "ok": log_report.ok and not remaining}
+    if after is not None:
+        out["after_repair"] = after
     if as_json:
         click.echo(json.dumps(out, indent=2, default=str))
     else:
         click.echo(f"log: {'ok' if log_report.ok else 'DAMAGED: ' + str(log_report.error)} "
                    f"({log_report.records} records)")
         for name, probs in problems.items():
-            click.echo(f"  {name}: {'; '.join(probs)}" + ("  (repaired)" if name in repaired else ""))
-        if not problems:
+            state = "" if name not in repaired else "  (still damaged after the repair)" if name in remaining \
+                else "  (repaired)"
+            click.echo(f"  {name}: {'; '.join(probs)}{state}")
+        if not remaining:
             click.echo("store: every body matches its GUID; every digest matches its rows")
-    sys.exit(0 if out["ok"] else 1)
+    if out["ok"]:
+        sys.exit(0)
+    wrong = []
+    if not log_report.ok:
+        e = log_report.error or {}
+        where = f"segment {e.get('segment')}, offset {e.get('offset')}" + (
+            f", LSN {e['lsn']}" if e.get("lsn") is not None else "")
+        wrong.append(describe_damage(where, str(e.get("reason")), log_dir))
+    if remaining:
+        what = "still damaged after the repair" if after is not None else "damaged"
+        advice = "; the master's copy may be damaged too: scrub the master" if after is not None else \
+            "; `walctl scrub NODE --repair` on the running replica fetches them from the master"
+        wrong.append(f"{len(remaining)} mailbox(es) {what}: "
+                     + "; ".join(f"{n}: {', '.join(p)}" for n, p in sorted(remaining.items())) + advice)
+    raise click.ClickException("; ".join(wrong))
+
+
+def _store_problems(node: str) -> dict:
+    """Mailbox -> problems found by a full recompute of the store (running node or not)."""
+    if _running(node, None):
+        return _call(node, None, None, "verify_store")
+    from engine.node import Node
+
+    with _errors(node):
+        n = Node.open(node, start_applier=False)
+        try:
+            return n.verify_store()
+        finally:
+            n.close()
 
 
 CLUSTER_COMMANDS = (serve, follow, status, failover, promote, quarantine, check, scrub)

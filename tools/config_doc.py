@@ -1,7 +1,8 @@
 """The README's node.toml table, generated from :data:`engine.config.DEFAULT_TOML`.
 
 ``python -m tools.config_doc`` prints the Markdown table (one row per key:
-the key, its default, its unit, and the comment above it in DEFAULT_TOML).
+the key, its default, its unit, and the comment above it in DEFAULT_TOML;
+a key DEFAULT_TOML leaves commented out has a default per role).
 tests/test_runbook.py checks that the README's runbook holds exactly this
 table, so a new or changed setting cannot go undocumented.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from engine.config import DEFAULT_TOML, DEFAULTS
+from engine.config import DEFAULT_TOML, DEFAULTS, ROLE_DEFAULTS
 
 __all__ = ["settings", "markdown_table"]
 
@@ -25,6 +26,9 @@ def settings() -> list[tuple[str, str, object, str]]:
         line = line.strip()
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section, comment = m[1], []
+        elif (m := re.fullmatch(r"#\s*(\w+)\s*=.*", line)) and (section, m[1]) in ROLE_DEFAULTS:
+            out.append((section, m[1], DEFAULTS[section][m[1]], " ".join(comment)))  # unset: by role
+            comment = []
         elif line.startswith("#"):
             comment.append(line.lstrip("# "))
         elif m := re.fullmatch(r"(\w+)\s*=.*", line):
@@ -70,8 +74,13 @@ def _literal(value: object) -> str:
 def markdown_table() -> str:
     rows = ["| key | default | unit | meaning |", "|---|---|---|---|"]
     for section, key, default, comment in settings():
-        rows.append(f"| `[{section}] {key}` | `{_literal(default)}` | {_unit(key, default, comment)} | "
-                    f"{comment.replace('|', '/')} |")
+        if (section, key) in ROLE_DEFAULTS:
+            by_role = ROLE_DEFAULTS[(section, key)]
+            shown = ", ".join(f"`{_literal(v)}` ({role})" for role, v in by_role.items())
+            unit = _unit(key, by_role["master"], comment)
+        else:
+            shown, unit = f"`{_literal(default)}`", _unit(key, default, comment)
+        rows.append(f"| `[{section}] {key}` | {shown} | {unit} | {comment.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 
 
