@@ -310,6 +310,90 @@ def test_rec3_fork_search_reads_few_records(tmp_path):
     assert read_through_syscalls < 0.01 * 2 * size  # nothing else read behind the reader's back
 
 
+MIB = 1 << 20
+LARGE_SEGMENTS = 8 * MIB  # 7 records of 1 MiB each
+
+
+def large_fork_pair(tmp_path, shared: int = 24, tail_a: int = 4, tail_b: int = 3):
+    """Two logs of 1 MiB records sharing ``shared`` of them; B diverges in epoch 2 (a failover)."""
+    a, b = str(tmp_path / "a.wal"), str(tmp_path / "b.wal")
+    with wal.Log.create(a, segment_max_bytes=LARGE_SEGMENTS) as log:
+        for i in range(shared):
+            log.append(4, (b"shared %d " % i).ljust(MIB, b"s"))
+    shutil.copytree(a, b)
+    with open_log(a, LARGE_SEGMENTS) as la, open_log(b, LARGE_SEGMENTS) as lb:
+        start_epoch(lb, 2)
+        for i in range(tail_a):
+            la.append(4, (b"A %d " % i).ljust(MIB, b"a"))
+        for i in range(tail_b):
+            lb.append(4, (b"B %d " % i).ljust(MIB, b"b"))
+    return a, b
+
+
+def test_rec3_fork_search_reads_headers_only_whatever_the_message_sizes(tmp_path):
+    """Comparing record hashes needs frame headers only (LOG-4): with 1 MiB records the
+    probes read a few headers per probe, and each log's end costs its last record."""
+    a, b = large_fork_pair(tmp_path)
+    from wal.format import FRAME_HEADER_SIZE
+
+    def rchar() -> int:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+    before = rchar()
+    ra, rb = SeekReader(a), SeekReader(b)
+    s = search_fork(a, b, reader_a=ra, reader_b=rb)
+    read_through_syscalls = rchar() - before
+    assert s.fork.lsn == 24 == brute_fork(a, b)
+    assert (s.last_a, s.last_b) == (28, 27)
+    assert s.bytes_read == ra.bytes_read + rb.bytes_read == s.end_bytes_read + s.probe_bytes_read
+    # A lookup walks the headers of at most one segment's records (7 here): no payload byte.
+    assert s.probe_bytes_read <= 8 * s.probes * FRAME_HEADER_SIZE
+    # Each end: the last record whole (only its hash tells it from a torn write, LOG-8),
+    # plus the look for a frame near the end and the last segment's headers.
+    assert s.end_bytes_read <= 2 * (MIB + 64 * 1024)
+    assert read_through_syscalls < s.bytes_read + 64 * 1024  # nothing read behind the readers' backs
+
+
+def test_rec3_fork_search_stops_at_a_bad_frame_header_with_its_place(tmp_path):
+    """A header on the probes' way that fails its check is damage: the search
+    stops with segment, offset and LSN (LOG-9), and does not step over it."""
+    a, b = large_fork_pair(tmp_path)
+    with SeekReader(a) as r:
+        seg, off, fh = r.locate(22)  # in the segment of the fork (LSNs 22-28)
+        assert fh.lsn == 22
+    with open(os.path.join(a, seg), "r+b") as f:
+        f.seek(off + 4)  # the LSN field: the head CRC no longer matches
+        f.write(b"\xff")
+    with pytest.raises(wal.CorruptRecordError) as info:
+        search_fork(a, b)
+    assert (info.value.segment, info.value.offset, info.value.lsn) == (seg, off, 22)
+    assert "frame header" in info.value.reason
+
+
+def test_rec3_the_end_of_a_log_of_large_records_is_its_last_verified_record(tmp_path):
+    """LOG-8: a last record whose payload does not hash (a torn write) is not the end;
+    one cut short is not either."""
+    a, _ = large_fork_pair(tmp_path, shared=10, tail_a=0, tail_b=0)
+    last_seg = sorted(n for n in os.listdir(a) if n.endswith(".seg"))[-1]
+    path = os.path.join(a, last_seg)
+    with SeekReader(a) as r:
+        assert r.last()[0] == 10
+        hash_9 = r.hash_at(9)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 4096)
+        f.write(bytes(4096))  # the last page of record 10 never reached the disk
+    with SeekReader(a) as r:
+        assert r.last()[:2] == (9, hash_9)
+        with pytest.raises(wal.LsnNotAvailableError):
+            r.hash_at(10)
+    with open(path, "r+b") as f:
+        f.truncate(size - MIB // 2)
+    with SeekReader(a) as r:
+        assert r.last()[:2] == (9, hash_9)
+
+
 def test_rec3_history_entries_need_not_be_trusted(tmp_path):
     """A wrong EPOCHS entry costs probes, never a wrong answer."""
     a, b, rng = fork_pair(tmp_path, 120)

@@ -27,18 +27,28 @@ Finding the fork without reading the shared prefix (REC-3). The search
 compares ``hash_at(n)`` of both logs at a few LSNs: first the LSNs around
 every epoch boundary of both histories (after a failover the fork is one of
 them), then, inside the remaining interval, a gallop down from the end
-followed by a binary search. Each probe reads one record header and its
-successor through a :class:`SeekReader`, which finds a record by LSN with
-an interpolation/bisection search over *byte offsets* of the segment file,
-resynchronising on frame headers. It never walks the segment from its
-start, so the whole search reads O(log n) records, not the prefix.
+followed by a binary search. Each probe needs the hash of one record of
+each log, which is in the record's frame header (LOG-4): a
+:class:`SeekReader` finds the frame of an LSN without reading the segment
+from its start and without reading long payloads: what it reads does not
+grow with the sizes of the messages. Where records are small it probes: an
+interpolation/bisection search over *byte offsets* of the segment file,
+resynchronising on frame headers. Where they are large it walks: from a
+known frame start, it follows frame lengths, reading each header (64
+bytes) and seeking over the payload. So the whole search reads O(log n)
+small records, or the headers of at most one segment's large records per
+lookup; never the prefix, and never a payload longer than 64 KiB.
 
 A :class:`SeekReader` accepts a frame found by resynchronisation only if its
 header check passes, its LSN lies in the possible range, and the next
 frame's hash chains onto it (or it is the last record of a non-final
 segment whose successor's header names its hash). Walking from a segment
-start or from an accepted frame is exact. Reading records forward from a
-found frame verifies every hash of the chain, like :class:`wal.LogReader`.
+start or from an accepted frame is exact, and a header on the way that
+fails its check is damage (:class:`CorruptRecordError` with segment,
+offset and LSN), never stepped over. The end of a log is its last record
+whose hash verifies: its payload is read, as only that tells a complete
+record from a torn write (LOG-8). Reading records forward from a found
+frame verifies every hash of the chain, like :class:`wal.LogReader`.
 
 This module imports nothing from ``engine`` and never writes a segment.
 """
@@ -93,15 +103,22 @@ __all__ = [
 EPOCHS_FILE = "EPOCHS"
 _EPOCHS_FORMAT = 1
 
-# SeekReader tuning. A probe reads about one window; walking from an exact
-# frame start is cheaper than another probe below these bounds.
+# SeekReader tuning (see "locating" in SeekReader). A probe reads about one
+# window; walking from an exact frame start is cheaper than another probe
+# below these bounds.
 _SCAN_WINDOW_BYTES = 1024  # first window; doubles (to 64 KiB) while nothing is found
 _SCAN_WINDOW_MAX_BYTES = 64 * 1024
+_SCAN_BUDGET_BYTES = 64 * 1024  # a probe's scan gives up after reading this much
+_VERIFY_MAX_BYTES = 64 * 1024  # the longest successor payload a probe reads to accept a frame
 _WALK_MAX_RECORDS = 32
 _WALK_MAX_BYTES = 8 * 1024
+_WALK_COST_FACTOR = 4  # walk when its headers cost at most this many average frames (2-3 probes)
+_WALK_AFTER_GIVING_UP_BYTES = 256 * 1024  # after a probe gave up: walk if its headers cost at most this
+_END_WINDOWS_BYTES = (2 * 1024, 8 * 1024, 32 * 1024)  # last(): look for a frame this near the end first
 _STREAM_BUFFER_BYTES = 1 << 20
 _NONZERO = re.compile(rb"[^\x00]")
 _STREAM_ANCHOR_EVERY = 64  # streaming remembers every 64th frame start for later lookups
+_GAVE_UP = object()  # SeekReader._scan: the scan budget ran out
 
 
 class EpochHistoryError(WalError):
@@ -178,6 +195,16 @@ class ForkSearch:
     records_read: int = 0  # frames whose header or payload was read, both logs
     bytes_read: int = 0  # bytes read from segment files, both logs
     steps: list[tuple[int, bool]] = field(default_factory=list)  # (lsn, equal) in probe order
+    # Of bytes_read, what finding and verifying each log's last record read:
+    # its payload, whose hash alone tells a complete record from a torn one
+    # (LOG-8). The rest (probe_bytes_read) is frame headers, and small frames
+    # read whole by probes.
+    end_bytes_read: int = 0
+
+    @property
+    def probe_bytes_read(self) -> int:
+        """Bytes read by the comparisons and the epoch histories (after both ends were found)."""
+        return self.bytes_read - self.end_bytes_read
 
     @property
     def diverged(self) -> bool:
@@ -192,7 +219,8 @@ class ForkSearch:
                   "epochs": [e.to_dict() for e in self.history_a]},
             "b": {"last_lsn": self.last_b, "last_hash": self.hash_b.hex(),
                   "epochs": [e.to_dict() for e in self.history_b]},
-            "search": {"probes": self.probes, "records_read": self.records_read, "bytes_read": self.bytes_read},
+            "search": {"probes": self.probes, "records_read": self.records_read, "bytes_read": self.bytes_read,
+                       "end_bytes_read": self.end_bytes_read, "probe_bytes_read": self.probe_bytes_read},
         }
 
 
@@ -206,6 +234,7 @@ class SeekReader:
     Works on a directory no one holds or another process writes (no lock):
     it sees the complete frames on disk when it looks. Counters
     ``bytes_read``, ``read_calls`` and ``records_read`` say what it cost.
+    Locating a record reads frame headers, not payloads (see "locating").
 
     Raises (from its methods): :class:`LsnNotAvailableError` for an LSN the
     log does not hold, :class:`CorruptRecordError` for damage it meets.
@@ -222,7 +251,9 @@ class SeekReader:
         self._sizes: dict[str, int] = {}
         self._anchors: dict[str, list[tuple[int, int]]] = {}  # exact frame starts (lsn, offset)
         self._hashes: dict[int, bytes] = {}
+        self._frames: dict[int, tuple[str, int, FrameHeader]] = {}  # frames located or walked over
         self._end: tuple[int, bytes, int] | None = None  # (last lsn, last hash, last epoch)
+        self._end_offset: int | None = None  # where the frame after the last record would start
         self.bytes_read = 0
         self.read_calls = 0
         self.records_read = 0
@@ -299,9 +330,39 @@ class SeekReader:
         anchors.insert(i, (lsn, offset))
 
     # -- locating -----------------------------------------------------------
+    #
+    # The frame of an LSN is found inside its segment in one of two ways:
+    #
+    # * walking: from an exact frame start (the segment's first frame, or
+    #   one found before: an anchor), follow frame lengths. Only headers are
+    #   read: a window of bytes while frames are small (one read holds
+    #   several), just the 64-byte header after a frame longer than that,
+    #   seeking over its payload. A walk costs at most 64 bytes per record
+    #   passed, whatever the payload sizes.
+    # * probing: guess a byte offset between two known frame starts
+    #   (interpolation, or halving), scan forward for a valid-looking header
+    #   with a possible LSN, and accept it only if the next frame's hash
+    #   chains onto it, which reads that frame's payload. Cheap where records
+    #   are small; where they are large, finding a header would mean reading
+    #   through payloads. So a probe reads at most _SCAN_BUDGET_BYTES and
+    #   accepts a frame only if its successor's payload is at most
+    #   _VERIFY_MAX_BYTES long.
+    #
+    # locate() probes while the records of the interval are small and walks
+    # as soon as walking costs less than a few more probes (or a probe gave
+    # up inside a long payload). The bytes a lookup reads therefore do not
+    # grow with the sizes of the messages in the log: large records are
+    # passed over for 64 bytes each, and no payload longer than
+    # _VERIFY_MAX_BYTES is read. The record hash is in the frame header
+    # (LOG-4), so the hash at an LSN costs one header once its frame is found.
 
     def _successor_checks(self, i: int, name: str, c: int, fh: FrameHeader) -> bool:
-        """True if the frame after ``fh`` (at ``c``) chains onto ``fh.hash``."""
+        """True if the frame after ``fh`` (at ``c``) chains onto ``fh.hash``.
+
+        The successor's payload is read to recompute its hash, so a successor
+        longer than ``_VERIFY_MAX_BYTES`` is not checked and ``fh`` is not
+        accepted (the caller walks instead).
+        """
         end = self._size(name)
         nxt = c + fh.frame_size
         if nxt == end and i + 1 < len(self._segs):
@@ -310,18 +371,25 @@ class SeekReader:
         if nxt + FRAME_HEADER_SIZE > end:
             return False
         nfh = self._frame(name, nxt)
-        if nfh is None or nfh.lsn != fh.lsn + 1 or nxt + nfh.frame_size > end:
+        if nfh is None or nfh.lsn != fh.lsn + 1 or nxt + nfh.frame_size > end or nfh.payload_len > _VERIFY_MAX_BYTES:
             return False
         payload = self._pread(name, nxt + FRAME_HEADER_SIZE, nfh.payload_len)
         self.records_read += 1
         return record_hash(fh.hash, nfh.lsn, nfh.epoch, nfh.type, nfh.payload_len, payload_hash(payload)) == nfh.hash
 
-    def _scan(self, i: int, name: str, start: int, stop: int, lo_lsn: int, hi_lsn: int) -> tuple[int, FrameHeader] | None:
+    def _scan(self, i: int, name: str, start: int, stop: int, lo_lsn: int, hi_lsn: int):
         """The first accepted frame starting in ``[start, stop)`` with LSN in ``(lo_lsn, hi_lsn)``.
 
         Candidates are found by looking for the high bytes every LSN of the
         range shares (a C-speed ``bytes.find``), then checked: header check,
         LSN range, fits in the file, successor chains onto it.
+
+        Returns:
+            ``(offset, header)`` of the accepted frame (both it and its
+            successor become anchors); None if no accepted frame starts in
+            the range; ``_GAVE_UP`` if ``_SCAN_BUDGET_BYTES`` were read
+            before ``stop`` without accepting one (a long payload covers the
+            start of the range).
         """
         end = self._size(name)
         a, b = lo_lsn + 1, hi_lsn - 1
@@ -336,9 +404,13 @@ class SeekReader:
         zero_needle = not any(needle)
         pos = start
         window = _SCAN_WINDOW_BYTES
+        scanned = 0
         while pos < stop:
+            if scanned >= _SCAN_BUDGET_BYTES:
+                return _GAVE_UP
             limit = min(stop - pos, window)
             buf = self._pread(name, pos, min(limit + FRAME_HEADER_SIZE, end - pos))
+            scanned += len(buf)
             window = min(window * 2, _SCAN_WINDOW_MAX_BYTES)
             j = buf.find(needle, lead) if needle else lead
             while j != -1:
@@ -348,7 +420,13 @@ class SeekReader:
                 fh = decode_frame_header(buf, c_rel) if c_rel + FRAME_HEADER_SIZE <= len(buf) else None
                 if fh is not None and a <= fh.lsn <= b and pos + c_rel + fh.frame_size <= end:
                     if self._successor_checks(i, name, pos + c_rel, fh):
-                        return pos + c_rel, fh
+                        c = pos + c_rel
+                        self._add_anchor(name, fh.lsn, c)
+                        self._frames[fh.lsn] = (name, c, fh)
+                        self._hashes[fh.lsn] = fh.hash
+                        if c + fh.frame_size < end:
+                            self._add_anchor(name, fh.lsn + 1, c + fh.frame_size)
+                        return c, fh
                 nxt = j + 1
                 if zero_needle and not any(buf[c_rel + 4: j]):
                     # Inside a run of zero bytes (LSN 0 is never valid): the next
@@ -361,35 +439,110 @@ class SeekReader:
             pos += limit
         return None
 
-    def _walk(self, i: int, name: str, lsn: int, offset: int, target: int) -> tuple[int, FrameHeader]:
-        """Follow frame lengths from the exact frame start ``(lsn, offset)`` to ``target``."""
-        end = self._size(name)
-        last_seg = i == len(self._segs) - 1
+    def _headers_from(self, name: str, lsn: int, offset: int, end: int, *,
+                      large: bool = False) -> Iterator[tuple[int, FrameHeader | None]]:
+        """``(offset, header)`` of the frames from the exact frame start
+        ``(lsn, offset)`` on, reading headers only (see "locating").
+
+        ``large`` says the frames are expected to be longer than a read
+        window, so the first read is a header only.
+
+        The header is None where the bytes at ``offset`` are not a complete,
+        valid-looking header with the expected LSN whose frame fits before
+        ``end``; the iteration ends after yielding it, or at ``end``. Each
+        good frame becomes an anchor and its hash is remembered.
+        """
         buf_off, buf = offset, b""
-        chunk = _SCAN_WINDOW_BYTES
-        while True:
+        window = _SCAN_WINDOW_BYTES
+        header_only = large
+        while offset < end:
             rel = offset - buf_off
             if rel < 0 or rel + FRAME_HEADER_SIZE > len(buf):
-                buf_off = offset
-                buf = self._pread(name, offset, min(chunk, max(0, end - offset)))
-                chunk = min(chunk * 2, _SCAN_WINDOW_MAX_BYTES)
-                rel = 0
+                buf_off, rel = offset, 0
+                if header_only:  # after a frame longer than a window: its successor may be long too
+                    buf = self._pread(name, offset, min(FRAME_HEADER_SIZE, end - offset))
+                else:  # a run of small frames: read a window, doubling while the run lasts
+                    buf = self._pread(name, offset, min(window, end - offset))
+                    window = min(window * 2, _SCAN_WINDOW_MAX_BYTES)
             fh = decode_frame_header(buf, rel) if rel + FRAME_HEADER_SIZE <= len(buf) else None
             if fh is None or fh.lsn != lsn or offset + fh.frame_size > end:
-                if last_seg:  # the end of complete frames: a torn tail, or simply the end
-                    raise LsnNotAvailableError(target, self._firsts[0], lsn - 1)
-                if offset >= end:
-                    raise CorruptRecordError(name, offset, lsn, f"segment ends before LSN {lsn}")
-                raise CorruptRecordError(name, offset, lsn, "frame header check failed or LSN out of sequence")
+                yield offset, None
+                return
             self.records_read += 1
-            if lsn == target:
-                self._add_anchor(name, lsn, offset)
-                return offset, fh
+            self._add_anchor(name, lsn, offset)
+            self._frames[lsn] = (name, offset, fh)
+            self._hashes[lsn] = fh.hash
+            yield offset, fh
             offset += fh.frame_size
             lsn += 1
+            header_only = fh.frame_size > _SCAN_WINDOW_BYTES
+            if header_only:
+                window = _SCAN_WINDOW_BYTES
+
+    def _walk(self, i: int, name: str, lsn: int, offset: int, target: int, *,
+              large: bool = False) -> tuple[int, FrameHeader]:
+        """Follow frame lengths from the exact frame start ``(lsn, offset)`` to ``target``
+        (``large``: see :meth:`_headers_from`).
+
+        Raises:
+            LsnNotAvailableError: the complete frames of the last segment end
+                before ``target`` (and no later record is known to exist).
+            CorruptRecordError: a frame header on the way fails its check,
+                carries another LSN, or its frame passes the end of the
+                segment, where the log holds that LSN.
+        """
+        end = self._size(name)
+        last_seg = i == len(self._segs) - 1
+        lsn_next, at = lsn, offset
+        for off, fh in self._headers_from(name, lsn, offset, end, large=large):
+            if fh is None:
+                at = off
+                break
+            if fh.lsn == target:
+                return off, fh
+            lsn_next, at = fh.lsn + 1, off + fh.frame_size
+        # no good frame of lsn_next at ``at``
+        if last_seg and (self._end is None or lsn_next > self._end[0]):
+            raise LsnNotAvailableError(target, self._firsts[0], lsn_next - 1)
+        if at >= end:
+            raise CorruptRecordError(name, at, lsn_next, f"segment ends before LSN {lsn_next}")
+        raise CorruptRecordError(name, at, lsn_next, "frame header check failed or LSN out of sequence")
+
+    def _bracket(self, i: int, name: str, lsn: int) -> tuple[int, int, int, int, bool]:
+        """``(lo_lsn, lo_off, hi_lsn, hi_off, hi_exact)`` around ``lsn`` in segment ``i``.
+
+        ``(lo_lsn, lo_off)`` is the nearest exact frame start at or before
+        ``lsn``; ``hi`` the nearest one after it (or the end of the segment's
+        records: the next segment's first LSN, or the log's end once
+        :meth:`last` found it), else an upper bound (``hi_exact`` False).
+        """
+        first = self._firsts[i]
+        end = self._size(name)
+        anchors = self._anchors.get(name, [])
+        k = bisect.bisect_right(anchors, (lsn, float("inf")))
+        lo_lsn, lo_off = anchors[k - 1] if k > 0 else (first, SEGMENT_HEADER_SIZE)
+        if k < len(anchors):
+            return lo_lsn, lo_off, anchors[k][0], anchors[k][1], True
+        if i + 1 < len(self._segs):
+            return lo_lsn, lo_off, self._firsts[i + 1], end, True
+        if self._end is not None and self._end_offset is not None and self._end_offset > lo_off:
+            return lo_lsn, lo_off, self._end[0] + 1, self._end_offset, True
+        # every frame is at least a header long: a true upper bound
+        return lo_lsn, lo_off, lo_lsn + (end - lo_off) // FRAME_HEADER_SIZE + 1, end, False
+
+    @staticmethod
+    def _walking_is_cheaper(records: int, average_frame: float) -> bool:
+        """Walking ``records`` frames of ``average_frame`` bytes costs less than probing."""
+        if average_frame > _VERIFY_MAX_BYTES:
+            return True  # a probe could not verify what it finds
+        per_record = average_frame if average_frame < _SCAN_WINDOW_BYTES else FRAME_HEADER_SIZE
+        return records * per_record <= _WALK_COST_FACTOR * average_frame
 
     def locate(self, lsn: int) -> tuple[str, int, FrameHeader]:
         """(segment file name, byte offset, frame header) of record ``lsn``.
+
+        Reads frame headers, and small frames whole while probing; never a
+        payload longer than 64 KiB (see "locating" above).
 
         Raises:
             LsnNotAvailableError: ``lsn`` is below the first retained LSN or
@@ -398,50 +551,50 @@ class SeekReader:
         """
         if lsn < self._firsts[0]:
             raise LsnNotAvailableError(lsn, self._firsts[0], -1)
+        if self._end is not None and lsn > self._end[0]:  # past the last verified record (a torn tail)
+            raise LsnNotAvailableError(lsn, self._firsts[0], self._end[0])
+        known = self._frames.get(lsn)
+        if known is not None:
+            return known
         i = self._seg_of(lsn)
-        first, name = self._segs[i]
+        _, name = self._segs[i]
         self.header(name)
         end = self._size(name)
-        anchors = self._anchors.get(name, [])
-        k = bisect.bisect_right(anchors, (lsn, float("inf")))
-        lo_lsn, lo_off = anchors[k - 1] if k > 0 else (first, SEGMENT_HEADER_SIZE)
-        if k < len(anchors):
-            hi_lsn, hi_off, hi_exact = anchors[k][0], anchors[k][1], True
-        elif i + 1 < len(self._segs):
-            hi_lsn, hi_off, hi_exact = self._firsts[i + 1], end, True
-        else:  # every frame is at least a header long: a true upper bound
-            hi_lsn, hi_off, hi_exact = lo_lsn + (end - lo_off) // FRAME_HEADER_SIZE + 1, end, False
-        if lsn >= hi_lsn:
-            raise LsnNotAvailableError(lsn, self._firsts[0], -1)
-        interpolate = hi_exact
+        limit = end  # probes found no accepted frame (of the LSNs sought) starting in [limit, hi_off)
+        interpolate = True
         while True:
-            if lsn - lo_lsn <= _WALK_MAX_RECORDS or hi_off - lo_off <= _WALK_MAX_BYTES:
-                off, fh = self._walk(i, name, lo_lsn, lo_off, lsn)
+            lo_lsn, lo_off, hi_lsn, hi_off, hi_exact = self._bracket(i, name, lsn)
+            if lsn >= hi_lsn:
+                raise LsnNotAvailableError(lsn, self._firsts[0], -1)
+            if limit <= lo_off:
+                limit = end
+            stop = min(hi_off, limit)
+            records = lsn - lo_lsn
+            average = (hi_off - lo_off) / (hi_lsn - lo_lsn) if hi_exact else 0.0
+            large = average > _SCAN_WINDOW_BYTES
+            if (records <= _WALK_MAX_RECORDS or stop - lo_off <= _WALK_MAX_BYTES
+                    or (hi_exact and self._walking_is_cheaper(records, average))):
+                off, fh = self._walk(i, name, lo_lsn, lo_off, lsn, large=large)
                 return name, off, fh
-            span = hi_off - lo_off
-            if interpolate:
+            span = stop - lo_off
+            if interpolate and hi_exact and stop == hi_off:
                 probe = lo_off + span * (lsn - lo_lsn) // (hi_lsn - lo_lsn)
                 probe -= span // (hi_lsn - lo_lsn) // 2 + FRAME_HEADER_SIZE  # land just before the frame
             else:
                 probe = lo_off + span // 2
-            probe = max(lo_off + 1, min(probe, hi_off - 1))
-            found = self._scan(i, name, probe, hi_off, lo_lsn, hi_lsn)
-            if found is None:
-                hi_off = probe  # nothing acceptable starts in [probe, hi_off)
-            else:
-                c, fh = found
-                self._add_anchor(name, fh.lsn, c)
-                if c + fh.frame_size < end:
-                    self._add_anchor(name, fh.lsn + 1, c + fh.frame_size)
-                if fh.lsn == lsn:
-                    return name, c, fh
-                if fh.lsn < lsn:
-                    lo_lsn, lo_off = fh.lsn, c
-                else:
-                    hi_lsn, hi_off, hi_exact = fh.lsn, c, True
+            probe = max(lo_off + 1, min(probe, stop - 1))
+            found = self._scan(i, name, probe, stop, lo_lsn, hi_lsn)
+            if found is _GAVE_UP and records * FRAME_HEADER_SIZE <= _WALK_AFTER_GIVING_UP_BYTES:
+                off, fh = self._walk(i, name, lo_lsn, lo_off, lsn, large=True)  # long payloads here
+                return name, off, fh
+            if found is None or found is _GAVE_UP:
+                limit = probe
+            elif found[1].lsn == lsn:
+                return name, found[0], found[1]
             # Safeguarded interpolation: after a step that did not halve the
             # interval, halve it once, then try interpolating again.
-            interpolate = hi_exact and (not interpolate or (hi_off - lo_off) * 2 <= span)
+            n_lo, n_lo_off, _, n_hi_off, _ = self._bracket(i, name, lsn)
+            interpolate = not interpolate or (min(n_hi_off, limit) - n_lo_off) * 2 <= span
 
     # -- records and hashes ---------------------------------------------------
 
@@ -492,7 +645,14 @@ class SeekReader:
         return Record(fh.lsn, fh.epoch, fh.type, payload, fh.hash)
 
     def last(self) -> tuple[int, bytes, int]:
-        """(LSN, hash, epoch) of the last complete record; (first-1, prev hash, 0) if none."""
+        """(LSN, hash, epoch) of the last complete record; (first-1, prev hash, epoch) if none.
+
+        The last record's payload is read and its hash checked against the
+        record before it: only that tells a complete record from a torn
+        write (LOG-8). Finding it reads little besides: the bytes near the
+        end of the last segment where records are small, else the headers
+        of the last segment's frames (see "locating").
+        """
         if self._end is not None:
             return self._end
         i = len(self._segs) - 1
@@ -500,30 +660,64 @@ class SeekReader:
         header = self.header(name)
         end = self._size(name)
         result = (first - 1, header.prev_hash, 0)
+        end_offset = SEGMENT_HEADER_SIZE
         if end > SEGMENT_HEADER_SIZE:
-            # Find an accepted frame near the end, widening the window until
-            # one is found, then follow the chain to the last good frame.
-            window = 2 * _SCAN_WINDOW_BYTES
-            anchor: tuple[int, int, bytes] | None = None  # (lsn, offset, prev hash)
-            while anchor is None:
-                start = max(SEGMENT_HEADER_SIZE, end - window)
-                if start == SEGMENT_HEADER_SIZE:
-                    anchor = (first, SEGMENT_HEADER_SIZE, header.prev_hash)
-                    break
-                found = self._scan(i, name, start, end, first - 1, first + (end - SEGMENT_HEADER_SIZE) // FRAME_HEADER_SIZE + 1)
-                if found is not None:
-                    c, fh = found
-                    self._add_anchor(name, fh.lsn, c)
-                    # fh is accepted because its successor chains onto it: start there.
-                    anchor = (fh.lsn + 1, c + fh.frame_size, fh.hash)
-                    result = (fh.lsn, fh.hash, fh.epoch)
-                window *= 4
-            for rec in self._stream(i, anchor[1], anchor[0], anchor[2]):
+            lsn, offset, prev, before = self._last_frame_to_verify(i, name, end)
+            if before is not None:
+                result = before
+            sizes: list[int] = []
+            for rec in self._stream(i, offset, lsn, prev, on_bytes=sizes.append):
                 result = (rec.lsn, rec.hash, rec.epoch)
-        elif first > self._firsts[0]:
+            end_offset = offset + sum(sizes)
+        if result[0] == first - 1 and first > self._firsts[0]:
             result = (first - 1, header.prev_hash, self.epoch_at(first - 1))
-        self._end = result
+        self._forget_after(name, result[0])
+        self._end, self._end_offset = result, end_offset
         return result
+
+    def _last_frame_to_verify(self, i: int, name: str, end: int):
+        """Where :meth:`last` starts checking records: ``(lsn, offset, hash
+        before it, (lsn, hash, epoch) of the record before it or None)``.
+
+        Small records: a frame accepted near the end (its successor's hash
+        checked), so what follows it is a few records. Otherwise the last
+        frame reached by walking headers from the last exact frame start
+        known, so only its payload is read; walking stops at the first bad
+        header, which the check then finds torn (LOG-8) or corrupt.
+        """
+        first = self._firsts[i]
+        header = self.header(name)
+        upper = first + (end - SEGMENT_HEADER_SIZE) // FRAME_HEADER_SIZE + 1
+        for window in _END_WINDOWS_BYTES:
+            start = end - window
+            if start <= SEGMENT_HEADER_SIZE:
+                return first, SEGMENT_HEADER_SIZE, header.prev_hash, None
+            found = self._scan(i, name, start, end, first - 1, upper)
+            if isinstance(found, tuple):
+                c, fh = found
+                return fh.lsn + 1, c + fh.frame_size, fh.hash, (fh.lsn, fh.hash, fh.epoch)
+        lsn, offset, prev, before = first, SEGMENT_HEADER_SIZE, header.prev_hash, None
+        for a_lsn, a_off in reversed(self._anchors.get(name, [])):
+            known = self._frames.get(a_lsn - 1)
+            if known is not None:
+                fh = known[2]
+                lsn, offset, prev, before = a_lsn, a_off, fh.hash, (fh.lsn, fh.hash, fh.epoch)
+                break
+        start = (lsn, offset, prev, before)
+        for off, fh in self._headers_from(name, lsn, offset, end, large=True):
+            if fh is None:
+                break
+            start = (fh.lsn, off, prev, before)
+            prev, before = fh.hash, (fh.lsn, fh.hash, fh.epoch)
+        return start
+
+    def _forget_after(self, name: str, last_lsn: int) -> None:
+        """Drop what walking the last segment learnt about frames after the log's end (a torn tail)."""
+        self._anchors[name] = [a for a in self._anchors.get(name, []) if a[0] <= last_lsn]
+        for lsn in [n for n in self._frames if n > last_lsn]:
+            del self._frames[lsn]
+        for lsn in [n for n in self._hashes if n > last_lsn]:
+            del self._hashes[lsn]
 
     def records(self, from_lsn: int, *, on_bytes: Callable[[int], None] | None = None) -> Iterator[Record]:
         """Verified records from ``from_lsn`` to the end of the log.
@@ -564,9 +758,11 @@ class SeekReader:
                 elif offset + fh.frame_size > end:
                     failure = "frame extends past end of file"
                 else:
-                    if rel + fh.frame_size > len(buf):
+                    if rel + fh.frame_size > len(buf):  # read on from what the buffer holds of this frame
+                        have = buf[rel:]
+                        want = min(max(_STREAM_BUFFER_BYTES, fh.frame_size), end - offset) - len(have)
                         buf_off, rel = offset, 0
-                        buf = self._pread(name, offset, min(max(_STREAM_BUFFER_BYTES, fh.frame_size), end - offset))
+                        buf = have + self._pread(name, offset + len(have), want)
                     payload = buf[rel + FRAME_HEADER_SIZE: rel + fh.frame_size]
                     self.records_read += 1
                     if record_hash(prev, fh.lsn, fh.epoch, fh.type, fh.payload_len, payload_hash(payload)) != fh.hash:
@@ -805,6 +1001,9 @@ def search_fork(dir_a: str, dir_b: str, *, reader_a: SeekReader | None = None,
     try:
         if ra.log_id != rb.log_id:
             raise ForeignLogError(dir_a, ra.log_id, dir_b, rb.log_id)
+        ra.last()
+        rb.last()
+        end_bytes = ra.bytes_read + rb.bytes_read
         ha = _complete(ra, read_history_file(ra.directory), _epoch_file(ra.directory))
         hb = _complete(rb, read_history_file(rb.directory), _epoch_file(rb.directory))
         la, hash_a, _ = ra.last()
@@ -870,6 +1069,7 @@ def search_fork(dir_a: str, dir_b: str, *, reader_a: SeekReader | None = None,
             fork=Fork(lo, fork_epoch, fork_hash), last_a=la, last_b=lb, hash_a=hash_a, hash_b=hash_b,
             history_a=ha, history_b=hb, probes=len(steps),
             records_read=ra.records_read + rb.records_read, bytes_read=ra.bytes_read + rb.bytes_read, steps=steps,
+            end_bytes_read=end_bytes,
         )
     finally:
         if reader_a is None:
