@@ -36,7 +36,9 @@ __all__ = ["ApplyResult", "apply_reconcile"]
 
 log = logging.getLogger("mailwal.reconcile")
 
-_REPORT_EVERY_ACTIONS = 200  # rewrite the report at least this often while applying
+# While applying, the report is rewritten at least this often (REC-11).
+_REPORT_EVERY_ACTIONS = 200
+_REPORT_EVERY_S = 2.0
 
 
 @dataclass
@@ -329,18 +331,7 @@ class _Executor:
             ok.append(uid)
         idx = self._guid_index(mb.mailbox_id)
         if act.rule == "REC-6":
-            # A REC-6 expunge never takes a message's last UID: each GUID must stay at a UID
-            # outside this expunge (its fresh UID, or one the plan keeps), else its greatest
-            # UID here stays, whatever the plan said.
-            by_guid: dict[bytes, list[int]] = {}
-            for uid in ok:
-                by_guid.setdefault(rows[uid][1], []).append(uid)
-            for guid, mine in by_guid.items():
-                if set(idx.get(guid, ())) <= set(mine):  # every UID of the message is in this expunge
-                    keep = max(mine)
-                    log.warning(f"mailbox {act.mailbox!r} UID {keep}: its message has no fresh UID yet; "
-                                f"not expunged")
-                    ok.remove(keep)
+            self._keep_last_uids(act, ok, rows, idx)
         if not ok:
             return {"status": "skipped", "why": "nothing left to expunge"}
         lsn = self.node.expunge(mb.name, ok)
@@ -349,6 +340,20 @@ class _Executor:
             if uid in uids:
                 uids.remove(uid)
         return {"status": "done", "lsn": lsn, "uids": ok}
+
+    @staticmethod
+    def _keep_last_uids(act: Action, uids: list[int], rows: dict[int, tuple], idx: dict[bytes, list[int]]) -> None:
+        """REC-6: an expunge never takes a message's last UID: each GUID must stay at a UID
+        outside this expunge (its fresh UID, or one the plan keeps), else its greatest UID in
+        ``uids`` stays (removed from ``uids``), whatever the plan said."""
+        by_guid: dict[bytes, list[int]] = {}
+        for uid in uids:
+            by_guid.setdefault(rows[uid][1], []).append(uid)
+        for guid, mine in by_guid.items():
+            if set(idx.get(guid, ())) <= set(mine):  # every UID of the message is in this expunge
+                keep = max(mine)
+                log.warning(f"mailbox {act.mailbox!r} UID {keep}: its message has no fresh UID yet; not expunged")
+                uids.remove(keep)
 
     def _do_keep_flag_changes(self, act: Action) -> dict:
         """CTL-9: log the loser's winning flag changes on a UID the survivor (a merge's scratch
@@ -422,45 +427,73 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
         (the report then says how far the apply got: rerun it).
     """
     progress = progress or NoProgress()
-    search = search_fork(dir_a, dir_b)
-    survivor = choose_survivor(node.log.path, search, (dir_a, dir_b))
-    loser_dir = dir_b if survivor == "a" else dir_a
-    rec = reconcile(dir_a, dir_b, names=store_names(node), tail_dirs={survivor: node.log.path}, progress=progress)
-    view = StoreView(node)
-    pre_guids: dict[tuple, bytes] = {}
-    wanted = moved_keys_wanted(rec.diff, survivor)
-    if wanted:  # REC-14: the loser flagged pre-fork messages the survivor expunged; did they move?
-        with SeekReader(node.log.path) as own:
-            pre_guids = guids_at_fork(own, rec.search.fork.lsn, wanted)
-    p = plan(rec.diff, survivor, view, strategy=strategy, destructive=destructive, pre_guids=pre_guids,
-             merge=merge)
-    result = ApplyResult(rec, p, survivor, dry_run=dry_run)
-    for w in p.warnings:
-        log.warning(w)
+    result = _plan_on_survivor(node, dir_a, dir_b, strategy=strategy, destructive=destructive, merge=merge,
+                               progress=progress)
+    result.dry_run = dry_run
+    for warning in result.plan.warnings:
+        log.warning(warning)
     if dry_run:
         return result
-    result.report_path = new_report_path(node.path, rec.search.fork.lsn)
-    result.status = "applying" if p.actions else "done"
-    if not p.actions:
+    result.report_path = new_report_path(node.path, result.reconciliation.search.fork.lsn)
+    if not result.plan.actions:
+        result.status = "done"
         result.survivor_end = _log_end(node)
-    _write_report(result.report_path, result)
-    if not p.actions:
+        _write_report(result.report_path, result)
         return result
-    ex = _Executor(node, loser_dir, strategy)
+    result.status = "applying"
+    _write_report(result.report_path, result)  # REC-11: before the first action
+    _run_actions(node, result, strategy, progress, on_action)
+    result.survivor_end = _log_end(node)
+    _write_report(result.report_path, result)
+    return result
+
+
+def _plan_on_survivor(node, dir_a: str, dir_b: str, *, strategy: str, destructive: bool, merge: bool,
+                      progress: Progress) -> ApplyResult:
+    """Read both logs (the survivor's tail from the node's own log) and plan against the node's
+    current store (REC-12); nothing is written."""
+    search = search_fork(dir_a, dir_b)
+    survivor = choose_survivor(node.log.path, search, (dir_a, dir_b))
+    reconciliation = reconcile(dir_a, dir_b, names=store_names(node), tail_dirs={survivor: node.log.path},
+                               progress=progress)
+    view = StoreView(node)
+    pre_guids: dict[tuple, bytes] = {}
+    wanted = moved_keys_wanted(reconciliation.diff, survivor)
+    if wanted:  # REC-14: the loser flagged pre-fork messages the survivor expunged; did they move?
+        with SeekReader(node.log.path) as own:
+            pre_guids = guids_at_fork(own, reconciliation.search.fork.lsn, wanted)
+    planned = plan(reconciliation.diff, survivor, view, strategy=strategy, destructive=destructive,
+                   pre_guids=pre_guids, merge=merge)
+    return ApplyResult(reconciliation, planned, survivor)
+
+
+def _run_actions(node, result: ApplyResult, strategy: str, progress: Progress,
+                 on_action: Callable[[int, Action, dict], None] | None) -> None:
+    """Carry out ``result.plan``'s actions in order, each result appended to ``result.results``.
+
+    An action that fails on a mail-store, reconcile or log error is recorded as ``failed`` and
+    the apply goes on; ``result.status`` ends ``done`` or ``failed``. Anything else stops the
+    apply: the report is written once more with status ``interrupted`` and the error raised.
+    The report is rewritten at least every ``_REPORT_EVERY_ACTIONS`` actions or
+    ``_REPORT_EVERY_S`` seconds (REC-11).
+    """
+    actions = result.plan.actions
+    rec = result.reconciliation
+    executor = _Executor(node, rec.dir_b if result.survivor == "a" else rec.dir_a, strategy)
     last_write = time.monotonic()
     try:
-        progress.phase("applying", len(p.actions))
-        for i, act in enumerate(p.actions):
+        progress.phase("applying", len(actions))
+        for index, action in enumerate(actions):
             try:
-                res = ex.run(act)
+                outcome = executor.run(action)
             except (MailStoreError, ReconcileError, WalError) as exc:
-                res = {"status": "failed", "why": f"{type(exc).__name__}: {exc}"}
-                log.warning(f"reconcile action {i} ({act.kind} on {act.mailbox!r}) failed: {exc}")
-            result.results.append({"index": i, "kind": act.kind, "mailbox": act.mailbox, **res})
+                outcome = {"status": "failed", "why": f"{type(exc).__name__}: {exc}"}
+                log.warning(f"reconcile action {index} ({action.kind} on {action.mailbox!r}) failed: {exc}")
+            result.results.append({"index": index, "kind": action.kind, "mailbox": action.mailbox, **outcome})
             progress.advance(1)
             if on_action is not None:
-                on_action(i, act, res)
-            if (i + 1) % _REPORT_EVERY_ACTIONS == 0 or time.monotonic() - last_write > 2.0:
+                on_action(index, action, outcome)
+            if (index + 1) % _REPORT_EVERY_ACTIONS == 0 or time.monotonic() - last_write > _REPORT_EVERY_S:
                 _write_report(result.report_path, result)
                 last_write = time.monotonic()
         result.status = "failed" if any(r["status"] == "failed" for r in result.results) else "done"
@@ -469,13 +502,11 @@ def apply_reconcile(node, dir_a: str, dir_b: str, *, strategy: str = "renumber",
         _write_report(result.report_path, result)
         raise
     finally:
-        ex.close()
-    result.survivor_end = _log_end(node)
-    _write_report(result.report_path, result)
-    return result
+        executor.close()
 
 
 def _log_end(node) -> dict:
+    """The node's last record, ``{lsn, hash}``: the apply's decisions rest on its log up to there."""
     last = node.log.last_lsn
     return {"lsn": last, "hash": node.log.hash_at(last).hex()}
 

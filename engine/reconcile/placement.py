@@ -420,42 +420,60 @@ def requeue_applied_tails(node_dir: str, cut_tail: str, fork_lsn: int) -> list[s
     ``NODE/diverged/`` as ``requeued-<name>`` and is listed. Reports of other logs (``walctl
     reconcile --apply`` on another directory) are left alone. Returns the tails requeued.
     """
-    from ..node import DIVERGED_FILE, _write_json_atomic
-
-    diverged_dir = os.path.abspath(os.path.join(node_dir, "diverged"))
-    kept_dir = os.path.abspath(os.path.join(node_dir, "reconcile", "tails"))
     try:
-        with SeekReader(cut_tail) as r:
-            first, last = r.first_lsn(), r.last()[0]
-            cut_hashes = {}
-
-            def in_cut(lsn: int, h: str) -> bool:
-                if not (first <= lsn <= last and lsn > fork_lsn):
-                    return False
-                if lsn not in cut_hashes:
-                    cut_hashes[lsn] = r.hash_at(lsn).hex()
-                return cut_hashes[lsn] == h
-
-            wanted: list[tuple[str, str]] = []
-            for report in list_reports(node_dir):
-                try:
-                    with open(report) as f:
-                        doc = json.load(f)
-                    end = doc["apply"].get("survivor_end")
-                    side = doc["survivor"]["side"]
-                    loser = os.path.abspath(doc["b" if side == "a" else "a"]["path"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue  # unreadable, or a report from before survivor_end was written
-                if doc["apply"].get("status") != "done" or not end or not in_cut(int(end["lsn"]), end["hash"]):
-                    continue
-                if os.path.dirname(loser) in (diverged_dir, kept_dir):
-                    wanted.append((loser, report))
+        wanted = _applies_the_cut_took(node_dir, cut_tail, fork_lsn)
     except (OSError, WalError) as exc:
         _log.warning("node %s: could not check which reconciled tails the cut %s took away: %s",
                      node_dir, cut_tail, exc)
         return []
     if not wanted:
         return []
+    return _requeue(node_dir, cut_tail, wanted)
+
+
+def _applies_the_cut_took(node_dir: str, cut_tail: str, fork_lsn: int) -> list[tuple[str, str]]:
+    """``(loser tail, report)`` of each completed apply into this node whose ``survivor_end`` is a
+    record of ``cut_tail`` (after ``fork_lsn``), for the node's own tails and the kept copies of
+    tails replicas shipped. Reports that cannot be read, or that have no ``survivor_end``, are
+    left out."""
+    diverged_dir = os.path.abspath(os.path.join(node_dir, "diverged"))
+    kept_dir = os.path.abspath(os.path.join(node_dir, "reconcile", "tails"))
+    wanted: list[tuple[str, str]] = []
+    with SeekReader(cut_tail) as reader:
+        first, last = reader.first_lsn(), reader.last()[0]
+        cut_hashes: dict[int, str] = {}
+
+        def in_cut(lsn: int, record_hash: str) -> bool:
+            if not (first <= lsn <= last and lsn > fork_lsn):
+                return False
+            if lsn not in cut_hashes:
+                cut_hashes[lsn] = reader.hash_at(lsn).hex()
+            return cut_hashes[lsn] == record_hash
+
+        for report in list_reports(node_dir):
+            try:
+                with open(report) as f:
+                    doc = json.load(f)
+                end = doc["apply"].get("survivor_end")
+                side = doc["survivor"]["side"]
+                loser = os.path.abspath(doc["b" if side == "a" else "a"]["path"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable, or a report with no survivor_end
+            if doc["apply"].get("status") != "done" or not end or not in_cut(int(end["lsn"]), end["hash"]):
+                continue
+            if os.path.dirname(loser) in (diverged_dir, kept_dir):
+                wanted.append((loser, report))
+    return wanted
+
+
+def _requeue(node_dir: str, cut_tail: str, wanted: list[tuple[str, str]]) -> list[str]:
+    """List each ``(loser tail, report)`` of ``wanted`` as pending in ``diverged.json`` (one
+    atomic replace), a replica's kept copy moved into ``NODE/diverged/`` first. A tail pending
+    already, or merged into another tail (that one is requeued), is left alone."""
+    from ..node import DIVERGED_FILE, _write_json_atomic
+
+    diverged_dir = os.path.abspath(os.path.join(node_dir, "diverged"))
+    kept_dir = os.path.abspath(os.path.join(node_dir, "reconcile", "tails"))
     entries = _read_tails(node_dir)
     listed = {os.path.abspath(e["path"]): e for e in entries}
     requeued = []
@@ -471,19 +489,19 @@ def requeue_applied_tails(node_dir: str, cut_tail: str, fork_lsn: int) -> list[s
             if not os.path.isdir(dest):
                 continue  # the kept copy is gone (moved by an earlier cut: listed then)
             loser = dest
-        e = listed.get(loser)
-        if e is None:
+        entry = listed.get(loser)
+        if entry is None:
             if not os.path.isdir(loser):
                 continue
-            log_id, tail_fork, _, tail_last = _tail_ends(loser)
-            e = {"path": loser, "fork_lsn": tail_fork, "last_lsn": tail_last, "records": tail_last - tail_fork,
-                 "cut_at": stamp, "reconciled": False}
-            entries.append(e)
-            listed[loser] = e
-        elif not e.get("reconciled") or e.get("merged_into"):
+            _, tail_fork, _, tail_last = _tail_ends(loser)
+            entry = {"path": loser, "fork_lsn": tail_fork, "last_lsn": tail_last, "records": tail_last - tail_fork,
+                     "cut_at": stamp, "reconciled": False}
+            entries.append(entry)
+            listed[loser] = entry
+        elif not entry.get("reconciled") or entry.get("merged_into"):
             continue  # pending already, or its records are in a merged tail (that one is requeued)
-        e["reconciled"] = False
-        e["requeued"] = {"after_cut": cut_tail, "report": report}
+        entry["reconciled"] = False
+        entry["requeued"] = {"after_cut": cut_tail, "report": report}
         requeued.append(loser)
     if requeued:
         _write_json_atomic(os.path.join(node_dir, DIVERGED_FILE), {"tails": entries})
