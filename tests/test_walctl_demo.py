@@ -35,7 +35,9 @@ def test_demo_runs_the_cluster_story_and_leaves_consistent_nodes(tmp_path, monke
     # Each step narrated, with the figures it promises.
     for n in range(1, 7):
         assert f"=== {n}. " in out
-    assert out.count("$ walctl status") >= 4 and "lag rec" in out  # the rich replica table, several times
+    assert out.count("$ walctl status") >= 4 and "durable lag" in out  # the rich replica table, several times
+    scene_2 = out.split("=== 2. ")[1].split("=== 3. ")[0]
+    assert scene_2.count("$ walctl status") == 1  # one table per scene, the lag lines around it
     assert "DOWN, lag 100 records" in out  # c was killed while 100 messages went to a
     assert "writes were refused for" in out  # the soft failover's window
     assert "promoted: master in epoch 3" in out

@@ -48,7 +48,7 @@ NAMES = ("a", "b", "c")
 USERS = ("alice", "bob", "carol", "dave", "erin")
 DOMAIN = "example.org"
 WAIT_S = 30.0  # how long any one step may wait for the cluster before the demo gives up
-SECRET = "secret"  # DEMO_DIR/secret: the shared replication secret, copied from a's
+SECRET = os.path.join("a", "replication.secret")  # under DEMO_DIR: the shared secret every node is given
 
 
 class DemoError(Exception):
@@ -70,10 +70,7 @@ def walctl_argv(*args: str) -> list[str]:
 def show(*args: str, check: bool = True) -> int:
     """Run one walctl command as an operator would, its output going straight to ours."""
     say(f"$ walctl {' '.join(args)}")
-    env = dict(os.environ)
-    if not sys.stdout.isatty():
-        env.setdefault("COLUMNS", "120")  # rich tables: wide enough for the replica table in a pipe
-    rc = subprocess.run(walctl_argv(*args), env=env).returncode
+    rc = subprocess.run(walctl_argv(*args)).returncode
     if check and rc != 0:
         raise DemoError(f"`walctl {' '.join(args)}` exited with status {rc}")
     return rc
@@ -313,11 +310,14 @@ class Load(threading.Thread):
 
 
 def lag_line(st: dict) -> str:
+    """One line: each replica's state and both lags (records not yet durable there, not yet applied there)."""
     parts = []
     for r in st.get("replicas") or []:
         state = "connected" if r.get("connected") else "DOWN"
-        parts.append(f"{r['name']}: {state}, lag {r.get('durable_lag_records')} records "
-                     f"({r.get('lag_bytes', 0)} bytes, {r.get('lag_seconds') or 0:.3f} s)")
+        applied = r.get("applied_lag_records")
+        parts.append(f"{r['name']}: {state}, lag {r.get('durable_lag_records')} records durable"
+                     + (f", {applied} applied" if applied is not None else "")
+                     + f" ({r.get('lag_bytes', 0)} bytes, {r.get('lag_seconds') or 0:.3f} s)")
     return f"master {st['node']} at LSN {st['last_lsn']}; " + "; ".join(parts)
 
 
@@ -369,9 +369,7 @@ def run_demo(cl: Cluster) -> bool:
     step(1, "a master and two replicas")
     say("a: the master, with an LMTP front. b and c: replicas, each an exact copy of a's log, fed over TCP.")
     show("init", cl.path("a"), "--name", "a")
-    shutil.copy(os.path.join(cl.path("a"), "replication.secret"), os.path.join(root, SECRET))
-    os.chmod(os.path.join(root, SECRET), 0o600)
-    say(f"$ cp {cl.path('a')}/replication.secret {root}/{SECRET}     # every replica needs the shared secret")
+    say(f"(every node is given a's replication secret with --secret-file {os.path.join(root, SECRET)})")
     cl.start("serve", "a")
     cl.start("follow", "b")
     cl.start("follow", "c")
@@ -385,9 +383,12 @@ def run_demo(cl: Cluster) -> bool:
         say("250 comes after the master's fsync; replication is asynchronous, so replicas may lag a little.")
         load = Load(mta, rate=100)
         load.start()
-        for _ in range(3):
-            time.sleep(0.6)
-            show("status", cl.path("a"))
+        time.sleep(0.6)
+        say(lag_line(cl.status("a")))
+        time.sleep(0.6)
+        show("status", cl.path("a"))
+        time.sleep(0.6)
+        say(lag_line(cl.status("a")))
         n = load.stop()
         say(f"delivered {n} messages to a")
         cl.wait_for("b and c to catch up", lambda: cl.caught_up("a", ("b", "c")))
@@ -523,7 +524,7 @@ def main() -> int:
         cmdlines = dict(cl.cmdlines)
         stopped = cl.stop_all()
         say("\nstopping the nodes (SIGTERM): " + ", ".join(f"{n} (pid {pid}) exited {rc}" for n, pid, rc in stopped))
-    say(f"\nThe node directories are left in ./{DEMO_DIR} (a, b, c, their logs NAME.log, the secret).")
+    say(f"\nThe node directories are left in ./{DEMO_DIR} (a, b, c and their logs NAME.log).")
     w = _walctl_path()
     say("Look at them with, for example:")
     say(f"  {w} status {DEMO_DIR}/c          {w} messages {DEMO_DIR}/c user/alice/INBOX")
