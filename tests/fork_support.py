@@ -47,9 +47,9 @@ def nodes_from_one(tmp_path, names: list[str], setup: Callable[[Node], object], 
 def deliver_again(node: Node, mailbox: str, uid: int, *, uid_floor: int = 0, move: bool = False) -> int:
     """Deliver the message at ``uid`` again at a fresh UID >= ``uid_floor`` (same bytes, flags
     and dates); returns the fresh UID. With ``move`` the record also takes ``uid`` away (MS-16).
-    Without it the message stays at ``uid`` too: the shape an interrupted REC-6 move left
-    before a move was one record; logs written then hold it, and the reconciler still meets
-    it (also from a REC-6 expunge of a second collided copy that did not happen)."""
+    Without it the message stays at ``uid`` too: a move written as a redelivery whose expunge
+    of the old UID never came, a shape a log may hold and the reconciler handles (also what a
+    REC-6 expunge of a second collided copy that did not happen leaves)."""
     row = node._read_fresh(lambda store: store.message_row(node.state.by_name[mailbox].mailbox_id, uid))
     body = node.fetch(mailbox, uid)
     box = {}
@@ -65,7 +65,7 @@ def deliver_again(node: Node, mailbox: str, uid: int, *, uid_floor: int = 0, mov
 
 
 def two_record_redeliver(executor, act) -> dict:
-    """A stand-in for ``_Executor._do_redeliver`` as it was before a move was one record
-    (MS-16), stopped before the expunge of the old UID: the message is at both UIDs."""
+    """A stand-in for ``_Executor._do_redeliver`` that writes a REC-6 move as a redelivery and
+    stops before the expunge of the old UID (not one record, MS-16): the message is at both UIDs."""
     uid = deliver_again(executor.node, act.mailbox, act.detail["uid"], uid_floor=act.detail["uid_floor"])
     return {"status": "done", "uid": uid}

@@ -1,14 +1,11 @@
 """REC-6: a message the survivor holds at several UIDs that all collide keeps one UID.
 
-Found by ``walctl torture --seed 73`` (17 acknowledged deliveries lost on every
-node): an earlier apply on the survivor had redelivered its message at a fresh
-UID and never expunged the old one (the node lost its place first), so the
-survivor held the message at two UIDs. A later tail collided with both. The
-plan looked, for each collided UID, for "another UID" holding the message,
-found the other collided one each time, planned no redelivery and expunged
-both. Now the plan moves a GUID that no UID outside the collided ones holds
-(once, from its greatest UID), and the apply never lets a REC-6 expunge take
-a message's last UID.
+The survivor holds one message at two UIDs (a move written as a redelivery
+whose expunge of the old UID never came, the node having lost its place), and
+a later tail collides with both. Each collided UID finds the other one holding
+the message, yet neither is a UID outside the collision: the plan moves a GUID
+that no UID outside the collided ones holds (once, from its greatest UID), and
+the apply never lets a REC-6 expunge take a message's last UID.
 """
 
 from collections import Counter
@@ -42,8 +39,8 @@ def test_a_moved_message_whose_old_uid_stayed_survives_a_tail_colliding_with_bot
         take_over(n0, 3)
         t2 = follow(n2, n0)
 
-        # The first apply's REC-6 move as it was before moves were one record (MS-16), interrupted
-        # before the expunge of the old UID (the node lost its place, in the torture run).
+        # The first apply's REC-6 move written as a redelivery and a later expunge (the shape a
+        # log may hold, fork_support.two_record_redeliver), stopped before the expunge.
         with monkeypatch.context() as m:
             m.setattr(_Executor, "_do_redeliver", two_record_redeliver)
             first = apply_reconcile(n0, n0.log.path, t2)
@@ -116,11 +113,9 @@ def test_a_rec6_expunge_never_takes_a_messages_last_uid(tmp_path):
         n0.close()
 
 
-# Found by the multi-fork model with its 'reconcile-interrupted' event (2026-11-27): a REC-6
-# move was a redelivery and, later, an expunge of the old UID; an apply interrupted between the
-# two left clients the old UID, and their expunge or flag change of it was not carried to the
-# fresh UID (the expunged message came back, the flag change was lost). A move is now one record
-# (MS-16): an interrupted apply leaves every message at exactly one UID.
+# REC-6 with MS-16: a move is one record, so an apply interrupted after a move leaves every
+# message at exactly one UID, and a client's expunge or flag change made after the move (at the
+# fresh UID) is the message's: the expunged message does not come back, the flag change stays.
 def _interrupted_move(tmp_path):
     n0, n1 = nodes_from_one(tmp_path, ["n0", "n1"], _deliver_base)
     n0.deliver(MAILBOX, b"Subject: m2\r\n\r\non n0's first branch\r\n")
@@ -175,8 +170,8 @@ def test_a_flag_change_after_an_interrupted_move_is_kept(tmp_path):
 def test_a_destructive_apply_of_a_tail_holding_a_move_keeps_the_message(tmp_path):
     # REC-10 with MS-16: the loser's tail moved a message from before the fork (its node had
     # reconciled a collision); --apply-destructive applies the loser's expunges, and the move's
-    # removal of the old UID is not one (the message was lost: the survivor holds it only at
-    # that UID, so it was not copied back either).
+    # removal of the old UID is not one: the survivor holds the message only at that UID, and
+    # it is not copied back either, so expunging it there would lose it.
     n0, n1, n2 = nodes_from_one(tmp_path, ["n0", "n1", "n2"], _deliver_base)
     try:
         g = n0.deliver(MAILBOX, b"Subject: g\r\n\r\nacknowledged on n0\r\n")  # UID 2

@@ -1,15 +1,13 @@
-"""A REC-6 collision resolved across two applies and a cut branch (engine.reconciler.plan).
+"""A REC-6 collision resolved across two applies and a cut branch (engine.reconcile.planner).
 
-Found by ``walctl torture --minutes 10 --seed 11``: 61 messages twice on every
-node (e.g. the same GUID at UIDs 1781 and 1860). A REC-6 collision is resolved
-in two steps: the survivor's message is redelivered at a fresh UID, then the
-collided UID is expunged. When the apply stops between the two (a soft
-failover made the master read-only, or it was killed), the redelivered copies
-replicate to the next master while the expunge, done by the retry on the old
-master, lands in a branch that is later cut as a diverged tail. Reconciling
-that tail treated the expunge as a loser's expunge (REC-10: not applied
-without --apply-destructive), and the first tail was already marked
-reconciled: the message stayed at its old and its fresh UID for ever.
+A REC-6 move written in two steps (the survivor's message redelivered at a
+fresh UID, then the collided UID expunged) can be cut in two by a failover:
+the redelivered copies replicate to the next master while the expunge, done
+by the retry on the old master, lands in a branch that is later cut as a
+diverged tail. Reconciling that tail, the expunge is applied without
+--apply-destructive (the REC-6 exception of REC-10): the survivor holds the
+message at its fresh UID too, so the collided UID goes and the message is
+left at one UID.
 """
 
 import shutil
@@ -32,9 +30,9 @@ def test_a_collision_expunge_in_a_cut_branch_is_not_lost(tmp_path, monkeypatch):
         c.node = a
         args = tail_args(b, fork)
 
-        # 1st apply on a: copies done, and the REC-6 moves as they were before a move was one
-        # record (MS-16): redelivered, the old UIDs not expunged yet (a soft failover made a
-        # read-only first)
+        # 1st apply on a: copies done, and the REC-6 moves written as a redelivery and a later
+        # expunge (fork_support.two_record_redeliver): redelivered, the old UIDs not expunged
+        # yet (a soft failover made a read-only first)
         with monkeypatch.context() as m:
             m.setattr(_Executor, "_do_redeliver", two_record_redeliver)
             c._reconcile_tail(**args)

@@ -156,10 +156,10 @@ _D = (0, "deliver", 0, 0, 0)
     strategy=st.sampled_from(["renumber", "uidvalidity"]),
     destructive=st.booleans(),
 )
-# Found by the model (2026-11-27; fails at ea6f38d too): the loser created a mailbox and
-# delivered into it with \\Seen, the survivor created and deleted one of that name. The first
-# apply made the mailbox anew and copied the message; the second compared the loser's \\Seen with
-# the survivor's deleted mailbox, found nothing there and planned a set_flags (REC-12).
+# REC-8 with REC-7 and REC-12: the loser created a mailbox and delivered into it with \\Seen,
+# the survivor created and deleted one of that name. The first apply makes the mailbox anew and
+# copies the message; the second weighs the loser's \\Seen against the survivor's operations in
+# the new mailbox (not the deleted one) and plans nothing.
 @example(prefix=[(0, 0)], ops=[_D] * 9 + [(0, "create", 0, 0, 0), (0, "delete", 0, 0, 0), (1, "create", 0, 0, 0),
                                          (1, "deliver", 8, 0, 1)], strategy="renumber", destructive=False)
 def test_rec4_to_rec12_random_forks_report_the_model_and_merge(tmp_path_factory, prefix, ops, strategy, destructive):

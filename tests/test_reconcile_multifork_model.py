@@ -1,10 +1,10 @@
 """Hypothesis: histories with several forks, their tails reconciled in generated orders.
 
-tests/test_reconcile_model.py forks once. The torture harness found its bugs
-where several forks meet: tails of several forks reconciled into one master
-in different orders, a message from before a fork moved by one reconcile
-(REC-6) and flagged in another tail (REC-14), a master that took tails and
-then lost its place itself, tails stranded inside later tails (CTL-9).
+tests/test_reconcile_model.py forks once. This model covers where several
+forks meet: tails of several forks reconciled into one master in different
+orders, a message from before a fork moved by one reconcile (REC-6) and
+flagged in another tail (REC-14), a master that took tails and then lost its
+place itself, tails stranded inside later tails (CTL-9).
 
 The world here is a few real node directories (engine.node.Node), driven
 the way the cluster drives them, without processes:
@@ -25,8 +25,8 @@ the way the cluster drives them, without processes:
   (Cluster._reconcile_tail), or locally if the node is a master itself
   (Cluster._reconcile_locally); then marked reconciled;
 * ``reconcile-interrupted``: the same, but the apply stops after its first
-  0 to 3 actions (fault injection: the node lost its place mid-apply, as in
-  torture seed 73): the apply fails, the tail stays pending and is shipped
+  0 to 3 actions (fault injection: the node lost its place mid-apply): the
+  apply fails, the tail stays pending and is shipped
   again later, and clients go on using the survivor meanwhile.
 
 At the end one master is the final survivor, every other node follows it,
@@ -47,8 +47,8 @@ the torture history checker's (tools/history.py), stated by the REC rules:
 * UIDs are unique per mailbox (REC-6);
 * applying the same tail again plans nothing (REC-12).
 
-No failure is excused: the open bugs this model found are fixed, each with a
-plain regression test in test_reconcile_multifork_regressions.py.
+No failure is excused: each case this model shrank to is also a plain test in
+test_reconcile_multifork_regressions.py or an ``@example`` below.
 
 Every step is logged with ``note`` so a failure can become a plain test.
 """
@@ -407,24 +407,22 @@ _D = ("deliver", 0, 0, 0, 0)
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(**histories)
-# Found by the 400-example run (2026-11-27), both failing before the fix. REC-8: a loser's
-# pre-fork UID the survivor moved and the loser's own delivery of that GUID are one message;
-# each track's \Seen became its own set_flags action, the older one logged last, so the same
-# apply run again planned a change (REC-12).
+# REC-8: a loser's pre-fork UID the survivor moved and the loser's own delivery of that GUID
+# are one message, with one set_flags action (weighed separately, the older change could be
+# logged last, and the same apply run again would plan a change, REC-12).
 @example(prefix=[0], replicas=[1], rounds=[([], ("failover", 0, 0)), ([_D, _D], ("reconcile", 0, 0)),
                                            ([], ("failover", 0, 0)), ([_D, _D], ("failover", 0, 0)),
                                            ([("flags", 0, 0, 1, 0)], ("reconcile", 2, 0)), ([], ("failover", 0, 0))],
          survivor=0, order=[])
-# CTL-9: a stranded tail's \Seen on a message the newer tail expunged was dropped by the
-# merge (REC-14 against the scratch node), and that expunge is a loser's, never applied: the
-# acknowledged \Seen was lost.
+# CTL-9: a stranded tail's \Seen on a message the newer tail expunged is kept by the merge
+# (keep_flag_changes): that expunge is a loser's, never applied, so dropping the change by
+# REC-14 against the scratch node would lose the acknowledged \Seen.
 @example(prefix=[0], replicas=[0, 0], rounds=[([], ("failover", 0, 0)), ([_D, ("flags", 0, 0, 0, 0)], ("failover", 0, 0)),
                                               ([], ("failover", 0, 0)), ([_D, ("expunge", 0, 0, 0, 0)], ("failover", 1, 0))],
          survivor=0, order=[])
-# Found by the default run (2026-11-27; fails on the code before the fix too): a tail holding an
-# apply's move of a pre-fork message counted the move's copied \\Seen as a client's add at the
-# original delivery time, and the survivor's side was only its own move record, not its later
-# remove on the old UID: \\Seen came back. A move's track carries the old UID's operations.
+# REC-8 with MS-16: in a tail holding an apply's move of a pre-fork message, the move's copied
+# \\Seen is no client's add, and the survivor's side includes its later remove on the old UID:
+# \\Seen stays removed. A move's track carries the old UID's operations.
 @example(prefix=[0], replicas=[0], rounds=[([("deliver", 0, 38, 0, 0)], ("failover", 0, 0)),
                                            ([_D, _D, ("deliver", 0, 26, 27, 0)], ("reconcile", 0, 0)),
                                            ([], ("failover", 0, 0)),

@@ -1,14 +1,12 @@
-"""Regressions found by tests/test_reconcile_multifork_model.py (several forks of one node).
+"""Plain tests of cases tests/test_reconcile_multifork_model.py shrank to (several forks of one node).
 
-* A node that cut a diverged tail after LSN n, was promoted, took mail and
-  then had to follow another master whose fork with it is the same LSN n,
-  cut its second tail under the same name as the first when both cuts fell
-  in the same second (``diverged/<UTC second>-after-<n>.wal``): the second
-  cut failed with "already exists", so the node could not follow its master
-  (and its acknowledged operations stayed in a log no one reconciles).
-  Fixed: the tail's name carries a random id (CTL-6).
+* CTL-6: a node that cut a diverged tail after LSN n, was promoted, took mail
+  and then has to follow another master whose fork with it is the same LSN n
+  cuts its second tail under another name than the first, also when both
+  cuts fall in the same second (the name carries a random id): the node
+  follows its master and both tails stay listed.
 
-The other tests below are each shrunk from a model failure and say what it was.
+Each test below says which rules its case holds the reconcile to.
 """
 
 import shutil
@@ -63,14 +61,11 @@ def test_a_second_tail_cut_at_the_same_fork_in_the_same_second_is_kept_beside_th
             n.close()
 
 
-# Shrunk from the model (tests/test_reconcile_multifork_model.py, --run-slow): an acknowledged
-# flag change on a message that is on the final survivor was lost. REC-14 dropped the loser's flag
-# change because the survivor's client had expunged the message; then that survivor lost its place,
-# its expunge was in its cut tail, and REC-10 does not apply a loser's expunge: the message came
-# back on the final survivor, without the change. Each reconcile followed the REC rules as written;
-# the tail whose change was dropped was marked reconciled and never looked at again. Fixed: a cut
-# lists again the tails whose apply it took away (CTL-9, requeue_applied_tails), and reconciled
-# into the new master the change applies.
+# CTL-9 with REC-14 and REC-10: REC-14 drops the loser's flag change because the survivor's client
+# expunged the message; then that survivor loses its place, its expunge is in its cut tail, and
+# REC-10 does not apply a loser's expunge: the message lives on at the final survivor. The cut
+# lists again the tails whose apply it took away (requeue_applied_tails), and reconciled into the
+# new master the acknowledged flag change applies.
 @pytest.mark.parametrize("t_a_first", [False, True])
 def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_path, t_a_first):
     from engine.cluster import Cluster, ClusterConfig
@@ -112,11 +107,11 @@ def test_a_flag_change_dropped_for_an_expunge_that_is_later_undone_is_kept(tmp_p
         n1.close()
 
 
-# REC-8 (found while writing the model: split brain, then two tails into one master): a conflict
-# is ordered by the changed_ms of each side's last record, and the flag change a reconcile applied
-# was logged at the apply's time. An older acknowledged change (\Seen added on n0 at t1), applied
-# on n1 at t3, then beat a newer acknowledged one (\Seen removed on n2 at t2, t1 < t2 < t3) when
-# n2's tail was reconciled. The apply now logs the change at the applied change's changed_ms.
+# REC-8 (split brain, then two tails into one master): a conflict is ordered by the changed_ms
+# of each side's last record, and a flag change a reconcile applies is logged at the applied
+# change's changed_ms, not the apply's time. An older acknowledged change (\Seen added on n0 at
+# t1), applied on n1 at t3, does not beat a newer acknowledged one (\Seen removed on n2 at t2,
+# t1 < t2 < t3) when n2's tail is reconciled.
 def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledged_one(tmp_path):
     from engine.cluster import Cluster, ClusterConfig
     from tests.test_cluster_stranded_tails import tail_dir_args
@@ -158,13 +153,13 @@ def test_an_older_change_applied_by_a_reconcile_does_not_beat_a_newer_acknowledg
             n.close()
 
 
-# REC-8, the same cause without a split brain (shrunk from the model): the result depended on the
-# order the tails were reconciled in. n0's tail T_A adds \Seen (t1); n1 took over, removed it (t2),
-# lost its place to n0 again; T_A and then n1's tail T_B are reconciled into n0. T_A's addition,
-# logged at the apply's time, beat T_B's later removal; in the other order the removal stood.
-# The order T_B first failed too: T_B's removal found \Seen clear on n0 already, so nothing was
-# logged and n0's log never learnt of a change at t2; T_A's older addition then counted as the only
-# one. A winning change is now logged even when the flags match it already (REC-8).
+# REC-8 without a split brain: the result does not depend on the order the tails are reconciled
+# in. n0's tail T_A adds \Seen (t1); n1 took over, removed it (t2), lost its place to n0 again;
+# T_A and n1's tail T_B are reconciled into n0, in both orders: the removal, the later change,
+# stands. T_A's addition is logged at t1, not the apply's time; and with T_B first, its removal
+# finds \Seen clear on n0 already and is logged all the same (a winning change is logged even
+# when the flags match it already), so n0's log holds the change at t2 and T_A's older addition
+# does not count as the latest.
 @pytest.mark.parametrize("first", ["T_A", "T_B"])
 def test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change(tmp_path, first):
     from engine.cluster import Cluster, ClusterConfig
@@ -202,7 +197,7 @@ def test_two_tails_reconciled_in_either_order_keep_the_latest_flag_change(tmp_pa
         n1.close()
 
 
-# Shrunk from the model (--run-slow): n1 reconciled n0's tail and moved its own message B to a
+# REC-14 with REC-8: n1 reconciled n0's tail and moved its own message B to a
 # fresh UID (REC-6, flags copied); that branch was then cut aside (n1's tail T1), and on n0's
 # history a client removed \Seen from B at its old UID. Reconciling T1 into n0 must not bring
 # \Seen back: the redelivery in T1 only copied B's flags (REC-14: it counts as no operation),
@@ -255,14 +250,11 @@ def _three_nodes(tmp_path, setup):
     return nodes_from_one(tmp_path, ["n0", "n1", "n2"], setup)
 
 
-# Shrunk from the model (REC-12 failed: a second apply of the same tail planned a set_flags). The
-# loser's tail delivered X, moved it to a fresh UID (REC-6: a tail reconciled into the loser
-# collided at X's UID), and a client then flagged X at its fresh UID. Reconciling that tail into a
-# survivor that never had X copied the first delivery (the one expunged by the move, without the
-# flag) and skipped the second as "already present"; its flag change could not be planned since X
-# was not on the survivor yet. The acknowledged \Seen was lost, and the next apply planned it.
-# Fixed: a GUID the loser's tail delivered several times into one mailbox is one message (REC-5),
-# copied once with the flags of the UID it lives on, its flag changes merged (REC-8).
+# REC-5 with REC-8 and REC-12: the loser's tail delivered X, moved it to a fresh UID (REC-6: a
+# tail reconciled into the loser collided at X's UID), and a client then flagged X at its fresh
+# UID. Reconciled into a survivor that never had X, a GUID the loser's tail delivered several
+# times into one mailbox is one message: copied once, with the flags of the UID it lives on (the
+# acknowledged \Seen included), its flag changes merged; a second apply plans nothing.
 def test_a_message_the_loser_moved_and_then_flagged_is_copied_with_its_flags(tmp_path):
     from tests.test_cluster_stranded_tails import tail_dir_args
 
@@ -289,11 +281,10 @@ def test_a_message_the_loser_moved_and_then_flagged_is_copied_with_its_flags(tmp
             n.close()
 
 
-# Shrunk from the model (the message came back): M, from before the last fork, was moved to a fresh
-# UID on n0 (REC-6 while reconciling n1's tail), and on n1's branch (which never saw the move) a
-# client expunged M at its old UID. When n0's tail was reconciled into n1, its REC-6 redelivery of M
-# looked like a message delivered only on the loser and was copied back (REC-5). The survivor's
-# client expunged that message: one message (same GUID), the expunge stands.
+# REC-5: M, from before the last fork, was moved to a fresh UID on n0 (REC-6 while reconciling
+# n1's tail), and on n1's branch (which never saw the move) a client expunged M at its old UID.
+# When n0's tail is reconciled into n1, its REC-6 redelivery of M is not a message delivered only
+# on the loser: the survivor's client expunged that message (same GUID), and the expunge stands.
 def test_a_losers_rec6_redelivery_of_a_message_the_survivors_client_expunged_is_not_copied_back(tmp_path):
     from tests.test_cluster_stranded_tails import tail_dir_args
 
@@ -317,12 +308,11 @@ def test_a_losers_rec6_redelivery_of_a_message_the_survivors_client_expunged_is_
             n.close()
 
 
-# Shrunk from the model (--run-slow; REC-12 failed once a winning change that matches the survivor
-# is logged): the survivor's tail delivered one GUID twice into a mailbox (a copy from one tail,
-# expunged by a REC-6 move, and the moved copy), and the apply logged the loser's winning \Seen on
-# the UID holding it. The next plan compared the loser's change with the survivor's *first*
-# delivery of that GUID, which has no operations, so the change was planned again. The survivor's
-# deliveries of one GUID into one mailbox are one message too (REC-5), its operations merged.
+# REC-5 with REC-8 and REC-12: the survivor's tail delivered one GUID twice into a mailbox (a copy
+# from one tail, expunged by a REC-6 move, and the moved copy), and the apply logged the loser's
+# winning \Seen on the UID holding it. The survivor's deliveries of one GUID into one mailbox are
+# one message too, its operations merged: the next plan weighs the loser's change against the
+# logged one (not the first delivery's, which has none) and plans nothing.
 def test_the_survivors_operations_on_a_message_it_moved_count_for_a_loser_copy_of_it():
     from engine.reconcile import DictSurvivorView, MailboxView, MessageView, diff, plan
     from engine.store.events import FlagsChanged, MessageAppended, MessagesExpunged, body_guid

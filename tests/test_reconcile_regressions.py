@@ -1,8 +1,8 @@
 """REC-5: a reconcile copies a message that is only in the loser's tail; if the MTA's
 retry of that same message reaches the survivor while the apply runs (after
 the executor built its GUID index for the mailbox, before the copy), the
-mailbox used to end with two copies (found by walctl torture). The copy is
-now checked again under the node's write lock.
+mailbox ends with one copy: the copy is checked again under the node's write
+lock.
 """
 
 import logging
@@ -71,9 +71,9 @@ def test_a_collided_message_delivered_moments_ago_still_moves_to_a_fresh_uid(tmp
 
 
 def test_flags_the_loser_set_before_expunging_apply_when_the_expunge_does_not(tmp_path):
-    """REC-8 with REC-10 (shrunk from the Hypothesis model, seeds 235 and 237): the loser
-    flagged a message from before the fork, then expunged it. Without --apply-destructive
-    the message stays on the survivor, with the loser's flag; with it, the message goes."""
+    """REC-8 with REC-10: the loser flagged a message from before the fork, then expunged
+    it. Without --apply-destructive the message stays on the survivor, with the loser's
+    flag; with it, the message goes."""
     for destructive in (False, True):
         base = tmp_path / str(destructive)
         a = Node.init(str(base / "a"), name="a")
@@ -100,11 +100,10 @@ def test_flags_the_loser_set_before_expunging_apply_when_the_expunge_does_not(tm
             a.close()
 
 
-# REC-6 (walctl torture, seed 11, second run: an acknowledged \\Answered lost): a flag change
-# a client made on a collided UID while the apply ran is on the message at its fresh UID. The
-# move is one record (MS-16) planned under the node's write lock with the flags the old UID has
-# then, so a change made before it is moved with the message and one after it is refused (the
-# UID is gone, as an IMAP client sees after a MOVE).
+# REC-6: a flag change a client made on a collided UID while the apply ran is on the message at
+# its fresh UID. The move is one record (MS-16) planned under the node's write lock with the flags
+# the old UID has then, so a change made before it is moved with the message and one after it is
+# refused (the UID is gone, as an IMAP client sees after a MOVE).
 def test_a_flag_change_on_a_collided_uid_during_the_apply_is_kept(tmp_path, monkeypatch):
     a = Node.init(str(tmp_path / "a"), name="a")
     for i in range(3):
@@ -160,10 +159,9 @@ def _renumbered_on_the_survivor(tmp_path):
     return a, x, b, fork0, fork1, moved
 
 
-# REC-14 (walctl torture, seeds 11 and 18: acknowledged flag changes lost): the loser flagged a
-# message from before its fork that the survivor meanwhile moved to a fresh UID (REC-6, while
-# reconciling another, older tail). The change used to be dropped because the old UID is gone
-# on the survivor; it now follows the message to its fresh UID.
+# REC-14: the loser flagged a message from before its fork that the survivor meanwhile moved to
+# a fresh UID (REC-6, while reconciling another, older tail). The old UID is gone on the
+# survivor; the change follows the message to its fresh UID.
 def test_a_flag_change_on_a_message_the_survivor_renumbered_is_kept(tmp_path):
     a, x, b, fork0, fork1, moved = _renumbered_on_the_survivor(tmp_path)
     try:

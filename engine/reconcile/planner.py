@@ -193,9 +193,10 @@ def moved_keys_wanted(d: Diff, survivor: str) -> dict[str, set[int]]:
 def _one_per_guid(tracks: Iterable[MessageTrack]) -> list[MessageTrack]:
     """REC-5, REC-8: the messages one tail delivered into one mailbox, one per GUID.
 
-    A tail can deliver one GUID more than once into a mailbox: a REC-6
-    redelivery moves a message to a fresh UID (same bytes, flags and dates)
-    before its old UID is expunged. It is one message; it lives on at the
+    A tail can deliver one GUID more than once into a mailbox: a REC-6 move
+    delivers the message at a fresh UID (same bytes, flags and dates; one
+    record, MS-16, or in a log that holds it so, a redelivery before the
+    expunge of the old UID). It is one message; it lives on at the
     greatest UID still holding it (else at its last delivery), whose flags are
     its flags. Its operations per flag are the latest in log order on any of
     its UIDs, except the flags a later delivery with the first one's delivery
