@@ -45,6 +45,7 @@ from .responses import (
     ESearchData,
     ExistsData,
     FetchData,
+    FetchRaw,
     FlagsData,
     IdData,
     ListData,
@@ -55,6 +56,7 @@ from .responses import (
     Status,
     StatusData,
     VanishedData,
+    encode_value,
 )
 from .search import SearchItem, compile_search, needs_body, uses_modseq
 from .structure import UnknownEncoding, binary_bytes, section_bytes
@@ -505,43 +507,30 @@ class Executor:
         has_flags = any(a.name == "FLAGS" for a in atts)
         has_modseq = any(a.name == "MODSEQ" for a in atts)
         add_modseq = (self.condstore and has_flags and not has_modseq) or cmd.changed_since is not None
+        encoders = [_item_encoder(a) for a in atts]
         missing = False
         meta = v.meta
         for seq, uid in pairs:
             m = meta[uid]
-            items = []
-            for a in atts:
-                name = a.name
-                if name == "UID":
-                    items.append(("UID", uid))
-                elif name == "FLAGS":
-                    items.append(("FLAGS", flag_atoms(m.flags)))
-                elif name == "RFC822.SIZE":
-                    items.append(("RFC822.SIZE", m.size))
-                elif name == "INTERNALDATE":
-                    items.append(("INTERNALDATE", format_internaldate(m.internaldate)))
-                elif name == "ENVELOPE":
-                    items.append(("ENVELOPE", Raw(m.structure["env"])))
-                elif name == "BODYSTRUCTURE":
-                    items.append(("BODYSTRUCTURE", Raw(m.structure["bs"])))
-                elif name == "BODY":
-                    items.append(("BODY", Raw(m.structure["body"])))
-                elif name == "MODSEQ":
-                    items.append(("MODSEQ", (m.modseq,)))
+            parts = []
+            for a, enc in zip(atts, encoders):
+                if enc is not None:
+                    parts.append(enc(m))
+                    continue
+                raw = bodies.get(uid)
+                value = None
+                if raw is None:
+                    missing = True
                 else:
-                    raw = bodies.get(uid)
-                    if raw is None:
-                        missing = True
-                        items.append((a.response_name(), None))
-                        continue
-                    items.append((a.response_name(), _body_item(a, raw, m.structure)))
+                    value = _body_item(a, raw, m.structure)
+                parts.append(a.response_name().encode("ascii") + b" " + encode_value(value))
             if uid in seen_now and not has_flags:
-                items.append(("FLAGS", flag_atoms(m.flags)))
+                parts.append(_flags_item(m))
                 if self.condstore and not has_modseq:
-                    items.append(("MODSEQ", (m.modseq,)))
+                    parts.append(b"MODSEQ (%d)" % m.modseq)
             elif add_modseq and not has_modseq:
-                items.append(("MODSEQ", (m.modseq,)))
-            out.append(FetchData(seq, tuple(items)))
+                parts.append(b"MODSEQ (%d)" % m.modseq)
+            out.append(FetchRaw(seq, b" ".join(parts)))
             if has_flags or uid in seen_now:
                 v.note_told(m)
         out.extend(await self._updates(allow_expunge=cmd.uid))
@@ -665,6 +654,54 @@ def _status_items(st, items) -> tuple[tuple[str, int], ...]:
     values = {"MESSAGES": st.messages, "UIDNEXT": st.uidnext, "UIDVALIDITY": st.uidvalidity, "UNSEEN": st.unseen,
               "DELETED": st.deleted, "SIZE": st.size, "HIGHESTMODSEQ": st.highestmodseq, "RECENT": 0}
     return tuple((i, values[i]) for i in items)
+
+
+_FLAG_LISTS: dict[frozenset, bytes] = {}
+
+
+def _flags_item(m) -> bytes:
+    """``FLAGS (...)`` for a message; the encoded lists are shared (few distinct flag sets exist)."""
+    item = _FLAG_LISTS.get(m.flags)
+    if item is None:
+        item = b"FLAGS " + encode_value(flag_atoms(m.flags))
+        if len(_FLAG_LISTS) < 4096:
+            _FLAG_LISTS[m.flags] = item
+    return item
+
+
+def _item_encoder(a: c.FetchAtt):
+    """A function MessageInfo -> encoded ``NAME value`` for metadata items; None for items that need the body."""
+    name = a.name
+    if name == "UID":
+        return lambda m: b"UID %d" % m.uid
+    if name == "FLAGS":
+        return _flags_item
+    if name == "RFC822.SIZE":
+        return lambda m: b"RFC822.SIZE %d" % m.size
+    if name == "INTERNALDATE":
+        return lambda m: b'INTERNALDATE "' + _internaldate_bytes(m.internaldate) + b'"'
+    if name == "ENVELOPE":
+        return lambda m: b"ENVELOPE " + m.structure["env"]
+    if name == "BODYSTRUCTURE":
+        return lambda m: b"BODYSTRUCTURE " + m.structure["bs"]
+    if name == "BODY":
+        return lambda m: b"BODY " + m.structure["body"]
+    if name == "MODSEQ":
+        return lambda m: b"MODSEQ (%d)" % m.modseq
+    return None
+
+
+_DATES: dict[_dt.datetime, bytes] = {}
+
+
+def _internaldate_bytes(d: _dt.datetime) -> bytes:
+    out = _DATES.get(d)
+    if out is None:
+        out = format_internaldate(d).encode("ascii")
+        if len(_DATES) >= 1 << 16:
+            _DATES.clear()
+        _DATES[d] = out
+    return out
 
 
 def _body_item(a: c.FetchAtt, raw: bytes, structure) -> object:

@@ -19,6 +19,7 @@ is atomic. No I/O, no clock (the internal date of an APPEND without one is
 from __future__ import annotations
 
 import datetime as _dt
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -60,6 +61,7 @@ class _Mailbox:
     messages: dict[int, _Message] = field(default_factory=dict)  # insertion order = UID order
     expunged: dict[int, int] = field(default_factory=dict)  # uid -> MODSEQ of its expunge
     special_use: tuple[str, ...] = ()
+    changed: list[tuple[int, int]] = field(default_factory=list)  # (MODSEQ, UID) of every add/flag change
 
     def bump(self) -> int:
         self.highestmodseq += 1
@@ -130,6 +132,7 @@ class MemoryBackend:
         box.uidnext += 1
         info = MessageInfo(uid, flags, box.bump(), date, len(data), analyze(data))
         box.messages[uid] = _Message(info, data)
+        box.changed.append((info.modseq, uid))
         return uid
 
     def _notify(self, name: str) -> None:
@@ -216,7 +219,10 @@ class MemoryBackend:
     async def changes(self, name: str, since_modseq: int) -> Changes:
         self._enter("changes")
         box = self._box(name)
-        changed = [m.info for m in box.messages.values() if m.info.modseq > since_modseq]
+        start = bisect_right(box.changed, (since_modseq, 1 << 62))
+        uids = sorted({u for _, u in box.changed[start:]})
+        present = (box.messages.get(u) for u in uids)
+        changed = [m.info for m in present if m is not None and m.info.modseq > since_modseq]
         vanished = sorted(u for u, ms in box.expunged.items() if ms > since_modseq)
         return Changes(box.uidvalidity, box.uidnext, box.highestmodseq, changed, vanished)
 
@@ -253,6 +259,7 @@ class MemoryBackend:
                 unchanged.append(info)
                 continue
             msg.info = MessageInfo(uid, frozenset(new), box.bump(), info.internaldate, info.size, info.structure)
+            box.changed.append((msg.info.modseq, uid))
             changed.append(msg.info)
         if changed:
             self._notify(name)

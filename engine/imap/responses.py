@@ -30,7 +30,7 @@ from typing import Iterable
 __all__ = [
     "Atom", "Raw", "Code", "Status", "Continuation", "CapabilityData", "EnabledData", "FlagsData", "ExistsData",
     "RecentData", "ExpungeData", "VanishedData", "ListData", "StatusData", "SearchData", "ESearchData", "FetchData",
-    "NamespaceData", "IdData", "encode_value", "quote", "encode_string", "STATUSES", "Response",
+    "NamespaceData", "IdData", "FetchRaw", "encode_value", "quote", "encode_string", "STATUSES", "Response",
 ]
 
 STATUSES = ("OK", "NO", "BAD", "BYE", "PREAUTH")
@@ -325,6 +325,18 @@ class FetchData(Response):
     def encode(self) -> bytes:
         parts = [name.encode("ascii") + b" " + encode_value(value) for name, value in self.items]
         return b"* %d FETCH (" % self.seq + b" ".join(parts) + b")\r\n"
+
+
+@dataclass(frozen=True)
+class FetchRaw(Response):
+    """``* n FETCH (...)`` whose item list is already encoded (the executor's fast path for big FETCHes:
+    ENVELOPE and BODYSTRUCTURE are stored in wire form, so a response is a few joins)."""
+
+    seq: int
+    items: bytes
+
+    def encode(self) -> bytes:
+        return b"* %d FETCH (" % self.seq + self.items + b")\r\n"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ rebuild of ``uids``; nothing is quadratic in the mailbox size.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from typing import Iterable
 
 from .backend import Changes, MessageInfo, Snapshot
@@ -78,12 +78,10 @@ class SelectedView:
         uids = self.uids
         if not uids:
             return []
-        out = []
+        out: list[tuple[int, int]] = []
         for lo, hi in sequence.resolve(uids[-1]):
-            i = bisect_left(uids, lo)
-            while i < len(uids) and uids[i] <= hi:
-                out.append((i + 1, uids[i]))
-                i += 1
+            i, j = bisect_left(uids, lo), bisect_right(uids, hi)
+            out.extend(zip(range(i + 1, j + 1), uids[i:j]))
         return out
 
     def is_gone(self, uid: int) -> bool:
