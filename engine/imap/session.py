@@ -64,7 +64,7 @@ from .responses import CapabilityData, Code, Continuation, Response, Status
 __all__ = [
     "ImapConnection", "State", "IdleDone", "ConnectionClosed", "NEED_DATA", "PAUSED", "COMMAND_STATES",
     "TRANSITIONS", "LocalProtocolError", "BASE_CAPABILITIES", "DEFAULT_MAX_ERRORS",
-    "NOT_AUTHENTICATED_MAX_LITERAL_BYTES",
+    "NOT_AUTHENTICATED_MAX_LITERAL_BYTES", "state_table_markdown",
 ]
 
 DEFAULT_MAX_ERRORS = 50
@@ -125,6 +125,17 @@ TRANSITIONS: dict[tuple[State, str, str], State] = {
     (_AU, "LOGOUT", "OK"): State.LOGOUT,
     (_SE, "LOGOUT", "OK"): State.LOGOUT,
 }
+
+
+
+def state_table_markdown() -> str:
+    """COMMAND_STATES as the Markdown table ``specs/imap.md`` quotes (a test keeps the two equal)."""
+    order = (_NA, _AU, _SE)
+    rows = ["| command | not authenticated | authenticated | selected |", "|---|---|---|---|"]
+    for name in sorted(COMMAND_STATES):
+        rows.append(f"| {name} | " + " | ".join("yes" if s in COMMAND_STATES[name] else "-" for s in order) + " |")
+    return "\n".join(rows)
+
 
 BASE_CAPABILITIES = (
     "IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS",
