@@ -404,7 +404,15 @@ class Cluster:
                 reporting.cancel_scope.cancel()
         if link.state == "promoted":
             self._event("promoted", f"promoted by the master to epoch {node.log.epoch}")
+            self._warn_no_lmtp()
             self._start_role()
+
+    def _warn_no_lmtp(self) -> None:
+        """A node promoted while it runs keeps the fronts it started with: say so when it has no LMTP front."""
+        if self.runner is not None and self.runner.lmtp is None:
+            self._event("no-lmtp", "this node is master now but has no LMTP front (it was started as a replica "
+                                   "without one): to take mail, restart it with `walctl serve`, or give replicas "
+                                   "[lmtp] listen (or --lmtp)")
 
     async def _follow(self, link: ReplicaLink, peers: list[tuple[str, int]]) -> None:
         """Follow the master among ``peers`` until this replica is promoted by it."""
@@ -580,13 +588,8 @@ class Cluster:
         node = self.node
         if node.role != "master" or self.hub is None:
             raise ReadOnlyNodeError("only the master can hand over; this node is a replica")
-        known = {r.name: r.connected for r in self.hub.status()}
-        if to not in known:  # answered at once: writes are never paused for a name nobody has
-            listing = ", ".join(f"{name} ({'connected' if up else 'not connected'})"
-                                for name, up in sorted(known.items()))
-            raise ControlError(f"no replica named {to!r}; known replicas: {listing or 'none has connected yet'}",
-                               "UnknownReplicaError")
         timeout = timeout or self.config.failover_timeout_s
+        await self._await_target(to, timeout)  # before anything is paused
         started = time.monotonic()
         node.pause_writes(f"soft failover to {to} in progress")
         try:
@@ -630,6 +633,52 @@ class Cluster:
         self._event("failover", f"handed over to {to} in epoch {promoted.epoch}; writes refused for {window:.3f}s")
         return result
 
+    async def _await_target(self, to: str, timeout: float) -> None:
+        """CTL-4: return once ``to`` is a replica connected to this master; raise if it is none.
+
+        A name no known replica and no peer has is refused at once (with the
+        known replicas). A known replica not connected now, a peer answering
+        with that name that has not connected yet, or peers that do not
+        answer (one may be the replica, starting) are waited for, up to
+        ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            known = {r.name: r.connected for r in (self.hub.status() if self.hub else [])}
+            if known.get(to):
+                return
+            late = time.monotonic() >= deadline
+            if to in known:  # a replica of this master, not connected now: it may be reconnecting
+                if late:
+                    raise ControlError(f"the replica {to} is not connected to this master (waited {timeout:g} s); "
+                                       f"check `walctl status`", "ReplicaNotConnectedError")
+                await anyio.sleep(0.1)
+                continue
+            names, silent = await anyio.to_thread.run_sync(self._peer_names)
+            if to in names and late:
+                raise ControlError(f"the replica {to} (at {names[to]}) has not connected to this master within "
+                                   f"{timeout:g} s", "UnknownReplicaError")
+            if to not in names and (not silent or late):
+                listing = ", ".join(f"{name} ({'connected' if up else 'not connected'})"
+                                    for name, up in sorted(known.items()))
+                quiet = f"; peers that did not answer: {', '.join(silent)}" if silent else ""
+                raise ControlError(f"no replica named {to!r}; known replicas: {listing or 'none has connected yet'}"
+                                   f"{quiet}", "UnknownReplicaError")
+            await anyio.sleep(0.2)
+
+    def _peer_names(self) -> tuple[dict[str, str], list[str]]:
+        """({node name: address} of the peers that answer, [addresses of those that do not])."""
+        names, silent = {}, []
+        for host, port in self.config.peers:
+            if (host, port) in (self.listen_address, self.config.listen):
+                continue
+            try:
+                with ControlClient.tcp(host, port, self.secret, timeout=2) as c:
+                    names[str(c.call("status")["node"])] = f"{host}:{port}"
+            except (OSError, ControlError, ValueError, KeyError, TypeError):
+                silent.append(f"{host}:{port}")
+        return names, silent
+
     def _stop_replication_connections(self) -> None:
         for scope in list(self._repl_scopes):
             scope.cancel()
@@ -658,6 +707,7 @@ class Cluster:
         seen = await anyio.to_thread.run_sync(self._peer_epochs)
         promotion = await anyio.to_thread.run_sync(self._hard_promote_sync, max(seen, default=0))
         self._event("promoted", f"hard failover: master in epoch {promotion['epoch']}")
+        self._warn_no_lmtp()
         self._start_role()
         return promotion
 

@@ -7,6 +7,7 @@ traceback unless ``walctl --debug``, and nothing is lost or left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -570,3 +571,73 @@ def test_scrub_repair_that_leaves_damage_exits_1_saying_what_is_still_damaged(pa
     assert "(still damaged after the repair)" in p.stdout
     out = json.loads(walctl("scrub", b.path, "--repair", "--json").stdout)
     assert out["ok"] is False and list(out["after_repair"]) == ["user/u1/INBOX"]
+
+
+def test_pyproject_license_is_an_spdx_expression():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    assert project["project"]["license"] == "MIT"  # a string: no deprecation warning from setuptools
+    assert "setuptools>=77" in project["build-system"]["requires"]  # the first setuptools to read one
+
+
+# -- the quick start, pasted into a shell in an empty directory outside the checkout -----------
+
+QUICK_START = """\
+walctl init a --name a
+walctl serve a --lmtp 127.0.0.1:2424 --listen 127.0.0.1:7001 --peer 127.0.0.1:7001 --peer 127.0.0.1:7002 &
+walctl follow b --listen 127.0.0.1:7002 --peer 127.0.0.1:7001 --peer 127.0.0.1:7002 --secret-file a/replication.secret --name b --auto-reconcile &
+walctl status a
+walctl failover a --to b
+"""
+
+
+def test_the_quick_start_works_pasted_into_a_shell_in_an_empty_directory(tmp_path):
+    """The README's quick start as written (free ports instead of 2424, 7001 and 7002),
+    with the venv's walctl on PATH, in a directory that is not the checkout."""
+    assert not str(tmp_path).startswith(ROOT)
+    ports = {"2424": free_port(), "7001": free_port(), "7002": free_port()}
+    script = QUICK_START
+    for fixed, port in ports.items():
+        script = script.replace(f"127.0.0.1:{fixed}", f"127.0.0.1:{port}")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("PYTHONPATH", None)
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        shell = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=o, stderr=e,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)  # its own process group
+    try:
+        rc = shell.wait(timeout=120)
+        stdout, stderr = out.read_text(), err.read_text()
+        assert rc == 0, f"{stdout}\n{stderr}"
+        assert_no_traceback(stderr, what="the quick start")
+        assert not [line for line in stderr.splitlines() if line.startswith("Error:")], stderr
+        assert "b is master in epoch 2" in stdout and "node a (master)" in stdout
+        assert "node b (replica) at " in stdout and ": no LMTP front" in stdout  # a replica takes no port
+        assert sorted(os.listdir(tmp_path)) == ["a", "b", "err.txt", "out.txt"]
+        assert not (tmp_path / "b" / "replication.secret").exists()  # the secret was not copied
+        st = {n: json.loads(walctl("status", tmp_path / n, "--json").stdout) for n in ("a", "b")}
+        assert st["b"]["role"] == "master" and st["a"]["role"] == "replica"
+        assert any(e["kind"] == "no-lmtp" for e in st["b"]["events"])  # says how it would take mail
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(shell.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+    assert not (tmp_path / "a" / "control.sock").exists() and not (tmp_path / "b" / "control.sock").exists()
+    assert_no_traceback(err.read_text(), what="the quick start's nodes")
+
+
+def test_failover_to_an_unknown_name_waits_for_peers_that_do_not_answer_then_names_them(tmp_path, procs):
+    a = init_node(tmp_path / "a", "--name", "a")
+    listen, silent = addr(free_port()), addr(free_port())  # nothing listens on the second peer
+    procs("serve", a, "--lmtp", "127.0.0.1:0", "--listen", listen, "--peer", listen, "--peer", silent)
+    line = error_line(walctl("failover", a, "--to", "b", "--timeout", "1"))
+    assert line == f"Error: no replica named 'b'; known replicas: none has connected yet; peers that did not " \
+                   f"answer: {silent}"

@@ -29,6 +29,8 @@ __all__ = ["CLUSTER_COMMANDS", "serve", "follow"]
 SECRET_FILE = "replication.secret"
 #: Console width of `walctl status` when stdout is not a terminal: wide enough that no value is cut.
 STATUS_WIDTH_NOT_TTY = 1000
+#: How long a command waits for a node whose log is locked to answer on its control socket.
+NODE_START_WAIT_S = 10.0
 
 
 def _setup_logging(file: str | None, quiet: bool, as_json: bool) -> None:
@@ -292,8 +294,10 @@ def follow(node: str, masters: tuple[str, ...], reseed: bool, config_file, **fla
     Reconnects by itself with backoff, resumes at its durable LSN, and after
     a failover finds the new master among --master/--peer addresses. A new
     NODE is created and seeded from the master (a snapshot of its store plus
-    the log from there when the master no longer holds LSN 1). A replica
-    refuses deliveries (LMTP 451) until promoted.
+    the log from there when the master no longer holds LSN 1); a seed that
+    fails leaves no node behind. A replica has no LMTP front unless --lmtp
+    or [lmtp] listen gives it one (answering 451 until promoted). While no
+    master answers, it says once that it waits, and once when it connects.
 
     \b
     Example:
@@ -452,7 +456,13 @@ def _client(node: str | None, connect: str | None, secret_file: str | None) -> C
             secret = load_secret(sf) if sf and os.path.exists(sf) else None
             return ControlClient.tcp(host, port, secret)
         _require_node(node)
-        return ControlClient.unix(os.path.join(node, "control.sock"))
+        sock = os.path.join(node, "control.sock")
+        try:
+            return ControlClient.unix(sock)
+        except OSError as exc:
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT) and _starting(node):
+                return ControlClient.unix(sock)  # it was starting: its socket answers now
+            raise
     except (OSError, ControlError) as exc:
         if not connect and isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
             raise click.ClickException(f"node {node} is not running (nothing answers on "
@@ -487,21 +497,56 @@ def _with_connect(f):
 
 
 def _offline_status(node: str) -> dict:
-    from engine.node import Node
+    """A stopped node's status, read without opening the node.
 
-    n = Node.open(node, start_applier=False)
+    Nothing is locked or changed (a torn tail is left for the node to trim
+    when it starts): a node started meanwhile is never refused because a
+    status holds its log.
+    """
+    import wal
+    from engine.node import DIVERGED_FILE, LOG_DIR, STORE_FILE, read_config
+    from wal.epochs import SeekReader
+    from wal.segment import list_segments
+
+    from .cmd_node import ReadOnlyStore
+
+    cfg = read_config(node)
+    log = os.path.join(node, LOG_DIR)
+    with SeekReader(log) as r:
+        last_lsn, last_hash, last_epoch = r.last()
+        log_id = r.log_id
     try:
-        st = n.status()
-        st["running"] = False
-        st["log_bytes"] = n.log.size_bytes()
-        st["log_segments"] = n.log.segment_count()
-        st["diverged_tails"] = [t for t in n.diverged_tails() if not t.get("reconciled")]
-        st["replicas"] = [{"name": name[len("replica."):], "connected": False, "durable_lsn": lsn,
-                           "durable_lag_records": max(0, n.log.last_lsn - lsn)}
-                          for name, lsn in n.log.cursors.list().items() if name.startswith("replica.")]
-        return st
-    finally:
-        n.close()
+        with open(os.path.join(log, "EPOCH"), "rb") as f:
+            epoch_file = int(f.read().strip() or b"1")
+    except FileNotFoundError:
+        epoch_file = 1
+    applied_lsn = quarantined = 0
+    if os.path.exists(os.path.join(node, STORE_FILE)):  # a replica being seeded has none yet
+        store = ReadOnlyStore(node)
+        try:
+            applied_lsn = store.applied_lsn
+            quarantined = store.conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+        finally:
+            store.close()
+    try:
+        with open(os.path.join(node, DIVERGED_FILE)) as f:
+            tails = json.load(f)["tails"]
+    except FileNotFoundError:
+        tails = []
+    segments = list_segments(log)
+    cursors = wal.CursorStore(log, wal.OS_FILEOPS).list()
+    return {
+        "node": cfg.name, "role": cfg.role, "log_id": str(log_id), "epoch": max(last_epoch, epoch_file),
+        "last_lsn": last_lsn, "last_hash": last_hash.hex(), "applied_lsn": applied_lsn, "writes_paused": False,
+        "log_failed": None, "applier_error": None, "quarantined": quarantined, "checkpoint_mismatches": 0,
+        "running": False,
+        "log_bytes": sum(os.path.getsize(os.path.join(log, name)) for _, name in segments),
+        "log_segments": len(segments),
+        "diverged_tails": [t for t in tails if not t.get("reconciled")],
+        "replicas": [{"name": name[len("replica."):], "connected": False, "durable_lsn": lsn,
+                      "durable_lag_records": max(0, last_lsn - lsn)}
+                     for name, lsn in cursors.items() if name.startswith("replica.")],
+    }
 
 
 def _print_status(st: dict) -> None:
@@ -590,8 +635,25 @@ def status(node: str | None, connect: str | None, secret_file: str | None, as_js
         return
 
 
+def _starting(node: str | None, wait_s: float = NODE_START_WAIT_S) -> bool:
+    """Whether ``node`` is a node that is starting: its log is locked and its control socket
+    answers within ``wait_s`` (a node opens its log, then its socket; a status run right
+    after `walctl serve NODE &` shows the running node, not the stopped one)."""
+    if node is None or not log_in_use(node):
+        return False
+    sock = os.path.join(node, "control.sock")
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and log_in_use(node):
+        try:
+            ControlClient.unix(sock, timeout=5).close()
+            return True
+        except (OSError, ControlError):
+            time.sleep(0.05)
+    return False
+
+
 def _show_status(node: str | None, connect: str | None, secret_file: str | None, as_json: bool, clear: bool) -> None:
-    if _running(node, connect):
+    if _running(node, connect) or _starting(node):
         st = _call(node, connect, secret_file, "status")
         st["running"] = True
     else:
