@@ -87,6 +87,18 @@ def test_fetch_attributes_partial_and_seen():
     assert s.cmd("g FETCH 5 FLAGS") == [b"g OK FETCH completed"]
 
 
+def test_binary_content_with_nul_goes_out_as_literal8_and_body_as_a_valid_literal():
+    """IMAP-18, IMAP-5: BINARY of a part holding NUL uses ~{n}; BODY[] never puts NUL in a literal."""
+    b = memory_backend()
+    raw = (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+           b"--x\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"AAEC\r\n--x--\r\n")
+    b.deliver("user/alice/INBOX", raw)
+    s = session(b, select="INBOX")
+    out = s.raw(b"a FETCH 1 (BINARY.PEEK[2] BINARY.SIZE[2])\r\n")
+    assert out[0] == b"* 1 FETCH (BINARY[2] ~{3}" and out[1] == b"\x00\x01\x02 BINARY.SIZE[2] 3)"
+
+
 def test_store_variants_and_unchangedsince():
     """IMAP-19: +FLAGS/-FLAGS/FLAGS, .SILENT, MODSEQ once CONDSTORE is on, [MODIFIED] for UNCHANGEDSINCE."""
     b = filled(3)

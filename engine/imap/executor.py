@@ -523,6 +523,8 @@ class Executor:
                     missing = True
                 else:
                     value = _body_item(a, raw, m.structure)
+                    if a.name == "BINARY" and isinstance(value, bytes) and b"\0" in value:
+                        value = Raw(b"~{%d}\r\n" % len(value) + value)  # literal8 (RFC 3516 4.3)
                 parts.append(a.response_name().encode("ascii") + b" " + encode_value(value))
             if uid in seen_now and not has_flags:
                 parts.append(_flags_item(m))

@@ -11,7 +11,8 @@ Python value           IMAP form
 ``int``                ``number``
 ``str``                ``string``: quoted when it is short 7-bit text
                        without CR/LF/NUL, else a literal (UTF-8)
-``bytes``              ``string``: always a literal ``{n}\\r\\n...``
+``bytes``              ``string``: always a literal ``{n}\\r\\n...`` (a NUL octet,
+                       which no literal may hold, is sent as 0x80)
 ``Atom``               the atom as is (validated: no atom-specials)
 ``Raw``                pre-encoded bytes, copied verbatim (ENVELOPE and
                        BODYSTRUCTURE are encoded once, at delivery)
@@ -74,6 +75,9 @@ def encode_string(value: str | bytes) -> bytes:
                 and value.isprintable():
             return b'"' + value.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
         value = value.encode("utf-8")
+    if b"\0" in value:
+        # a literal holds CHAR8 (%x01-ff): NUL cannot be sent; like other servers, show it as 0x80
+        value = value.replace(b"\0", b"\x80")
     return b"{%d}\r\n" % len(value) + value
 
 
