@@ -392,3 +392,27 @@ def test_imapclient_reports_errors_as_exceptions(server, backend):
     with pytest.raises(IMAPClientError, match="NONEXISTENT"):
         c.select_folder("Nope")
     c.logout()
+
+
+def test_shutdown_says_bye_to_idle_and_idling_sessions(backend):
+    """IMAP-26: a stopping server ends every session with * BYE, IDLE included."""
+    srv = serve_in_thread(backend, failed_login_delay_s=0).__enter__()
+    try:
+        quiet = socket.create_connection((HOST, srv.port), timeout=10)
+        quiet.recv(4096)
+        idler = socket.create_connection((HOST, srv.port), timeout=10)
+        idler.recv(4096)
+        idler.sendall(b"a LOGIN alice apw\r\nb SELECT INBOX\r\nc IDLE\r\n")
+        got = b""
+        while b"+ idling" not in got:
+            got += idler.recv(4096)
+    finally:
+        srv.__exit__(None, None, None)
+
+    def rest(sock):
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        return data
+    assert rest(quiet).startswith(b"* BYE [UNAVAILABLE] mailwal shutting down")
+    assert rest(idler).startswith(b"* BYE [UNAVAILABLE] mailwal shutting down")

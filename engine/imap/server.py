@@ -157,6 +157,12 @@ class ImapServer:
         if self._tg is not None and not self._connections:
             self._tg.cancel_scope.cancel()
 
+    def stop_now(self) -> None:
+        """Cut every connection and stop listening at once (after a shutdown's grace period)."""
+        self._draining = True
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
     # -- limits (called by executors) -----------------------------------------------------
 
     def _admit(self, user: str) -> str | None:
@@ -279,7 +285,7 @@ class _ConnectionTask:
         conn, cfg, server = self.conn, self.server.config, self.server
         await self._flush()
         while True:
-            if server._draining and conn.pending is None and not conn.closed:
+            if server._draining and (conn.pending is None or conn.idling) and not conn.closed:
                 conn.close(f"{cfg.hostname} shutting down; reconnect later", "shutdown", Code("UNAVAILABLE"))
             try:
                 ev = conn.next_event()
@@ -410,8 +416,9 @@ def _command_name(cmd: Command) -> str:
 class ServerThread:
     """An :class:`ImapServer` on a private event loop thread; use as a context manager."""
 
-    def __init__(self, backend: Backend, config: ImapConfig | None = None):
+    def __init__(self, backend: Backend, config: ImapConfig | None = None, *, grace_s: float = 10.0):
         self.server = ImapServer(backend, config or ImapConfig(port=0))
+        self.grace_s = grace_s
         self._portal_cm = None
         self.portal = None
         self._future = None
@@ -438,7 +445,10 @@ class ServerThread:
         try:
             self.portal.call(self.server.shutdown)
             try:
-                self._future.result(timeout=10)
+                self._future.result(timeout=self.grace_s)
+            except TimeoutError:
+                log.warning("IMAP sessions still open after %.0f s: cutting them", self.grace_s)
+                self.portal.call(self.server.stop_now)
             except BaseException:  # noqa: BLE001 - cancelled on shutdown is the normal end
                 pass
         finally:
