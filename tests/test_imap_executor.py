@@ -375,5 +375,5 @@ class TwoUsers(RuleBasedStateMachine):
                     assert b"owner-" + other.encode() not in data
 
 
-TwoUsers.TestCase.settings = settings(max_examples=25, stateful_step_count=12, deadline=None)
+TwoUsers.TestCase.settings = settings(max_examples=40, stateful_step_count=15, deadline=None)
 test_two_users_never_see_each_other = TwoUsers.TestCase
