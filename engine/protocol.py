@@ -47,7 +47,6 @@ import enum
 import hmac
 import re
 import struct
-import zlib
 from dataclasses import dataclass, field, fields
 from hashlib import sha256
 from typing import Any, ClassVar, Iterable, Union
@@ -55,8 +54,17 @@ from typing import Any, ClassVar, Iterable, Union
 import blake3
 import cbor2
 
-from wal.format import FRAME_HEADER_SIZE as LOG_FRAME_HEADER_BYTES
-from wal.format import HASH_SIZE, MAX_PAYLOAD_BYTES, ZERO_HASH, Record, encode_frame
+from wal import FRAME_HEADER_SIZE as LOG_FRAME_HEADER_BYTES
+from wal import (
+    HASH_SIZE,
+    MAX_PAYLOAD_BYTES,
+    ZERO_HASH,
+    FrameScan,
+    Record,
+    decode_frames,
+    encode_frames,
+    unpack_frame_header,
+)
 
 from .errors import (
     AuthenticationError,
@@ -433,13 +441,6 @@ class SnapshotEnd(Message):
         _bytes(SnapshotEnd, "digest", self.digest, HASH_SIZE)
 
 
-#: LOG-4 frame header (specs/log-format.md): payload_len lsn epoch type flags batch_back | head CRC | hash.
-_LOG_FRAME = struct.Struct("<IQQHHII32s")
-assert _LOG_FRAME.size == LOG_FRAME_HEADER_BYTES
-_LOG_FRAME_HEAD = struct.Struct("<IQQHHI")  # the part the head CRC covers
-_LOG_FRAME_CRC = struct.Struct("<I")
-
-
 @dataclass(frozen=True, slots=True)
 class AppendBatch(Message):
     """Master -> replica: consecutive records to append (REP-11).
@@ -540,14 +541,8 @@ class AppendBatch(Message):
         return self._frames
 
     def _frame_parts(self) -> list[bytes]:
-        """Each record's 64-byte frame header, then its payload (not copied)."""
-        first = self.records[0].lsn
-        pack, crc32 = _LOG_FRAME_HEAD.pack, zlib.crc32
-        parts: list[bytes] = []
-        for r in self.records:
-            head = pack(len(r.payload), r.lsn, r.epoch, r.type, 0, r.lsn - first)
-            parts += (head, _LOG_FRAME_CRC.pack(crc32(head)), r.hash, r.payload)
-        return parts
+        """Each record's 64-byte frame header (the log's codec, LOG-4), then its payload (not copied)."""
+        return encode_frames(self.records, self.records[0].lsn)
 
     def encoded(self) -> bytes:
         """This message's frame (REP-2), computed once (one copy of the payloads)."""
@@ -583,51 +578,61 @@ class AppendBatch(Message):
     @classmethod
     def _parse_frames(cls, data: bytes | memoryview) -> "AppendBatch":
         """REP-11: LOG-4 frames -> records, every header field checked (so the
-        encoding is canonical). Record hashes are not checked here: the
-        replica's ``Log.append_records`` verifies the chain onto its log."""
+        encoding is canonical). The frames are decoded by the log's own
+        decoder (:func:`wal.decode_frames`). Record hashes are not checked
+        here: the replica's ``Log.append_records`` verifies the chain onto
+        its log."""
         view = memoryview(data)
         n = len(view)
-        unpack, crc32, head = _LOG_FRAME.unpack_from, zlib.crc32, LOG_FRAME_HEADER_BYTES
         out: list[Record] = []
-        pos = total = 0
-        first = prev_epoch = 0
-        while pos < n:
-            if n - pos < head:
-                _fail(cls, f"frame at byte {pos}: {n - pos} bytes left, a frame header needs {head}")
-            plen, lsn, epoch, type_, flags, back, crc, hash_ = unpack(data, pos)
-            if crc32(view[pos : pos + 28]) != crc:
-                _fail(cls, f"frame at byte {pos}: header check mismatch")
+        total = first = prev_epoch = 0
+
+        def check(pos: int, lsn: int, epoch: int, flags: int, back: int, plen: int) -> None:
+            # REP-11's rules, in this order, each with its message. A frame
+            # the decoder yielded is valid-looking and complete (LOG-4), so
+            # only the frame it stopped at can break the LSN, flags or
+            # length rules.
             if not out:
-                first, prev_epoch = lsn, epoch
                 if lsn < 1:
                     _fail(cls, "lsn=0 is outside 1..")
             elif lsn != first + len(out):
                 _fail(cls, f"LSNs are not consecutive ({first + len(out) - 1} then {lsn})")
             if epoch < 1:
                 _fail(cls, f"epoch=0 is outside 1.. (LSN {lsn})")
-            if epoch < prev_epoch:
+            if out and epoch < prev_epoch:
                 _fail(cls, f"epoch goes back from {prev_epoch} to {epoch} at LSN {lsn}")
-            if flags != 0 or back != lsn - first:
-                _fail(cls, f"frame of LSN {lsn}: flags must be 0 and batch_back {lsn - first} (REP-11)")
-            if plen > MAX_PAYLOAD_BYTES or pos + head + plen > n:
+            if flags != 0 or back != lsn - (first if out else lsn):
+                _fail(cls, f"frame of LSN {lsn}: flags must be 0 and batch_back {lsn - (first if out else lsn)} (REP-11)")
+            if plen > MAX_PAYLOAD_BYTES or pos + LOG_FRAME_HEADER_BYTES + plen > n:
                 _fail(cls, f"frame of LSN {lsn}: payload of {plen} bytes does not fit the batch")
+
+        scan = FrameScan()
+        for pos, plen, lsn, epoch, type_, back, hash_, payload in decode_frames(view, 0, n, scan):
+            if not out:
+                check(pos, lsn, epoch, 0, back, plen)
+                first = lsn
+            elif lsn != first + len(out) or epoch < prev_epoch or back != lsn - first:
+                check(pos, lsn, epoch, 0, back, plen)  # a rule is broken: check() says which
             if len(out) >= MAX_BATCH_RECORDS:
                 _fail(cls, f"more than {MAX_BATCH_RECORDS} records")
-            start = pos + head
-            out.append(Record(lsn, epoch, type_, bytes(view[start : start + plen]), hash_))
+            out.append(Record(lsn, epoch, type_, bytes(payload), hash_))
             total += plen
             prev_epoch = epoch
-            pos = start + plen
+        pos = scan.offset
+        if pos < n:  # the decoder stopped at a frame that is incomplete or not valid-looking
+            if n - pos < LOG_FRAME_HEADER_BYTES:
+                _fail(cls, f"frame at byte {pos}: {n - pos} bytes left, a frame header needs {LOG_FRAME_HEADER_BYTES}")
+            fields_ = unpack_frame_header(view, pos)
+            if fields_ is None:
+                _fail(cls, f"frame at byte {pos}: header check mismatch")
+            plen, lsn, epoch, _type, flags, back, _crc, _hash = fields_
+            check(pos, lsn, epoch, flags, back, plen)
+            _fail(cls, f"frame at byte {pos} is not a valid LOG-4 frame")
         if not out:
             _fail(cls, "a batch holds at least one record")
         if len(out) > 1 and total > BATCH_SOFT_MAX_BYTES:
             _fail(cls, f"{total} payload bytes in {len(out)} records exceeds {BATCH_SOFT_MAX_BYTES}")
         return cls._checked(tuple(out), total, view)
-
-
-# The frames a batch is encoded to are exactly the log's (wal.format.encode_frame), bit for bit.
-assert b"".join(AppendBatch((Record(7, 2, 3, b"abc", bytes(range(32))), Record(8, 2, 1, b"", bytes(32))))._frame_parts()) == (
-    encode_frame(7, 2, 3, b"abc", bytes(range(32)), batch_back=0) + encode_frame(8, 2, 1, b"", bytes(32), batch_back=1))
 
 
 def _frames_envelope(size: int) -> bytes:

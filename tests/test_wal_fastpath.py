@@ -1,12 +1,15 @@
-"""The fast frame path (wal/framewalk.py) agrees with the normative one (wal/format.py).
+"""The frame walker (wal/framewalk.py) reads frames as the codec (wal/format.py) decodes them.
 
 walk_frames must accept exactly the frames that decode_frame_header calls
 valid-looking (LOG-8), stop at the same place, and hand out the same payloads,
-whatever the read-chunk size; verify_hash/chain_hash/payload_digest must equal
-record_hash/payload_hash bit for bit (LOG-5).
+whatever the read-chunk size; the codec's hash functions must compute LOG-5
+as the spec writes it, for bytes and memoryviews, small and large.
 """
 
 import os
+import struct
+
+import blake3
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +17,15 @@ from hypothesis import strategies as st
 
 import wal
 from wal import framewalk
-from wal.format import FRAME_HEADER_SIZE, encode_frame, payload_hash, record_hash, decode_frame_header
+from wal.format import (
+    FRAME_HEADER_SIZE,
+    FrameScan,
+    decode_frame_header,
+    decode_frames,
+    encode_frame,
+    payload_hash,
+    record_hash,
+)
 
 
 def slow_frames(data: bytes, start: int):
@@ -79,20 +90,41 @@ def test_walk_frames_respects_end_offset(tmp_path):
     assert [f[2] for f in framewalk.walk_frames(path, 0, second_end - 1)] == [1]
 
 
+def spec_hash(prev: bytes, lsn: int, epoch: int, type_: int, payload: bytes) -> bytes:
+    """LOG-5 as specs/log-format.md writes it, with blake3 and struct only."""
+    fields = struct.pack("<QQHI", lsn, epoch, type_, len(payload))
+    return blake3.blake3(b"mailwal-record-v1\x00" + prev + fields + blake3.blake3(payload).digest()).digest()
+
+
+def decode_verified(prev: bytes, lsn: int, data: bytes | memoryview) -> tuple[list, FrameScan]:
+    scan = FrameScan(lsn, prev)
+    return [f[2] for f in decode_frames(data, 0, len(data), scan)], scan
+
+
 @settings(max_examples=100)
-@given(prev=st.binary(min_size=32, max_size=32), lsn=st.integers(1, 2**64 - 1), epoch=st.integers(0, 2**64 - 1),
+@given(prev=st.binary(min_size=32, max_size=32), lsn=st.integers(1, 2**64 - 2), epoch=st.integers(0, 2**64 - 1),
        type_=st.integers(0, 0xFFFF), payload=st.binary(max_size=5000))
-def test_fast_hashes_equal_the_normative_ones(prev, lsn, epoch, type_, payload):
-    want = record_hash(prev, lsn, epoch, type_, len(payload), payload_hash(payload))
-    assert framewalk.verify_hash(prev, lsn, epoch, type_, memoryview(payload)) == want
-    assert framewalk.payload_digest(memoryview(payload)) == payload_hash(payload)
-    assert framewalk.chain_hash(prev, lsn, epoch, type_, len(payload), payload_hash(payload)) == want
+def test_LOG_5_the_codec_computes_the_spec_hash(prev, lsn, epoch, type_, payload):
+    """record_hash, and the decoder's chain check, are LOG-5 as the spec writes it."""
+    want = spec_hash(prev, lsn, epoch, type_, payload)
+    assert payload_hash(memoryview(payload)) == payload_hash(payload) == blake3.blake3(payload).digest()
+    assert record_hash(prev, lsn, epoch, type_, len(payload), payload_hash(payload)) == want
+    frame = encode_frame(lsn, epoch, type_, payload, want)
+    for data in (frame, memoryview(frame)):
+        lsns, scan = decode_verified(prev, lsn, data)
+        assert lsns == [lsn] and scan.reason is None and (scan.lsn, scan.prev) == (lsn + 1, want)
+    lsns, scan = decode_verified(bytes(32) if prev != bytes(32) else b"\x01" * 32, lsn, frame)
+    assert lsns == [] and scan.reason == "record hash mismatch"
+    lsns, scan = decode_verified(prev, lsn + 1, frame)
+    assert lsns == [] and scan.reason == f"frame has LSN {lsn}, expected {lsn + 1}"
 
 
-def test_fast_hash_of_a_large_payload(tmp_path):
-    payload = os.urandom((1 << 20) + 17)
-    want = record_hash(wal.ZERO_HASH, 1, 1, 1, len(payload), payload_hash(payload))
-    assert framewalk.verify_hash(wal.ZERO_HASH, 1, 1, 1, memoryview(payload)) == want
+def test_LOG_5_hash_of_a_large_payload(tmp_path):
+    payload = os.urandom((1 << 20) + 17)  # hashed on several threads
+    want = spec_hash(wal.ZERO_HASH, 1, 1, 1, payload)
+    assert record_hash(wal.ZERO_HASH, 1, 1, 1, len(payload), payload_hash(memoryview(payload))) == want
+    lsns, scan = decode_verified(wal.ZERO_HASH, 1, memoryview(encode_frame(1, 1, 1, payload, want)))
+    assert lsns == [1] and scan.reason is None
 
 
 @pytest.mark.parametrize("chunk", [64, 5000, 1 << 20])

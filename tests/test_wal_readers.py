@@ -39,13 +39,18 @@ def test_LOG_10_read_from_every_lsn_matches_the_full_read(big_log):
     assert list(reader.records(601)) == []
 
 
+def test_readers_build_records_equal_to_checked_ones():
+    """The readers' unchecked Record constructor gives the same value as Record(...)."""
+    assert wal.reader._record(1, 2, 3, b"p", bytes(32)) == wal.Record(1, 2, 3, b"p", bytes(32))
+
+
 def test_LOG_10_the_sparse_index_skips_payloads(big_log, monkeypatch):
     """Reading one record deep inside a segment hashes at most a stride of
     payloads: the index walk reads frame headers only."""
     path, _ = big_log
     hashed = []
-    real = wal.framewalk._blake3  # the reader's loop hashes each payload, then the chained record hash
-    monkeypatch.setattr(wal.framewalk, "_blake3", lambda data: hashed.append(len(data)) or real(data))
+    real = wal.format._blake3  # the reader's loop hashes each payload, then the chained record hash
+    monkeypatch.setattr(wal.format, "_blake3", lambda data: hashed.append(len(data)) or real(data))
     reader = wal.LogReader(path)
     first, _ = reader.segments()[1]
     target = first + 3 * INDEX_STRIDE + 5

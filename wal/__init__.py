@@ -25,7 +25,11 @@ Segments are named by their first LSN (``00000000000000000001.seg``) and roll
 over at ``segment_max_bytes``. Every record's hash covers its LSN, epoch,
 type, payload and the previous record's hash, across segments, so one
 (LSN, hash) pair names a whole history. The byte layout is in
-``specs/log-format.md``; payloads are canonical CBOR (:mod:`wal.codec`).
+``specs/log-format.md`` and is coded once, in :mod:`wal.format`: the frame
+functions exported here (``encode_frame_header``, ``record_hash``,
+``decode_frames``...) are what the writer, the readers and the
+replication protocol's ``AppendBatch`` use. Payloads are
+canonical CBOR (:mod:`wal.codec`).
 
 This package imports nothing from ``engine`` or ``tools`` and never imports
 anyio: it is blocking and thread-safe.
@@ -45,7 +49,25 @@ from .errors import (
     WalError,
 )
 from .fileops import OS_FILEOPS, FileOps
-from .format import FORMAT_VERSION, ZERO_HASH, Record, payload_hash, record_hash
+from .format import (
+    FORMAT_VERSION,
+    FRAME_HEADER_SIZE,
+    HASH_SIZE,
+    MAX_PAYLOAD_BYTES,
+    ZERO_HASH,
+    FrameHeader,
+    FrameScan,
+    Record,
+    decode_frame_header,
+    decode_frames,
+    encode_frame,
+    encode_frame_header,
+    encode_frames,
+    parse_frame_header,
+    payload_hash,
+    record_hash,
+    unpack_frame_header,
+)
 from .reader import LogReader
 from .repair import RepairReport, VerifyReport, repair, verify
 from .segment import TornTail
@@ -56,6 +78,8 @@ __all__ = [
     "verify", "repair", "VerifyReport", "RepairReport",
     "FileOps", "OS_FILEOPS", "codec", "payload_hash", "record_hash",
     "FORMAT_VERSION", "ZERO_HASH", "DEFAULT_SEGMENT_MAX_BYTES",
+    "FRAME_HEADER_SIZE", "HASH_SIZE", "MAX_PAYLOAD_BYTES", "FrameHeader", "encode_frame", "encode_frame_header", "encode_frames",
+    "decode_frame_header", "parse_frame_header", "unpack_frame_header", "decode_frames", "FrameScan",
     "WalError", "CorruptRecordError", "UnsupportedVersionError", "LogFailedError",
     "LogClosedError", "OutOfOrderError", "LsnNotAvailableError", "CursorError", "RetentionError",
 ]

@@ -46,9 +46,6 @@ def _record(lsn: int, epoch: int, type_: int, payload: bytes, hash_: bytes) -> R
     return r
 
 
-assert _record(1, 2, 3, b"p", bytes(32)) == Record(1, 2, 3, b"p", bytes(32))
-
-
 class SegmentIndex:
     """Sparse ``(lsn, offset, prev_hash)`` entries for each segment, cached.
 
@@ -186,7 +183,7 @@ class LogReader:
             stopped_at = offset
             size_at_pass = os.path.getsize(path)
             walk = WalkStop()
-            for off, plen, f_lsn, f_epoch, f_type, f_hash, payload in verified_frames(path, offset, cur, prev, walk):
+            for off, plen, f_lsn, f_epoch, f_type, _back, f_hash, payload in verified_frames(path, offset, cur, prev, walk):
                 if bound is not None and f_lsn > bound:
                     break
                 prev = f_hash

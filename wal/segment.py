@@ -188,14 +188,14 @@ def scan_segment(
     stop = WalkStop()
     frames = verified_frames(path, offset, header.first_lsn, prev, stop, file_size)
     if on_record is None and on_bytes is None:  # verify and recovery: the bare loop
-        for off, plen, lsn, _epoch, _type, hash_, _payload in frames:
+        for off, plen, lsn, _epoch, _type, _back, hash_, _payload in frames:
             if records % INDEX_STRIDE == 0:
                 index.append((lsn, off))
             records += 1
             offset = off + FRAME_HEADER_SIZE + plen
             prev = hash_
     else:
-        for off, plen, lsn, epoch, type_, hash_, payload in frames:
+        for off, plen, lsn, epoch, type_, _back, hash_, payload in frames:
             if records % INDEX_STRIDE == 0:
                 index.append((lsn, off))
             if on_record is not None:

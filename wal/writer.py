@@ -54,8 +54,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import blake3
-
 from .cursors import CursorStore
 from .errors import (
     CorruptRecordError,
@@ -67,7 +65,6 @@ from .errors import (
 )
 from .fileops import OS_FILEOPS, FileOps
 from .format import (
-    _HASH_DOMAIN,
     FORMAT_VERSION,
     MAX_PAYLOAD_BYTES,
     SEGMENT_HEADER_SIZE,
@@ -75,9 +72,11 @@ from .format import (
     Record,
     SegmentHeader,
     decode_frame_header,
+    encode_frame_header,
+    encode_frames,
     payload_hash,
+    record_hash,
 )
-from .framewalk import _CHAIN, _SMALL_PAYLOAD, frame_head, payload_digest
 from .reader import LogReader, SegmentIndex
 from .segment import TornTail, create_segment, iter_frames, list_segments, read_segment_header, scan_segment
 
@@ -85,8 +84,6 @@ __all__ = ["Log", "Appended", "DEFAULT_SEGMENT_MAX_BYTES"]
 
 DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 _U64_MAX = (1 << 64) - 1
-_blake3 = blake3.blake3
-_chain_pack = _CHAIN.pack
 
 
 def _check_field(name: str, value: int, maximum: int) -> None:
@@ -117,8 +114,6 @@ def _appended(lsn: int, hash_: bytes, epoch: int) -> Appended:
     _set_epoch(a, epoch)
     return a
 
-
-assert _appended(1, b"h", 2) == Appended(1, b"h", 2)
 
 _allocate_lock = threading.Lock
 
@@ -485,7 +480,7 @@ class Log:
             _check_field("type", type_, 0xFFFF)
         if epoch is not None:
             _check_field("epoch", epoch, _U64_MAX)
-        ph = _blake3(payload).digest() if n < _SMALL_PAYLOAD else payload_hash(payload)
+        ph = payload_hash(payload)
         with self._lock:
             if self._closed or self._failed is not None:
                 self._check_usable()
@@ -493,11 +488,11 @@ class Log:
             if ep < self._epoch:
                 raise WalError(f"epoch {ep} is below the log's epoch {self._epoch}: epochs never decrease along a log")
             lsn = self._next_lsn
-            h = _blake3(_chain_pack(_HASH_DOMAIN, self._last_hash, lsn, ep, type_, n, ph)).digest()
+            h = record_hash(self._last_hash, lsn, ep, type_, n, ph)
             b = self._open
             if b is None:
                 b = self._open = _Batch(lsn)
-            b.parts += (frame_head(n, lsn, ep, type_, lsn - b.first_lsn, h), payload)
+            b.parts += (encode_frame_header(n, lsn, ep, type_, lsn - b.first_lsn, h), payload)
             b.last_lsn = lsn
             b.last_hash = h
             self._next_lsn = lsn + 1
@@ -538,7 +533,7 @@ class Log:
             _check_field("type", type_, 0xFFFF)
         if epoch is not None:
             _check_field("epoch", epoch, _U64_MAX)
-        p_hashes = [payload_digest(p) for _, p in items]
+        p_hashes = [payload_hash(p) for _, p in items]
         with self._lock:
             self._check_usable()
             ep = self._epoch if epoch is None else epoch
@@ -554,8 +549,8 @@ class Log:
             parts, first = b.parts, b.first_lsn
             for (type_, payload), ph in zip(items, p_hashes):
                 n = len(payload)
-                prev = _blake3(_chain_pack(_HASH_DOMAIN, prev, lsn, ep, type_, n, ph)).digest()
-                parts += (frame_head(n, lsn, ep, type_, lsn - first, prev), payload)
+                prev = record_hash(prev, lsn, ep, type_, n, ph)
+                parts += (encode_frame_header(n, lsn, ep, type_, lsn - first, prev), payload)
                 out.append(_appended(lsn, prev, ep))
                 lsn += 1
             b.last_lsn = lsn - 1
@@ -638,26 +633,21 @@ class Log:
         """
         if not records:
             return
-        p_hashes = [payload_digest(r.payload) for r in records]
+        p_hashes = [payload_hash(r.payload) for r in records]
         with self._lock:
             self._check_usable()
             lsn, prev = self._next_lsn, self._last_hash
-            staged = []
             for r, ph in zip(records, p_hashes):
                 if r.lsn != lsn:
                     raise OutOfOrderError(lsn, r.lsn)
-                n = len(r.payload)
-                h = _blake3(_chain_pack(_HASH_DOMAIN, prev, lsn, r.epoch, r.type, n, ph)).digest()
+                h = record_hash(prev, lsn, r.epoch, r.type, len(r.payload), ph)
                 if h != r.hash:
                     raise OutOfOrderError(lsn, r.lsn, "record hash does not chain onto this log")
-                staged.append((n, r, h))
                 lsn, prev = lsn + 1, h
             b = self._open
             if b is None:
                 b = self._open = _Batch(self._next_lsn)
-            parts, first = b.parts, b.first_lsn
-            for n, r, h in staged:
-                parts += (frame_head(n, r.lsn, r.epoch, r.type, r.lsn - first, h), r.payload)
+            b.parts += encode_frames(records, b.first_lsn)
             b.last_lsn = lsn - 1
             b.last_hash = prev
             self._next_lsn, self._last_hash = lsn, prev

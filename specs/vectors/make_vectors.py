@@ -22,7 +22,6 @@ import json
 import os
 import struct
 import sys
-import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
@@ -30,10 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from wal import codec  # noqa: E402
 from wal.format import (  # noqa: E402
     FORMAT_VERSION,
+    FRAME_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
     ZERO_HASH,
     SegmentHeader,
+    decode_frame_header,
     encode_frame,
+    encode_frame_header,
     encode_segment_header,
     payload_hash,
     record_hash,
@@ -134,12 +136,12 @@ def _with_bytes(data: bytes, offset: int, new: bytes) -> bytes:
 
 
 def _reframe_head(frame: bytes, **fields) -> bytes:
-    """Rewrite fields of a frame's head and give it a correct head CRC."""
-    names = ["payload_len", "lsn", "epoch", "type", "flags", "batch_back"]
-    values = dict(zip(names, struct.unpack_from("<IQQHHI", frame)))
-    values.update(fields)
-    head = struct.pack("<IQQHHI", *(values[n] for n in names))
-    return head + struct.pack("<I", zlib.crc32(head)) + frame[32:]
+    """Rewrite fields of a (valid) frame's head and give it a correct head CRC."""
+    fh = decode_frame_header(frame)
+    values = {"payload_len": fh.payload_len, "lsn": fh.lsn, "epoch": fh.epoch, "type": fh.type, "flags": fh.flags,
+              "batch_back": fh.batch_back, **fields}
+    return encode_frame_header(values["payload_len"], values["lsn"], values["epoch"], values["type"],
+                               values["batch_back"], fh.hash, flags=values["flags"]) + frame[FRAME_HEADER_SIZE:]
 
 
 def _header_with(header_bytes: bytes, **fields) -> bytes:
