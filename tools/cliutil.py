@@ -14,7 +14,7 @@ each command stays a few lines over :mod:`wal`:
   turned into a clean error becomes one ``Error: ...`` line (exit status
   :data:`EXIT_FAILED`) instead of a traceback, unless ``walctl --debug``.
 
-Exit statuses (documented in README.md, section walctl):
+Exit statuses (documented with the commands, docs/walctl.md):
 
 ====  =====================================================================
 0     success (``verify``: the log is valid; a torn tail is still valid)

@@ -1,9 +1,9 @@
-"""The README's node.toml table, generated from :data:`engine.config.DEFAULT_TOML`.
+"""The documented node.toml table, generated from :data:`engine.config.DEFAULT_TOML`.
 
 ``python -m tools.config_doc`` prints the Markdown table (one row per key:
 the key, its default, its unit, and the comment above it in DEFAULT_TOML;
 a key DEFAULT_TOML leaves commented out has a default per role).
-tests/test_runbook.py checks that the README's runbook holds exactly this
+tests/test_runbook.py checks that docs/operations/configuration.md holds exactly this
 table, so a new or changed setting cannot go undocumented.
 """
 
