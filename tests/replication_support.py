@@ -1,7 +1,7 @@
 """Shared helpers for the replication tests: SessionPair and record makers.
 
 :class:`SessionPair` wires a master and a replica
-:class:`~engine.protocol.ReplicationSession` back to back with no network:
+:class:`~engine.replication.ReplicationSession` back to back with no network:
 ``pair.send(role, msg)`` has that role's session produce the bytes and feeds
 them to the other side, returning the events that came out. Every delivered
 message is logged in ``pair.log`` so that a failing test can print the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from engine.protocol import (
+from engine.replication import (
     NEED_DATA,
     Accept,
     Challenge,

@@ -239,7 +239,7 @@ def test_a_cut_tail_goes_to_the_master_that_refused_the_log_not_the_next_peer_tr
     import anyio
 
     from engine.errors import DivergedError
-    from engine.receiver import ReplicaLink
+    from engine.replication.receiver import ReplicaLink
 
     a, b, fork = forked_nodes(tmp_path)
     a.close()

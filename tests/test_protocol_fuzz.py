@@ -10,9 +10,10 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import protocol as P
+from engine import replication as P
+from engine.replication import messages
 from engine.errors import RemoteProtocolError
-from engine.protocol import NEED_DATA, PREAMBLE, AppendBatch, Heartbeat, ReplicationSession, State
+from engine.replication import NEED_DATA, PREAMBLE, AppendBatch, Heartbeat, ReplicationSession, State
 from tests.replication_support import MASTER, REPLICA, SECRET, SessionPair, history
 
 
@@ -147,7 +148,7 @@ def test_decode_body_on_random_cbor_values(data):
     code = data.draw(st.sampled_from(sorted(P.MESSAGE_TYPES)))
     # Half the time, use exactly the message's field names so field validation is reached.
     if data.draw(st.booleans()):
-        names = sorted(P._FIELD_NAMES[P.MESSAGE_TYPES[code]])
+        names = sorted(messages._FIELD_NAMES[P.MESSAGE_TYPES[code]])
         value = {n: data.draw(st.one_of(leaf, st.lists(st.one_of(leaf, st.lists(leaf, max_size=6)), max_size=4)))
                  for n in names}
     for canonical in (False, True):

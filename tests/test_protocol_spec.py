@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from engine import protocol as P
+from engine import replication as P
 from engine.errors import RemoteProtocolError
-from engine.protocol import NEED_DATA, ReplicationSession, Role, State
+from engine.replication import NEED_DATA, ReplicationSession, Role, State
 from tests.replication_support import SessionPair, history
 from wal.format import Record
 

@@ -17,9 +17,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine import protocol as P
+from engine import replication as P
 from engine.errors import RemoteProtocolError
-from engine.protocol import NEED_DATA, Ack, AppendBatch, Heartbeat, Position, PositionCheck, State
+from engine.replication import NEED_DATA, Ack, AppendBatch, Heartbeat, Position, PositionCheck, State
 from tests.replication_support import LOG_ID, MASTER, REPLICA, SessionPair, chain
 from wal.format import ZERO_HASH, payload_hash, record_hash
 

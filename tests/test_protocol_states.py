@@ -16,9 +16,9 @@ import os
 
 import pytest
 
-from engine import protocol as P
+from engine import replication as P
 from engine.errors import LocalProtocolError, RemoteProtocolError
-from engine.protocol import (
+from engine.replication import (
     PREAMBLE,
     TRANSITIONS,
     Accept,

@@ -7,8 +7,8 @@ from functools import partial
 import anyio
 import pytest
 
-from engine.receiver import ReplicaLink, run_replica
-from engine.sender import ReplicationHub, serve_replication
+from engine.replication.receiver import ReplicaLink, run_replica
+from engine.replication.sender import ReplicationHub, serve_replication
 from wal import Log
 
 pytestmark = pytest.mark.anyio

@@ -13,8 +13,8 @@ from functools import partial
 import anyio
 import pytest
 
-from engine.receiver import run_replica
-from engine.sender import ReplicationHub, serve_replication
+from engine.replication.receiver import run_replica
+from engine.replication.sender import ReplicationHub, serve_replication
 from tests.faultproxy import FaultProxy
 from tests.test_replication_live import REPLICA, SECRET, SERVER, append_from_threads, assert_identical
 from wal import Log

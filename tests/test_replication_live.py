@@ -14,7 +14,7 @@ from functools import partial
 import anyio
 import pytest
 
-from engine import protocol as P
+from engine import replication as P
 from engine.errors import (
     AuthenticationError,
     BehindRetentionError,
@@ -24,10 +24,10 @@ from engine.errors import (
     SeedUnavailableError,
     WrongLogError,
 )
-from engine.receiver import run_replica
-from engine.replication_auth import create_secret, load_secret
+from engine.replication.receiver import run_replica
+from engine.replication.secret import create_secret, load_secret
 from engine.errors import SecretFileError
-from engine.sender import ReplicationHub, serve_replication
+from engine.replication.sender import ReplicationHub, serve_replication
 from wal import Log, LogReader
 from wal.epochs import read_history_file
 

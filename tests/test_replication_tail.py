@@ -1,6 +1,6 @@
 """The master's shared tail buffer and AppendBatch's frames on the wire (REP-11, REP-20).
 
-Unit tests of :class:`engine.replication_tail.TailBuffer` and of the LOG-4
+Unit tests of :class:`engine.replication.tail.TailBuffer` and of the LOG-4
 frames an AppendBatch travels as, then live tests on 127.0.0.1 with real logs:
 every record is read from disk once for all caught-up replicas, a replica
 behind the buffer reads from disk and joins it, and a record that does not
@@ -19,12 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import protocol as P
+from engine import replication as P
+from engine.replication import messages
 from engine.errors import LocalProtocolError, RemoteProtocolError
-from engine.protocol import AppendBatch
-from engine.receiver import run_replica
-from engine.replication_tail import TailBuffer, batch_cost
-from engine.sender import ReplicationHub, serve_replication
+from engine.replication import AppendBatch
+from engine.replication.receiver import run_replica
+from engine.replication.tail import TailBuffer, batch_cost
+from engine.replication.sender import ReplicationHub, serve_replication
 from tests.replication_support import SessionPair, chain, history
 from wal import Log, LogReader
 from wal.format import FRAME_HEADER_SIZE, decode_frame_header
@@ -96,9 +97,9 @@ def test_a_frame_with_a_bad_payload_length_is_refused():
     msg = AppendBatch(tuple(history(2)))
     frames = bytearray(msg.frames())
     with pytest.raises(RemoteProtocolError, match="does not fit"):
-        P.decode_body(13, P._frames_envelope(len(frames) - 1) + bytes(frames[:-1]))
+        P.decode_body(13, messages._frames_envelope(len(frames) - 1) + bytes(frames[:-1]))
     with pytest.raises(RemoteProtocolError, match="at least one record"):
-        P.decode_body(13, P._frames_envelope(0))
+        P.decode_body(13, messages._frames_envelope(0))
 
 
 @settings(max_examples=60, deadline=None)
@@ -279,7 +280,7 @@ async def test_a_record_that_does_not_chain_is_refused_loudly(tmp_path, caplog):
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
                 host, port = await tg.start(partial(serve_replication, master, hub, **SERVER))
-                import engine.sender as sender_mod
+                import engine.replication.sender as sender_mod
 
                 real_read = sender_mod._Server._read_batch
 

@@ -18,8 +18,8 @@ from engine.cluster import Cluster, ClusterConfig
 from engine.config import DEFAULTS
 from engine.metrics import Metrics
 from engine.node import Node
-from engine.receiver import ReplicaLink
-from engine.sender import ReplicaStatus
+from engine.replication.receiver import ReplicaLink
+from engine.replication.sender import ReplicaStatus
 from tools.cmd_cluster import _offline_status
 from tools.config_doc import markdown_table, settings
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import wal
 import wal.reader
 import wal.writer
-from engine.protocol import AppendBatch
+from engine.replication import AppendBatch
 from wal.format import (
     FRAME_HEADER_SIZE,
     decode_frame_header,
@@ -42,7 +42,7 @@ def test_LOG_4_the_frame_layout_and_record_hash_are_defined_once():
     """No module but the codec spells the frame header's fields, its CRC or the hash domain."""
     spelled = re.compile(r"IQQHHI|QQHI|mailwal-record-v1")
     found = [path for path, text in _sources("wal", "engine", "tools") if path != CODEC and spelled.search(text)]
-    framing = [os.path.join("engine", "protocol.py")] + [p for p, _ in _sources("wal")]
+    framing = [os.path.join("engine", "replication", m + ".py") for m in ("messages", "codec", "session")] + [p for p, _ in _sources("wal")]
     found += [path for path, text in _sources("wal", "engine")
               if path in framing and path != CODEC and "crc32" in text]
     assert found == []
@@ -50,7 +50,7 @@ def test_LOG_4_the_frame_layout_and_record_hash_are_defined_once():
 
 def test_no_import_time_asserts_in_the_log_or_the_protocol():
     """An invariant that holds only when asserts run (not under python -O) is tested here, not asserted at import."""
-    paths = [p for p, _ in _sources("wal")] + [os.path.join("engine", "protocol.py")]
+    paths = [p for p, _ in _sources("wal")] + [os.path.join("engine", "replication", m + ".py") for m in ("messages", "codec", "session")]
     bad = []
     for path in paths:
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:

@@ -203,7 +203,7 @@ CONTROL_ANNOUNCEMENT = "replication and control on"
 
 def _control_client(target: str, secret_file: str, timeout: float):
     from engine.control import ControlClient
-    from engine.replication_auth import load_secret
+    from engine.replication.secret import load_secret
 
     kind, _, where = target.partition(":")
     if kind == "unix":
@@ -220,7 +220,7 @@ class _Master:
     def __init__(self, path: str, *, sync_replicas: int = 0, init: bool = True):
         if init:
             from engine.node import Node
-            from engine.replication_auth import create_secret
+            from engine.replication.secret import create_secret
 
             Node.init(path, name=os.path.basename(path)).close()
             create_secret(os.path.join(path, "replication.secret"))
