@@ -441,10 +441,11 @@ def test_offlineimap_idle_pulls_new_mail(imap_server, tmp_path):
     text = text.replace("remoterepository = remote\n", "remoterepository = remote\nautorefresh = 60\nquick = 0\n")
     client.config.write_text(text + "idlefolders = ['INBOX']\nholdconnectionopen = yes\nkeepalive = 600\n")
     log = (tmp_path / "offlineimap.log").open("w")
-    proc = subprocess.Popen([client.binary, "-c", str(client.config), "-u", "basic"], env=client.env,
+    # -d imap: its protocol log says when the server has answered IDLE with a continuation
+    proc = subprocess.Popen([client.binary, "-c", str(client.config), "-u", "basic", "-d", "imap"], env=client.env,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: len(client.files("INBOX")) == 3, proc, tmp_path)
+        wait_for(lambda: len(client.files("INBOX")) == 3 and idling(tmp_path / "offlineimap.log"), proc, tmp_path)
         imap_server.append("INBOX", message(9), ("\\Flagged",))
         wait_for(lambda: "<9@sync.example>" in client.files("INBOX"), proc, tmp_path)
         assert client.messages("INBOX")["<9@sync.example>"] == {"\\Flagged"}
@@ -452,6 +453,11 @@ def test_offlineimap_idle_pulls_new_mail(imap_server, tmp_path):
         proc.kill()  # it would finish its IDLE round first on SIGTERM (about 10 s); nothing of it is needed
         proc.wait()
         log.close()
+
+
+def idling(log: Path) -> bool:
+    """offlineimap sent IDLE and read the server's continuation (a delivery from now on is pushed to it)."""
+    return "server IDLE started" in log.read_text(errors="replace")  # imaplib2 logs it on the continuation
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, tmp_path: Path, timeout_s: float = 60) -> None:
