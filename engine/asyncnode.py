@@ -41,7 +41,7 @@ import anyio
 from wal import Log
 
 from .mailerrors import StoreUnavailableError
-from .node import Node, Receipt
+from .node import AppendReceipt, CopyReceipt, FlagsReceipt, Node, Receipt
 from .store import MailboxInfo, MessageInfo
 
 __all__ = ["AsyncNode", "DurableFutures", "DEFAULT_THREADS"]
@@ -181,11 +181,11 @@ class AsyncNode:
                     return planned.results
         return await self._run(self.node.deliver_many, targets, body, internaldate=internaldate, create=create)
 
-    async def create_mailbox(self, name: str) -> int:
-        return await self._run(self.node.create_mailbox, name)
+    async def create_mailbox(self, name: str, *, special_use=()) -> int:
+        return await self._run(self.node.create_mailbox, name, special_use=tuple(special_use))
 
-    async def rename_mailbox(self, old: str, new: str) -> int:
-        return await self._run(self.node.rename_mailbox, old, new)
+    async def rename_mailbox(self, old: str, new: str, *, children: bool = False) -> int:
+        return await self._run(self.node.rename_mailbox, old, new, children=children)
 
     async def delete_mailbox(self, name: str, *, recursive: bool = False) -> int:
         return await self._run(self.node.delete_mailbox, name, recursive=recursive)
@@ -198,6 +198,48 @@ class AsyncNode:
 
     async def checkpoint(self) -> int:
         return await self._run(self.node.checkpoint)
+
+    # -- IMAP writes, users, subscriptions (each returns once durable; see Node) ----------------
+
+    async def append_messages(self, mailbox: str, messages) -> AppendReceipt:
+        return await self._run(self.node.append_messages, mailbox, list(messages))
+
+    async def copy_messages(self, source: str, uids: Iterable[int], target: str, *, move: bool = False) -> CopyReceipt:
+        return await self._run(self.node.copy_messages, source, list(uids), target, move=move)
+
+    async def change_flags(self, mailbox: str, uids: Iterable[int], op: str, flags: Iterable[str], *,
+                           unchanged_since: int | None = None) -> FlagsReceipt:
+        return await self._run(self.node.change_flags, mailbox, list(uids), op, list(flags),
+                               unchanged_since=unchanged_since)
+
+    async def expunge_present(self, mailbox: str, uids: Iterable[int]) -> tuple[tuple[int, ...], int]:
+        return await self._run(self.node.expunge_present, mailbox, list(uids))
+
+    async def add_user(self, name: str, password: str | None = None, *, password_hash: str | None = None) -> int:
+        return await self._run(self.node.add_user, name, password, password_hash=password_hash)
+
+    async def set_password(self, name: str, password: str | None = None, *, password_hash: str | None = None) -> int:
+        return await self._run(self.node.set_password, name, password, password_hash=password_hash)
+
+    async def delete_user(self, name: str) -> int:
+        return await self._run(self.node.delete_user, name)
+
+    async def list_users(self) -> list[str]:
+        return await self._run(self.node.list_users)
+
+    async def verify_user(self, name: str, password: str) -> bool:
+        """Hash verification runs in a worker thread, never on the event loop."""
+        return await self._run(self.node.verify_user, name, password)
+
+    async def set_subscribed(self, user: str, mailbox: str, subscribed: bool) -> int:
+        return await self._run(self.node.set_subscribed, user, mailbox, subscribed)
+
+    async def subscriptions(self, user: str) -> list[str]:
+        return await self._run(self.node.subscriptions, user)
+
+    def add_change_listener(self, callback) -> Callable[[], None]:
+        """See :meth:`Node.add_change_listener` (the callback runs on the applier's thread)."""
+        return self.node.add_change_listener(callback)
 
     # -- reads --------------------------------------------------------------------
 

@@ -30,24 +30,27 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from wal import OS_FILEOPS, Log, LogClosedError, LogFailedError, Record, WalError
 from wal.epochs import SeekReader, read_history_file, write_history
 
-from .events import Checkpoint, MailboxCreated, encode_event
+from .events import (Checkpoint, MailboxCreated, UserDeleted, UserPasswordSet, encode_event, event_mailbox_ids,
+                     modseq_floor)
 from .guard import Guard, GuardConfig
 from .mailerrors import (
     MessageTooLargeError,
     ReadOnlyNodeError,
+    RequestError,
     StoreUnavailableError,
     UnknownMailboxError,
     UnknownUidError,
 )
-from .state import DecisionState, Duplicate
+from .state import DecisionState, Duplicate, SourceMessage
 from .store import MailboxInfo, MessageInfo, Store, remove_store_files, store_digest
 
-__all__ = ["Node", "Receipt", "PlannedDeliveries", "NodeConfig", "LOG_DIR", "STORE_FILE"]
+__all__ = ["Node", "Receipt", "AppendReceipt", "CopyReceipt", "FlagsReceipt", "PlannedDeliveries", "NodeConfig",
+           "LOG_DIR", "STORE_FILE"]
 
 LOG_DIR = "log.wal"
 STORE_FILE = "store.sqlite"
@@ -96,6 +99,39 @@ class Receipt:
 
 
 @dataclass(frozen=True)
+class AppendReceipt:
+    """Proof of one durable IMAP APPEND (MS-20)."""
+
+    mailbox: str
+    uidvalidity: int
+    uids: tuple[int, ...]
+    lsn: int
+
+
+@dataclass(frozen=True)
+class CopyReceipt:
+    """Proof of one durable COPY or MOVE: ``source_uids[i]`` became ``target_uids[i]`` (none: nothing left to copy)."""
+
+    mailbox: str  # the target
+    uidvalidity: int  # the target's
+    source_uids: tuple[int, ...]
+    target_uids: tuple[int, ...]
+    lsn: int
+
+
+@dataclass(frozen=True)
+class FlagsReceipt:
+    """Proof of one durable flag change: the UIDs in its record, the UIDs an UNCHANGEDSINCE
+    left alone (``modified``), the record's MODSEQ and LSN (0 when nothing was logged)."""
+
+    mailbox: str
+    uids: tuple[int, ...]
+    modified: tuple[int, ...]
+    modseq: int
+    lsn: int
+
+
+@dataclass(frozen=True)
 class PlannedDeliveries:
     """Decided and enqueued deliveries (see :meth:`Node.plan_deliveries`): not yet durable."""
 
@@ -126,6 +162,11 @@ class Node:
         self._checkpointer: threading.Thread | None = None
         self.checkpoint_error: BaseException | None = None
         self.on_delivered = None  # optional hook(receipt) for logging
+        self._listeners: list = []  # change listeners (add_change_listener); replaced, never mutated
+        self._listeners_lock = threading.Lock()
+        # mailbox id (or "user:NAME") -> LSN of the last record enqueued that changed it: a copy
+        # plans from the store once the store applied that far (MS-20)
+        self._mailbox_lsn: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -237,24 +278,52 @@ class Node:
         """Apply every durable record the store has not applied yet.
 
         ``on_progress(applied_lsn, last_lsn)`` is called after each batch (progress bars).
+        Change listeners (:meth:`add_change_listener`) hear of the mailboxes each batch changed.
         """
+        changed: set[str] = set()
         with self._apply_lock:
             start = self.store.applied_lsn + 1
             pending: list[Record] = []
             replica = self.config.role == "replica"
+            notes = changed if self._listeners else None
             for rec in self.log.read(start):
                 pending.append(rec)
                 if len(pending) >= batch:
-                    self.applied_lsn = self.store.apply_records(pending, replica=replica)
+                    self.applied_lsn = self.store.apply_records(pending, replica=replica, changed=notes)
                     pending = []
                     if on_progress is not None:
                         on_progress(self.applied_lsn, self.log.last_lsn)
             if pending:
-                self.applied_lsn = self.store.apply_records(pending, replica=replica)
+                self.applied_lsn = self.store.apply_records(pending, replica=replica, changed=notes)
             self.applied_lsn = self.store.applied_lsn
         with self._applied_cond:
             self._applied_cond.notify_all()
+        if changed:
+            self._notify_changed(changed)
         return self.applied_lsn
+
+    # -- change notification (IMAP IDLE and live updates) ------------------------------
+
+    def add_change_listener(self, callback) -> "Callable[[], None]":
+        """Call ``callback(names)`` (a set of mailbox names) after the applier applied records that
+        changed those mailboxes, on a master and a replica alike (a renamed or deleted mailbox is
+        named by its old name too). The callback runs on the applier's thread: it must be cheap,
+        thread-safe and must not block. Returns the function that removes it."""
+        with self._listeners_lock:
+            self._listeners = self._listeners + [callback]
+
+        def remove() -> None:
+            with self._listeners_lock:
+                self._listeners = [c for c in self._listeners if c is not callback]
+        return remove
+
+    def _notify_changed(self, changed: set[str]) -> None:
+        names = self.store.mailbox_names(changed)
+        for callback in self._listeners:
+            try:
+                callback(names)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the applier
+                _log.exception("change listener %r failed", callback)
 
     # -- roles and failover (specs/replication.md, failover) -------------------------
 
@@ -455,6 +524,8 @@ class Node:
                 ms.recent[bytes(guid)] = (uid, delivered)
         for (value,) in self.store._read("SELECT value FROM meta WHERE key='max_uidvalidity'"):
             st.last_uidvalidity = max(st.last_uidvalidity, int(value))
+        st.modseq_floor = self.store.modseq_floor
+        st.users = set(self.store.user_names())
         self.state = st
 
     # -- writes ------------------------------------------------------------------
@@ -464,12 +535,18 @@ class Node:
         return self.config.role
 
     def _check_writable(self) -> None:
+        """Raise unless this node takes writes now (state lock held). A promotion's EpochStarted
+        is appended to the log directly: the first write after it raises the decision state's
+        MODSEQ floor to the log's epoch (MS-18), as applying that record does in the store."""
         if self.config.role != "master":
             raise ReadOnlyNodeError(f"node {self.config.name} is a replica: it is read-only until promoted")
         if self._writes_paused is not None:
             raise ReadOnlyNodeError(self._writes_paused)
         if self.log.failed is not None:
             raise StoreUnavailableError(str(self.log.failed))
+        floor = modseq_floor(self.log.epoch)
+        if floor > self.state.modseq_floor:
+            self.state.raise_modseq_floor(floor)
 
     def pause_writes(self, reason: str) -> None:
         """Refuse writes with ``reason`` (soft failover drains this way)."""
@@ -488,8 +565,12 @@ class Node:
         except (LogFailedError, LogClosedError) as exc:
             raise StoreUnavailableError(str(exc)) from exc
         window_ms = self.config.dedup_window_s * 1000
-        for e in events:
+        for e, a in zip(events, appended):
             self.state.apply(e, dedup_window_ms=window_ms)
+            for mid in event_mailbox_ids(e):
+                self._mailbox_lsn[mid] = a.lsn
+            if isinstance(e, (UserPasswordSet, UserDeleted)):
+                self._mailbox_lsn[f"user:{e.name}"] = a.lsn
         return [a.lsn for a in appended]
 
     def _sync(self, lsn: int) -> None:
@@ -583,6 +664,7 @@ class Node:
                         raise StoreUnavailableError(str(exc)) from exc
                     raise
                 for k, a in enumerate(appended):
+                    self._mailbox_lsn[events[k].mailbox_id] = a.lsn
                     i = owners[k]
                     if i is not None:
                         ev = events[k]
@@ -606,15 +688,17 @@ class Node:
         self._sync(lsn)
         return lsn
 
-    def create_mailbox(self, name: str, *, uidvalidity: int | None = None) -> int:
+    def create_mailbox(self, name: str, *, uidvalidity: int | None = None, special_use=()) -> int:
         """Create a mailbox; returns the durable LSN.
 
         ``uidvalidity`` is for imports (MS-14): keep the value the mailbox had
         elsewhere. Raises UidValidityReuseError if the name was used on this
         node before and the value is not above every one given out here.
+        ``special_use``: RFC 6154 attributes (``\\Sent`` ...) the mailbox carries.
         """
         if uidvalidity is None:
-            return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time())))
+            return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time()),
+                                                              special_use=special_use))
         used = name in self.store.tombstones().values()
         return self._write(lambda: self.state.plan_create(name, new_id=uuid.uuid4().hex, now_s=int(time.time()),
                                                           uidvalidity=uidvalidity, name_used_before=used))
@@ -643,8 +727,9 @@ class Node:
         return [Receipt(mailbox, uidvalidity, ev.uid, ev.guid.hex(), lsn)
                 for ev, lsn, _ in zip(events, lsns, messages)]
 
-    def rename_mailbox(self, old: str, new: str) -> int:
-        return self._write(lambda: self.state.plan_rename(old, new))
+    def rename_mailbox(self, old: str, new: str, *, children: bool = False) -> int:
+        """Rename a mailbox; with ``children`` the mailboxes below it move along in the same record (MS-19)."""
+        return self._write(lambda: self.state.plan_rename(old, new, children=children))
 
     def delete_mailbox(self, name: str, *, recursive: bool = False) -> int:
         """Delete a mailbox (with ``recursive``, also those below it); leaves tombstones.
@@ -668,6 +753,223 @@ class Node:
     def expunge(self, mailbox: str, uids: Iterable[int]) -> int:
         uids = list(uids)
         return self._write(lambda: self.state.plan_expunge(mailbox, uids, now_ms=int(time.time() * 1000)))
+
+    # -- IMAP writes: one record each, all or nothing, durable on return (MS-20) -----------
+
+    def append_messages(self, mailbox: str, messages) -> "AppendReceipt":
+        """Append ``messages`` (``(body, flags, internaldate)`` with the date in seconds or None for
+        now) to ``mailbox`` in one record. No de-duplication (MS-6 is for MTA retries).
+
+        Raises MessageTooLargeError (a message over the limit, or all of them over what one
+        record holds), UnknownMailboxError, BadFlagError, and the TemporaryFailure errors."""
+        messages = list(messages)
+        limit = min(self.config.max_message_bytes, MAX_BODY_BYTES)
+        for body, _, _ in messages:
+            if len(body) > limit:
+                raise MessageTooLargeError(f"message of {len(body)} bytes exceeds this node's limit of {limit}")
+        total = sum(len(body) for body, _, _ in messages)
+        if total > MAX_BODY_BYTES:
+            raise MessageTooLargeError(f"{len(messages)} messages of {total} bytes in all exceed what one append "
+                                       f"can hold ({MAX_BODY_BYTES} bytes): append them separately")
+        now = time.time()
+        planned = [(body, flags, int((now if date is None else date) * 1000)) for body, flags, date in messages]
+        with self._state_lock:
+            self._check_writable()
+            ev = self.state.plan_append_many(mailbox, planned, now_ms=int(now * 1000))
+            uidvalidity = self.state.mailbox(mailbox).uidvalidity
+            lsn = self._commit([ev])[0]
+        self._sync(lsn)
+        uids = (ev.uid,) if hasattr(ev, "uid") else ev.uids
+        return AppendReceipt(mailbox, uidvalidity, tuple(uids), lsn)
+
+    def copy_messages(self, source: str, uids: Iterable[int], target: str, *, move: bool = False) -> "CopyReceipt":
+        """Copy (or, with ``move``, move) the messages ``uids`` of ``source`` that still exist into
+        ``target``, in one record; UIDs gone are left out (an empty receipt when none is left).
+
+        The record carries each message's GUID and flags as the store has them once it applied
+        every record that changed ``source``; that wait happens under the write lock only when
+        such a record is not applied yet (MS-20)."""
+        uids = list(uids)
+        with self._state_lock:
+            self._check_writable()
+            src = self.state.mailbox(source)
+            dst = self.state.mailbox(target)
+            present = sorted(u for u in set(uids) if u in src.uids)
+            if not present:
+                return CopyReceipt(target, dst.uidvalidity, (), (), 0)
+            sources = self._source_messages(src.mailbox_id, present)
+            ev = self.state.plan_copy(source, present, target, sources, move=move, now_ms=int(time.time() * 1000))
+            if ev is None:
+                return CopyReceipt(target, dst.uidvalidity, (), (), 0)
+            lsn = self._commit([ev])[0]
+        self._sync(lsn)
+        return CopyReceipt(target, dst.uidvalidity, ev.source_uids, ev.target_uids, lsn)
+
+    def _store_caught_up(self, mailbox_id: str) -> None:
+        """The store applied every record enqueued so far that changed ``mailbox_id`` (state lock held)."""
+        need = self._mailbox_lsn.get(mailbox_id, 0)
+        if need > self.applied_lsn:
+            self._sync(need)
+            if not self.wait_applied(need, timeout=30):
+                raise StoreUnavailableError(f"the store did not apply LSN {need} in time; try again")
+
+    def _source_messages(self, mailbox_id: str, uids: list[int]) -> dict[int, SourceMessage]:
+        self._store_caught_up(mailbox_id)
+        return {uid: SourceMessage(guid, flags, idate)
+                for uid, guid, flags, idate in self.store.source_messages(mailbox_id, uids)}
+
+    def change_flags(self, mailbox: str, uids: Iterable[int], op: str, flags: Iterable[str], *,
+                     unchanged_since: int | None = None) -> "FlagsReceipt":
+        """IMAP STORE: change the flags of the UIDs of ``mailbox`` that still exist (others are left
+        out), in one record, durable on return. With ``unchanged_since`` (RFC 7162), a message whose
+        MODSEQ is above it is left alone and listed in ``modified``. A UID whose flags are as asked
+        already is in the record too (its MODSEQ does not move; the mailbox's HIGHESTMODSEQ does)."""
+        uids = list(uids)
+        flags = list(flags)
+        with self._state_lock:
+            self._check_writable()
+            mb = self.state.mailbox(mailbox)
+            present = sorted(u for u in set(uids) if u in mb.uids)
+            modified: list[int] = []
+            if unchanged_since is not None and present:
+                self._store_caught_up(mb.mailbox_id)
+                modseqs = dict(self.store.message_modseqs(mb.mailbox_id, present))
+                modified = [u for u in present if modseqs.get(u, 0) > unchanged_since]
+                present = [u for u in present if u not in modified]
+            if not present:
+                return FlagsReceipt(mailbox, (), tuple(modified), 0, 0)
+            ev = self.state.plan_flags(mailbox, present, op, flags, now_ms=int(time.time() * 1000))
+            lsn = self._commit([ev])[0]
+        self._sync(lsn)
+        return FlagsReceipt(mailbox, ev.uids, tuple(modified), ev.modseq, lsn)
+
+    def expunge_present(self, mailbox: str, uids: Iterable[int]) -> tuple[tuple[int, ...], int]:
+        """Expunge the UIDs of ``mailbox`` that still exist (one record); ``(expunged UIDs, LSN)``."""
+        uids = list(uids)
+        with self._state_lock:
+            self._check_writable()
+            mb = self.state.mailbox(mailbox)
+            present = sorted(u for u in set(uids) if u in mb.uids)
+            if not present:
+                return (), 0
+            ev = self.state.plan_expunge(mailbox, present, now_ms=int(time.time() * 1000))
+            lsn = self._commit([ev])[0]
+        self._sync(lsn)
+        return ev.uids, lsn
+
+    # -- users and subscriptions: records in the log (MS-21, MS-22) --------------------------
+
+    def add_user(self, name: str, password: str | None = None, *, password_hash: str | None = None,
+                 create_inbox: bool = True) -> int:
+        """Add a user with ``password`` (hashed with argon2id, outside the write lock) or an
+        imported ``password_hash`` (Dovecot ``{SCHEME}`` or PHC form, checked first), and create
+        ``user/NAME/INBOX`` in the same batch. Raises UserExistsError, BadUserNameError,
+        BadPasswordHashError. A user that exists without an INBOX only gets the INBOX."""
+        stored = self._password_hash(password, password_hash)
+        now_ms = int(time.time() * 1000)
+        with self._state_lock:
+            self._check_writable()
+            inbox = f"user/{name}/INBOX"
+            events = []
+            if name not in self.state.users or inbox in self.state.by_name:
+                events.append(self.state.plan_user_set(name, stored, now_ms=now_ms, exists=False))
+            if create_inbox and inbox not in self.state.by_name:
+                events.append(self.state.plan_create(inbox, new_id=uuid.uuid4().hex, now_s=now_ms // 1000))
+            lsn = self._commit(events)[-1]
+        self._sync(lsn)
+        return lsn
+
+    def set_password(self, name: str, password: str | None = None, *, password_hash: str | None = None) -> int:
+        """A new password (or imported hash) for an existing user. Raises UnknownUserError."""
+        stored = self._password_hash(password, password_hash)
+        return self._write(lambda: self.state.plan_user_set(name, stored, now_ms=int(time.time() * 1000),
+                                                            exists=True))
+
+    def delete_user(self, name: str) -> int:
+        """The user can no longer log in; their subscriptions go; their mailboxes stay. Raises UnknownUserError."""
+        return self._write(lambda: self.state.plan_user_delete(name, now_ms=int(time.time() * 1000)))
+
+    @staticmethod
+    def _password_hash(password: str | None, password_hash: str | None) -> str:
+        from .store import passwords
+
+        if (password is None) == (password_hash is None):
+            raise ValueError("give a password or a password hash")
+        return passwords.hash_password(password) if password is not None else passwords.check_hash(password_hash)
+
+    def list_users(self) -> list[str]:
+        return self._read_fresh(lambda store: store.user_names())
+
+    def verify_user(self, name: str, password: str) -> bool:
+        """Whether ``password`` is ``name``'s (never says which part was wrong). Blocks for the hash
+        function's time (argon2id: tens of ms): call it off an event loop. On a master a legacy
+        hash (bcrypt, SHA512-CRYPT) that verified is replaced by an argon2id hash of the same
+        password, best effort (MS-21)."""
+        from .store import passwords
+
+        stored = self._read_fresh(lambda store: store.user_hash(name))
+        if stored is None or not passwords.verify_password(stored, password):
+            return False
+        if passwords.needs_upgrade(stored) and self.config.role == "master":
+            self._upgrade_hash(name, stored, passwords.hash_password(password))
+        return True
+
+    def _upgrade_hash(self, name: str, verified: str, new: str) -> None:
+        try:
+            with self._state_lock:
+                self._check_writable()
+                self._store_caught_up(f"user:{name}")
+                if self.store.user_hash(name) != verified:
+                    return  # changed meanwhile: leave it
+                lsn = self._commit([self.state.plan_user_set(name, new, now_ms=int(time.time() * 1000),
+                                                             exists=True)])[0]
+            self._sync(lsn)
+        except (RequestError, ReadOnlyNodeError, StoreUnavailableError) as exc:
+            _log.info("user %s: the legacy password hash was not upgraded (%s)", name, exc)
+
+    def set_subscribed(self, user: str, mailbox: str, subscribed: bool) -> int:
+        """Subscribe ``user`` to ``mailbox`` (which need not exist) or unsubscribe; durable on return."""
+        return self._write(lambda: self.state.plan_subscription(user, mailbox, subscribed,
+                                                                now_ms=int(time.time() * 1000)))
+
+    def subscriptions(self, user: str) -> list[str]:
+        return self._read_fresh(lambda store: store.subscriptions(user))
+
+    # -- IMAP reads: the store once it applied everything durable at the call -----------------
+
+    def imap_mailboxes(self, prefix: str) -> list[tuple[str, str]]:
+        """``(name, special_use)`` of every mailbox whose name starts with ``prefix``."""
+        return self._read_fresh(lambda store: store.mailboxes_with_prefix(prefix))
+
+    def imap_snapshot(self, mailbox: str):
+        """``(MailboxInfo, [ImapRow ...])`` of one mailbox, consistent. Raises UnknownMailboxError."""
+        return self._read_named(lambda store: store.imap_snapshot(mailbox), mailbox)
+
+    def imap_changes(self, mailbox: str, since_modseq: int):
+        """``(MailboxInfo, [ImapRow changed above since], vanished UIDs or None)``; see Store.imap_changes."""
+        return self._read_named(lambda store: store.imap_changes(mailbox, since_modseq), mailbox)
+
+    def imap_rows(self, mailbox: str, uids: Iterable[int]):
+        """``(MailboxInfo, [ImapRow ...])`` of the listed messages the mailbox holds, by UID."""
+        uids = list(uids)
+        return self._read_named(lambda store: store.imap_rows(mailbox, uids), mailbox)
+
+    def imap_status(self, mailbox: str) -> dict:
+        return self._read_named(lambda store: store.imap_status(mailbox), mailbox)
+
+    def imap_bodies(self, mailbox: str, uids: Iterable[int]) -> dict[int, bytes]:
+        uids = list(uids)
+        return self._read_named(lambda store: store.imap_bodies(mailbox, uids), mailbox)
+
+    def _read_named(self, read, mailbox: str):
+        got = self._read_fresh(read)
+        if got is None:
+            raise UnknownMailboxError(f"no mailbox named {mailbox!r}")
+        return got
+
+    def fill_structures(self, guids: Iterable[bytes]) -> dict[bytes, bytes]:
+        """The stored structures of bodies stored before structures were kept, computed and stored now."""
+        return self.store.fill_structures(list(guids))
 
     def append_event(self, event) -> int:
         """Log a non-mail event (checkpoint, epoch start) as master; durable on return."""

@@ -38,7 +38,7 @@ def test_ms16_event_vectors_encode_and_decode():
 
     path = os.path.join(os.path.dirname(__file__), "..", "specs", "vectors", "events.json")
     with open(path) as f:
-        cases = json.load(f)["cases"]
+        cases = [c for c in json.load(f)["cases"] if c["type"] == MessageAppended.TYPE]
     assert {c["name"] for c in cases} == {"delivery", "move"}
     for case in cases:
         fields = _vector_fields(case["fields"])

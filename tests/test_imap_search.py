@@ -10,7 +10,7 @@ from engine.imap.backend import MessageInfo
 from engine.imap.commands import SearchKey as K
 from engine.imap.commands import SequenceSet as S
 from engine.imap.search import SearchItem, compile_search, needs_body, uses_modseq
-from engine.imap.structure import analyze
+from engine.store.structure import analyze
 
 UTC = dt.timezone.utc
 MSGS = [

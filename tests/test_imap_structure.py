@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.imap.responses import FetchData, Raw
-from engine.imap.structure import analyze, binary_bytes, header_values, parse_addresses, section_bytes
+from engine.store.structure import analyze, binary_bytes, header_values, parse_addresses, section_bytes
 from tests.imap_abnf import check_response
 
 SIMPLE = (b"Date: Mon, 7 Feb 1994 21:52:25 -0800 (PST)\r\n"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from engine.imap.backend import Changes, MessageInfo, Snapshot
 from engine.imap.commands import SequenceSet
 from engine.imap.responses import Atom, ExistsData, ExpungeData, FetchData, VanishedData
-from engine.imap.structure import analyze
+from engine.store.structure import analyze
 from engine.imap.view import SelectedView
 
 S = SequenceSet

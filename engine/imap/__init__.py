@@ -43,7 +43,7 @@ from .executor import Executor
 from .memory import MemoryBackend
 from .names import store_name, client_name
 from .session import ConnectionClosed, IdleDone, ImapConnection, LocalProtocolError, NEED_DATA, PAUSED, State
-from .structure import analyze
+from ..store.structure import analyze
 
 __all__ = [
     "Backend", "BackendError", "Unavailable", "ReadOnly", "NoSuchMailbox", "AlreadyExists", "OverQuota",

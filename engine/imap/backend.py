@@ -52,7 +52,7 @@ class MessageInfo:
     modseq: int
     internaldate: _dt.datetime
     size: int
-    structure: Mapping  # engine/imap/structure.py analyze(), computed at delivery
+    structure: Mapping  # engine/store/structure.py analyze(), computed at delivery
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from .responses import (
     encode_value,
 )
 from .search import SearchItem, compile_search, needs_body, uses_modseq
-from .structure import UnknownEncoding, binary_bytes, section_bytes
+from ..store.structure import UnknownEncoding, binary_bytes, section_bytes
 from .view import SelectedView, flag_atoms
 
 __all__ = ["Executor", "SYSTEM_FLAGS", "SPECIAL_USE", "format_internaldate"]

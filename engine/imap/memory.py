@@ -40,7 +40,7 @@ from .backend import (
     TooBig,
 )
 from .names import USER_ROOT, check_user_name
-from .structure import analyze
+from ..store.structure import analyze
 
 __all__ = ["MemoryBackend"]
 

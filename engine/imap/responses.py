@@ -2,22 +2,9 @@
 
 Every response class has ``encode() -> bytes`` producing one complete
 response (CRLF included) that conforms to RFC 9051's ``response`` grammar
-(IMAP-5). Values inside responses follow one mapping, :func:`encode_value`:
-
-=====================  ==============================================
-Python value           IMAP form
-=====================  ==============================================
-``None``               ``NIL``
-``int``                ``number``
-``str``                ``string``: quoted when it is short 7-bit text
-                       without CR/LF/NUL, else a literal (UTF-8)
-``bytes``              ``string``: always a literal ``{n}\\r\\n...`` (a NUL octet,
-                       which no literal may hold, is sent as 0x80)
-``Atom``               the atom as is (validated: no atom-specials)
-``Raw``                pre-encoded bytes, copied verbatim (ENVELOPE and
-                       BODYSTRUCTURE are encoded once, at delivery)
-``tuple`` / ``list``   parenthesised list of the encoded items
-=====================  ==============================================
+(IMAP-5). Values inside responses follow one mapping,
+:func:`~engine.store.imap_values.encode_value` (re-exported here with
+``Atom`` and ``Raw``): the stored message structures are made of the same values.
 
 Text after a status (``resp-text``) must not hold CR or LF; a response code's
 argument must not hold ``]``; both are checked when the value is built.
@@ -28,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from ..store.imap_values import Atom, Raw, encode_string, encode_value, quote
+
 __all__ = [
     "Atom", "Raw", "Code", "Status", "Continuation", "CapabilityData", "EnabledData", "FlagsData", "ExistsData",
     "RecentData", "ExpungeData", "VanishedData", "ListData", "StatusData", "SearchData", "ESearchData", "FetchData",
@@ -35,72 +24,6 @@ __all__ = [
 ]
 
 STATUSES = ("OK", "NO", "BAD", "BYE", "PREAUTH")
-_ATOM_SPECIALS = frozenset('(){ %*"\\]') | frozenset(chr(i) for i in range(0x20)) | {"\x7f"}
-_QUOTED_MAX = 1024
-
-
-@dataclass(frozen=True)
-class Atom:
-    """An atom (or a flag such as ``\\Seen``, a number-like keyword ...), sent without quotes."""
-
-    text: str
-
-    def __post_init__(self):
-        t = self.text
-        body = t[1:] if t.startswith("\\") else t
-        if t == "\\*":
-            return
-        if not body or any(c in _ATOM_SPECIALS or ord(c) > 0x7E for c in body):
-            raise ValueError(f"{t!r} is not an atom")
-
-
-@dataclass(frozen=True)
-class Raw:
-    """Bytes that are already a valid IMAP value (copied verbatim)."""
-
-    data: bytes
-
-
-def quote(text: str) -> bytes:
-    """A ``quoted`` string; raises ValueError if it cannot be one (use :func:`encode_string`)."""
-    if any(c in "\r\n\0" or ord(c) > 0x7E for c in text):
-        raise ValueError("a quoted string holds 7-bit text without CR, LF or NUL")
-    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
-
-
-def encode_string(value: str | bytes) -> bytes:
-    """A ``string``: quoted when it can be, else a literal."""
-    if isinstance(value, str):
-        if len(value) <= _QUOTED_MAX and value.isascii() and not any(c in "\r\n\0" for c in value) \
-                and value.isprintable():
-            return b'"' + value.replace("\\", "\\\\").replace('"', '\\"').encode("ascii") + b'"'
-        value = value.encode("utf-8")
-    if b"\0" in value:
-        # a literal holds CHAR8 (%x01-ff): NUL cannot be sent; like other servers, show it as 0x80
-        value = value.replace(b"\0", b"\x80")
-    return b"{%d}\r\n" % len(value) + value
-
-
-def encode_value(value) -> bytes:
-    """Encode one value by the table in the module docstring."""
-    if value is None:
-        return b"NIL"
-    t = type(value)
-    if t is int:
-        if value < 0:
-            raise ValueError("IMAP numbers are unsigned")
-        return b"%d" % value
-    if t is Raw:
-        return value.data
-    if t is Atom:
-        return value.text.encode("ascii")
-    if t is str or t is bytes:
-        return encode_string(value)
-    if t is tuple or t is list:
-        return b"(" + b" ".join(encode_value(v) for v in value) + b")"
-    if t is bool:
-        raise ValueError("booleans have no IMAP form")
-    raise ValueError(f"cannot encode {value!r} as an IMAP value")
 
 
 def _check_text(text: str) -> None:

@@ -22,7 +22,7 @@ from typing import Callable
 
 from .backend import MessageInfo
 from .commands import SearchKey
-from .structure import UnknownEncoding, decode_transfer, header_values
+from ..store.structure import UnknownEncoding, decode_transfer, header_values
 
 __all__ = ["SearchItem", "compile_search", "needs_body", "uses_modseq"]
 

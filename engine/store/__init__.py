@@ -10,6 +10,10 @@ Layers inside, bottom up:
 * :mod:`.guard`: the mass-deletion guard (MS-12).
 * :mod:`.database`: the SQLite projection of the log, applied in LSN order
   (MS-5), with per-mailbox digests (MS-7).
+* :mod:`.structure` (with :mod:`.imap_values`): a message's IMAP structure,
+  computed once when a delivery is applied and stored with its body (MS-24).
+* :mod:`.passwords`: users' password hashes (argon2id, imported Dovecot
+  schemes), MS-21.
 * :mod:`.maildir` and :mod:`.maildir_migration`: the Maildir format, and
   export/import between a store and Maildir trees.
 
@@ -17,6 +21,7 @@ The store imports :mod:`wal` and nothing else of ours.
 """
 
 from .database import (
+    ImapRow,
     MailboxInfo,
     MessageInfo,
     Store,
@@ -30,6 +35,7 @@ __all__ = [
     "Store",
     "MailboxInfo",
     "MessageInfo",
+    "ImapRow",
     "message_hash",
     "mailbox_digest",
     "store_digest",

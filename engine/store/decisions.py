@@ -19,17 +19,26 @@ from dataclasses import dataclass, field
 
 from .events import (
     FLAG_OPS,
+    EpochStarted,
     FlagsChanged,
     MailboxCreated,
     MailboxDeleted,
     MailboxRenamed,
     MailboxRenumbered,
     MessageAppended,
+    MessagesAppended,
+    MessagesCopied,
     MessagesExpunged,
+    MessagesMoved,
+    SubscriptionChanged,
+    UserDeleted,
+    UserPasswordSet,
     body_guid,
+    modseq_floor,
     normalize_flags,
     renumbered_uids,
     validate_mailbox_name,
+    validate_user_name,
 )
 from .errors import (
     BadFlagError,
@@ -40,10 +49,12 @@ from .errors import (
     UidValidityReuseError,
     UnknownMailboxError,
     UnknownUidError,
+    UnknownUserError,
+    UserExistsError,
     RequestError,
 )
 
-__all__ = ["MailboxState", "DecisionState", "Duplicate", "ImportedMessage", "UIDNEXT_PLACEHOLDER"]
+__all__ = ["MailboxState", "DecisionState", "Duplicate", "ImportedMessage", "SourceMessage", "UIDNEXT_PLACEHOLDER"]
 
 # MS-14: the body of the message an import appends and expunges at once to carry
 # a UIDNEXT above its last UID (every placeholder has this GUID).
@@ -82,6 +93,15 @@ class ImportedMessage:
 
 
 @dataclass(frozen=True)
+class SourceMessage:
+    """What a copy or move needs of one source message (read from the store, MS-20)."""
+
+    guid: bytes
+    flags: tuple[str, ...]
+    internaldate_ms: int
+
+
+@dataclass(frozen=True)
 class Duplicate:
     """A delivery of the same bytes to the same mailbox within the window (MS-6)."""
 
@@ -101,6 +121,9 @@ class DecisionState:
         # Names deleted or renamed away since this state was built (MS-14 asks
         # the caller for older ones: the store's tombstones).
         self.retired_names: set[str] = set()
+        # MS-18: every mailbox's HIGHESTMODSEQ is at least this (raised by each EpochStarted)
+        self.modseq_floor = 0
+        self.users: set[str] = set()  # MS-21: the user names that exist
 
     # -- lookups -----------------------------------------------------------
 
@@ -113,7 +136,7 @@ class DecisionState:
     # -- planning (pure: raises RequestError or returns an event) ----------
 
     def plan_create(self, name: str, *, new_id: str, now_s: int, uidvalidity: int | None = None,
-                    name_used_before: bool = False) -> MailboxCreated:
+                    name_used_before: bool = False, special_use=()) -> MailboxCreated:
         """A new mailbox. ``uidvalidity`` (import only, MS-14) keeps the value
         the mailbox had on another server; it is refused with
         UidValidityReuseError when the name was used on this node before
@@ -135,14 +158,31 @@ class DecisionState:
                     f"every UIDVALIDITY given out here ({self.last_uidvalidity}): clients could confuse the old "
                     f"mailbox's UIDs with the imported ones; import under another name or with a fresh UIDVALIDITY"
                 )
-        return MailboxCreated(new_id, name, uidvalidity)
+        try:
+            return MailboxCreated(new_id, name, uidvalidity, tuple(special_use))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
 
-    def plan_rename(self, old: str, new: str) -> MailboxRenamed:
+    def plan_rename(self, old: str, new: str, *, children: bool = False) -> MailboxRenamed:
+        """Rename ``old``; with ``children`` (MS-19) the mailboxes below it move along, in one record."""
         mb = self.mailbox(old)
         validate_mailbox_name(new)
         if new in self.by_name:
             raise MailboxExistsError(f"mailbox {new!r} exists already")
-        return MailboxRenamed(mb.mailbox_id, old, new)
+        if children:
+            if new.startswith(old + "/"):
+                raise RequestError(f"mailbox {old!r} cannot be renamed into itself")
+            for child in self.children(old):
+                target = new + child[len(old):]
+                validate_mailbox_name(target)
+                if target in self.by_name:
+                    raise MailboxExistsError(f"mailbox {target!r} exists already")
+        return MailboxRenamed(mb.mailbox_id, old, new, children=children)
+
+    def children(self, name: str) -> list[str]:
+        """The names of the mailboxes below ``name``, sorted."""
+        prefix = name + "/"
+        return sorted(n for n in self.by_name if n.startswith(prefix))
 
     def plan_delete(self, name: str, *, now_ms: int = 0, recursive: bool = False, max_mailboxes: int = 0) -> list[MailboxDeleted]:
         """Delete ``name`` (and, if ``recursive``, every mailbox below it).
@@ -261,6 +301,79 @@ class DecisionState:
         pairs = sorted((old, i + 1) for i, old in enumerate(order))
         return MailboxRenumbered(mb.mailbox_id, uidvalidity, tuple(pairs), len(order) + 1, mb.highestmodseq + 1)
 
+    def plan_append_many(self, name: str, messages, *, now_ms: int) -> MessageAppended | MessagesAppended:
+        """An IMAP APPEND (MS-20): ``messages`` are ``(body, flags, internaldate_ms)``; one message is a
+        plain ``MessageAppended``, several are one ``MessagesAppended`` (all or nothing). No
+        de-duplication (MS-6 is for MTA retries: a client may append the same bytes twice)."""
+        mb = self.mailbox(name)
+        messages = list(messages)
+        if not messages:
+            raise RequestError("nothing to append")
+        uids, guids, bodies, flags, dates = [], [], [], [], []
+        for i, (body, f, idate) in enumerate(messages):
+            uids.append(mb.uidnext + i)
+            guids.append(body_guid(body))
+            bodies.append(body)
+            flags.append(normalize_flags(f))
+            dates.append(int(idate))
+        if uids[-1] > 0xFFFFFFFF:
+            raise RequestError(f"mailbox {name!r} has no UIDs left (UIDNEXT {mb.uidnext})")
+        if len(messages) == 1:
+            return MessageAppended(mb.mailbox_id, uids[0], mb.highestmodseq + 1, guids[0], bodies[0], flags[0],
+                                   dates[0], now_ms)
+        return MessagesAppended(mb.mailbox_id, tuple(uids), mb.highestmodseq + 1, tuple(guids), tuple(bodies),
+                                tuple(flags), tuple(dates), now_ms)
+
+    def plan_copy(self, source: str, uids, target: str, sources: dict[int, SourceMessage], *, move: bool,
+                  now_ms: int) -> MessagesCopied | None:
+        """A COPY or MOVE of ``uids`` from ``source`` to ``target`` as one record (MS-20).
+
+        ``sources`` holds each UID's GUID, flags and internal date as the store has them once it
+        applied everything logged (the caller reads it under the write lock). UIDs the source no
+        longer holds are left out; None when none is left. Raises UnknownMailboxError, and
+        RequestError for a copy into the same mailbox."""
+        src = self.mailbox(source)
+        dst = self.mailbox(target)
+        if src is dst:
+            raise RequestError("copy or move into the same mailbox: use a flag change instead")
+        todo = sorted(u for u in set(int(u) for u in uids) if u in src.uids)
+        if not todo:
+            return None
+        missing = [u for u in todo if u not in sources]
+        if missing:
+            raise RequestError(f"the store does not hold UID {missing[0]} of {source!r} that the log has")
+        if dst.uidnext + len(todo) - 1 > 0xFFFFFFFF:
+            raise RequestError(f"mailbox {target!r} has no UIDs left (UIDNEXT {dst.uidnext})")
+        pairs = tuple((u, dst.uidnext + i) for i, u in enumerate(todo))
+        fields = dict(mailbox_id=dst.mailbox_id, source_mailbox_id=src.mailbox_id, uids=pairs,
+                      guids=tuple(sources[u].guid for u in todo), flags=tuple(sources[u].flags for u in todo),
+                      internaldate_ms=tuple(sources[u].internaldate_ms for u in todo),
+                      modseq=dst.highestmodseq + 1, copied_ms=now_ms)
+        if move:
+            return MessagesMoved(**fields, source_modseq=src.highestmodseq + 1)
+        return MessagesCopied(**fields)
+
+    def plan_user_set(self, name: str, password_hash: str, *, now_ms: int, exists: bool | None = None) -> UserPasswordSet:
+        """MS-21: add a user (``exists=False``: refused if there is one), change a password
+        (``exists=True``: refused if there is none) or either (None)."""
+        validate_user_name(name)
+        if exists is False and name in self.users:
+            raise UserExistsError(f"user {name!r} exists already")
+        if exists is True and name not in self.users:
+            raise UnknownUserError(f"no user named {name!r}")
+        return UserPasswordSet(name, password_hash, now_ms)
+
+    def plan_user_delete(self, name: str, *, now_ms: int) -> UserDeleted:
+        if name not in self.users:
+            raise UnknownUserError(f"no user named {name!r}")
+        return UserDeleted(name, now_ms)
+
+    def plan_subscription(self, user: str, mailbox: str, subscribed: bool, *, now_ms: int) -> SubscriptionChanged:
+        """MS-22: the name need not exist (RFC 9051 6.3.7)."""
+        validate_user_name(user)
+        validate_mailbox_name(mailbox)
+        return SubscriptionChanged(user, mailbox, bool(subscribed), now_ms)
+
     @staticmethod
     def _existing(mb: MailboxState, uids) -> tuple[int, ...]:
         uids = sorted(set(int(u) for u in uids))
@@ -277,17 +390,21 @@ class DecisionState:
         """Apply a logged event. Events for unknown mailboxes are ignored
         (they were deleted); applying is deterministic."""
         if isinstance(event, MailboxCreated):
-            mb = MailboxState(event.mailbox_id, event.name, event.uidvalidity)
+            mb = MailboxState(event.mailbox_id, event.name, event.uidvalidity, highestmodseq=self.modseq_floor)
             self.by_name[event.name] = mb
             self.by_id[event.mailbox_id] = mb
             self.last_uidvalidity = max(self.last_uidvalidity, event.uidvalidity)
         elif isinstance(event, MailboxRenamed):
             mb = self.by_id.get(event.mailbox_id)
             if mb is not None:
-                self.by_name.pop(mb.name, None)
-                self.retired_names.add(mb.name)
-                mb.name = event.new_name
-                self.by_name[mb.name] = mb
+                old = mb.name
+                moving = [mb] + ([self.by_name[n] for n in self.children(old)] if event.children else [])
+                for m in moving:
+                    self.by_name.pop(m.name, None)
+                    self.retired_names.add(m.name)
+                for m in moving:
+                    m.name = event.new_name + m.name[len(old):]
+                    self.by_name[m.name] = m
         elif isinstance(event, MailboxDeleted):
             mb = self.by_id.pop(event.mailbox_id, None)
             if mb is not None:
@@ -305,6 +422,27 @@ class DecisionState:
                     cutoff = event.delivered_ms - dedup_window_ms
                     mb.recent = {g: v for g, v in mb.recent.items() if v[1] >= cutoff}
                     mb.recent_prune_at = max(1024, 2 * len(mb.recent))
+        elif isinstance(event, MessagesAppended):
+            for one in event.messages():
+                self.apply(one, dedup_window_ms=dedup_window_ms)
+        elif isinstance(event, MessagesCopied):  # and MessagesMoved
+            dst = self.by_id.get(event.mailbox_id)
+            if dst is not None:
+                for i, ((_, uid), guid) in enumerate(zip(event.uids, event.guids)):
+                    dst.uids.add(uid)
+                    dst.recent[guid] = (uid, event.copied_ms)
+                dst.uidnext = max(dst.uidnext, event.uids[-1][1] + 1)
+                dst.highestmodseq = max(dst.highestmodseq, event.modseq + len(event.uids) - 1)
+            src = self.by_id.get(event.source_mailbox_id) if isinstance(event, MessagesMoved) else None
+            if src is not None:
+                src.uids.difference_update(event.source_uids)
+                src.highestmodseq = max(src.highestmodseq, event.source_modseq)
+        elif isinstance(event, EpochStarted):
+            self.raise_modseq_floor(modseq_floor(event.epoch))
+        elif isinstance(event, UserPasswordSet):
+            self.users.add(event.name)
+        elif isinstance(event, UserDeleted):
+            self.users.discard(event.name)
         elif isinstance(event, FlagsChanged):
             mb = self.by_id.get(event.mailbox_id)
             if mb is not None:
@@ -324,3 +462,11 @@ class DecisionState:
                 mb.highestmodseq = max(mb.highestmodseq, event.modseq)
                 mb.recent = {g: (mapping[u], t) for g, (u, t) in mb.recent.items() if u in mapping}
                 self.last_uidvalidity = max(self.last_uidvalidity, event.uidvalidity)
+
+    def raise_modseq_floor(self, floor: int) -> None:
+        """MS-18: every mailbox's HIGHESTMODSEQ, and every later mailbox's first one, is at least ``floor``."""
+        if floor <= self.modseq_floor:
+            return
+        self.modseq_floor = floor
+        for mb in self.by_id.values():
+            mb.highestmodseq = max(mb.highestmodseq, floor)

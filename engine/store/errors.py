@@ -11,7 +11,8 @@ __all__ = [
     "MailStoreError", "RequestError", "TemporaryFailure",
     "BadMailboxNameError", "BadFlagError", "UnknownMailboxError", "MailboxExistsError",
     "UnknownUidError", "ReadOnlyNodeError", "StoreUnavailableError", "MessageTooLargeError",
-    "GuardRefusedError", "UidOrderError", "UidValidityReuseError",
+    "GuardRefusedError", "UidOrderError", "UidValidityReuseError", "BadUserNameError", "UnknownUserError",
+    "UserExistsError", "BadPasswordHashError",
 ]
 
 
@@ -61,6 +62,22 @@ class UidOrderError(RequestError):
 
 class UidValidityReuseError(RequestError):
     """An import asked for a UIDVALIDITY that clients may have cached for another mailbox of that name (MS-14)."""
+
+
+class BadUserNameError(RequestError):
+    """A user name breaks the naming rules (MS-21)."""
+
+
+class UnknownUserError(RequestError):
+    """No user has that name."""
+
+
+class UserExistsError(RequestError):
+    """A user of that name exists already."""
+
+
+class BadPasswordHashError(RequestError):
+    """An imported password hash is of a scheme this node cannot verify, or malformed (MS-21)."""
 
 
 class ReadOnlyNodeError(TemporaryFailure):

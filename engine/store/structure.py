@@ -45,7 +45,7 @@ import email.utils
 import quopri
 import re
 
-from .responses import Raw, encode_value
+from .imap_values import Raw, encode_value
 
 __all__ = ["analyze", "section_bytes", "binary_bytes", "header_fields", "header_values", "STRUCTURE_VERSION",
            "MAX_DEPTH", "UnknownEncoding", "parse_addresses", "decode_transfer"]
