@@ -138,7 +138,8 @@ def record_view(rec: wal.Record, *, bodies: bool, names: MailboxNames | None = N
     bytes that are not one CBOR item are ``raw_size`` and ``raw_blake3``
     (``raw`` in base64 with ``bodies``). A bytes ``body`` field becomes
     ``body_size`` and ``body_guid`` (blake3 hex) unless ``bodies``, then
-    ``body`` in base64. Other bytes values are hex.
+    ``body`` in base64; a ``bodies`` list becomes ``bodies_size`` unless
+    ``bodies``. A ``password_hash`` shows its scheme only. Other bytes values are hex.
     """
     out: dict = {"lsn": rec.lsn, "epoch": rec.epoch, "type": rec.type, "hash": rec.hash.hex()}
     event = _mail_event(rec)
@@ -169,6 +170,10 @@ def record_view(rec: wal.Record, *, bodies: bool, names: MailboxNames | None = N
             else:
                 out["body_size"] = len(val)
                 out["body_guid"] = blake3.blake3(bytes(val)).hexdigest()
+        elif key == "bodies" and isinstance(val, list) and not bodies:  # MessagesAppended: as "body", per message
+            out["bodies_size"] = [len(v) for v in val]
+        elif key == "password_hash" and isinstance(val, str):  # UserPasswordSet: the scheme, never the hash
+            out["password_hash"] = val[:val.index("}") + 1] if val.startswith("{") else "$" + val.split("$")[1] + "$..."
         elif key in RECORD_FIELDS or (key in NAME_FIELDS and key in out):
             clashes[key] = to_jsonable(val)
         else:

@@ -61,6 +61,9 @@ The REC rules, in short
 * REC-12: planning again after an apply plans only what is still missing.
 * REC-13: ``walctl reconcile``.
 * REC-14: the loser's flag changes on a message the survivor moved follow it.
+* REC-15, REC-16: the loser's user and subscription changes, unless the survivor's are later.
+* REC-17: the loser's copies, moves and appends of several messages are deliveries of its tail;
+  a move's source stays.
 """
 
 from .apply import ApplyResult, apply_reconcile

@@ -25,11 +25,11 @@ from wal import WalError
 from wal.epochs import SeekReader, search_fork
 
 from ..store.errors import MailStoreError
-from ..store.events import FlagsChanged, MessageAppended, body_guid, decode_event
+from ..store.events import FlagsChanged, MessageAppended, MessagesAppended, body_guid, decode_event
 from .errors import ReconcileError
 from .planner import Action, MessageView, Plan, arrival_order, moved_keys_wanted, plan
-from .read import (NoProgress, Progress, Reconciliation, StoreView, choose_survivor, guids_at_fork, reconcile,
-                   store_names)
+from .read import (NoProgress, Progress, Reconciliation, StoreView, body_at_fork, choose_survivor, guids_at_fork,
+                   reconcile, store_names)
 from .reports import new_report_path, write_report
 
 __all__ = ["ApplyResult", "apply_reconcile"]
@@ -97,10 +97,11 @@ class _Gone(Exception):
 class _Executor:
     """Carries out plan actions on a node, re-checking each target first."""
 
-    def __init__(self, node, loser_dir: str, strategy: str):
+    def __init__(self, node, loser_dir: str, strategy: str, fork_lsn: int = 0):
         self.node = node
         self.loser = SeekReader(loser_dir)
         self.strategy = strategy
+        self.fork_lsn = fork_lsn
         self._guids: dict[str, dict[bytes, list[int]]] = {}
 
     def close(self) -> None:
@@ -214,8 +215,34 @@ class _Executor:
             return {"status": "skipped", "why": "already has that name"}
         if new in self.node.state.by_name:
             return {"status": "skipped", "why": f"{new!r} is taken on the survivor"}
-        lsn = self.node.rename_mailbox(mb.name, new)
+        lsn = self.node.rename_mailbox(mb.name, new, children=bool(act.detail.get("children")))
         return {"status": "done", "lsn": lsn}
+
+    def _body(self, guid: bytes, body_from: list) -> bytes | str:
+        """REC-5: the bytes of GUID ``guid``: from the survivor's store when it holds them, else from
+        the loser's delivery record (``["lsn", L]``: a single or multi-message append), else from
+        the shared prefix of the survivor's own log (``["pre", mailbox id, UID at the fork]``: a
+        loser's copy or move of a message from before the fork). A string says why none was found."""
+        held = self.node.store.body_by_guid(guid)
+        if held is not None:
+            return held
+        if body_from and body_from[0] == "lsn":
+            rec = self.loser.record(body_from[1])
+            ev = decode_event(rec.type, rec.payload)
+            bodies = ([ev.body] if isinstance(ev, MessageAppended)
+                      else list(ev.bodies) if isinstance(ev, MessagesAppended) else [])
+            for body in bodies:
+                if body_guid(body) == guid:
+                    return body
+            return f"loser record {rec.lsn} is not a delivery of GUID {guid.hex()[:16]}"
+        if body_from and body_from[0] == "pre":
+            with SeekReader(self.node.log.path) as own:
+                body = body_at_fork(own, self.fork_lsn, guid)
+            if body is not None:
+                return body
+            return (f"GUID {guid.hex()[:16]} (UID {body_from[2]} at the fork) is in neither the survivor's store "
+                    f"nor its retained log")
+        return f"no record holds GUID {guid.hex()[:16]}"
 
     def _do_copy_message(self, act: Action) -> dict:
         mb = self._mailbox(act)
@@ -223,15 +250,13 @@ class _Executor:
         have = self._guid_index(mb.mailbox_id).get(guid)
         if have:
             return {"status": "skipped", "why": f"already present at UID {have[0]}"}
-        rec = self.loser.record(act.detail["source_lsn"])
-        ev = decode_event(rec.type, rec.payload)
-        if not isinstance(ev, MessageAppended) or ev.guid != guid or body_guid(ev.body) != guid:
-            msg = f"loser record {rec.lsn} is not the delivery of GUID {guid.hex()[:16]}"
-            log.warning(msg)
-            return {"status": "failed", "why": msg}
+        body = self._body(guid, act.detail.get("body_from") or ["lsn", act.detail["source_lsn"]])
+        if isinstance(body, str):
+            log.warning(body)
+            return {"status": "failed", "why": body}
         try:
-            uid, lsn = self._append(mb.mailbox_id, ev.body, act.detail["flags"], ev.internaldate_ms, ev.delivered_ms,
-                                    act.detail["uid_floor"])
+            uid, lsn = self._append(mb.mailbox_id, body, act.detail["flags"], act.detail["internaldate_ms"],
+                                    act.detail["delivered_ms"], act.detail["uid_floor"])
         except _AlreadyPresent as present:
             return {"status": "skipped", "why": f"delivered again during the reconcile, at UID {present.uid}"}
         # REC-8: the copy holds its final flags at its delivery time; the loser's later changes
@@ -392,6 +417,31 @@ class _Executor:
         self._guids.pop(mb.mailbox_id, None)
         return {"status": "done", "lsn": lsn, "uidvalidity": box["ev"].uidvalidity, "messages": len(order)}
 
+    def _do_set_user(self, act: Action) -> dict:
+        """REC-15: the loser's password hash, logged at the loser's change time."""
+        name, stored = act.detail["user"], act.detail["password_hash"]
+        self.node.list_users()  # waits until the store applied every durable record
+        if self.node.store.user_hash(name) == stored:
+            return {"status": "skipped", "why": "the survivor has that password hash already"}
+        lsn = self.node._write(lambda: self.node.state.plan_user_set(name, stored, now_ms=act.detail["changed_ms"]))
+        return {"status": "done", "lsn": lsn}
+
+    def _do_delete_user(self, act: Action) -> dict:
+        name = act.detail["user"]
+        if name not in self.node.state.users:
+            return {"status": "skipped", "why": "no such user on the survivor"}
+        lsn = self.node._write(lambda: self.node.state.plan_user_delete(name, now_ms=act.detail["changed_ms"]))
+        return {"status": "done", "lsn": lsn}
+
+    def _do_set_subscription(self, act: Action) -> dict:
+        """REC-16: the loser's subscribe or unsubscribe, logged at the loser's change time."""
+        user, wanted = act.detail["user"], act.detail["subscribed"]
+        if (act.mailbox in self.node.subscriptions(user)) == wanted:
+            return {"status": "skipped", "why": "already so on the survivor"}
+        lsn = self.node._write(lambda: self.node.state.plan_subscription(user, act.mailbox, wanted,
+                                                                         now_ms=act.detail["changed_ms"]))
+        return {"status": "done", "lsn": lsn}
+
     def _do_delete_mailbox(self, act: Action) -> dict:
         mb = self.node.state.by_id.get(act.mailbox_id)
         if mb is None:
@@ -479,7 +529,7 @@ def _run_actions(node, result: ApplyResult, strategy: str, progress: Progress,
     """
     actions = result.plan.actions
     rec = result.reconciliation
-    executor = _Executor(node, rec.dir_b if result.survivor == "a" else rec.dir_a, strategy)
+    executor = _Executor(node, rec.dir_b if result.survivor == "a" else rec.dir_a, strategy, rec.search.fork.lsn)
     last_write = time.monotonic()
     try:
         progress.phase("applying", len(actions))

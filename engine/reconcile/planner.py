@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Protocol
 
-from .replay import FlagOp, Key, MailboxTrack, MessageTrack, resolve_flag
+from .replay import FlagOp, Key, LastChange, MailboxTrack, MessageTrack, resolve_flag
 from .tail_diff import Diff, MailboxDiff
 
 __all__ = [
@@ -73,18 +73,31 @@ class MailboxView:
 
 
 class SurvivorView(Protocol):
-    """Read access to the survivor's current mailboxes (the driver reads its store)."""
+    """Read access to the survivor's current mailboxes, users and subscriptions (the driver reads its store)."""
 
     def by_id(self, mailbox_id: str) -> MailboxView | None: ...
 
     def by_name(self, name: str) -> MailboxView | None: ...
 
+    def user_hash(self, name: str) -> str | None: ...
+
+    def subscribed(self, user: str, mailbox: str) -> bool: ...
+
 
 class DictSurvivorView:
     """A :class:`SurvivorView` over plain data (tests, and the driver's cache)."""
 
-    def __init__(self, mailboxes: Iterable[MailboxView]):
+    def __init__(self, mailboxes: Iterable[MailboxView], users: dict[str, str] | None = None,
+                 subscriptions: Iterable[tuple[str, str]] = ()):
         self._by_id = {m.mailbox_id: m for m in mailboxes}
+        self._users = dict(users or {})
+        self._subscriptions = set(subscriptions)
+
+    def user_hash(self, name: str) -> str | None:
+        return self._users.get(name)
+
+    def subscribed(self, user: str, mailbox: str) -> bool:
+        return (user, mailbox) in self._subscriptions
 
     def by_id(self, mailbox_id: str) -> MailboxView | None:
         return self._by_id.get(mailbox_id)
@@ -106,8 +119,9 @@ class Action:
 
     ``kind`` is one of: ``create_mailbox``, ``rename_mailbox``,
     ``copy_message``, ``set_flags``, ``redeliver``, ``expunge``,
-    ``renumber``, ``delete_mailbox``. ``mailbox`` names the target (id when
-    it exists, else the name a ``create_mailbox`` before it makes).
+    ``renumber``, ``delete_mailbox``, ``set_user``, ``delete_user``,
+    ``set_subscription``. ``mailbox`` names the target (id when it exists,
+    else the name a ``create_mailbox`` before it makes; empty for users).
     """
 
     kind: str
@@ -149,8 +163,9 @@ class Plan:
 
 # The order actions run in: a mailbox exists before messages go into it, messages are in place
 # before their flags, collisions and expunges come after the copies they make room for.
-_ORDER = {"create_mailbox": 0, "rename_mailbox": 1, "copy_message": 2, "set_flags": 3, "keep_flag_changes": 3,
-          "redeliver": 4, "expunge": 5, "renumber": 6, "delete_mailbox": 7}
+_ORDER = {"set_user": 0, "delete_user": 0, "create_mailbox": 0, "rename_mailbox": 1, "copy_message": 2,
+          "set_flags": 3, "keep_flag_changes": 3, "redeliver": 4, "expunge": 5, "renumber": 6, "delete_mailbox": 7,
+          "set_subscription": 8}
 
 
 def arrival_order(messages: Iterable[MessageView]) -> list[int]:
@@ -229,7 +244,8 @@ def _one_per_guid(tracks: Iterable[MessageTrack]) -> list[MessageTrack]:
             internaldate_ms=first.internaldate_ms, delivered_ms=first.delivered_ms, lsn=first.lsn,
             uid_space=live.uid_space, flags=live.flags, explicit=explicit, baseline=baseline,
             changes=sorted((c for t in same for c in t.changes), key=lambda c: c["lsn"]),
-            expunged_lsn=live.expunged_lsn, gone_with_mailbox=live.gone_with_mailbox))
+            expunged_lsn=live.expunged_lsn, gone_with_mailbox=live.gone_with_mailbox,
+            body_from=next((t.body_from for t in same if t.body_from), None)))
     return out
 
 
@@ -351,9 +367,11 @@ class Planner:
         self._created_names: set[str] = set()
 
     def run(self) -> Plan:
-        """Plan every mailbox of the diff; call once."""
+        """Plan every mailbox of the diff, then users (REC-15) and subscriptions (REC-16); call once."""
         for mailbox_diff in self.diff.mailboxes:
             self._plan_mailbox(mailbox_diff)
+        self._plan_users()
+        self._plan_subscriptions()
         # REC-5: copies go in the loser's arrival order across mailboxes.
         self.plan.actions.extend(action for _, action in sorted(self._copies, key=lambda c: c[0]))
         self.plan.actions.sort(key=lambda action: _ORDER[action.kind])  # stable: copies keep their order
@@ -406,6 +424,48 @@ class Planner:
         collided = self._resolve_collisions(pair)
         self._apply_loser_expunges(pair, collided if self.strategy == "renumber" else set())
 
+    # -- REC-15, REC-16: users and subscriptions ----------------------------------
+
+    @staticmethod
+    def _loser_wins(survivor: LastChange | None, loser: LastChange) -> bool:
+        """REC-15, REC-16: the loser's change is applied unless the survivor changed the same thing
+        at the same time or later (``changed_ms``; a tie keeps the survivor's)."""
+        return survivor is None or loser.changed_ms > survivor.changed_ms
+
+    def _plan_users(self) -> None:
+        """REC-15: each user the loser changed gets the loser's last change, unless the survivor
+        changed that user later; nothing when the survivor has it already."""
+        for name, loser in sorted(self.loser_replay.users.items()):
+            survivor = self.survivor_replay.users.get(name)
+            if not self._loser_wins(survivor, loser):
+                self._decide("REC-15", "", f"user {name!r}: the survivor's later change stands", user=name,
+                             survivor=survivor.to_dict(), loser=loser.to_dict())
+                continue
+            if self.view.user_hash(name) == loser.value:
+                continue
+            kind = "set_user" if loser.value is not None else "delete_user"
+            detail = {"user": name, "changed_ms": loser.changed_ms}
+            if loser.value is not None:
+                detail["password_hash"] = loser.value
+            why = "password set on the loser" if loser.value is not None else "deleted on the loser"
+            self.plan.actions.append(Action(kind, "REC-15", None, "", detail, why))
+
+    def _plan_subscriptions(self) -> None:
+        """REC-16: per user and mailbox name, the loser's last subscribe or unsubscribe, unless the
+        survivor changed it later."""
+        for (user, mailbox), loser in sorted(self.loser_replay.subscriptions.items()):
+            survivor = self.survivor_replay.subscriptions.get((user, mailbox))
+            if not self._loser_wins(survivor, loser):
+                self._decide("REC-16", mailbox, f"{user}'s subscription: the survivor's later change stands",
+                             user=user)
+                continue
+            if self.view.subscribed(user, mailbox) == loser.value:
+                continue
+            self.plan.actions.append(Action(
+                "set_subscription", "REC-16", None, mailbox,
+                {"user": user, "subscribed": loser.value, "changed_ms": loser.changed_ms},
+                "subscribed on the loser" if loser.value else "unsubscribed on the loser"))
+
     # -- REC-10, REC-7: the mailbox itself ---------------------------------------
 
     def _loser_deleted_mailbox(self, pair: _MailboxPair) -> None:
@@ -448,7 +508,8 @@ class Planner:
             self._decide("REC-7", pair.label, f"renamed to {final!r} on the loser, but the survivor has a mailbox "
                                               f"of that name: kept as {target.name!r}")
         else:
-            self._act("rename_mailbox", "REC-7", pair, {"new_name": final}, f"renamed on the loser to {final!r}")
+            self._act("rename_mailbox", "REC-7", pair, {"new_name": final, "children": loser_track.rename_children},
+                      f"renamed on the loser to {final!r}")
 
     # -- REC-5: copies of messages only the loser has ----------------------------
 
@@ -515,9 +576,11 @@ class Planner:
                  if (op := message.op(flag)) is not None
                  and not (op.via == "append" and op.changed_ms == message.delivered_ms)}
         target = pair.target
+        body = message.body_from or ("lsn", message.lsn)
         return Action("copy_message", "REC-5", target.mailbox_id if target else None,
                       target.name if target else pair.target_name,
-                      {"guid": message.guid.hex(), "source_lsn": message.lsn, "flags": sorted(message.flags or ()),
+                      {"guid": message.guid.hex(), "source_lsn": message.lsn, "body_from": list(body),
+                       "flags": sorted(message.flags or ()),
                        "uid_floor": pair.uid_floor, "internaldate_ms": message.internaldate_ms,
                        "delivered_ms": message.delivered_ms, "loser_uid": message.uid, "size": message.size,
                        "flag_changes": later}, why)

@@ -23,15 +23,15 @@ from wal import WalError
 from wal.epochs import ForkSearch, SeekReader, search_fork
 
 from ..store.events import (MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered, MessageAppended,
-                            decode_event)
+                            MessagesAppended, MessagesCopied, MessagesMoved, body_guid, decode_event)
 from .errors import NotSurvivorError, UndecodableRecordError
 from .planner import MailboxView, MessageView
 from .replay import SideReplay
 from .reports import REPORT_FORMAT
 from .tail_diff import Diff, compare
 
-__all__ = ["Progress", "NoProgress", "Reconciliation", "reconcile", "guids_at_fork", "choose_survivor", "StoreView",
-           "store_names"]
+__all__ = ["Progress", "NoProgress", "Reconciliation", "reconcile", "guids_at_fork", "body_at_fork", "choose_survivor",
+           "StoreView", "store_names"]
 
 
 class Progress(Protocol):
@@ -147,7 +147,7 @@ def guids_at_fork(reader: SeekReader, fork_lsn: int, wanted: dict[str, set[int]]
         for rec in reader.records(lo):
             if rec.lsn > hi:
                 break
-            if rec.type not in (MessageAppended.TYPE, MailboxRenumbered.TYPE, MailboxCreated.TYPE):
+            if rec.type not in _GUID_TYPES:
                 continue
             try:
                 ev = decode_event(rec.type, rec.payload)
@@ -157,10 +157,14 @@ def guids_at_fork(reader: SeekReader, fork_lsn: int, wanted: dict[str, set[int]]
                 events.append(ev)
         for ev in reversed(events):
             want = pending[ev.mailbox_id]
-            if isinstance(ev, MessageAppended):
-                at_fork = want.pop(ev.uid, None)
-                if at_fork is not None:
-                    found[("pre", ev.mailbox_id, at_fork)] = ev.guid
+            if isinstance(ev, (MessageAppended, MessagesAppended, MessagesCopied)):
+                given = ([(ev.uid, ev.guid)] if isinstance(ev, MessageAppended) else
+                         list(zip(ev.uids, ev.guids)) if isinstance(ev, MessagesAppended) else
+                         list(zip(ev.target_uids, ev.guids)))  # MS-20: a copy gives its target UIDs
+                for uid, guid in given:
+                    at_fork = want.pop(uid, None)
+                    if at_fork is not None:
+                        found[("pre", ev.mailbox_id, at_fork)] = guid
             elif isinstance(ev, MailboxRenumbered):
                 back = {new: old for old, new in ev.uids}
                 pending[ev.mailbox_id] = {back[u]: f for u, f in want.items() if u in back}
@@ -168,6 +172,33 @@ def guids_at_fork(reader: SeekReader, fork_lsn: int, wanted: dict[str, set[int]]
                 want.clear()
         hi, width = lo - 1, width * 2
     return found
+
+
+_GUID_TYPES = (MessageAppended.TYPE, MessagesAppended.TYPE, MessagesCopied.TYPE, MessagesMoved.TYPE,
+               MailboxRenumbered.TYPE, MailboxCreated.TYPE)
+
+
+def body_at_fork(reader: SeekReader, fork_lsn: int, guid: bytes) -> bytes | None:
+    """REC-5, REC-17: the bytes of GUID ``guid`` from the shared prefix, read backwards from the fork
+    in windows that double (like :func:`guids_at_fork`); None when the retained log lacks them."""
+    first = reader.first_lsn()
+    hi, width = fork_lsn, _GUID_WINDOW
+    while hi >= first:
+        lo = max(first, hi - width + 1)
+        found = None
+        for rec in reader.records(lo):
+            if rec.lsn > hi:
+                break
+            if rec.type not in (MessageAppended.TYPE, MessagesAppended.TYPE):
+                continue
+            ev = decode_event(rec.type, rec.payload)
+            for body in ([ev.body] if isinstance(ev, MessageAppended) else ev.bodies):
+                if len(body) and body_guid(body) == guid:
+                    found = body
+        if found is not None:
+            return found
+        hi, width = lo - 1, width * 2
+    return None
 
 
 def reconcile(dir_a: str, dir_b: str, *, names: dict[str, str] | None = None, scan_prefix_names: bool = False,
@@ -278,6 +309,12 @@ class StoreView:
             if info.name == name:
                 return self.by_id(info.mailbox_id)
         return None
+
+    def user_hash(self, name: str) -> str | None:
+        return self._node.store.user_hash(name)
+
+    def subscribed(self, user: str, mailbox: str) -> bool:
+        return mailbox in self._node.store.subscriptions(user)
 
 
 def store_names(node) -> dict[str, str]:

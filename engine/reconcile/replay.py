@@ -22,16 +22,38 @@ from ..store.events import (
     MailboxRenamed,
     MailboxRenumbered,
     MessageAppended,
+    MessagesAppended,
+    MessagesCopied,
     MessagesExpunged,
+    MessagesMoved,
+    SubscriptionChanged,
+    UserDeleted,
+    UserPasswordSet,
     renumbered_uids,
 )
 
-__all__ = ["Key", "FlagOp", "resolve_flag", "MessageTrack", "MailboxTrack", "SideReplay"]
+__all__ = ["Key", "FlagOp", "resolve_flag", "MessageTrack", "MailboxTrack", "SideReplay", "LastChange"]
 
 # A message key names one message on one side, stable across renumbering:
 #   ("pre", mailbox_id, uid at the fork)  a message that existed at the fork
 #   ("new", mailbox_id, lsn)              a message delivered in this side's tail
+#   ("new", mailbox_id, lsn, i)           the i-th message of a record of several (MS-20)
 Key = tuple
+
+
+@dataclass(frozen=True)
+class LastChange:
+    """One side's last change, since the fork, of a user or of a subscription (REC-15, REC-16)."""
+
+    lsn: int
+    changed_ms: int
+    value: object  # a user: the password hash, or None (deleted); a subscription: subscribed (bool)
+
+    def to_dict(self) -> dict:
+        value = self.value
+        if isinstance(value, str):
+            value = "(a password hash)"
+        return {"lsn": self.lsn, "changed_ms": self.changed_ms, "value": value}
 
 
 @dataclass(frozen=True)
@@ -84,8 +106,11 @@ class MessageTrack:
     baseline: tuple[frozenset, FlagOp] | None = None  # the last replace
     changes: list[dict] = field(default_factory=list)
     expunged_lsn: int | None = None
-    moved: bool = False  # the expunge was a move's (MS-16): the message lives on at another UID
+    moved: bool = False  # the expunge was a move's (MS-16, MS-20): the message lives on at another UID
     gone_with_mailbox: bool = False
+    # where the body is (REC-5 copies it back): ("lsn", L) a delivery record of this side's log
+    # holding that GUID, or ("pre", mailbox_id, uid at the fork) a message of the shared prefix
+    body_from: tuple | None = None
 
     def op(self, flag: str) -> FlagOp | None:
         """This side's last operation on ``flag`` since the fork (None: untouched)."""
@@ -120,6 +145,7 @@ class MailboxTrack:
     renames: list[tuple[int, str, str]] = field(default_factory=list)
     deleted: tuple[int, str] | None = None
     renumbers: list[tuple[int, int]] = field(default_factory=list)  # (lsn, new uidvalidity)
+    rename_children: bool = False  # a rename moved the mailboxes below along (MS-19)
     uid_key: dict[int, Key] = field(default_factory=dict)  # current UID -> key (only UIDs the tail met)
     expunged_key: dict[int, Key] = field(default_factory=dict)  # expunged UID -> its key (CTL-9 merges)
     max_uid: int = 0  # greatest UID delivered in the tail
@@ -163,6 +189,8 @@ class SideReplay:
         self.last_lsn: int | None = None
         self.epochs: list[dict] = []
         self.other_records = 0
+        self.users: dict[str, LastChange] = {}  # REC-15
+        self.subscriptions: dict[tuple[str, str], LastChange] = {}  # REC-16
 
     def _mailbox(self, mailbox_id: str) -> MailboxTrack:
         """The track of ``mailbox_id``, begun now if the tail had not met it (it existed at the fork)."""
@@ -215,6 +243,11 @@ class SideReplay:
             mailbox.fork_name = mailbox.fork_name or event.old_name
         mailbox.renames.append((lsn, event.old_name, event.new_name))
         mailbox.name = event.new_name
+        if event.children:  # MS-19: the mailboxes below whose names the tail knows move along
+            mailbox.rename_children = True
+            for track in self.mailboxes.values():
+                if track is not mailbox and track.name and track.name.startswith(event.old_name + "/"):
+                    track.name = event.new_name + track.name[len(event.old_name):]
 
     def _mailbox_deleted(self, lsn: int, event: MailboxDeleted) -> None:
         mailbox = self._mailbox(event.mailbox_id)
@@ -226,9 +259,9 @@ class SideReplay:
             if message.mailbox_id == event.mailbox_id:
                 message.gone_with_mailbox = True
 
-    def _message_appended(self, lsn: int, event: MessageAppended) -> None:
+    def _message_appended(self, lsn: int, event: MessageAppended, key: Key | None = None) -> None:
         mailbox = self._mailbox(event.mailbox_id)
-        key = ("new", event.mailbox_id, lsn)
+        key = key or ("new", event.mailbox_id, lsn)
         flags = set(event.flags)
         at = FlagOp(True, event.delivered_ms, lsn, "append")
         explicit, baseline = {f: at for f in flags}, None
@@ -242,12 +275,51 @@ class SideReplay:
         self.messages[key] = MessageTrack(
             key, event.mailbox_id, event.uid, guid=event.guid, size=len(event.body),
             internaldate_ms=event.internaldate_ms, delivered_ms=event.delivered_ms, lsn=lsn,
-            uid_space=mailbox.uid_space, flags=flags, explicit=explicit, baseline=baseline,
+            uid_space=mailbox.uid_space, flags=flags, explicit=explicit, baseline=baseline, body_from=("lsn", lsn),
         )
         if event.replaces:
             self._expunge(mailbox, event.replaces, lsn, moved=True)
         mailbox.uid_key[event.uid] = key
         mailbox.max_uid = max(mailbox.max_uid, event.uid)
+
+    def _messages_appended(self, lsn: int, event: MessagesAppended) -> None:
+        """MS-20: each message of the record, as if delivered alone (its key names its place in the record)."""
+        for i, one in enumerate(event.messages()):
+            self._message_appended(lsn, one, key=("new", event.mailbox_id, lsn, i))
+
+    def _messages_copied(self, lsn: int, event: MessagesCopied) -> None:
+        """MS-20: each copy is a new message of the target, like a delivery at the copy's time (its
+        flags were the source's: REC-8 counts them as set when the copy arrived); its body is where
+        the source's is. A move's source UIDs leave their mailbox by a move, which is not an
+        expunge (REC-10, REC-17)."""
+        target = self._mailbox(event.mailbox_id)
+        source = self._mailbox(event.source_mailbox_id)
+        for i, ((src_uid, uid), guid, flags) in enumerate(zip(event.uids, event.guids, event.flags)):
+            origin = self._message(source, src_uid)
+            if origin is None:
+                body_from = None
+            elif origin.key[0] == "pre":
+                body_from = ("pre",) + tuple(origin.key[1:3])
+            else:
+                body_from = origin.body_from
+            key = ("new", event.mailbox_id, lsn, i)
+            at = FlagOp(True, event.copied_ms, lsn, "append")
+            self.messages[key] = MessageTrack(
+                key, event.mailbox_id, uid, guid=guid, size=origin.size if origin is not None else 0,
+                internaldate_ms=event.internaldate_ms[i], delivered_ms=event.copied_ms, lsn=lsn,
+                uid_space=target.uid_space, flags=set(flags), explicit={f: at for f in flags}, body_from=body_from,
+            )
+            target.uid_key[uid] = key
+            target.max_uid = max(target.max_uid, uid)
+            if isinstance(event, MessagesMoved):
+                self._expunge(source, src_uid, lsn, moved=True)
+
+    def _user_changed(self, lsn: int, event) -> None:
+        value = event.password_hash if isinstance(event, UserPasswordSet) else None
+        self.users[event.name] = LastChange(lsn, event.changed_ms, value)
+
+    def _subscription_changed(self, lsn: int, event: SubscriptionChanged) -> None:
+        self.subscriptions[(event.user, event.mailbox)] = LastChange(lsn, event.changed_ms, event.subscribed)
 
     def _flags_changed(self, lsn: int, event: FlagsChanged) -> None:
         mailbox = self._mailbox(event.mailbox_id)
@@ -305,6 +377,12 @@ class SideReplay:
         MessagesExpunged: _messages_expunged,
         MailboxRenumbered: _mailbox_renumbered,
         EpochStarted: _epoch_started,
+        MessagesAppended: _messages_appended,
+        MessagesCopied: _messages_copied,
+        MessagesMoved: _messages_copied,
+        UserPasswordSet: _user_changed,
+        UserDeleted: _user_changed,
+        SubscriptionChanged: _subscription_changed,
     }
 
     def messages_in(self, mailbox_id: str, kind: str = "new") -> list[MessageTrack]:

@@ -120,11 +120,19 @@ class Diff:
                     c[f"mailboxes_created_{s}"] += int(t.created)
                     c[f"mailboxes_renamed_{s}"] += int(bool(t.renames))
                     c[f"mailboxes_deleted_{s}"] += int(t.deleted is not None)
+        for s, replay in (("a", self.a), ("b", self.b)):
+            c[f"users_changed_{s}"] = len(replay.users)
+            c[f"subscriptions_changed_{s}"] = len(replay.subscriptions)
         return c
 
     def to_dict(self) -> dict:
         return {"mailboxes": [m.to_dict() for m in self.mailboxes], "counts": self.counts(),
-                "epochs_started": {"a": self.a.epochs, "b": self.b.epochs}}
+                "epochs_started": {"a": self.a.epochs, "b": self.b.epochs},
+                "users": {side: {name: change.to_dict() for name, change in sorted(replay.users.items())}
+                          for side, replay in (("a", self.a), ("b", self.b))},
+                "subscriptions": {side: [dict(change.to_dict(), user=user, mailbox=mailbox)
+                                         for (user, mailbox), change in sorted(replay.subscriptions.items())]
+                                  for side, replay in (("a", self.a), ("b", self.b))}}
 
 
 def _message_conflicts(message_a: MessageTrack, message_b: MessageTrack, uid_a: int, uid_b: int) -> list[dict]:

@@ -949,6 +949,11 @@ class Store:
         )
         return rows[0][0] if rows else None
 
+    def body_by_guid(self, guid: bytes) -> bytes | None:
+        """The bytes of a body the store holds, by GUID (any mailbox)."""
+        rows = self._read("SELECT data FROM bodies WHERE guid=?", (guid,))
+        return rows[0][0] if rows else None
+
     def recent_guids(self, mailbox_id: str, since_ms: int) -> list[tuple[bytes, int, int]]:
         return self._read(
             "SELECT guid, uid, delivered_ms FROM messages WHERE mailbox_id=? AND delivered_ms>=?",
