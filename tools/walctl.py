@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import click
 
+from .bench_imap import bench_imap_command
 from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
 from .bench_replication import bench_replication_command
@@ -70,6 +71,7 @@ for _command in CLUSTER_COMMANDS:  # serve here (with replication) replaces cmd_
 bench.add_command(bench_lmtp_command)
 cli.add_command(torture)
 bench.add_command(bench_replication_command)
+bench.add_command(bench_imap_command)
 bench.add_command(bench_store)
 for _command in MAILDIR_COMMANDS:  # export, import (Maildir)
     cli.add_command(_command)
