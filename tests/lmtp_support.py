@@ -20,7 +20,8 @@ import threading
 import anyio
 
 from engine.node import Node
-from engine.server import LmtpConfig, NodeRunner
+from engine.lmtp import LmtpConfig
+from engine.runner import NodeRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -23,10 +23,10 @@ import anyio
 import pytest
 
 from engine.events import body_guid
-from engine.lmtp import MessageReceived, Recipient
+from engine.lmtp.session import MessageReceived, Recipient
 from engine.mailerrors import ReadOnlyNodeError, StoreUnavailableError
 from engine.node import Node, Receipt
-from engine.server import LmtpConfig, LmtpServer, reply_for
+from engine.lmtp import LmtpConfig, LmtpServer, reply_for
 from tests.lmtp_support import ROOT, ServeProcess, client, lmtp_send, make_message, served_node
 
 
@@ -507,7 +507,7 @@ def test_log_failure_under_lmtp_defers_every_recipient_and_stays_failed(tmp_path
 
 def test_runner_services_wrap_the_backend_and_a_failing_service_stops_everything(tmp_path):
     """LMTP-15"""
-    from engine.server import NodeRunner
+    from engine.runner import NodeRunner
 
     node = str(tmp_path / "n")
     Node.init(node).close()

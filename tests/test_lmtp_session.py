@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.lmtp import (
+from engine.lmtp.session import (
     NEED_DATA,
     PAUSED,
     AddressError,
@@ -421,7 +421,7 @@ def test_route_plain_detail_and_case():
 
 
 def test_lmtp_module_is_sans_io():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "lmtp.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine", "lmtp", "session.py")
     tree = ast.parse(open(path).read())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

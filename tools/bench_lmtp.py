@@ -262,7 +262,7 @@ def _serve_variant(kind: str, directory: str) -> None:
         return
     import anyio
 
-    from engine.server import LmtpConfig, LmtpServer
+    from engine.lmtp import LmtpConfig, LmtpServer
 
     backend = MaildirBackend(directory) if kind == "maildir" else NullBackend()
 

@@ -179,7 +179,8 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
     from engine.cluster import Cluster, ClusterConfig, parse_address
     from engine.errors import ListenError
     from engine.node import LOG_DIR
-    from engine.server import LmtpConfig, NodeRunner
+    from engine.lmtp import LmtpConfig
+    from engine.runner import NodeRunner
 
     from .cliutil import error_message
 

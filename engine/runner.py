@@ -1,0 +1,127 @@
+"""The node runner: open a node, run its fronts and services, drain on SIGTERM.
+
+:class:`NodeRunner` owns a node process's lifecycle: open the node, start the
+LMTP listener (:mod:`engine.lmtp`), start any extra services
+(``add_service``: the cluster's replication and control hook in here), then
+wait for SIGTERM/SIGINT or :meth:`NodeRunner.request_stop`. Shutdown is
+graceful: stop accepting, let every connection finish the transaction it is
+in (its deliveries complete and are answered), answer ``421 4.3.2`` at the
+next command boundary, then cancel the services and close the node.
+Connections still mid-transaction after the grace period are cut: they were
+never acknowledged, so their MTA retries.
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import Any, Awaitable, Callable
+
+import anyio
+
+from .asyncnode import AsyncNode
+from .lmtp.server import LmtpConfig, LmtpServer
+
+__all__ = ["NodeRunner", "run_node", "Service"]
+
+log = logging.getLogger("mailwal.lmtp")
+
+
+Service = Callable[["NodeRunner", Any], Awaitable[None]]
+
+
+class NodeRunner:
+    """Run one node: the LMTP front plus any services, with a graceful stop.
+
+    Extend with :meth:`add_service` before :meth:`run`: each service is an
+    ``async def svc(runner, task_status)`` started with ``TaskGroup.start``
+    (it calls ``task_status.started()`` once ready) and cancelled after the
+    LMTP front drained, before the node closes.
+    """
+
+    def __init__(self, path: str, lmtp: LmtpConfig | None | bool = None, *, handle_signals: bool = True,
+                 announce: Callable[[str], None] | None = None, threads: int | None = None):
+        self.path = path
+        self.lmtp_enabled = lmtp is not False
+        self.lmtp_config = lmtp or LmtpConfig()
+        self.handle_signals = handle_signals
+        self.announce = announce or (lambda msg: print(msg, flush=True))
+        self.threads = threads
+        self.services: list[tuple[str, Service]] = []
+        self.anode: AsyncNode | None = None
+        self.lmtp: LmtpServer | None = None
+        self.lmtp_address: tuple[str, int] | None = None
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: anyio.Event | None = None
+        self._stop_requested = False
+
+    def add_service(self, name: str, service: Service) -> None:
+        self.services.append((name, service))
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown; safe from any thread (and before run started)."""
+        self._stop_requested = True
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: draining (stop accepting, finish in-flight deliveries)",
+                         signal.Signals(signum).name)
+                self._stop.set()
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = anyio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        kwargs = {"threads": self.threads} if self.threads else {}
+        self.anode = anode = await AsyncNode.open(self.path, **kwargs)
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.handle_signals:
+                    tg.start_soon(self._watch_signals)
+                if self.lmtp_enabled:
+                    # Created and bound first, so services can wrap its backend and an address
+                    # in use stops the node before anything starts; accepting starts only once
+                    # every service is up (no mail before the node is ready).
+                    self.lmtp = LmtpServer(anode, self.lmtp_config)
+                    await self.lmtp.bind()
+                for name, service in self.services:
+                    await tg.start(service, self)
+                if self.lmtp is not None:
+                    self.lmtp_address = await self.lmtp.start()
+                    host, port = self.lmtp_address
+                    self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: LMTP listening on "
+                                  f"{host}:{port}")
+                else:
+                    self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: no LMTP front")
+                self.ready.set()
+                task_status.started(self.lmtp_address)
+                await self._stop.wait()
+                if self.lmtp is not None:
+                    clean = await self.lmtp.drain()
+                    c = self.lmtp.counts
+                    log.info("LMTP drained (%s): %d delivered, %d duplicate, %d deferred, %d rejected",
+                             "clean" if clean else "grace period exceeded", c["delivered"], c["duplicate"],
+                             c["deferred"], c["rejected"])
+                tg.cancel_scope.cancel()
+        finally:
+            if self.lmtp is not None:
+                self.lmtp.close_now()  # a failed service or a crash: no connection may outlive the node
+            await anode.aclose()
+            self.stopped.set()
+            self.ready.set()
+
+
+def run_node(path: str, lmtp: LmtpConfig | None = None, *, announce: Callable[[str], None] | None = None) -> int:
+    """Run a node until SIGTERM/SIGINT (blocking); returns the exit status (0 after a clean drain)."""
+    runner = NodeRunner(path, lmtp, announce=announce)
+    anyio.run(runner.run)
+    return 0
