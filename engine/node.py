@@ -32,6 +32,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
+import blake3
+
 from wal import OS_FILEOPS, Log, LogClosedError, LogFailedError, Record, WalError
 from wal.epochs import SeekReader, read_history_file, write_history
 
@@ -55,6 +57,7 @@ __all__ = ["Node", "Receipt", "AppendReceipt", "CopyReceipt", "FlagsReceipt", "P
 LOG_DIR = "log.wal"
 STORE_FILE = "store.sqlite"
 CONFIG_FILE = "node.json"
+LOGIN_CACHE_S = 300.0  # a successful login is remembered this long (verify_user)
 MAX_BODY_BYTES = 60 * 1024 * 1024  # a record payload is at most 64 MiB (LOG-4); leave room for the other fields
 _log = logging.getLogger("mailwal.node")
 
@@ -162,6 +165,8 @@ class Node:
         self._checkpointer: threading.Thread | None = None
         self.checkpoint_error: BaseException | None = None
         self.on_delivered = None  # optional hook(receipt) for logging
+        self._logins: dict[tuple[str, str], tuple[bytes, float]] = {}  # verify_user's recent successes
+        self._login_key = os.urandom(32)
         self._listeners: list = []  # change listeners (add_change_listener); replaced, never mutated
         self._listeners_lock = threading.Lock()
         # mailbox id (or "user:NAME") -> LSN of the last record enqueued that changed it: a copy
@@ -908,8 +913,19 @@ class Node:
         from .store import passwords
 
         stored = self._read_fresh(lambda store: store.user_hash(name))
-        if stored is None or not passwords.verify_password(stored, password):
+        if stored is None:
             return False
+        # A login that verified recently against the same stored hash is not hashed again: a
+        # keyed digest of the password (the key lives in this process only), never the password.
+        seen = blake3.blake3(password.encode("utf-8"), key=self._login_key).digest()
+        hit = self._logins.get((name, stored))
+        if hit is not None and hit[0] == seen and time.monotonic() - hit[1] < LOGIN_CACHE_S:
+            return True
+        if not passwords.verify_password(stored, password):
+            return False
+        if len(self._logins) >= 4096:
+            self._logins.clear()
+        self._logins[(name, stored)] = (seen, time.monotonic())
         if passwords.needs_upgrade(stored) and self.config.role == "master":
             self._upgrade_hash(name, stored, passwords.hash_password(password))
         return True

@@ -31,10 +31,14 @@ def memory_backend(**users: str) -> MemoryBackend:
 
 
 class PureSession:
-    """One client session driven without sockets: ``cmd(b"a NOOP")`` returns the response lines."""
+    """One client session driven without sockets: ``cmd(b"a NOOP")`` returns the response lines.
 
-    def __init__(self, backend, **kw):
+    ``runner`` runs the executor's coroutines: :func:`run_now` for a backend that never waits (the
+    memory backend), a harness's event loop for one that does (``tests/imap_node_support.py``)."""
+
+    def __init__(self, backend, runner=run_now, **kw):
         kw.setdefault("plaintext_login", True)
+        self.run = runner
         self.conn = ImapConnection(**kw)
         self.ex = Executor(backend, capabilities=lambda: self.conn.capabilities(State.AUTHENTICATED))
         self.greeting = self._take()
@@ -53,7 +57,7 @@ class PureSession:
             if isinstance(ev, ConnectionClosed):
                 self.ex.close()
                 continue
-            responses = run_now(self.ex.idle_done(ev.tag)) if isinstance(ev, IdleDone) else run_now(
+            responses = self.run(self.ex.idle_done(ev.tag)) if isinstance(ev, IdleDone) else self.run(
                 self.ex.execute(ev))
             for r in responses:
                 self.conn.send(r)
@@ -65,7 +69,7 @@ class PureSession:
         return self.raw(line + b"\r\n")
 
     def idle_poll(self) -> list[bytes]:
-        for r in run_now(self.ex.idle_updates()):
+        for r in self.run(self.ex.idle_updates()):
             self.conn.send(r)
         return self._take()
 

@@ -1,4 +1,7 @@
-"""Real IMAP clients over 127.0.0.1 against the server on the in-memory backend.
+"""Real IMAP clients over 127.0.0.1 against the server on the in-memory backend and on a real node.
+
+Every test that takes ``backend`` runs against both (``tests/imap_node_support.py``): the in-memory
+model, and a node (fsynced log, SQLite store) behind ``NodeBackend``.
 
 Python's ``imaplib`` and ``imapclient`` drive ``engine/imap/server.py``;
 raw sockets check what clients cannot show (limits, junk, TLS). Rules:
@@ -23,7 +26,8 @@ from imapclient.exceptions import IMAPClientError
 
 from engine.imap.server import login_delay_s, serve_in_thread
 from tests.imap_abnf import check_responses
-from tests.imap_support import MESSAGE, memory_backend
+from tests.imap_node_support import HARNESSES, make_harness
+from tests.imap_support import MESSAGE
 
 HOST = "127.0.0.1"
 
@@ -32,20 +36,26 @@ def message(n: int, body: str = "Hi Bob.") -> bytes:
     return MESSAGE.replace(b"Subject: hello", b"Subject: message %d" % n).replace(b"Hi Bob.", body.encode())
 
 
-@pytest.fixture
-def backend():
-    return memory_backend()
+@pytest.fixture(params=HARNESSES)
+def backend(request, tmp_path):
+    """A backend harness (its ``.backend`` is what the server serves)."""
+    harness = make_harness(request.param, tmp_path)
+    yield harness
+    harness.close()
 
 
 @pytest.fixture
 def server(backend):
-    with serve_in_thread(backend, failed_login_delay_s=0) as srv:
+    with serve_in_thread(backend.backend, failed_login_delay_s=0) as srv:
         yield srv
 
 
 def deliver(srv, backend, n: int = 1, mailbox: str = "user/alice/INBOX") -> None:
     for i in range(n):
-        srv.call(backend.deliver, mailbox, message(i + 1))
+        if backend.kind == "memory":
+            srv.call(backend.deliver, mailbox, message(i + 1))  # the memory backend is not thread-safe
+        else:
+            backend.deliver(mailbox, message(i + 1))
 
 
 def raw_exchange(port: int, payload: bytes, *, until: bytes, timeout: float = 10) -> bytes:
@@ -80,7 +90,7 @@ def test_imaplib_session(server, backend):
     assert c.search(None, "UNSEEN") == ("OK", [b"1 3"])
     assert c.uid("SEARCH", None, "FLAGGED") == ("OK", [b"2"])
     typ, data = c.append("INBOX", "(\\Draft)", None, message(4))
-    assert typ == "OK" and data == [b"[APPENDUID 1 4] APPEND completed"]
+    assert typ == "OK" and data == [b"[APPENDUID %d 4] APPEND completed" % backend.uidvalidity("user/alice/INBOX")]
     assert c.create("Archive")[0] == "OK"
     typ, data = c.uid("COPY", "1:2", "Archive")
     assert typ == "OK"
@@ -214,13 +224,13 @@ def test_isolation_over_the_wire(server, backend):
     c.select("INBOX")
     assert c.copy("1:*", '"../bob/INBOX"')[0] == "NO"
     c.logout()
-    assert len(backend.mailboxes["user/bob/INBOX"].messages) == 1
+    assert len(backend.uids("user/bob/INBOX")) == 1
 
 
 def test_read_only_replica_over_the_wire(server, backend):
     """IMAP-13"""
     deliver(server, backend, 1)
-    backend.read_only_master = "master.example:1143"
+    backend.make_replica("master.example:1143")
     c = imaplib.IMAP4(HOST, server.port)
     c.login("alice", "apw")
     with pytest.raises(imaplib.IMAP4.readonly):  # imaplib's way of saying SELECT answered [READ-ONLY]
@@ -245,7 +255,7 @@ def test_a_bug_answers_serverbug_and_the_session_goes_on(server, backend):
 
 def test_limits_sessions_per_user_and_address_and_failed_logins(backend):
     """IMAP-26: sessions per user and per address are bounded; failed logins are counted per address."""
-    with serve_in_thread(backend, max_sessions_per_user=1, max_sessions_per_address=2,
+    with serve_in_thread(backend.backend, max_sessions_per_user=1, max_sessions_per_address=2,
                          failed_login_delay_s=0) as srv:
         a = imaplib.IMAP4(HOST, srv.port)
         a.login("alice", "apw")
@@ -267,7 +277,7 @@ def test_limits_sessions_per_user_and_address_and_failed_logins(backend):
 
 def test_line_and_literal_limits_over_the_wire(backend):
     """IMAP-3: an over-long line gets BAD and a too-big literal NO [TOOBIG]; the session stays in sync."""
-    with serve_in_thread(backend, max_line_bytes=1000, max_literal_bytes=500, failed_login_delay_s=0) as srv:
+    with serve_in_thread(backend.backend, max_line_bytes=1000, max_literal_bytes=500, failed_login_delay_s=0) as srv:
         data = raw_exchange(srv.port, b"a LOGIN alice apw\r\nb NOOP " + b"x" * 5000 + b"\r\n"
                             b"c APPEND INBOX {501+}\r\n" + b"y" * 501 + b"\r\nd APPEND INBOX {501}\r\ne NOOP\r\n",
                             until=b"e OK")
@@ -301,7 +311,7 @@ def test_starttls_and_implicit_tls(backend, certificate):
     """IMAP-8, IMAP-22: STARTTLS upgrades and then allows LOGIN; IMAPS works from the first byte."""
     cert, key = certificate
     ctx = ssl.create_default_context(cafile=cert)
-    with serve_in_thread(backend, tls_port=0, certfile=cert, keyfile=key, failed_login_delay_s=0) as srv:
+    with serve_in_thread(backend.backend, tls_port=0, certfile=cert, keyfile=key, failed_login_delay_s=0) as srv:
         c = imaplib.IMAP4(HOST, srv.port)
         assert "STARTTLS" in c.capabilities
         c.starttls(ssl_context=ctx)
@@ -320,7 +330,7 @@ def test_plaintext_injection_after_starttls_is_dropped(backend, certificate):
     """IMAP-22: a command pipelined after STARTTLS in the same plaintext segment never runs."""
     cert, key = certificate
     ctx = ssl.create_default_context(cafile=cert)
-    with serve_in_thread(backend, certfile=cert, keyfile=key, failed_login_delay_s=0) as srv:
+    with serve_in_thread(backend.backend, certfile=cert, keyfile=key, failed_login_delay_s=0) as srv:
         s = socket.create_connection((HOST, srv.port), timeout=10)
         s.recv(4096)
         s.sendall(b"a STARTTLS\r\nb CREATE Injected\r\n")
@@ -334,7 +344,7 @@ def test_plaintext_injection_after_starttls_is_dropped(backend, certificate):
             data += t.recv(4096)
         assert b"Injected" not in data and b"b " not in data
         t.close()
-    assert "user/alice/Injected" not in backend.mailboxes
+    assert "user/alice/Injected" not in backend.mailboxes()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -396,7 +406,7 @@ def test_imapclient_reports_errors_as_exceptions(server, backend):
 
 def test_shutdown_says_bye_to_idle_and_idling_sessions(backend):
     """IMAP-26: a stopping server ends every session with * BYE, IDLE included."""
-    srv = serve_in_thread(backend, failed_login_delay_s=0).__enter__()
+    srv = serve_in_thread(backend.backend, failed_login_delay_s=0).__enter__()
     try:
         quiet = socket.create_connection((HOST, srv.port), timeout=10)
         quiet.recv(4096)

@@ -1,4 +1,7 @@
-"""The IMAP executor over the in-memory backend, driven through the pure connection (no sockets).
+"""The IMAP executor over the in-memory backend and over a real node, driven through the pure connection.
+
+Each test runs against both backends (the ``h`` fixture, ``tests/imap_node_support.py``): the
+in-memory model, and a node with its fsynced log and SQLite store behind ``NodeBackend``.
 
 Rules: IMAP-9 (login), IMAP-10 (write answers), IMAP-11 (backend errors), IMAP-12
 (isolation), IMAP-13 (read-only replicas), IMAP-15 (live updates), IMAP-17
@@ -16,11 +19,21 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from engine.imap.backend import Unavailable
-from tests.imap_support import MESSAGE, PureSession, memory_backend
+from tests.imap_node_support import HARNESSES, MemoryHarness, make_harness
+from tests.imap_support import MESSAGE, PureSession
+
+INBOX = "user/alice/INBOX"
 
 
-def session(backend, user="alice", password="apw", select: str | None = None) -> PureSession:
-    s = PureSession(backend).login(user, password)
+@pytest.fixture(params=HARNESSES)
+def h(request, tmp_path):
+    harness = make_harness(request.param, tmp_path)
+    yield harness
+    harness.close()
+
+
+def session(h, user="alice", password="apw", select: str | None = None) -> PureSession:
+    s = h.session().login(user, password)
     if select:
         out = s.cmd(f"S SELECT {select}")
         assert out[-1].startswith(b"S OK "), out
@@ -31,35 +44,35 @@ def msg(n: int) -> bytes:
     return MESSAGE.replace(b"Subject: hello", b"Subject: message %d" % n)
 
 
-def filled(n: int = 3):
-    b = memory_backend()
+def filled(h, n: int = 3):
     for i in range(1, n + 1):
-        b.deliver("user/alice/INBOX", msg(i))
-    return b
+        h.deliver(INBOX, msg(i))
+    return h
 
 
-def test_login_and_authenticate():
+def test_login_and_authenticate(h):
     """IMAP-9: wrong passwords fail without saying which part; AUTHENTICATE PLAIN with and without SASL-IR."""
-    b = memory_backend()
-    s = PureSession(b)
+    b = h
+    s = b.session()
     assert s.cmd("a LOGIN alice wrong") == [b"a NO [AUTHENTICATIONFAILED] invalid user name or password"]
     assert s.cmd("a LOGIN nobody x") == [b"a NO [AUTHENTICATIONFAILED] invalid user name or password"]
     out = s.cmd("b AUTHENTICATE PLAIN AGFsaWNlAGFwdw==")  # \0alice\0apw
     assert out[-1].startswith(b"b OK [CAPABILITY IMAP4rev1 ") and b"AUTH=PLAIN" not in out[-1]
-    s2 = PureSession(b)
+    s2 = b.session()
     assert s2.cmd("c AUTHENTICATE PLAIN") == [b"+ "]
     assert s2.cmd("Ym9iAGFsaWNlAGFwdw==")[-1].startswith(b"c NO [AUTHORIZATIONFAILED]")  # bob\0alice\0apw
 
 
-def test_select_and_examine_responses():
+def test_select_and_examine_responses(h):
     """IMAP-17"""
-    b = filled(2)
+    b = filled(h, 2)
     s = session(b)
     out = s.cmd("a SELECT inbox")
     assert out[:3] == [b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)",
                        b"* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] flags that can be "
                        b"changed", b"* 2 EXISTS"]
-    assert b"* OK [UIDVALIDITY 1] UIDs valid" in out and b"* OK [UIDNEXT 3] predicted next UID" in out
+    assert b"* OK [UIDVALIDITY %d] UIDs valid" % b.uidvalidity(INBOX) in out
+    assert b"* OK [UIDNEXT 3] predicted next UID" in out
     assert any(x.startswith(b"* OK [HIGHESTMODSEQ ") for x in out)
     assert out[-1] == b"a OK [READ-WRITE] SELECT completed"
     out = s.cmd("b EXAMINE INBOX")
@@ -69,9 +82,9 @@ def test_select_and_examine_responses():
     assert s.cmd("e FETCH 1 FLAGS") == [b"* 1 FETCH (FLAGS ())", b"e OK FETCH completed"]  # EXAMINE never sets \Seen
 
 
-def test_fetch_attributes_partial_and_seen():
+def test_fetch_attributes_partial_and_seen(h):
     """IMAP-18: macros, BODY[section]<partial>, PEEK, RFC822.*, BINARY; a non-PEEK body fetch sets \\Seen."""
-    b = filled(1)
+    b = filled(h, 1)
     s = session(b, select="INBOX")
     out = s.cmd("a FETCH 1 FAST")
     assert out[0] == b'* 1 FETCH (FLAGS () INTERNALDATE " 1-Jan-2000 00:00:00 +0000" RFC822.SIZE %d)' % len(msg(1))
@@ -87,21 +100,21 @@ def test_fetch_attributes_partial_and_seen():
     assert s.cmd("g FETCH 5 FLAGS") == [b"g OK FETCH completed"]
 
 
-def test_binary_content_with_nul_goes_out_as_literal8_and_body_as_a_valid_literal():
+def test_binary_content_with_nul_goes_out_as_literal8_and_body_as_a_valid_literal(h):
     """IMAP-18, IMAP-5: BINARY of a part holding NUL uses ~{n}; BODY[] never puts NUL in a literal."""
-    b = memory_backend()
+    b = h
     raw = (b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
            b"--x\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
            b"AAEC\r\n--x--\r\n")
-    b.deliver("user/alice/INBOX", raw)
+    b.deliver(INBOX, raw)
     s = session(b, select="INBOX")
     out = s.raw(b"a FETCH 1 (BINARY.PEEK[2] BINARY.SIZE[2])\r\n")
     assert out[0] == b"* 1 FETCH (BINARY[2] ~{3}" and out[1] == b"\x00\x01\x02 BINARY.SIZE[2] 3)"
 
 
-def test_store_variants_and_unchangedsince():
+def test_store_variants_and_unchangedsince(h):
     """IMAP-19: +FLAGS/-FLAGS/FLAGS, .SILENT, MODSEQ once CONDSTORE is on, [MODIFIED] for UNCHANGEDSINCE."""
-    b = filled(3)
+    b = filled(h, 3)
     s = session(b, select="INBOX")
     assert s.cmd("a STORE 1:2 +FLAGS (\\Seen $Work)") == [
         b"* 1 FETCH (FLAGS ($Work \\Seen))", b"* 2 FETCH (FLAGS ($Work \\Seen))", b"a OK STORE completed"]
@@ -123,9 +136,9 @@ def test_store_variants_and_unchangedsince():
                                                                   b"some messages"
 
 
-def test_search_and_esearch():
+def test_search_and_esearch(h):
     """IMAP-16"""
-    b = filled(3)
+    b = filled(h, 3)
     s = session(b, select="INBOX")
     s.cmd("a STORE 2 +FLAGS (\\Seen)")
     assert s.cmd("b SEARCH UNSEEN") == [b"* SEARCH 1 3", b"b OK SEARCH completed"]
@@ -138,17 +151,19 @@ def test_search_and_esearch():
                                                     b"supported"]
 
 
-def test_append_copy_move_expunge_with_uidplus():
+def test_append_copy_move_expunge_with_uidplus(h):
     """IMAP-20"""
-    b = filled(2)
+    b = filled(h, 2)
     s = session(b, select="INBOX")
     assert s.cmd("a APPEND Nope {3+}\r\nabc")[-1].startswith(b"a NO [TRYCREATE] ")
     assert s.cmd("b CREATE Archive") == [b"b OK CREATE completed"]
     out = s.cmd('c APPEND INBOX (\\Seen) "05-Jan-2022 10:00:00 +0100" {3+}\r\nabc {3+}\r\ndef')
-    assert out == [b"* 4 EXISTS", b"c OK [APPENDUID 1 3:4] APPEND completed"]
-    assert s.cmd("d COPY 1:2 Archive") == [b"d OK [COPYUID 3 1:2 1:2] COPY completed"]
+    inbox, archive = b.uidvalidity(INBOX), b.uidvalidity("user/alice/Archive")
+    assert out == [b"* 4 EXISTS", b"c OK [APPENDUID %d 3:4] APPEND completed" % inbox]
+    assert s.cmd("d COPY 1:2 Archive") == [b"d OK [COPYUID %d 1:2 1:2] COPY completed" % archive]
     assert s.cmd("e COPY 1 Missing")[-1].startswith(b"e NO [TRYCREATE] ")
-    assert s.cmd("f UID MOVE 2 Archive") == [b"* OK [COPYUID 3 2 3] moved", b"* 2 EXPUNGE", b"f OK MOVE completed"]
+    assert s.cmd("f UID MOVE 2 Archive") == [b"* OK [COPYUID %d 2 3] moved" % archive, b"* 2 EXPUNGE",
+                                             b"f OK MOVE completed"]
     s.cmd("g STORE 1:3 +FLAGS.SILENT (\\Deleted)")
     assert s.cmd("h UID EXPUNGE 4") == [b"* 3 EXPUNGE", b"h OK EXPUNGE completed"]
     assert s.cmd("i EXPUNGE") == [b"* 2 EXPUNGE", b"* 1 EXPUNGE", b"i OK EXPUNGE completed"]
@@ -157,24 +172,24 @@ def test_append_copy_move_expunge_with_uidplus():
     assert s.cmd("k CLOSE") == [b"k OK CLOSE completed"]
 
 
-def test_close_expunges_silently_and_unselect_does_not():
-    b = filled(2)
+def test_close_expunges_silently_and_unselect_does_not(h):
+    b = filled(h, 2)
     s = session(b, select="INBOX")
     s.cmd("a STORE 1 +FLAGS.SILENT (\\Deleted)")
     assert s.cmd("b UNSELECT") == [b"b OK UNSELECT completed"]
-    assert list(b.mailboxes["user/alice/INBOX"].messages) == [1, 2]
+    assert b.uids(INBOX) == [1, 2]
     s.cmd("c SELECT INBOX")
     s.cmd("d STORE 2 +FLAGS.SILENT (\\Deleted)")
     assert s.cmd("e CLOSE") == [b"e OK CLOSE completed"]
-    assert list(b.mailboxes["user/alice/INBOX"].messages) == []
+    assert b.uids(INBOX) == []
 
 
-def test_live_updates_reach_a_second_session_only_at_allowed_points():
+def test_live_updates_reach_a_second_session_only_at_allowed_points(h):
     """IMAP-15: EXISTS and FETCH FLAGS after any command; EXPUNGE never during FETCH/STORE/SEARCH."""
-    b = filled(3)
+    b = filled(h, 3)
     a = session(b, select="INBOX")
     other = session(b, select="INBOX")
-    b.deliver("user/alice/INBOX", msg(4))
+    b.deliver(INBOX, msg(4))
     other.cmd("x STORE 2 +FLAGS.SILENT (\\Flagged)")
     other.cmd("y STORE 1 +FLAGS.SILENT (\\Deleted)")
     other.cmd("z EXPUNGE")
@@ -186,19 +201,19 @@ def test_live_updates_reach_a_second_session_only_at_allowed_points():
     assert a.cmd("g FETCH 1 (UID)")[0] == b"* 1 FETCH (UID 2)"
 
 
-def test_idle_gets_updates_immediately():
+def test_idle_gets_updates_immediately(h):
     """IMAP-7, IMAP-15"""
-    b = filled(1)
+    b = filled(h, 1)
     a = session(b, select="INBOX")
     assert a.cmd("i IDLE") == [b"+ idling"]
-    b.deliver("user/alice/INBOX", msg(2))
+    b.deliver(INBOX, msg(2))
     assert a.idle_poll() == [b"* 2 EXISTS"]
     assert a.cmd("DONE") == [b"i OK IDLE terminated"]
 
 
-def test_condstore_and_qresync_resync():
+def test_condstore_and_qresync_resync(h):
     """IMAP-21: CHANGEDSINCE, VANISHED (EARLIER) on SELECT and UID FETCH, HIGHESTMODSEQ."""
-    b = filled(4)
+    b = filled(h, 4)
     s = session(b)
     assert s.cmd("e ENABLE QRESYNC") == [b"* ENABLED CONDSTORE QRESYNC", b"e OK ENABLE completed"]
     out = s.cmd("a SELECT INBOX")
@@ -208,7 +223,7 @@ def test_condstore_and_qresync_resync():
     other.cmd("x STORE 2 +FLAGS.SILENT (\\Seen)")
     other.cmd("y STORE 3 +FLAGS.SILENT (\\Deleted)")
     other.cmd("z EXPUNGE")
-    out = s.cmd(f"b SELECT INBOX (QRESYNC (1 {highest} 1:4))")
+    out = s.cmd(f"b SELECT INBOX (QRESYNC ({b.uidvalidity(INBOX)} {highest} 1:4))")
     assert b"* VANISHED (EARLIER) 3" in out
     assert any(re.fullmatch(rb"\* 2 FETCH \(UID 2 FLAGS \(\\Seen\) MODSEQ \(\d+\)\)", x) for x in out)
     out = s.cmd(f"c UID FETCH 1:* (FLAGS) (CHANGEDSINCE {highest} VANISHED)")
@@ -223,10 +238,10 @@ def test_condstore_and_qresync_resync():
     assert plain.cmd("p SELECT INBOX (QRESYNC (1 1))")[-1].startswith(b"p BAD ")
 
 
-def test_read_only_replica_names_its_master():
+def test_read_only_replica_names_its_master(h):
     """IMAP-13: SELECT says READ-ONLY; every write says NO [UNAVAILABLE] with the master's address."""
-    b = filled(1)
-    b.read_only_master = "imap.example:143"
+    b = filled(h, 1)
+    b.make_replica("imap.example:143")
     s = session(b)
     assert s.cmd("a SELECT INBOX")[-1] == b"a OK [READ-ONLY] SELECT completed"
     for line in ["b STORE 1 +FLAGS (\\Seen)", "c EXPUNGE", "d UID MOVE 1 INBOX", "e APPEND INBOX {1+}\r\nx",
@@ -238,9 +253,9 @@ def test_read_only_replica_names_its_master():
     assert s.cmd("k FETCH 1 FLAGS")[0] == b"* 1 FETCH (FLAGS ())"
 
 
-def test_backend_failures_are_no_unavailable_and_change_nothing():
+def test_backend_failures_are_no_unavailable_and_change_nothing(h):
     """IMAP-11"""
-    b = filled(1)
+    b = filled(h, 1)
     s = session(b, select="INBOX")
     b.fail_next("store", Unavailable("the log failed: disk full; try again later"))
     assert s.cmd("a STORE 1 +FLAGS (\\Seen)") == [
@@ -248,12 +263,12 @@ def test_backend_failures_are_no_unavailable_and_change_nothing():
     assert s.cmd("b FETCH 1 FLAGS")[0] == b"* 1 FETCH (FLAGS ())"
     b.fail_next("append", Unavailable("writes are paused"))
     assert s.cmd("c APPEND INBOX {1+}\r\nx")[-1] == b"c NO [UNAVAILABLE] writes are paused"
-    assert len(b.mailboxes["user/alice/INBOX"].messages) == 1
+    assert len(b.uids(INBOX)) == 1
 
 
-def test_list_lsub_subscriptions_special_use_and_hierarchy():
+def test_list_lsub_subscriptions_special_use_and_hierarchy(h):
     """IMAP-24"""
-    b = memory_backend()
+    b = h
     s = session(b)
     for line in ["a CREATE Sent (USE (\\Sent))", "b CREATE INBOX/Work/2024", "c CREATE Entw&APw-rfe",
                  "d SUBSCRIBE Sent", "e SUBSCRIBE Gone"]:
@@ -283,19 +298,19 @@ def test_list_lsub_subscriptions_special_use_and_hierarchy():
     assert s.cmd("q NAMESPACE") == [b'* NAMESPACE (("" "/")) NIL NIL', b"q OK NAMESPACE completed"]
 
 
-def test_isolation_names_never_reach_another_user():
+def test_isolation_names_never_reach_another_user(h):
     """IMAP-12: whatever name alice gives, the backend is only ever asked about user/alice/..."""
-    b = memory_backend()
+    b = h
     b.deliver("user/bob/INBOX", MESSAGE)
     s = session(b)
     seen_names = []
     for method in ("snapshot", "status", "create", "delete", "rename", "set_subscribed", "append", "copy"):
-        orig = getattr(b, method)
+        orig = getattr(b.backend, method)
 
         async def spy(*args, _orig=orig, **kw):
             seen_names.extend(a for a in args if isinstance(a, str) and a.startswith("user/"))
             return await _orig(*args, **kw)
-        setattr(b, method, spy)
+        setattr(b.backend, method, spy)
     for name in ["user/bob/INBOX", "../bob/INBOX", "/user/bob/INBOX", "INBOX/../../bob/INBOX", "%", "*", "bob",
                  "~bob/INBOX", "#shared/x", "user/bob"]:
         for tpl in ['SELECT "{n}"', 'STATUS "{n}" (MESSAGES)', 'CREATE "{n}"', 'DELETE "{n}"',
@@ -304,7 +319,7 @@ def test_isolation_names_never_reach_another_user():
     s.cmd("s SELECT INBOX")
     s.cmd("c COPY 1:* user/bob/INBOX")
     assert seen_names and all(n.startswith("user/alice/") for n in seen_names), seen_names
-    assert len(b.mailboxes["user/bob/INBOX"].messages) == 1
+    assert len(b.uids("user/bob/INBOX")) == 1
     assert b"bob" not in b"".join(s.cmd('l LIST "" *')) and b"bob" not in b"".join(s.cmd('l LIST "" user/*'))
 
 
@@ -320,8 +335,9 @@ class TwoUsers(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.b = memory_backend()
-        self.sessions = {"alice": session(self.b, "alice", "apw"), "bob": session(self.b, "bob", "bpw")}
+        self.h = MemoryHarness()
+        self.b = self.h.backend
+        self.sessions = {"alice": session(self.h, "alice", "apw"), "bob": session(self.h, "bob", "bpw")}
         self.counter = 0
         self.b.deliver("user/alice/INBOX", MESSAGE.replace(b"hello", b"owner-alice"))
         self.b.deliver("user/bob/INBOX", MESSAGE.replace(b"hello", b"owner-bob"))

@@ -1,0 +1,265 @@
+"""The IMAP front over the engine: a :class:`~engine.imap.backend.Backend` on an :class:`~engine.asyncnode.AsyncNode`.
+
+This is the adapter between the pure IMAP package and the node (IMAP-27: the
+one module of the package besides ``server.py`` that reaches outside it).
+
+* **Writes** go through the node's write path: each command is one log record
+  (MS-20: an APPEND of several messages, a COPY or MOVE of N messages, a
+  RENAME with its children), planned under the node's state lock in a worker
+  thread and returned only once durable. Nothing here takes that lock or holds
+  anything while awaiting: every blocking call (planning, fdatasync, SQLite,
+  password hashing) runs in the node's worker threads.
+* **Reads** (``snapshot``, ``changes``, ``status``, ``fetch_bodies``) read the
+  store once it applied everything durable at the call (read-your-writes),
+  in a worker thread. A message's stored structure (MS-24) is decoded only
+  when FETCH or SEARCH first reads it; a body stored before structures were
+  kept gets its structure computed and stored on first read.
+* **Errors**: the node's mail-store errors become the backend's typed errors
+  (a replica's :class:`ReadOnly` names the master's address as the cluster
+  knows it, through ``master_address``; a failed log or paused writes are
+  :class:`Unavailable`).
+* **Notification**: :meth:`NodeBackend.watch` rides on the node's change
+  listener, called by the applier on masters and replicas alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from typing import Callable, Sequence
+
+import cbor2
+
+from ..asyncnode import AsyncNode
+from ..store.errors import (
+    BadFlagError,
+    BadMailboxNameError,
+    BadUserNameError,
+    GuardRefusedError,
+    MailboxExistsError,
+    MailStoreError,
+    MessageTooLargeError,
+    ReadOnlyNodeError,
+    RequestError,
+    StoreUnavailableError,
+    UnknownMailboxError,
+)
+from ..store.events import validate_user_name
+from .backend import (
+    AlreadyExists,
+    AppendResult,
+    BackendError,
+    Cannot,
+    Changes,
+    CopyResult,
+    LimitExceeded,
+    MailboxEntry,
+    MailboxStatus,
+    MessageInfo,
+    NewMessage,
+    NoSuchMailbox,
+    ReadOnly,
+    Snapshot,
+    StoreResult,
+    TooBig,
+    Unavailable,
+)
+
+__all__ = ["NodeBackend", "StoredStructure"]
+
+_UTC = _dt.timezone.utc
+
+
+class StoredStructure(Mapping):
+    """A message's stored structure (``engine/store/structure.py``), decoded from its CBOR on first use."""
+
+    __slots__ = ("_blob", "_value")
+
+    def __init__(self, blob: bytes):
+        self._blob = blob
+        self._value: dict | None = None
+
+    def _decoded(self) -> dict:
+        if self._value is None:
+            self._value = cbor2.loads(self._blob)
+        return self._value
+
+    def __getitem__(self, key):
+        return self._decoded()[key]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+
+def _info(row, structures: dict[bytes, bytes]) -> MessageInfo:
+    blob = row.structure if row.structure is not None else structures[row.guid]
+    return MessageInfo(row.uid, frozenset(row.flags), row.modseq,
+                       _dt.datetime.fromtimestamp(row.internaldate_ms / 1000, _UTC), row.size, StoredStructure(blob))
+
+
+class NodeBackend:
+    """The mail store of one node as the IMAP executor sees it.
+
+    Args:
+        node: the open node (the backend does not own it).
+        master_address: returns the master's IMAP address as the cluster knows it (or None),
+            for the replica's ``NO [UNAVAILABLE]`` answers.
+    """
+
+    def __init__(self, node: AsyncNode, *, master_address: Callable[[], str | None] | None = None):
+        self.node = node
+        self.master_address = master_address or (lambda: None)
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _error(self, exc: MailStoreError) -> BackendError:
+        """The backend error for a refused request (IMAP-11, IMAP-13)."""
+        text = str(exc)
+        if isinstance(exc, ReadOnlyNodeError):
+            if self.node.role != "master":
+                return ReadOnly(self.master_address())
+            return Unavailable(f"writes are paused: {text}; try again shortly")
+        if isinstance(exc, StoreUnavailableError):
+            return Unavailable(text)
+        if isinstance(exc, UnknownMailboxError):
+            return NoSuchMailbox(text)
+        if isinstance(exc, MailboxExistsError):
+            return AlreadyExists(text)
+        if isinstance(exc, MessageTooLargeError):
+            return TooBig(text)
+        if isinstance(exc, GuardRefusedError):
+            return LimitExceeded(text)
+        if isinstance(exc, (BadMailboxNameError, BadFlagError, RequestError)):
+            return Cannot(text)
+        return Unavailable(text)
+
+    async def _call(self, fn, *args, **kwargs):
+        try:
+            return await self.node.run_sync(fn, *args, **kwargs)
+        except MailStoreError as exc:
+            raise self._error(exc) from exc
+
+    def _write_refused(self) -> None:
+        refusal = self.read_only()
+        if refusal is not None:
+            raise refusal
+
+    # -- the Backend protocol -------------------------------------------------------------
+
+    async def authenticate(self, username: str, password: str) -> str | None:
+        name = username.lower()
+        try:
+            validate_user_name(name)
+        except BadUserNameError:
+            return None
+        try:
+            ok = await self.node.verify_user(name, password)
+        except MailStoreError:
+            return None
+        return name if ok else None
+
+    def read_only(self) -> ReadOnly | None:
+        if self.node.role != "master":
+            return ReadOnly(self.master_address())
+        return None
+
+    async def list_mailboxes(self, prefix: str) -> list[MailboxEntry]:
+        rows = await self._call(self.node.node.imap_mailboxes, prefix)
+        return [MailboxEntry(name, tuple(use.split())) for name, use in rows]
+
+    async def subscriptions(self, user: str) -> frozenset[str]:
+        return frozenset(await self._call(self.node.node.subscriptions, user))
+
+    async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
+        self._write_refused()
+        await self._call(self.node.node.set_subscribed, user, name, subscribed)
+
+    async def create(self, name: str, special_use: tuple[str, ...] = ()) -> None:
+        self._write_refused()
+        await self._call(self.node.node.create_mailbox, name, special_use=tuple(special_use))
+
+    async def delete(self, name: str) -> None:
+        self._write_refused()
+        await self._call(self.node.node.delete_mailbox, name)
+
+    async def rename(self, old: str, new: str) -> None:
+        self._write_refused()
+        await self._call(self.node.node.rename_mailbox, old, new, children=True)
+
+    async def status(self, name: str) -> MailboxStatus:
+        st = await self._call(self.node.node.imap_status, name)
+        return MailboxStatus(st["messages"], st["uidnext"], st["uidvalidity"], st["unseen"], st["deleted"],
+                             st["size"], st["highestmodseq"])
+
+    def _snapshot_sync(self, name: str) -> Snapshot:
+        info, rows = self.node.node.imap_snapshot(name)
+        structures = self._missing_structures(rows)
+        return Snapshot(info.uidvalidity, info.uidnext, info.highestmodseq, [_info(r, structures) for r in rows])
+
+    def _changes_sync(self, name: str, since_modseq: int) -> Changes:
+        info, rows, vanished = self.node.node.imap_changes(name, since_modseq)
+        structures = self._missing_structures(rows)
+        return Changes(info.uidvalidity, info.uidnext, info.highestmodseq, [_info(r, structures) for r in rows],
+                       vanished)
+
+    def _missing_structures(self, rows) -> dict[bytes, bytes]:
+        missing = [r.guid for r in rows if r.structure is None]
+        return self.node.node.fill_structures(missing) if missing else {}
+
+    async def snapshot(self, name: str) -> Snapshot:
+        return await self._call(self._snapshot_sync, name)
+
+    async def changes(self, name: str, since_modseq: int) -> Changes:
+        return await self._call(self._changes_sync, name, since_modseq)
+
+    async def fetch_bodies(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
+        return await self._call(self.node.node.imap_bodies, name, list(uids))
+
+    async def append(self, name: str, messages: Sequence[NewMessage]) -> AppendResult:
+        self._write_refused()
+        planned = [(m.data, tuple(m.flags), m.internaldate.timestamp() if m.internaldate is not None else None)
+                   for m in messages]
+        receipt = await self._call(self.node.node.append_messages, name, planned)
+        return AppendResult(receipt.uidvalidity, receipt.uids)
+
+    def _store_sync(self, name: str, uids: list[int], mode: str, flags: frozenset[str],
+                    unchanged_since: int | None) -> StoreResult:
+        node = self.node.node
+        receipt = node.change_flags(name, uids, mode, sorted(flags), unchanged_since=unchanged_since)
+        if not receipt.uids:
+            return StoreResult((), (), receipt.modified)
+        _, rows = node.imap_rows(name, receipt.uids)
+        structures = self._missing_structures(rows)
+        infos = [_info(r, structures) for r in rows]
+        changed = tuple(i for i in infos if i.modseq >= receipt.modseq)
+        unchanged = tuple(i for i in infos if i.modseq < receipt.modseq)
+        return StoreResult(changed, unchanged, receipt.modified)
+
+    async def store(self, name: str, uids: Sequence[int], mode: str, flags: frozenset[str],
+                    unchanged_since: int | None = None) -> StoreResult:
+        self._write_refused()
+        return await self._call(self._store_sync, name, list(uids), mode, frozenset(flags), unchanged_since)
+
+    async def copy(self, name: str, uids: Sequence[int], target: str) -> CopyResult:
+        self._write_refused()
+        receipt = await self._call(self.node.node.copy_messages, name, list(uids), target)
+        return CopyResult(receipt.uidvalidity, receipt.source_uids, receipt.target_uids)
+
+    async def move(self, name: str, uids: Sequence[int], target: str) -> CopyResult:
+        self._write_refused()
+        receipt = await self._call(self.node.node.copy_messages, name, list(uids), target, move=True)
+        return CopyResult(receipt.uidvalidity, receipt.source_uids, receipt.target_uids)
+
+    async def expunge(self, name: str, uids: Sequence[int]) -> tuple[int, ...]:
+        self._write_refused()
+        gone, _ = await self._call(self.node.node.expunge_present, name, list(uids))
+        return tuple(gone)
+
+    def watch(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        def changed(names: set[str]) -> None:
+            for name in names:
+                callback(name)
+        return self.node.add_change_listener(changed)
