@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.events import EVENT_TYPES, decode_event
+from engine.events import EVENT_TYPES, decode_event, encode_event
 
 
 @pytest.mark.parametrize("payload", [b"", b"\xff", b"\x1c", b"\xa1\x61", b"\x5f\x41"])
@@ -16,10 +16,14 @@ def test_malformed_cbor_is_a_value_error(payload):
 
 @given(st.sampled_from(sorted(EVENT_TYPES)), st.binary(max_size=64))
 def test_random_payloads_decode_or_raise_value_error(type_, payload):
+    """Anything that decodes is a valid event of that type, and encodes back to an equal event."""
     try:
-        decode_event(type_, payload)
+        event = decode_event(type_, payload)
     except ValueError:
-        pass
+        return
+    assert event.TYPE == type_
+    again_type, again_payload = encode_event(event)
+    assert again_type == type_ and decode_event(again_type, again_payload) == event
 
 
 def _vector_fields(fields: dict) -> dict:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import replication as P
 from engine.replication import messages
-from engine.errors import RemoteProtocolError
+from engine.errors import ProtocolError, RemoteProtocolError
 from engine.replication import NEED_DATA, PREAMBLE, AppendBatch, Heartbeat, ReplicationSession, State
 from tests.replication_support import MASTER, REPLICA, SECRET, SessionPair, history
 
@@ -69,7 +70,12 @@ def test_random_frame_bodies(code, body):
     try:
         drain(s, struct.pack(">IB", len(body), code) + body, False)
     except RemoteProtocolError:
-        pass
+        assert s.state is State.ERROR  # sticky: the session refuses everything after
+        with pytest.raises(ProtocolError):
+            s.receive_data(b"\x00")
+            s.next_event()
+    else:
+        assert s.state is not State.ERROR
 
 
 def _valid_stream() -> tuple[ReplicationSession, bytes]:
