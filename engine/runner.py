@@ -2,13 +2,16 @@
 
 :class:`NodeRunner` owns a node process's lifecycle: open the node, start the
 LMTP listener (:mod:`engine.lmtp`), start any extra services
-(``add_service``: the cluster's replication and control hook in here), then
+(``add_service``: the cluster's replication and control hook in here), start
+the IMAP front when configured (:mod:`engine.imap`, over the same node:
+``imap_backend`` is there for services to wire before it serves), then
 wait for SIGTERM/SIGINT or :meth:`NodeRunner.request_stop`. Shutdown is
 graceful: stop accepting, let every connection finish the transaction it is
 in (its deliveries complete and are answered), answer ``421 4.3.2`` at the
-next command boundary, then cancel the services and close the node.
+next command boundary; IMAP sessions get ``* BYE`` at their next command
+boundary (an IDLE included); then cancel the services and close the node.
 Connections still mid-transaction after the grace period are cut: they were
-never acknowledged, so their MTA retries.
+never acknowledged, so their MTA (or mail client) retries.
 """
 
 
@@ -23,6 +26,7 @@ from typing import Any, Awaitable, Callable
 import anyio
 
 from .asyncnode import AsyncNode
+from .errors import listen_error
 from .lmtp.server import LmtpConfig, LmtpServer
 
 __all__ = ["NodeRunner", "run_node", "Service"]
@@ -43,7 +47,8 @@ class NodeRunner:
     """
 
     def __init__(self, path: str, lmtp: LmtpConfig | None | bool = None, *, handle_signals: bool = True,
-                 announce: Callable[[str], None] | None = None, threads: int | None = None):
+                 announce: Callable[[str], None] | None = None, threads: int | None = None, imap=None,
+                 imap_grace_s: float = 10.0):
         self.path = path
         self.lmtp_enabled = lmtp is not False
         self.lmtp_config = lmtp or LmtpConfig()
@@ -54,6 +59,11 @@ class NodeRunner:
         self.anode: AsyncNode | None = None
         self.lmtp: LmtpServer | None = None
         self.lmtp_address: tuple[str, int] | None = None
+        self.imap_config = imap  # engine.imap.server.ImapConfig, or None: no IMAP front
+        self.imap_grace_s = imap_grace_s
+        self.imap_backend = None  # the NodeBackend the IMAP front serves (set before services start)
+        self.imap = None  # the ImapServer
+        self.imap_addresses: dict[str, tuple[str, int]] = {}
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,8 +103,18 @@ class NodeRunner:
                     # every service is up (no mail before the node is ready).
                     self.lmtp = LmtpServer(anode, self.lmtp_config)
                     await self.lmtp.bind()
+                if self.imap_config is not None:
+                    from .imap.node_backend import NodeBackend
+
+                    self.imap_backend = NodeBackend(anode)
                 for name, service in self.services:
                     await tg.start(service, self)
+                imap_done = anyio.Event()
+                if self.imap_config is not None:
+                    self.imap_addresses = await tg.start(self._serve_imap, imap_done)
+                    where = ", ".join(f"{kind.upper()} on {host}:{port}"
+                                      for kind, (host, port) in self.imap_addresses.items())
+                    self.announce(f"node {anode.name} ({anode.role}) at {anode.node.path}: {where}")
                 if self.lmtp is not None:
                     self.lmtp_address = await self.lmtp.start()
                     host, port = self.lmtp_address
@@ -105,6 +125,8 @@ class NodeRunner:
                 self.ready.set()
                 task_status.started(self.lmtp_address)
                 await self._stop.wait()
+                if self.imap is not None:
+                    await self._drain_imap(imap_done)
                 if self.lmtp is not None:
                     clean = await self.lmtp.drain()
                     c = self.lmtp.counts
@@ -115,9 +137,37 @@ class NodeRunner:
         finally:
             if self.lmtp is not None:
                 self.lmtp.close_now()  # a failed service or a crash: no connection may outlive the node
+            if self.imap is not None:
+                self.imap.stop_now()
             await anode.aclose()
             self.stopped.set()
             self.ready.set()
+
+
+    async def _serve_imap(self, done: anyio.Event, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """The IMAP front over this node (started after the services wired ``imap_backend``);
+        reports the bound addresses once listening, sets ``done`` when it stopped."""
+        from .imap.server import ImapServer
+
+        cfg = self.imap_config
+        self.imap = ImapServer(self.imap_backend, cfg)
+        try:
+            await self.imap.serve(task_status=task_status)
+        except OSError as exc:
+            port = cfg.port if cfg.port is not None else cfg.tls_port
+            raise listen_error("IMAP", (cfg.host, port), exc) from exc
+        finally:
+            done.set()
+
+    async def _drain_imap(self, done: anyio.Event) -> None:
+        """``* BYE`` to every IMAP session at its next command boundary; cut what remains after the grace."""
+        self.imap.shutdown()
+        with anyio.move_on_after(self.imap_grace_s):
+            await done.wait()
+        if not done.is_set():
+            log.warning("IMAP sessions still open after %.0f s: cutting them", self.imap_grace_s)
+            self.imap.stop_now()
+            await done.wait()
 
 
 def run_node(path: str, lmtp: LmtpConfig | None = None, *, announce: Callable[[str], None] | None = None) -> int:

@@ -81,6 +81,17 @@ def _node_options(f):
         click.option("--lmtp", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
                      help="LMTP front address ('' for none). Default: [lmtp] listen of node.toml, else "
                           "127.0.0.1:2424 for `serve` and none for `follow` (a replica answers 451)."),
+        click.option("--imap", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
+                     help="IMAP front address ('' for none; a replica serves it read-only). Default: [imap] listen "
+                          "of node.toml, else none."),
+        click.option("--imaps", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
+                     help="IMAP over implicit TLS (needs --tls-cert and --tls-key). Default: [imap] tls_listen."),
+        click.option("--tls-cert", default=None, type=click.Path(dir_okay=False),
+                     help="PEM certificate chain for IMAP STARTTLS and IMAPS. Default: [imap] tls_cert."),
+        click.option("--tls-key", default=None, type=click.Path(dir_okay=False),
+                     help="Its PEM private key (mode 0600). Default: [imap] tls_key."),
+        click.option("--imap-plaintext-login", "allow_plaintext_login", is_flag=True, default=None,
+                     help="Allow IMAP LOGIN without TLS from non-loopback addresses (default: loopback only)."),
         click.option("--listen", default=None, type=HostPort(), metavar="HOST:PORT",
                      help="Replication and control port of this node."),
         click.option("--peer", "peers", multiple=True, type=HostPort(), metavar="HOST:PORT",
@@ -148,6 +159,14 @@ def _settings(node: str, config_file, role: str, **flags) -> dict:
         "failover_timeout_s": cfg["replication"]["failover_timeout_s"],
         "retention_max_bytes": pick("retention_max_bytes", "replication", "retention_max_bytes"),
         "metrics": pick("metrics", "metrics", "listen"),
+        "imap": pick("imap", "imap", "listen"),
+        "imaps": pick("imaps", "imap", "tls_listen"),
+        "tls_cert": pick("tls_cert", "imap", "tls_cert"),
+        "tls_key": pick("tls_key", "imap", "tls_key"),
+        "allow_plaintext_login": pick("allow_plaintext_login", "imap", "allow_plaintext_login"),
+        "imap_limits": {k: cfg["imap"][k] for k in ("max_sessions_per_user", "max_sessions_per_address",
+                                                      "max_literal_bytes", "login_timeout_s", "idle_timeout_s")},
+        "imap_grace_s": cfg["imap"]["shutdown_grace_s"],
         "log_file": pick("log_file", "log", "file") or None,
         "log_json": pick("log_json", "log", "json"),
         "quiet": pick("quiet", "log", "quiet"),
@@ -155,6 +174,8 @@ def _settings(node: str, config_file, role: str, **flags) -> dict:
             "LMTP": source("lmtp", "lmtp", "listen"),
             "replication and control": source("listen", "replication", "listen"),
             "metrics": source("metrics", "metrics", "listen"),
+            "IMAP": source("imap", "imap", "listen") if pick("imap", "imap", "listen")
+            else source("imaps", "imap", "tls_listen"),
         },
     }
 
@@ -200,12 +221,13 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
         raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
                                    f"there (mode 0600), or pass --secret-file")
     secret_file = s["secret_file"] if os.path.exists(s["secret_file"]) else ""
+    imap = _imap_config(s)
     cluster = Cluster(ClusterConfig(
         name=s["name"] or "", listen=listen, peers=peers, secret_file=secret_file,
         sync_replicas=s["sync_replicas"], sync_timeout_s=s["sync_timeout_s"], sync_fallback=s["sync_fallback"],
         auto_reconcile=s["auto_reconcile"], failover_timeout_s=s["failover_timeout_s"], metrics=metrics,
         retention_max_bytes=s["retention_max_bytes"]))
-    runner = NodeRunner(node, lmtp)
+    runner = NodeRunner(node, lmtp, imap=imap, imap_grace_s=s["imap_grace_s"])
     runner.add_service("cluster", cluster.service)
     try:
         anyio.run(runner.run)
@@ -223,15 +245,55 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
     return 0
 
 
+def _imap_config(s: dict):
+    """The IMAP front's settings (None: no IMAP front). Refuses, before anything starts, an IMAPS
+    address without a certificate and key, an unreadable certificate or key, and a key that group
+    or other users can read."""
+    import stat
+
+    from engine.cluster import parse_address
+    from engine.imap.server import ImapConfig, make_ssl_context
+
+    if not s["imap"] and not s["imaps"]:
+        return None
+    cert, key = s["tls_cert"] or None, s["tls_key"] or None
+    if s["imaps"] and not (cert and key):
+        raise click.ClickException("--imaps (IMAP over TLS) needs --tls-cert and --tls-key ([imap] tls_cert, tls_key)")
+    if bool(cert) != bool(key):
+        raise click.ClickException("give both --tls-cert and --tls-key ([imap] tls_cert, tls_key), or neither")
+    context = None
+    if cert:
+        try:
+            mode = stat.S_IMODE(os.stat(key).st_mode)
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the TLS key {key}: {exc.strerror}") from None
+        if mode & 0o077:
+            raise click.ClickException(f"the TLS key {key} is readable by other users (mode {mode:o}): "
+                                       f"chmod 600 {key}")
+        try:
+            context = make_ssl_context(cert, key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise click.ClickException(f"cannot load the TLS certificate {cert} with key {key}: {exc}") from None
+    host, port = parse_address(s["imap"]) if s["imap"] else (None, None)
+    tls_host, tls_port = parse_address(s["imaps"]) if s["imaps"] else (None, None)
+    if host and tls_host and host != tls_host:
+        raise click.ClickException(f"--imap and --imaps must be on one address (got {host} and {tls_host})")
+    return ImapConfig(host=host or tls_host, port=port, tls_port=tls_port, certfile=cert, keyfile=key,
+                      ssl_context=context, allow_plaintext_login=bool(s["allow_plaintext_login"]), **s["imap_limits"])
+
+
 @click.command(context_settings=CONTEXT_SETTINGS)
 @node_argument
 @_node_options
 def serve(node: str, config_file, **flags) -> None:
-    """Run a master: LMTP front, replication for replicas, control, until SIGTERM.
+    """Run a master: LMTP front, IMAP front, replication for replicas, control, until SIGTERM.
 
     A 250 goes out once the delivery is durable in the log (and, with
-    --sync-replicas K, on K replicas). Prints where it listens; logs one line
-    per recipient delivery. SIGTERM or SIGINT drains and exits 0.
+    --sync-replicas K, on K replicas); so does an IMAP tagged OK to a write
+    (--imap HOST:PORT; --imaps with --tls-cert and --tls-key; LOGIN without
+    TLS only from loopback unless --imap-plaintext-login). Prints where it
+    listens; logs one line per recipient delivery. SIGTERM or SIGINT drains
+    (IMAP sessions get BYE) and exits 0.
 
     \b
     Example:
@@ -297,8 +359,10 @@ def follow(node: str, masters: tuple[str, ...], reseed: bool, config_file, **fla
     NODE is created and seeded from the master (a snapshot of its store plus
     the log from there when the master no longer holds LSN 1); a seed that
     fails leaves no node behind. A replica has no LMTP front unless --lmtp
-    or [lmtp] listen gives it one (answering 451 until promoted). While no
-    master answers, it says once that it waits, and once when it connects.
+    or [lmtp] listen gives it one (answering 451 until promoted). With --imap
+    it serves IMAP read-only (writes answer NO [UNAVAILABLE] naming the
+    master; writable once promoted). While no master answers, it says once
+    that it waits, and once when it connects.
 
     \b
     Example:

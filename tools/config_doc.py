@@ -50,12 +50,14 @@ def _unit(key: str, default: object, comment: str) -> str:
         return "seconds"
     if key.endswith("_bytes"):
         return "bytes"
-    if key == "listen":
+    if key.endswith("listen"):
         return "HOST:PORT"
     if key == "peers":
         return "list of HOST:PORT"
-    if key in ("file", "secret_file"):
+    if key in ("file", "secret_file", "tls_cert", "tls_key"):
         return "path"
+    if key.startswith("max_sessions"):
+        return "sessions"
     if key == "sync_replicas":
         return "replicas"
     return "text"

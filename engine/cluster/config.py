@@ -41,6 +41,29 @@ max_message_bytes = 0
 # Seconds SIGTERM waits for open transactions before cutting them.
 shutdown_grace_s = 30.0
 
+[imap]
+# Where the IMAP front listens (HOST:PORT, "" = no IMAP front). A replica serves it read-only.
+# With tls_cert set, STARTTLS is offered here.
+listen = ""
+# Implicit TLS (IMAPS) address (HOST:PORT, "" = none); needs tls_cert and tls_key.
+tls_listen = ""
+# The PEM certificate chain for STARTTLS and IMAPS ("" = no TLS).
+tls_cert = ""
+# Its PEM private key (mode 0600).
+tls_key = ""
+# LOGIN and AUTHENTICATE PLAIN without TLS from addresses other than loopback (off: refused there).
+allow_plaintext_login = false
+# Sessions one user may have open at once, and one client address.
+max_sessions_per_user = 20
+max_sessions_per_address = 100
+# Largest literal accepted (an APPENDed message), in bytes (larger: NO [TOOBIG]).
+max_literal_bytes = 67108864
+# Seconds a client may take to log in, and may stay idle once logged in (IDLE included).
+login_timeout_s = 60.0
+idle_timeout_s = 1800.0
+# Seconds SIGTERM gives sessions to finish their command before BYE cuts them.
+shutdown_grace_s = 10.0
+
 [replication]
 # This node's replication and control port (HOST:PORT). A master serves replicas here;
 # a replica answers control requests here and serves replicas once promoted.
@@ -99,12 +122,15 @@ _CHOICES = {
     ("replication", "sync_fallback"): ("refuse", "async"),
 }
 #: Keys holding a HOST:PORT ("" allowed: none) or a list of them.
-_ADDRESSES = {("lmtp", "listen"), ("replication", "listen"), ("metrics", "listen")}
+_ADDRESSES = {("lmtp", "listen"), ("replication", "listen"), ("metrics", "listen"), ("imap", "listen"),
+              ("imap", "tls_listen")}
 _ADDRESS_LISTS = {("replication", "peers")}
 #: Numbers that must not be negative.
 _NON_NEGATIVE = {("lmtp", "max_message_bytes"), ("lmtp", "shutdown_grace_s"), ("replication", "sync_replicas"),
                  ("replication", "sync_timeout_s"), ("replication", "failover_timeout_s"),
-                 ("replication", "retention_max_bytes")}
+                 ("replication", "retention_max_bytes"), ("imap", "max_sessions_per_user"),
+                 ("imap", "max_sessions_per_address"), ("imap", "max_literal_bytes"), ("imap", "login_timeout_s"),
+                 ("imap", "idle_timeout_s"), ("imap", "shutdown_grace_s")}
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,48}")
 _KIND = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
          dict: "a table"}

@@ -237,6 +237,10 @@ class Cluster:
                 runner.announce(f"node {self.config.name}: metrics on http://{self.config.metrics[0]}:{port}/metrics")
             if runner.lmtp is not None:
                 runner.lmtp.backend = SyncReplicationBackend(self, runner.lmtp.backend)
+            imap = getattr(runner, "imap_backend", None)
+            if imap is not None:  # IMAP writes wait for --sync-replicas like deliveries; a replica names its master
+                imap.replicated = self._imap_replicated
+                imap.master_address = lambda: self.link.master if self.link is not None else None
             self._start_role()
             if self.config.auto_reconcile:
                 tg.start_soon(self._retry_tails)
@@ -246,6 +250,22 @@ class Cluster:
             finally:
                 if self._metrics is not None:
                     self._metrics.close()
+
+    async def _imap_replicated(self, lsn: int) -> None:
+        """An IMAP write's record is durable here: wait for ``sync_replicas`` replicas, as a delivery
+        does (raises TemporaryFailure when they do not confirm in time and the fallback refuses)."""
+        k = self.config.sync_replicas
+        if k <= 0 or self.hub is None:
+            return
+        try:
+            await self.hub.wait_replicated(lsn, k, self.config.sync_timeout_s)
+            self.sync_degraded = None
+        except ReplicationTimeoutError as exc:
+            if self.config.sync_fallback == "async":
+                self.sync_degraded = f"fell back to asynchronous: {exc}"
+                return
+            self.sync_degraded = f"refusing: {exc}"
+            raise TemporaryFailure(f"fewer than {k} replica(s) confirmed the change in time: {exc}") from exc
 
     def _count_delivery(self, d: dict) -> None:
         """LMTP per-recipient outcome -> metrics (deliveries, refusals by reason, latency)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Mapping
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import cbor2
 
@@ -105,13 +105,18 @@ class NodeBackend:
 
     Args:
         node: the open node (the backend does not own it).
-        master_address: returns the master's IMAP address as the cluster knows it (or None),
+        master_address: returns the master's address as the cluster knows it (or None),
             for the replica's ``NO [UNAVAILABLE]`` answers.
+        replicated: ``await replicated(lsn)`` after each durable write, before it is answered:
+            the cluster waits there for ``--sync-replicas`` K replicas (raising a
+            TemporaryFailure, answered NO [UNAVAILABLE], when they do not confirm in time).
     """
 
-    def __init__(self, node: AsyncNode, *, master_address: Callable[[], str | None] | None = None):
+    def __init__(self, node: AsyncNode, *, master_address: Callable[[], str | None] | None = None,
+                 replicated: Callable[[int], Awaitable[None]] | None = None):
         self.node = node
         self.master_address = master_address or (lambda: None)
+        self.replicated = replicated
 
     # -- errors ----------------------------------------------------------------------------
 
@@ -141,6 +146,18 @@ class NodeBackend:
             return await self.node.run_sync(fn, *args, **kwargs)
         except MailStoreError as exc:
             raise self._error(exc) from exc
+
+    async def _write(self, fn, *args, **kwargs):
+        """A write: refused on a replica; its result once durable (and replicated, ``replicated``).
+        ``fn`` returns ``(result, lsn)``; LSN 0 means nothing was logged."""
+        self._write_refused()
+        result, lsn = await self._call(fn, *args, **kwargs)
+        if lsn and self.replicated is not None:
+            try:
+                await self.replicated(lsn)
+            except MailStoreError as exc:
+                raise self._error(exc) from exc
+        return result
 
     def _write_refused(self) -> None:
         refusal = self.read_only()
@@ -173,21 +190,23 @@ class NodeBackend:
     async def subscriptions(self, user: str) -> frozenset[str]:
         return frozenset(await self._call(self.node.node.subscriptions, user))
 
+    @staticmethod
+    def _lsn_only(fn):
+        def run(*args, **kwargs):
+            return None, fn(*args, **kwargs)
+        return run
+
     async def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
-        self._write_refused()
-        await self._call(self.node.node.set_subscribed, user, name, subscribed)
+        await self._write(self._lsn_only(self.node.node.set_subscribed), user, name, subscribed)
 
     async def create(self, name: str, special_use: tuple[str, ...] = ()) -> None:
-        self._write_refused()
-        await self._call(self.node.node.create_mailbox, name, special_use=tuple(special_use))
+        await self._write(self._lsn_only(self.node.node.create_mailbox), name, special_use=tuple(special_use))
 
     async def delete(self, name: str) -> None:
-        self._write_refused()
-        await self._call(self.node.node.delete_mailbox, name)
+        await self._write(self._lsn_only(self.node.node.delete_mailbox), name)
 
     async def rename(self, old: str, new: str) -> None:
-        self._write_refused()
-        await self._call(self.node.node.rename_mailbox, old, new, children=True)
+        await self._write(self._lsn_only(self.node.node.rename_mailbox), old, new, children=True)
 
     async def status(self, name: str) -> MailboxStatus:
         st = await self._call(self.node.node.imap_status, name)
@@ -219,44 +238,46 @@ class NodeBackend:
         return await self._call(self.node.node.imap_bodies, name, list(uids))
 
     async def append(self, name: str, messages: Sequence[NewMessage]) -> AppendResult:
-        self._write_refused()
         planned = [(m.data, tuple(m.flags), m.internaldate.timestamp() if m.internaldate is not None else None)
                    for m in messages]
-        receipt = await self._call(self.node.node.append_messages, name, planned)
-        return AppendResult(receipt.uidvalidity, receipt.uids)
+
+        def append():
+            receipt = self.node.node.append_messages(name, planned)
+            return AppendResult(receipt.uidvalidity, receipt.uids), receipt.lsn
+        return await self._write(append)
 
     def _store_sync(self, name: str, uids: list[int], mode: str, flags: frozenset[str],
                     unchanged_since: int | None) -> StoreResult:
         node = self.node.node
         receipt = node.change_flags(name, uids, mode, sorted(flags), unchanged_since=unchanged_since)
         if not receipt.uids:
-            return StoreResult((), (), receipt.modified)
+            return StoreResult((), (), receipt.modified), 0
         _, rows = node.imap_rows(name, receipt.uids)
         structures = self._missing_structures(rows)
         infos = [_info(r, structures) for r in rows]
         changed = tuple(i for i in infos if i.modseq >= receipt.modseq)
         unchanged = tuple(i for i in infos if i.modseq < receipt.modseq)
-        return StoreResult(changed, unchanged, receipt.modified)
+        return StoreResult(changed, unchanged, receipt.modified), receipt.lsn
 
     async def store(self, name: str, uids: Sequence[int], mode: str, flags: frozenset[str],
                     unchanged_since: int | None = None) -> StoreResult:
-        self._write_refused()
-        return await self._call(self._store_sync, name, list(uids), mode, frozenset(flags), unchanged_since)
+        return await self._write(self._store_sync, name, list(uids), mode, frozenset(flags), unchanged_since)
+
+    def _copy_sync(self, name: str, uids: list[int], target: str, move: bool):
+        receipt = self.node.node.copy_messages(name, uids, target, move=move)
+        return CopyResult(receipt.uidvalidity, receipt.source_uids, receipt.target_uids), receipt.lsn
 
     async def copy(self, name: str, uids: Sequence[int], target: str) -> CopyResult:
-        self._write_refused()
-        receipt = await self._call(self.node.node.copy_messages, name, list(uids), target)
-        return CopyResult(receipt.uidvalidity, receipt.source_uids, receipt.target_uids)
+        return await self._write(self._copy_sync, name, list(uids), target, False)
 
     async def move(self, name: str, uids: Sequence[int], target: str) -> CopyResult:
-        self._write_refused()
-        receipt = await self._call(self.node.node.copy_messages, name, list(uids), target, move=True)
-        return CopyResult(receipt.uidvalidity, receipt.source_uids, receipt.target_uids)
+        return await self._write(self._copy_sync, name, list(uids), target, True)
 
     async def expunge(self, name: str, uids: Sequence[int]) -> tuple[int, ...]:
-        self._write_refused()
-        gone, _ = await self._call(self.node.node.expunge_present, name, list(uids))
-        return tuple(gone)
+        def expunge():
+            gone, lsn = self.node.node.expunge_present(name, list(uids))
+            return tuple(gone), lsn
+        return await self._write(expunge)
 
     def watch(self, callback: Callable[[str], None]) -> Callable[[], None]:
         def changed(names: set[str]) -> None:
