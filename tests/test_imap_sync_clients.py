@@ -15,7 +15,9 @@ would find there, both ways:
 The server side is the :func:`imap_server` fixture: it yields a
 :class:`ServerSide` (host, port, user, password, and the server's mailboxes
 reached through the :class:`~engine.imap.backend.Backend` protocol), so the
-same tests run against any server that can be built as one. A client whose
+same tests run against every server in :data:`SERVERS`: the in-memory
+backend (the model) and a real node (fsynced log, SQLite store) behind
+``NodeBackend``. A client whose
 binary is missing skips with the reason (CI installs ``isync`` and
 ``offlineimap3``). Rules: IMAP-7, IMAP-17..IMAP-20, IMAP-24.
 """
@@ -124,15 +126,31 @@ def _memory_server():
         yield ServerSide(HOST, srv.port, USER, PASSWORD, backend, srv.call)
 
 
-# Servers the clients are run against, by name. A real node (the engine's backend behind
-# `walctl serve --imap`) joins here as one more generator yielding a ServerSide for a user
-# owning INBOX and INBOX/Archive.
-SERVERS: dict[str, Callable[[], Any]] = {"memory": _memory_server}
+def _node_server(tmp_path: Path):
+    """A real node (fsynced log, SQLite store) behind NodeBackend, the IMAP front on its own loop thread."""
+    from engine.asyncnode import AsyncNode
+    from engine.imap.node_backend import NodeBackend
+    from engine.node import Node
+
+    node = Node.init(str(tmp_path / "node"))
+    try:
+        node.add_user(USER, PASSWORD)
+        node.create_mailbox(store_name(USER, "INBOX/Archive"))
+        backend = NodeBackend(AsyncNode(node))
+        with serve_in_thread(backend, failed_login_delay_s=0) as srv:
+            yield ServerSide(HOST, srv.port, USER, PASSWORD, backend, srv.call)
+    finally:
+        node.close()
+
+
+# Servers the clients are run against, by name: each a generator (given a scratch directory)
+# yielding a ServerSide for a user owning INBOX and INBOX/Archive.
+SERVERS: dict[str, Callable[[Path], Any]] = {"memory": lambda tmp_path: _memory_server(), "node": _node_server}
 
 
 @pytest.fixture(params=sorted(SERVERS))
-def imap_server(request) -> ServerSide:
-    yield from SERVERS[request.param]()
+def imap_server(request, tmp_path_factory) -> ServerSide:
+    yield from SERVERS[request.param](tmp_path_factory.mktemp(f"server-{request.param}"))
 
 
 # -- a proxy that counts what the client downloads ------------------------------------------------------------
