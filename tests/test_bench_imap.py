@@ -29,7 +29,8 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, ["bench", "imap", *args])
 
 
-def test_own_server_alone_reports_every_row_and_the_stamp():
+def test_own_node_alone_reports_every_row_and_the_stamp():
+    """Without --target the bench starts a real node (fsynced log, SQLite store) serving IMAP."""
     result = invoke("--messages", "30", "--stores", "12", "--rounds", "1", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -37,7 +38,7 @@ def test_own_server_alone_reports_every_row_and_the_stamp():
     assert len(report["commit"]) >= 7 and isinstance(report["dirty"], bool) and report["date"]
     assert report["machine"]["cpus"] >= 1 and "imaplib" in report["client"]
     (mailwal,) = report["targets"]
-    assert mailwal["name"] == "mailwal" and "in-memory" in mailwal["label"] and "no fsync" in mailwal["label"]
+    assert mailwal["name"] == "mailwal" and mailwal["label"] == "node: fsynced log, SQLite store"
     measured = set(ROWS) - {"replica_all", "replica_lag_p99"}
     assert set(mailwal["rows"]) == measured
     assert all(v > 0 for v in mailwal["rows"].values())
@@ -55,7 +56,8 @@ def test_targets_replica_ratios_table_and_markdown(other_server):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     own, peer = report["targets"]
-    assert (own["name"], peer["name"]) == ("mailwal", "peer") and peer["replica"] == where
+    assert (own["name"], peer["name"]) == ("mailwal-memory", "peer") and peer["replica"] == where
+    assert own["label"] == "in-memory backend, no log, no fsync"
     assert set(peer["rows"]) == set(ROWS)  # the replica rows too (the "replica" here is the master itself)
     assert peer["details"]["replica_lag"]["stores"] == 2 * 10 and peer["details"]["replica_lag"]["polls"] > 0
     assert len(peer["rounds"]["select"]) == 2 and len(peer["rounds"]["replica_all"]) == 2
@@ -75,7 +77,7 @@ def test_targets_replica_ratios_table_and_markdown(other_server):
     assert table.exit_code == 0, table.output
     for what, unit, _ in ROWS.values():
         assert what in table.output
-    assert "mailwal (in-memory backend, no log, no fsync)" in table.output and "vs best other" in table.output
+    assert "mailwal-memory (in-memory backend, no log, no fsync)" in table.output and "vs best other" in table.output
     assert "commit " in table.output and "machine:" in table.output
 
     md = invoke(*args[:-1], "1", "--markdown")

@@ -22,8 +22,8 @@ targets come from one run:
 
 Targets are ``--target NAME=HOST:PORT`` (any IMAP server; the same
 ``--user``/``--password`` everywhere). Without ``--target`` (or with
-``--own``) the bench starts mailwal's own server in a child process: see
-:data:`OWN_SERVERS`. The output is stamped with the commit and the machine.
+``--own node``, ``--own memory``) the bench starts mailwal's own server in a
+child process: a real node, or the in-memory backend; see :data:`OWN_SERVERS`. The output is stamped with the commit and the machine.
 The bench mailbox is deleted at the end unless ``--keep``.
 """
 
@@ -514,9 +514,9 @@ class TargetBench:
 # -- mailwal's own server -------------------------------------------------------------------------
 
 
-def _start_memory(directory: str, user: str, password: str) -> Target:
-    """mailwal's IMAP front over the in-memory backend, in a child process (``main`` below)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tools.bench_imap", "serve-memory", user],
+def _start_child(kind: str, name: str, label: str, directory: str, user: str, password: str) -> Target:
+    """``python -m tools.bench_imap serve-KIND DIR USER`` (``main`` below), the password on its stdin."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.bench_imap", f"serve-{kind}", directory, user],
                             cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     proc.stdin.write(password + "\n")
     proc.stdin.flush()
@@ -524,16 +524,27 @@ def _start_memory(directory: str, user: str, password: str) -> Target:
     if not line.startswith("PORT "):
         proc.kill()
         proc.wait()
-        raise BenchError("mailwal: the in-memory IMAP server did not start")
-    return Target("mailwal", "127.0.0.1", int(line.split()[1]),
-                  label="in-memory backend, no log, no fsync", process=proc)
+        raise BenchError(f"{name}: its IMAP server did not start (serve-{kind} in {directory})")
+    return Target(name, "127.0.0.1", int(line.split()[1]), label=label, process=proc)
 
 
-# The servers the bench can start itself, by --own name. A real node joins here as "node"
-# (a node directory in `directory`, the user added with `walctl user`, started with
-# `walctl serve NODE --imap 127.0.0.1:PORT`, and a replica with `walctl follow` for the
-# replica rows) and becomes the default once `walctl serve --imap` exists.
-OWN_SERVERS: dict[str, Callable[[str, str, str], Target]] = {"memory": _start_memory}
+def _start_node(directory: str, user: str, password: str) -> Target:
+    return _start_child("node", "mailwal", "node: fsynced log, SQLite store", os.path.join(directory, "node"),
+                        user, password)
+
+
+def _start_memory(directory: str, user: str, password: str) -> Target:
+    return _start_child("memory", "mailwal-memory", "in-memory backend, no log, no fsync", directory, user,
+                        password)
+
+
+# The servers the bench can start itself, by --own name, each in a child process running
+# mailwal's IMAP front (engine/imap/server.py) on 127.0.0.1 over a backend:
+# * node: a fresh node directory (Node.init, the user added with Node.add_user) behind NodeBackend,
+#   what `walctl serve NODE --imap` runs; the replica rows need a replica node serving IMAP too,
+#   which joins here (walctl serve + walctl follow, each with --imap) as that command lands;
+# * memory: the in-memory backend (the executor's model): the protocol's own cost, no durability.
+OWN_SERVERS: dict[str, Callable[[str, str, str], Target]] = {"node": _start_node, "memory": _start_memory}
 
 
 def _stop(target: Target) -> None:
@@ -582,10 +593,10 @@ def _ratios(targets: list[dict]) -> None:
 
 
 def run_imap_bench(targets: list[Target], *, user: str | None = None, password: str | None = None,
-                   own: str | None = None, messages: int = 10000, stores: int = 2000, replica_stores: int = 500,
+                   own: tuple[str, ...] = (), messages: int = 10000, stores: int = 2000, replica_stores: int = 500,
                    rounds: int = 3, keep: bool = False, directory: str | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
-    """Measure every target (starting mailwal's own server first when ``own`` names one); see the module doc.
+    """Measure every target (first mailwal's own servers named in ``own``, see OWN_SERVERS); see the module doc.
 
     Raises:
         BenchError: a target could not be reached, refused the login or a command.
@@ -604,9 +615,9 @@ def run_imap_bench(targets: list[Target], *, user: str | None = None, password: 
     password = password or secrets.token_urlsafe(12)
     with tempfile.TemporaryDirectory(prefix="bench-imap-", dir=directory) as scratch:
         try:
-            if own is not None:
-                say(f"starting mailwal's own IMAP server ({own})")
-                started.append(OWN_SERVERS[own](scratch, user, password))
+            for kind in own:
+                say(f"starting mailwal's own IMAP server ({kind})")
+                started.append(OWN_SERVERS[kind](os.path.join(scratch, kind), user, password))
             for target in started + list(targets):
                 report["targets"].append(TargetBench(
                     target, user, password, messages=messages, stores=stores, replica_stores=replica_stores,
@@ -697,22 +708,40 @@ def render_markdown(report: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tools.bench_imap serve-memory USER`` (password on stdin): the bench's own server child.
+    """``python -m tools.bench_imap serve-node|serve-memory DIR USER`` (password on stdin): an own server.
 
-    Prints ``PORT n`` once listening; stops when its stdin ends.
+    The child the bench starts (OWN_SERVERS): it prints ``PORT n`` once listening and stops when its
+    stdin ends. serve-node creates a node in DIR (which must not exist); serve-memory ignores DIR.
     """
-    if len(argv) != 2 or argv[0] != "serve-memory":
-        print("usage: python -m tools.bench_imap serve-memory USER  (password on stdin)", file=sys.stderr)
+    if len(argv) != 3 or argv[0] not in ("serve-node", "serve-memory"):
+        print("usage: python -m tools.bench_imap serve-node|serve-memory DIR USER  (password on stdin)",
+              file=sys.stderr)
         return 2
-    from engine.imap.memory import MemoryBackend
     from engine.imap.server import serve_in_thread
 
+    kind, directory, user = argv
     password = sys.stdin.readline().rstrip("\n")
-    backend = MemoryBackend()
-    backend.add_user(argv[1], password)
-    with serve_in_thread(backend, failed_login_delay_s=0, max_sessions_per_user=64) as srv:
-        print(f"PORT {srv.port}", flush=True)
-        sys.stdin.read()  # until the bench closes our stdin (or dies)
+    node = None
+    if kind == "serve-node":
+        from engine.asyncnode import AsyncNode
+        from engine.imap.node_backend import NodeBackend
+        from engine.node import Node
+
+        node = Node.init(directory)
+        node.add_user(user, password)
+        backend = NodeBackend(AsyncNode(node))
+    else:
+        from engine.imap.memory import MemoryBackend
+
+        backend = MemoryBackend()
+        backend.add_user(user, password)
+    try:
+        with serve_in_thread(backend, failed_login_delay_s=0, max_sessions_per_user=64) as srv:
+            print(f"PORT {srv.port}", flush=True)
+            sys.stdin.read()  # until the bench closes our stdin (or dies)
+    finally:
+        if node is not None:
+            node.close()
     return 0
 
 
@@ -740,8 +769,8 @@ def _make_command():
                   help="An IMAP server to measure (repeatable), e.g. cyrus=127.0.0.1:21143.")
     @click.option("--replica", "replicas", multiple=True, metavar="NAME=HOST:PORT",
                   help="The IMAP address of a replica of target NAME (repeatable): adds the replica rows.")
-    @click.option("--own", type=click.Choice(sorted(OWN_SERVERS)), default=None,
-                  help="Start mailwal's own server too (the default when no --target is given: memory).")
+    @click.option("--own", type=click.Choice(sorted(OWN_SERVERS)), multiple=True,
+                  help="Start mailwal's own server of this kind too (repeatable; without --target: node).")
     @click.option("--user", default=None, help="User on every target (default for the own server: bench).")
     @click.option("--password", default=None, help="Its password (default for the own server: a random one).")
     @click.option("--messages", type=click.IntRange(min=1), default=10000, show_default=True,
@@ -772,7 +801,7 @@ def _make_command():
         \b
         Example:
             walctl bench imap --messages 2000
-            walctl bench imap --own memory --target cyrus=127.0.0.1:21143 \\
+            walctl bench imap --own node --target cyrus=127.0.0.1:21143 \\
                 --target dovecot=127.0.0.1:31143 --user test --password secret
         """
         parsed = [named(t, "--target") for t in targets]
@@ -785,8 +814,8 @@ def _make_command():
             raise click.BadParameter(f"no --target named {', '.join(unknown)}", param_hint="--replica")
         if parsed and (user is None or password is None):
             raise click.UsageError("--target needs --user and --password (the same account on every target)")
-        if own is None and not parsed:
-            own = "memory"
+        if not own and not parsed:
+            own = ("node",)
         chosen = [Target(n, h, p, replica=rep.get(n)) for n, (h, p) in parsed]
         console = stderr_console()
         say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
