@@ -11,7 +11,6 @@ which LSN it has applied; the commands that write say to deliver over LMTP
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -67,17 +66,7 @@ def _require_node(path: str) -> str:
 
 def log_in_use(path: str) -> bool:
     """Whether another process holds the node's log lock (``walctl serve`` runs)."""
-    lock = os.path.join(path, LOG_DIR, "LOCK")
-    if not os.path.exists(lock):
-        return False
-    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops our lock, if we took it
-    return False
+    return wal.log_in_use(os.path.join(path, LOG_DIR))
 
 
 @contextlib.contextmanager

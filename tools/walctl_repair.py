@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-
 import click
 
 import wal
@@ -13,26 +9,6 @@ import wal
 from .cliutil import dump_json, json_option, log_argument, require_log, wal_errors
 
 __all__ = ["repair"]
-
-
-@contextlib.contextmanager
-def _writer_lock(log: str):
-    """Hold the log's writer lock (LOG-14) so no node appends while we cut.
-
-    Held across the confirmation prompt, so wal.repair() is told not to take
-    it again (take_lock=False); a live writer makes this fail cleanly.
-    """
-    fd = os.open(os.path.join(log, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise click.ClickException(
-                f"log {log} is open for writing by another process; stop it before repairing"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 @click.command(name="repair")
@@ -53,7 +29,8 @@ def repair(log: str, as_json: bool, yes: bool) -> None:
     """
     with wal_errors(log):
         require_log(log)
-        with _writer_lock(log):
+        # LOG-14: held across the prompt, so no node starts appending between it and the cut
+        with wal.LogLock(log, purpose="repairing it") as lock:
             report = wal.verify(log)
             if not report.ok and not yes:
                 e = report.error or {}
@@ -62,7 +39,7 @@ def repair(log: str, as_json: bool, yes: bool) -> None:
                     f"and every later record leave this log)?",
                     abort=True, err=True,
                 )
-            result = wal.repair(log, take_lock=False)
+            result = wal.repair(log, lock=lock)
     if as_json:
         dump_json(result.to_dict(), indent=2)
     elif result.cut_segment is None:

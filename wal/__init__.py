@@ -8,6 +8,9 @@ Lifecycle
   segment is verified record by record: a torn final write is copied to
   ``torn/`` and trimmed; any other damage raises :class:`CorruptRecordError`
   naming segment file, byte offset and LSN. Nothing is fixed silently.
+  One holder writes a log at a time (LOG-14): ``Log.open`` and ``repair``
+  take its :class:`LogLock` and refuse with :class:`LogLockedError`, which
+  names the process to stop; :func:`log_in_use` asks without taking it.
 * ``log.append(type, payload)`` returns an :class:`Appended` (LSN, hash,
   epoch) only after the record is written and ``fdatasync``'ed. Appends from
   many threads share fsyncs (group commit). A failed write or sync fails the
@@ -42,6 +45,7 @@ from .errors import (
     CursorError,
     LogClosedError,
     LogFailedError,
+    LogLockedError,
     LsnNotAvailableError,
     OutOfOrderError,
     RetentionError,
@@ -68,18 +72,19 @@ from .format import (
     record_hash,
     unpack_frame_header,
 )
+from .lock import LogLock, log_in_use
 from .reader import LogReader
 from .repair import RepairReport, VerifyReport, repair, verify
 from .segment import TornTail
 from .writer import DEFAULT_SEGMENT_MAX_BYTES, Appended, Log
 
 __all__ = [
-    "Log", "Appended", "Record", "LogReader", "CursorStore", "TornTail",
+    "Log", "Appended", "Record", "LogReader", "CursorStore", "TornTail", "LogLock", "log_in_use",
     "verify", "repair", "VerifyReport", "RepairReport",
     "FileOps", "OS_FILEOPS", "codec", "payload_hash", "record_hash",
     "FORMAT_VERSION", "ZERO_HASH", "DEFAULT_SEGMENT_MAX_BYTES",
     "FRAME_HEADER_SIZE", "HASH_SIZE", "MAX_PAYLOAD_BYTES", "FrameHeader", "encode_frame", "encode_frame_header", "encode_frames",
     "decode_frame_header", "parse_frame_header", "unpack_frame_header", "decode_frames", "FrameScan",
     "WalError", "CorruptRecordError", "UnsupportedVersionError", "LogFailedError",
-    "LogClosedError", "OutOfOrderError", "LsnNotAvailableError", "CursorError", "RetentionError",
+    "LogClosedError", "LogLockedError", "OutOfOrderError", "LsnNotAvailableError", "CursorError", "RetentionError",
 ]

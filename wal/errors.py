@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedVersionError",
     "LogFailedError",
     "LogClosedError",
+    "LogLockedError",
     "OutOfOrderError",
     "LsnNotAvailableError",
     "CursorError",
@@ -68,6 +69,35 @@ class LogFailedError(WalError):
 
 class LogClosedError(WalError):
     """The log was closed; open it again to use it."""
+
+
+class LogLockedError(WalError):
+    """Another holder has the log's writer lock (LOG-14).
+
+    Raised by :meth:`wal.Log.open`, :func:`wal.repair` and
+    :class:`wal.LogLock` while a writer (``walctl serve``, a node, a
+    repair) holds the log. Nothing was changed. Fix: stop that process (or
+    close that :class:`wal.Log`), then retry; reading needs no lock
+    (:class:`wal.LogReader`, ``walctl verify``).
+
+    Attributes: ``path`` (the log directory), ``pid`` and ``command`` of the
+    holder where the system tells (else None), ``purpose`` (what was refused).
+    """
+
+    def __init__(self, path: str, pid: int | None, purpose: str, command: str | None = None,
+                 *, in_this_process: bool = False):
+        self.path = path
+        self.pid = pid
+        self.command = command
+        self.purpose = purpose
+        if in_this_process:
+            who, advice = f"another Log in this process (pid {pid})", "close that Log"
+        elif pid is not None:
+            who = f"another process (pid {pid}" + (f": {command})" if command else ")")
+            advice = "stop that process"
+        else:
+            who, advice = "another process", "stop it"
+        super().__init__(f"log {path} is open for writing by {who}; {advice} before {purpose}")
 
 
 class OutOfOrderError(WalError):

@@ -8,7 +8,6 @@ copies everything it removes to ``broken/`` inside the log directory first.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from typing import Callable
 
 from .errors import CorruptRecordError, UnsupportedVersionError, WalError
 from .fileops import OS_FILEOPS, FileOps
+from .lock import LogLock
 from .format import ZERO_HASH
 from .reader import LogReader
 from .segment import list_segments, read_segment_header, scan_segment
@@ -116,7 +116,7 @@ def verify(path: str, *, on_bytes: Callable[[int], None] | None = None) -> Verif
     return report
 
 
-def repair(path: str, *, fileops: FileOps = OS_FILEOPS, take_lock: bool = True) -> RepairReport:
+def repair(path: str, *, fileops: FileOps = OS_FILEOPS, lock: LogLock | None = None) -> RepairReport:
     """Cut the log at its first damage so it opens again.
 
     The damaged segment is truncated at the damaged record, and later
@@ -128,33 +128,21 @@ def repair(path: str, *, fileops: FileOps = OS_FILEOPS, take_lock: bool = True) 
     Raises:
         UnsupportedVersionError: a segment has a format version this code
             does not know (nothing is changed: upgrade mailwal instead).
-        WalError: the first segment's header is damaged, or a writer has
-            the log open (LOG-14).
+        LogLockedError: a writer has the log open (LOG-14); nothing is changed.
+        WalError: the first segment's header is damaged.
 
-    ``take_lock=False`` is for a caller that already holds the log's
-    ``LOCK`` itself (``walctl repair`` holds it across its confirmation
-    prompt); anyone else must let repair take it.
+    ``lock``: the log's :class:`~wal.lock.LogLock`, held by the caller
+    (``walctl repair`` holds it across its confirmation prompt). Without
+    it, repair takes the lock for its whole run.
     """
     if not os.path.isdir(path) or not list_segments(path):
         raise WalError(f"{path} is not a mailwal log (no segment files)")
-    if not take_lock:
+    if lock is not None:
+        if not lock.held or os.path.realpath(lock.log_dir) != os.path.realpath(path):
+            raise WalError(f"repair of {path} was given a lock it does not hold on this log")
         return _repair_locked(path, fileops)
-    lock_fd = _lock_writer_out(path)
-    try:
+    with LogLock(path, purpose="repairing it"):  # LOG-14: no Log appends while the log is cut
         return _repair_locked(path, fileops)
-    finally:
-        os.close(lock_fd)
-
-
-def _lock_writer_out(path: str) -> int:
-    """LOG-14: hold the writer's LOCK while repairing, so no Log appends meanwhile."""
-    fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise WalError(f"log {path} is open for writing by another process; stop it before repairing") from None
-    return fd
 
 
 def _repair_locked(path: str, fileops: FileOps) -> RepairReport:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One :class:`Log` object owns a log directory for writing (LOG-14: one writer
-per directory, enforced with an ``fcntl`` lock on ``LOCK``). Appenders call
+per directory, held with :class:`wal.lock.LogLock`). Appenders call
 :meth:`Log.append` from any number of threads. Records travel in *batches*
 (:class:`_Batch`); at any moment there is at most one *open* batch (taking
 records) and at most one *in-flight* batch (being written and synced).
@@ -45,7 +45,6 @@ fully synced by the batch before, so only the last segment can be torn.
 
 from __future__ import annotations
 
-import fcntl
 import struct
 import os
 import threading
@@ -64,6 +63,7 @@ from .errors import (
     WalError,
 )
 from .fileops import OS_FILEOPS, FileOps
+from .lock import LogLock
 from .format import (
     FORMAT_VERSION,
     MAX_PAYLOAD_BYTES,
@@ -228,7 +228,7 @@ class Log:
         self._failed: LogFailedError | None = None
         self._closed = False
         self._fd: int | None = None
-        self._lock_fd: int | None = None
+        self._writer_lock = LogLock(self.path)
         self.index = SegmentIndex()
         self.cursors = CursorStore(self.path, ops)
         self.torn_tails: list[TornTail] = []
@@ -302,34 +302,21 @@ class Log:
         and trimmed; any other damage raises :class:`CorruptRecordError`.
 
         Raises:
-            CorruptRecordError, UnsupportedVersionError, WalError (locked or missing).
+            LogLockedError: another writer holds the log (LOG-14).
+            CorruptRecordError, UnsupportedVersionError, WalError (not a log).
         """
         if create and not os.path.exists(path):
             return cls.create(path, segment_max_bytes=segment_max_bytes, fileops=fileops)
         if not os.path.isdir(path) or not list_segments(path):
             raise WalError(f"{path} is not a mailwal log (no segment files); create it with Log.create")
         log = cls(path, fileops, segment_max_bytes)
-        log._take_lock()
+        log._writer_lock.acquire()
         try:
             log._recover()
         except BaseException:
-            log._release_lock()
+            log._writer_lock.release()
             raise
         return log
-
-    def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, "LOCK"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WalError(f"log {self.path} is open for writing by another process") from None
-        self._lock_fd = fd
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     def _recover(self) -> None:
         for name in os.listdir(self.path):
@@ -422,7 +409,7 @@ class Log:
             self._settle(dropped)
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join()
-        self._release_lock()
+        self._writer_lock.release()
 
     def __enter__(self) -> "Log":
         return self
