@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import smtplib
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 import blake3
 
 from tests.helpers import assert_no_traceback
+from tools.lmtp_client import LmtpClient
 from tools.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,25 +161,13 @@ class Mailer:
             return self.seq
 
     def send_one(self, port: int, user: str, body: bytes) -> str:
+        """acked, temp, perm, or unknown (no connection, or it failed in the transaction)."""
+        rcpt = f"{user}@example.org"
         try:
-            c = smtplib.LMTP("127.0.0.1", port, timeout=10)
+            with LmtpClient("127.0.0.1", port, timeout=10) as c:
+                return c.deliver("sender@example.org", [rcpt], body)[rcpt].outcome
         except OSError:
             return "unknown"
-        try:
-            c.sendmail("sender@example.org", [f"{user}@example.org"], body)
-            return "acked"
-        except smtplib.SMTPResponseException as exc:
-            return "temp" if 400 <= exc.smtp_code < 500 else "perm"
-        except smtplib.SMTPRecipientsRefused as exc:
-            code = list(exc.recipients.values())[0][0]
-            return "temp" if 400 <= code < 500 else "perm"
-        except (OSError, smtplib.SMTPException):
-            return "unknown"
-        finally:
-            try:
-                c.close()
-            except Exception:
-                pass
 
     def deliver(self, n: int | None = None) -> None:
         """Deliver until stopped (or n messages): to whichever node is master, retrying 4xx."""

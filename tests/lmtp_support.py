@@ -1,9 +1,6 @@
 """Shared pieces for the LMTP and node tests: a node served in-process or as a
-real ``walctl serve`` child, and a per-recipient LMTP send over smtplib.LMTP.
-
-smtplib's ``sendmail`` reads only one reply after DATA, which is wrong for
-LMTP with several recipients (RFC 2033 4.2: one reply per accepted
-recipient), so :func:`lmtp_send` drives smtplib's lower-level calls.
+real ``walctl serve`` child, and LMTP clients (:mod:`tools.lmtp_client`: smtplib's
+LMTP, which reads one reply per recipient after DATA) with a per-recipient send.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import contextlib
 import logging
 import os
 import signal
-import smtplib
 import subprocess
 import sys
 import threading
@@ -22,6 +18,7 @@ import anyio
 from engine.node import Node
 from engine.lmtp import LmtpConfig
 from engine.runner import NodeRunner
+from tools.lmtp_client import LmtpClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,34 +33,9 @@ def make_message(tag: str, size: int = 4096) -> bytes:
     return bytes(body)
 
 
-def lmtp_send(client: smtplib.LMTP, sender: str, recipients: list[str], message: bytes) -> dict[str, tuple[int, str]]:
+def lmtp_send(client: LmtpClient, sender: str, recipients: list[str], message: bytes) -> dict[str, tuple[int, str]]:
     """Send one message; returns {recipient: (code, text)} for every recipient (RCPT or after-DATA reply)."""
-    out: dict[str, tuple[int, str]] = {}
-    code, text = client.mail(sender)
-    if code != 250:
-        return {r: (code, text.decode()) for r in recipients}
-    accepted = []
-    for r in recipients:
-        code, text = client.rcpt(r)
-        if code == 250:
-            accepted.append(r)
-        else:
-            out[r] = (code, text.decode())
-    if not accepted:
-        client.rset()
-        return out
-    client.putcmd("data")
-    code, text = client.getreply()
-    if code != 354:
-        return {**out, **{r: (code, text.decode()) for r in accepted}}
-    q = smtplib._quote_periods(message)
-    if not q.endswith(b"\r\n"):
-        q += b"\r\n"
-    client.send(q + b".\r\n")
-    for r in accepted:
-        code, text = client.getreply()
-        out[r] = (code, text.decode())
-    return out
+    return {r: (reply.code, reply.text) for r, reply in client.deliver(sender, recipients, message).items()}
 
 
 class LogCapture(logging.Handler):
@@ -117,10 +89,11 @@ def served_node(path: str, *, init: dict | None = None, **lmtp):
             raise errors[0]
 
 
-def client(runner_or_port, timeout: float = 20) -> smtplib.LMTP:
+def client(runner_or_port, timeout: float = 20) -> LmtpClient:
+    """An LMTP connection to a runner (or a port) on 127.0.0.1 that has said LHLO."""
     port = runner_or_port if isinstance(runner_or_port, int) else runner_or_port.lmtp_address[1]
-    c = smtplib.LMTP("127.0.0.1", port, timeout=timeout)
-    c.ehlo("client.test")
+    c = LmtpClient("127.0.0.1", port, timeout=timeout, local_hostname="client.test")
+    c.ehlo()
     return c
 
 

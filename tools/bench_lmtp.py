@@ -21,8 +21,9 @@ all to one mailbox, like the Cyrus/Dovecot anchors' "c=8, 1 mailbox"):
   load (only the threads holding the GIL), summarised by component.
 
 The load client is Postfix's ``smtp-source`` when installed (C, no
-pipelining, throughput only) and always this module's asyncio client
-(pipelines MAIL/RCPT/DATA, measures each message's latency). ``--target``
+pipelining, throughput only) and always the asyncio client of
+:mod:`tools.lmtp_client` (pipelines MAIL/RCPT/DATA; :func:`lmtp_load` times
+each message). ``--target``
 points the asyncio client (and smtp-source) at any LMTP server instead.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import re
 import shutil
@@ -42,6 +42,7 @@ import threading
 import time
 
 from . import bench_wal
+from .lmtp_client import PipeliningLmtpClient
 
 __all__ = ["bench_lmtp_command", "run_lmtp_bench", "lmtp_load", "smtp_source_load", "MaildirBackend", "NullBackend", "main"]
 
@@ -72,44 +73,21 @@ def _percentile(values: list[float], q: float) -> float:
 # -- the asyncio LMTP load client -----------------------------------------------------------
 
 
-async def _reply(reader: asyncio.StreamReader) -> int:
-    while True:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("the server closed the connection")
-        if line[3:4] != b"-":
-            return int(line[:3])
-
-
 async def _connection(host: str, port: int, messages: list[bytes], rcpt: str, latencies: list[float],
                       codes: collections.Counter, timeline: list | None = None) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+    client = await PipeliningLmtpClient.connect(host, port, local_hostname="bench.localhost")
     try:
-        await _reply(reader)
-        writer.write(b"LHLO bench.localhost\r\n")
-        await _reply(reader)
-        envelope = f"MAIL FROM:<bench@localhost>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode()
         for msg in messages:
             t0 = time.perf_counter()
-            writer.write(envelope)  # PIPELINING: one write, three replies
-            mail, rcpt_code, data = await _reply(reader), await _reply(reader), await _reply(reader)
-            if data != 354:
-                codes[rcpt_code if rcpt_code != 250 else data] += 1
+            reply = (await client.deliver("bench@localhost", [rcpt], msg))[rcpt]  # one write, three replies
+            codes[reply.code] += 1
+            if not reply.after_data:
                 continue
-            writer.write(msg + b".\r\n")
-            code = await _reply(reader)
             latencies.append(time.perf_counter() - t0)
-            codes[code] += 1
             if timeline is not None:
-                timeline.append((time.monotonic(), code, msg))
-        writer.write(b"QUIT\r\n")
-        await writer.drain()
-        with contextlib.suppress(ConnectionError):
-            await _reply(reader)
+                timeline.append((time.monotonic(), reply.code, msg))
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        await client.close()
 
 
 def lmtp_load(host: str, port: int, connections: int, messages: int, *, size: int = MESSAGE_BYTES,

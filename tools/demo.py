@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import smtplib
 import socket
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import uuid
 
 import blake3
 
+from .lmtp_client import LmtpClient
 from .ports import free_port
 
 DEMO_DIR = "demo-nodes"
@@ -214,7 +214,7 @@ class Mta:
         self.acked: list[tuple[str, str, str]] = []  # (mailbox, guid, node that said 250)
         self.sent_guids: set[str] = set()
         self.refused = 0  # 4xx replies and refused connections, each retried on the next node
-        self._conns: dict[str, smtplib.LMTP] = {}
+        self._conns: dict[str, LmtpClient] = {}
         self._lock = threading.Lock()
 
     def _message(self) -> tuple[str, str, bytes]:
@@ -226,11 +226,11 @@ class Mta:
                 f"Subject: demo message {n}\r\n\r\nHello {user}, this is message {n} of the demo.\r\n").encode()
         return f"{user}@{DOMAIN}", f"user/{user}/INBOX", body
 
-    def _conn(self, name: str) -> smtplib.LMTP:
+    def _conn(self, name: str) -> LmtpClient:
         c = self._conns.get(name)
         if c is None:
             host, port = self.lmtp[name]
-            c = smtplib.LMTP(host, port, timeout=10)
+            c = LmtpClient(host, port, timeout=10)
             self._conns[name] = c
         return c
 
@@ -253,9 +253,11 @@ class Mta:
             start = order.index(self.prefer)
             for name in order[start:] + order[:start]:
                 try:
-                    self._conn(name).sendmail(f"sender@{DOMAIN}", [rcpt], body)
-                except (smtplib.SMTPException, OSError):
-                    # 451 from a replica or a paused master, or the node is down: try the next one.
+                    acked = self._conn(name).deliver(f"sender@{DOMAIN}", [rcpt], body)[rcpt].outcome == "acked"
+                except OSError:  # the node is down
+                    acked = False
+                if not acked:
+                    # 451 from a replica or a paused master, or no answer: try the next one.
                     self.refused += 1
                     self._drop(name)
                     continue

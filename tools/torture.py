@@ -53,7 +53,6 @@ import random
 import re
 import shutil
 import signal
-import smtplib
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,7 @@ from engine.control import ControlClient, ControlError
 from .cliutil import CONTEXT_SETTINGS
 from .faultproxy import FaultProxy
 from .history import check
+from .lmtp_client import LmtpClient, TransactionInterrupted
 from .ports import free_port
 
 __all__ = ["torture", "Fault", "draw_schedule", "FAULT_KINDS", "Torture"]
@@ -1320,70 +1320,31 @@ class Torture:
 # -- LMTP ---------------------------------------------------------------------------------------
 
 
-def _by_code(code: int) -> str:
-    if 200 <= code < 300:
-        return "acked"
-    if 500 <= code < 600:
-        return "perm"
-    return "temp"
-
-
 def lmtp_deliver(host: str, port: int, body: bytes, rcpts: list[str],
                  timeout: float) -> dict[str, tuple[str, int, str, bool]]:
     """One LMTP transaction; ``{rcpt: (outcome, code, text, after_data)}`` for every recipient.
 
-    Reads one reply per accepted recipient after DATA (RFC 2033 4.2), which
-    smtplib's sendmail does not. A failure before the end of DATA is
-    ``temp`` (nothing can have been stored), after it ``unknown``.
+    The outcome is the reply's (``acked``, ``temp``, ``perm``; see
+    :class:`tools.lmtp_client.Reply`). A failure before the message went out
+    is ``temp`` (nothing can have been stored), after it ``unknown``.
     """
-    out: dict[str, tuple[str, int, str, bool]] = {}
-    phase = "connect"
-    client = None
     try:
-        client = smtplib.LMTP(host, port, timeout=timeout)
-        code, text = client.ehlo()
-        if code != 250:
-            return {r: (_by_code(code) if code >= 400 else "temp", code, text.decode(errors="replace"), False)
-                    for r in rcpts}
-        code, text = client.mail("torture@harness")
-        if code != 250:
-            return {r: (_by_code(code), code, text.decode(errors="replace"), False) for r in rcpts}
-        accepted = []
-        for r in rcpts:
-            code, text = client.rcpt(r)
-            if code == 250:
-                accepted.append(r)
-            else:
-                out[r] = (_by_code(code), code, text.decode(errors="replace"), False)
-        if not accepted:
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                client.rset()
-            return out
-        client.putcmd("data")
-        code, text = client.getreply()
-        if code != 354:
-            out.update({r: (_by_code(code), code, text.decode(errors="replace"), False) for r in accepted})
-            return out
-        phase = "data"
-        data = smtplib._quote_periods(body)
-        if not data.endswith(b"\r\n"):
-            data += b"\r\n"
-        client.send(data + b".\r\n")
-        for r in accepted:
-            code, text = client.getreply()
-            out[r] = (_by_code(code), code, text.decode(errors="replace"), True)
-        return out
-    except (OSError, smtplib.SMTPException) as exc:
-        outcome = "unknown" if phase == "data" else "temp"
-        for r in rcpts:
-            out.setdefault(r, (outcome, 0, f"{type(exc).__name__}: {exc}", phase == "data"))
-        return out
-    finally:
-        if client is not None:
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                client.quit()
-            with contextlib.suppress(OSError):
-                client.close()
+        client = LmtpClient(host, port, timeout=timeout)
+    except OSError as exc:
+        return {r: ("temp", 0, f"{type(exc).__name__}: {exc}", False) for r in rcpts}
+    with client:
+        try:
+            replies = client.deliver("torture@harness", rcpts, body)
+        except TransactionInterrupted as exc:
+            replies = exc.replies
+            cause = exc.__cause__ or exc
+            lost = ("unknown" if exc.after_data else "temp", 0, f"{type(cause).__name__}: {cause}", exc.after_data)
+        else:
+            lost = None
+    out = {r: (reply.outcome, reply.code, reply.text, reply.after_data) for r, reply in replies.items()}
+    for r in rcpts:
+        out.setdefault(r, lost)
+    return out
 
 
 # -- the command ------------------------------------------------------------------------------
