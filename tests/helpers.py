@@ -414,12 +414,12 @@ class CrashRecorder(wal.FileOps):
             self._fd_fid[fd] = fid
             return fd
 
-    def create_exclusive(self, path: str) -> int:
+    def create_exclusive(self, path: str, mode: int = wal.fileops.DEFAULT_FILE_MODE) -> int:
         with self._lock:
             self._check()
             rel = self._rel(path)
             _lookup_parent(self._live.live, rel)  # parent must be known
-            fd = super().create_exclusive(path)
+            fd = super().create_exclusive(path, mode)
             fid = self._next_fid
             self._next_fid += 1
             self._fd_fid[fd] = fid

@@ -52,7 +52,7 @@ from .errors import (
     UnsupportedVersionError,
     WalError,
 )
-from .fileops import OS_FILEOPS, FileOps
+from .fileops import OS_FILEOPS, AtomicFile, FileOps
 from .format import (
     FORMAT_VERSION,
     FRAME_HEADER_SIZE,
@@ -81,7 +81,7 @@ from .writer import DEFAULT_SEGMENT_MAX_BYTES, Appended, Log
 __all__ = [
     "Log", "Appended", "Record", "LogReader", "CursorStore", "TornTail", "LogLock", "log_in_use",
     "verify", "repair", "VerifyReport", "RepairReport",
-    "FileOps", "OS_FILEOPS", "codec", "payload_hash", "record_hash",
+    "FileOps", "OS_FILEOPS", "AtomicFile", "codec", "payload_hash", "record_hash",
     "FORMAT_VERSION", "ZERO_HASH", "DEFAULT_SEGMENT_MAX_BYTES",
     "FRAME_HEADER_SIZE", "HASH_SIZE", "MAX_PAYLOAD_BYTES", "FrameHeader", "encode_frame", "encode_frame_header", "encode_frames",
     "decode_frame_header", "parse_frame_header", "unpack_frame_header", "decode_frames", "FrameScan",

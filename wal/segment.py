@@ -72,22 +72,10 @@ def list_segments(directory: str) -> list[tuple[int, str]]:
 
 
 def create_segment(ops: FileOps, directory: str, header: SegmentHeader) -> str:
-    """LOG-2: create a segment holding only its header, atomically and durably."""
+    """LOG-2: create a segment holding only its header, by atomic replace
+    (``.NAME.tmp``, fdatasync, rename, directory fsync); returns its name."""
     name = segment_name(header.first_lsn)
-    final = os.path.join(directory, name)
-    tmp = os.path.join(directory, "." + name + ".tmp")
-    try:
-        ops.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    fd = ops.create_exclusive(tmp)
-    try:
-        ops.write_all(fd, encode_segment_header(header))
-        ops.fdatasync(fd)
-    finally:
-        ops.close(fd)
-    ops.rename(tmp, final)
-    ops.fsync_dir(directory)
+    ops.write_file_atomic(os.path.join(directory, name), encode_segment_header(header))
     return name
 
 

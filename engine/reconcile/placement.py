@@ -304,7 +304,8 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
         report = None
         if result.report_path:  # kept beside the tails (the scratch node is removed), failed or not
             report = merged[:-len(".wal")] + ".merge-report.json"
-            os.replace(result.report_path, report)
+            with open(result.report_path, "rb") as f:
+                OS_FILEOPS.write_file_atomic(report, f.read())
         found = result.reconciliation.search.fork.lsn
         if found != tail_fork:
             raise TailPlacementError(f"merging {tail} into {container}: the fork point found is LSN {found}, "

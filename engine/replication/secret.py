@@ -13,12 +13,15 @@ import os
 import secrets
 import stat
 
+from wal import OS_FILEOPS
+
 from ..errors import SecretFileError
 from .messages import MIN_SECRET_BYTES
 
 __all__ = ["DEFAULT_SECRET_NAME", "load_secret", "create_secret"]
 
 DEFAULT_SECRET_NAME = "replication.secret"
+SECRET_FILE_MODE = 0o600  # load_secret refuses a file any other user can access
 
 
 def load_secret(path: str | os.PathLike) -> bytes:
@@ -48,25 +51,13 @@ def load_secret(path: str | os.PathLike) -> bytes:
 def create_secret(path: str | os.PathLike) -> bytes:
     """Create ``path`` with a new random secret (64 hex characters, mode 0600).
 
-    The file appears complete or not at all (temp file, fsync, rename, fsync
-    of the directory). Raises SecretFileError if ``path`` already exists.
+    The file appears complete or not at all, readable only by its owner from
+    its first byte (atomic replace, :meth:`wal.FileOps.write_file_atomic`).
+    Raises SecretFileError if ``path`` already exists.
     """
     path = os.fspath(path)
     if os.path.exists(path):
         raise SecretFileError(f"{path} already exists; refusing to replace a secret other nodes may share")
     secret = secrets.token_hex(32).encode()
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, secret + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    OS_FILEOPS.write_file_atomic(os.path.abspath(path), secret + b"\n", mode=SECRET_FILE_MODE)
     return secret
