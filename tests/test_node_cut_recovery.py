@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-import wal.epochs
+import wal.history
 from engine.node import CUT_INTENT_FILE, DIVERGED_FILE, Node
 from wal import Log, LogReader
 
@@ -47,7 +47,7 @@ def test_a_cut_that_fails_after_truncating_is_finished_on_open(tmp_path, monkeyp
     node, bodies = _node(tmp_path)
     last = node.log.last_lsn
     fork = last - 5
-    monkeypatch.setattr(wal.epochs, "write_history", _enospc)
+    monkeypatch.setattr(wal.history, "write_history", _enospc)
     with pytest.raises(OSError):
         node.cut_diverged(fork)
     monkeypatch.undo()

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from wal import Log, WalError, verify
-from wal.epochs import find_fork, start_epoch
+from wal.fork import find_fork
+from wal.history import start_epoch
 
 
 def fill(log, n, tag=b""):
@@ -47,7 +48,7 @@ def test_truncate_refuses_below_retention(tmp_path):
 
 
 def test_truncate_drops_later_epoch_entries(tmp_path):
-    from wal.epochs import read_history_file
+    from wal.history import read_history_file
 
     log = Log.create(str(tmp_path / "a.wal"))
     fill(log, 5)

@@ -7,6 +7,8 @@ Errors about a place in the log carry ``segment`` (file name), ``offset``
 
 from __future__ import annotations
 
+import uuid
+
 __all__ = [
     "WalError",
     "CorruptRecordError",
@@ -18,6 +20,9 @@ __all__ = [
     "LsnNotAvailableError",
     "CursorError",
     "RetentionError",
+    "EpochHistoryError",
+    "ForeignLogError",
+    "ForkUnknownError",
 ]
 
 
@@ -132,3 +137,41 @@ class CursorError(WalError):
 
 class RetentionError(WalError):
     """Dropping segments would discard records a cursor still needs."""
+
+
+class EpochHistoryError(WalError):
+    """The ``EPOCHS`` file is unreadable or inconsistent (names the file; REC-2).
+
+    Raised by the readers of :mod:`wal.history` and :mod:`wal.fork`. The file
+    is written by atomic replace, so this means outside damage: restore it
+    from a backup, or delete it and run :func:`wal.history.sync_history` to
+    rebuild it from the records (the epochs of records are authoritative).
+    """
+
+
+class ForeignLogError(WalError):
+    """The two logs given to :func:`wal.fork.search_fork` have different log
+    ids: they share no history at all. ``log_ids`` holds both."""
+
+    def __init__(self, path_a: str, log_id_a: uuid.UUID, path_b: str, log_id_b: uuid.UUID):
+        self.log_ids = (log_id_a, log_id_b)
+        super().__init__(
+            f"{path_a} (log {log_id_a}) and {path_b} (log {log_id_b}) are different logs, not two copies "
+            f"of one history: there is no fork point to find"
+        )
+
+
+class ForkUnknownError(WalError):
+    """The logs given to :func:`wal.fork.search_fork` differ already at the
+    oldest LSN both still hold (``lsn``).
+
+    Retention (or seeding) removed the records where they forked; the fork
+    point cannot be found from these directories.
+    """
+
+    def __init__(self, lsn: int):
+        self.lsn = lsn
+        super().__init__(
+            f"the logs differ at LSN {lsn}, the oldest LSN both still hold: they forked in records "
+            f"already dropped by retention, so the fork point is unknown (restore older segments)"
+        )

@@ -53,6 +53,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from . import history
 from .cursors import CursorStore
 from .errors import (
     CorruptRecordError,
@@ -881,10 +882,8 @@ class Log:
             self._next_lsn = lsn + 1
             self._last_hash = self._durable_hash = prev
             self._durable_lsn = lsn
-            from .epochs import read_history_file, write_history  # local: epochs imports this module
-
-            entries = [e for e in read_history_file(self.path) if e.first_lsn <= lsn]
-            write_history(self.path, entries, self._ops)
+            entries = [e for e in history.read_history_file(self.path) if e.first_lsn <= lsn]
+            history.write_history(self.path, entries, self._ops)
             return len(tail)
 
     # -- reading -----------------------------------------------------------
