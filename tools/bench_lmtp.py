@@ -42,9 +42,11 @@ import threading
 import time
 
 from . import bench_wal
+from .bench_report import BenchReport, Stamp, machine_info, percent, progress_printer
 from .lmtp_client import PipeliningLmtpClient
 
-__all__ = ["bench_lmtp_command", "run_lmtp_bench", "lmtp_load", "smtp_source_load", "MaildirBackend", "NullBackend", "main"]
+__all__ = ["bench_lmtp_command", "run_lmtp_bench", "lmtp_load", "smtp_source_load", "MaildirBackend", "NullBackend",
+           "bench_report", "render_markdown", "main"]
 
 MESSAGE_BYTES = 4096
 CONNECTIONS = (1, 8, 64)
@@ -518,7 +520,7 @@ def run_lmtp_bench(directory: str | None = None, *, connections=CONNECTIONS, mes
                    progress=None) -> dict:
     say = progress or (lambda msg: None)
     base = tempfile.mkdtemp(prefix="mwb", dir=directory)  # short: a node's control.sock path must fit AF_UNIX
-    report: dict = {"machine": bench_wal.machine_info(base), "message_bytes": MESSAGE_BYTES, "messages": messages,
+    report: dict = {"machine": machine_info(base), "message_bytes": MESSAGE_BYTES, "messages": messages,
                     "runs": [], "node_api": [], "profile": None,
                     "smtp_source": bool(shutil.which("smtp-source") or os.path.exists("/usr/sbin/smtp-source"))}
     ceilings: dict = {}
@@ -607,56 +609,10 @@ def _conn_list(value: str) -> tuple[int, ...]:
     return out
 
 
-def _render(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(160, Console().width))
-    m = report["machine"]
-    console.print(f"machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
-                  f"{m['fs_type']} on {m['device']} ({m['device_kind']}), dir {m['dir']}")
-    t = Table(title=f"LMTP deliveries: {report['message_bytes']} B messages, 1 recipient, 1 mailbox, "
-                    f"{report['messages']} per row")
-    for col in ("server", "client", "conns", "deliveries/s", "p50 ms", "p99 ms", "errors", "avg batch",
-                "raw rec/s @batch", "vs raw"):
-        t.add_column(col, justify="right")
-    for r in report["runs"]:
-        t.add_row(r["server"], r["client"], str(r["connections"]), f"{r['deliveries_per_s']:,.0f}",
-                  f"{r['p50_ms']:.2f}" if "p50_ms" in r else "-", f"{r['p99_ms']:.2f}" if "p99_ms" in r else "-",
-                  str(sum(r["errors"].values()) if all(isinstance(v, int) for v in r["errors"].values())
-                      else "yes") if r["errors"] else "0",
-                  f"{r['avg_batch']:.1f}" if "avg_batch" in r else "-",
-                  f"{r['raw_per_s']:,.0f} (b={r['raw_batch']})" if "raw_per_s" in r else "-",
-                  f"{r['ratio_vs_raw']:.0%}" if "ratio_vs_raw" in r else "-")
-    console.print(t)
-    if report["node_api"]:
-        a = Table(title="Node.deliver() from threads and AsyncNode.deliver() from asyncio tasks, no LMTP")
-        for col in ("callers", "deliveries/s", "p50 ms", "p99 ms", "avg batch", "raw rec/s @batch", "vs raw",
-                    "raw rec/s @batch=callers", "vs raw"):
-            a.add_column(col, justify="right")
-        for r in report["node_api"]:
-            a.add_row(_callers(r), f"{r['deliveries_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['avg_batch']:.1f}", f"{r['raw_per_s']:,.0f} (b={r['raw_batch']})",
-                      f"{r['ratio_vs_raw']:.0%}", _nominal(r), f"{r.get('ratio_vs_raw_nominal', 0):.0%}")
-        console.print(a)
-    p = report.get("profile")
-    if p:
-        if "skipped" in p:
-            console.print(f"profile: skipped ({p['skipped']})")
-        else:
-            pt = Table(title=f"where the GIL goes: py-spy, walctl serve under {p['connections']} connections "
-                             f"({p['deliveries_per_s']:,.0f} deliveries/s, {p['samples']} samples)")
-            pt.add_column("component")
-            pt.add_column("share", justify="right")
-            for c in p["components"]:
-                pt.add_row(c["component"], f"{c['share']:.0%}")
-            console.print(pt)
-            ft = Table(title="top functions (innermost frame)")
-            ft.add_column("function")
-            ft.add_column("share", justify="right")
-            for f in p["top_functions"]:
-                ft.add_row(f["function"][:110], f"{f['share']:.1%}")
-            console.print(ft)
+def _errors(r: dict) -> str:
+    if not r["errors"]:
+        return "0"
+    return str(sum(r["errors"].values())) if all(isinstance(v, int) for v in r["errors"].values()) else "yes"
 
 
 def _callers(r: dict) -> str:
@@ -669,49 +625,81 @@ def _nominal(r: dict) -> str:
     return f"{r['raw_nominal_per_s']:,.0f} (b={r['raw_nominal_batch']})" if "raw_nominal_per_s" in r else "-"
 
 
+def _raw_at_batch(r: dict, missing: str = "-") -> str:
+    return f"{r['raw_per_s']:,.0f} (b={r['raw_batch']})" if "raw_per_s" in r else missing
+
+
+def _api_and_profile(out: BenchReport, report: dict, *, functions: bool) -> None:
+    """The Node API table and the profile's tables (its top functions only when ``functions``)."""
+    if report["node_api"]:
+        a = out.table("Node.deliver() from threads and AsyncNode.deliver() from asyncio tasks, no LMTP",
+                      ["callers", "deliveries/s", "p50 ms", "p99 ms", "avg batch", "raw rec/s @batch", "vs raw",
+                       "raw rec/s @batch=callers", "vs raw"])
+        for r in report["node_api"]:
+            a.add_row(_callers(r), f"{r['deliveries_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['avg_batch']:.1f}", _raw_at_batch(r), percent(r["ratio_vs_raw"]), _nominal(r),
+                      percent(r.get("ratio_vs_raw_nominal", 0)))
+    p = report.get("profile")
+    if not p:
+        return
+    if "skipped" in p:
+        out.line(f"profile: skipped ({p['skipped']})")
+        return
+    pt = out.table(f"where the GIL goes: py-spy, walctl serve under {p['connections']} connections "
+                   f"({p['deliveries_per_s']:,.0f} deliveries/s, {p['samples']} samples)", ["component", "share"])
+    for c in p["components"]:
+        pt.add_row(c["component"], percent(c["share"]))
+    if functions:
+        ft = out.table("top functions (innermost frame)", ["function", "share"])
+        for f in p["top_functions"]:
+            ft.add_row(f["function"][:110], percent(f["share"], 1))
+
+
+def _workload(report: dict) -> str:
+    return f"{report['message_bytes']} B messages, 1 recipient, 1 mailbox, {report['messages']} per row"
+
+
+def bench_report(report: dict) -> BenchReport:
+    """The tables of a :func:`run_lmtp_bench` report: one row per server, client and connection count."""
+    out = BenchReport(Stamp.capture(report["machine"]))
+    t = out.table(f"LMTP deliveries: {_workload(report)}",
+                  ["server", "client", "conns", "deliveries/s", "p50 ms", "p99 ms", "errors", "avg batch",
+                   "raw rec/s @batch", "vs raw"])
+    for r in report["runs"]:
+        t.add_row(r["server"], r["client"], str(r["connections"]), f"{r['deliveries_per_s']:,.0f}",
+                  f"{r['p50_ms']:.2f}" if "p50_ms" in r else "-", f"{r['p99_ms']:.2f}" if "p99_ms" in r else "-",
+                  _errors(r), f"{r['avg_batch']:.1f}" if "avg_batch" in r else "-", _raw_at_batch(r),
+                  percent(r["ratio_vs_raw"]) if "ratio_vs_raw" in r else "-")
+    _api_and_profile(out, report, functions=True)
+    return out
+
+
 def render_markdown(report: dict) -> str:
-    """The report as README-ready markdown: one row per server and connection count."""
-    m = report["machine"]
-    out = [f"Machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
-           f"{m['fs_type']} on {m['device']} ({m['device_kind']}); {report['message_bytes']} B messages, "
-           f"{report['messages']} per row, 1 recipient, 1 mailbox.", ""]
+    """The report as markdown for the docs: one row per server and connection count, the two
+    load clients side by side."""
+    out = BenchReport(Stamp.capture(report["machine"]))
+    t = out.table(f"LMTP deliveries: {_workload(report)}",
+                  ["server", "conns", "deliveries/s (smtp-source)", "deliveries/s (asyncio client)", "p50 ms",
+                   "p99 ms", "avg batch", "raw write+fdatasync at that batch", "vs raw"])
     rows: dict = {}
     for r in report["runs"]:
         rows.setdefault((r["server"], r["connections"]), {})[r["client"]] = r
-    out.append("| server | conns | deliveries/s (smtp-source) | deliveries/s (asyncio client) | p50 ms | p99 ms "
-               "| avg batch | raw write+fdatasync at that batch | vs raw |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (server, conns), by in rows.items():
         src, aio = by.get("smtp-source"), by.get("asyncio")
         ref = aio or src
-        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            server, conns,
-            f"{src['deliveries_per_s']:,.0f}" if src else "-",
-            f"{aio['deliveries_per_s']:,.0f}" if aio else "-",
-            f"{aio['p50_ms']:.2f}" if aio else "-", f"{aio['p99_ms']:.2f}" if aio else "-",
-            f"{ref['avg_batch']:.1f}" if "avg_batch" in ref else "",
-            f"{ref['raw_per_s']:,.0f} (b={ref['raw_batch']})" if "raw_per_s" in ref else "",
-            f"{ref['ratio_vs_raw']:.0%}" if "ratio_vs_raw" in ref else ""))
-    if report["node_api"]:
-        out += ["", "| deliver() callers | deliveries/s | p50 ms | p99 ms | avg batch | raw at that batch | vs raw "
-                    "| raw at batch = callers | vs raw |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in report["node_api"]:
-            out.append(f"| {_callers(r)} | {r['deliveries_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                       f"{r['avg_batch']:.1f} | {r['raw_per_s']:,.0f} (b={r['raw_batch']}) | {r['ratio_vs_raw']:.0%} | "
-                       f"{_nominal(r)} | {r.get('ratio_vs_raw_nominal', 0):.0%} |")
-    p = report.get("profile")
-    if p and "skipped" not in p:
-        out += ["", f"Profile (py-spy, GIL-holding samples of `walctl serve` under {p['connections']} connections, "
-                    f"{p['samples']} samples):", "", "| component | share |", "|---|---:|"]
-        out += [f"| {c['component']} | {c['share']:.0%} |" for c in p["components"]]
-    return "\n".join(out) + "\n"
+        t.add_row(server, str(conns), f"{src['deliveries_per_s']:,.0f}" if src else "-",
+                  f"{aio['deliveries_per_s']:,.0f}" if aio else "-",
+                  f"{aio['p50_ms']:.2f}" if aio else "-", f"{aio['p99_ms']:.2f}" if aio else "-",
+                  f"{ref['avg_batch']:.1f}" if "avg_batch" in ref else "", _raw_at_batch(ref, ""),
+                  percent(ref.get("ratio_vs_raw")))
+    _api_and_profile(out, report, functions=False)
+    return out.markdown()
 
 
 def _make_command():
     import click
 
-    from .cliutil import CONTEXT_SETTINGS, dump_json, stderr_console
+    from .cliutil import CONTEXT_SETTINGS, dump_json
 
     @click.command(name="lmtp", context_settings=CONTEXT_SETTINGS)
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
@@ -748,21 +736,19 @@ def _make_command():
         """
         from .cmd_node import _host_port
 
-        console = stderr_console()
-        say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
         chosen = tuple(clients) or ("smtp-source", "asyncio")
         report = run_lmtp_bench(
             directory, connections=_conn_list(connections), messages=messages,
             target=_host_port(target) if target else None,
             variants=("mailwal",) if only_mailwal else ("mailwal", "maildir", "null", "aiosmtpd"),
-            clients=chosen, api=not no_api, profile=not no_profile, progress=say,
+            clients=chosen, api=not no_api, profile=not no_profile, progress=progress_printer(),
         )
         if as_json:
             dump_json(report, indent=2)
         elif markdown:
             click.echo(render_markdown(report), nl=False)
         else:
-            _render(report)
+            bench_report(report).print_text()
 
     return bench_lmtp
 

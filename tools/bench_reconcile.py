@@ -35,9 +35,10 @@ import time
 
 import click
 
+from .bench_report import BenchReport, Stamp, machine_info, percent, times
 from .cliutil import CONTEXT_SETTINGS, dump_json
 
-__all__ = ["bench_reconcile", "build_logs", "run_benchmark"]
+__all__ = ["bench_reconcile", "build_logs", "run_benchmark", "bench_report"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAILBOXES = 20
@@ -263,45 +264,35 @@ def run_benchmark(records: int, directory: str | None = None, cold: bool = True,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _render(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
+def bench_report(report: dict) -> BenchReport:
+    """The tables of a :func:`run_benchmark` report. Its stamp describes the disk that held the
+    scratch logs (the report's ``machine`` names only the CPUs, Python and the removed scratch dir)."""
+    out = BenchReport(Stamp.capture(machine_info(os.path.dirname(report["machine"]["dir"]))))
     lb = report["log_bytes"]
-    console.print(
-        f"two logs of {report['records']:,} records, deliveries of {report['record_bytes']:,} B bodies "
-        f"({lb['a'] / 2**20:,.1f} MiB and {lb['b'] / 2**20:,.1f} MiB), "
-        f"shared {report['shared']:,}, then {report['tail_per_side']:,} different records on each side; "
-        f"{report['machine']['cpus']} vCPU, Python {report['machine']['python']}; fork found at LSN "
-        f"{report['fork']['found']:,} (expected {report['fork']['expected']:,})"
-    )
-    t = Table(title=f"reconcile: time, memory and bytes read ({report['cache']} page cache, each phase in a "
-                    f"fresh interpreter)")
-    for col in ("phase", "seconds", "records", "bytes read", "of logs", "from disk", "RSS MiB"):
-        t.add_column(col, justify="right", no_wrap=col == "phase")
+    out.line(f"two logs of {report['records']:,} records, deliveries of {report['record_bytes']:,} B bodies "
+             f"({lb['a'] / 2**20:,.1f} MiB and {lb['b'] / 2**20:,.1f} MiB), "
+             f"shared {report['shared']:,}, then {report['tail_per_side']:,} different records on each side; "
+             f"fork found at LSN {report['fork']['found']:,} (expected {report['fork']['expected']:,})")
+    t = out.table(f"reconcile: time, memory and bytes read ({report['cache']} page cache, each phase in a "
+                  f"fresh interpreter)", ["phase", "seconds", "records", "bytes read", "of logs", "from disk", "RSS MiB"])
     total = lb["a"] + lb["b"]
     labels = {"baseline": "imports only", "find_fork": "find fork", "reconcile": "reconcile",
               "naive": "compare from 1", "raw_all": "raw read all", "raw_tail": "raw read tails"}
     for name, row in report["phases"].items():
         t.add_row(labels[name], f"{row['seconds']:.3f}", f"{row['records_read']:,}" if "records_read" in row else "",
-                  f"{row['rchar']:,}", f"{row['rchar'] / total:.2%}", f"{row['disk_read_bytes']:,}",
+                  f"{row['rchar']:,}", percent(row["rchar"] / total, 2), f"{row['disk_read_bytes']:,}",
                   f"{row['peak_rss_mib']:.0f}")
-    console.print(t)
     ff = report["phases"]["find_fork"]
-    console.print(
-        f"find fork: {ff['bytes_read']:,} bytes in {ff['probes']} probes: {ff['probe_bytes_read']:,} by the probes, "
-        f"{ff['end_bytes_read']:,} finding both logs' ends (their last records, {report['last_frames_bytes']:,} B, "
-        f"are read whole: only a record's hash tells it from a torn write)"
-    )
-    gt = Table(title="goals")
-    for col in ("goal", "measured", "met"):
-        gt.add_column(col)
+    out.line(f"find fork: {ff['bytes_read']:,} bytes in {ff['probes']} probes: {ff['probe_bytes_read']:,} by the "
+             f"probes, {ff['end_bytes_read']:,} finding both logs' ends (their last records, "
+             f"{report['last_frames_bytes']:,} B, are read whole: only a record's hash tells it from a torn write)")
+    gt = out.table("goals", ["goal", "measured", "met"])
     for g in report["goals"]:
         v = g["value"]
-        shown = f"{v:,}" if isinstance(v, int) else (f"{v:.2f}x" if g["goal"] == "reconcile_reads_tails_only" else f"{v:.4%}")
+        shown = (f"{v:,}" if isinstance(v, int) else
+                 times(v) if g["goal"] == "reconcile_reads_tails_only" else percent(v, 4))
         gt.add_row(g["description"], shown, "yes" if g["met"] else "NO")
-    console.print(gt)
+    return out
 
 
 @click.command(name="reconcile", context_settings=CONTEXT_SETTINGS)
@@ -331,7 +322,7 @@ def bench_reconcile(records: int, record_bytes: int, directory: str | None, cach
     if as_json:
         dump_json(report, indent=1)
     else:
-        _render(report)
+        bench_report(report).print_text()
 
 
 if __name__ == "__main__":  # a measured phase in its own interpreter

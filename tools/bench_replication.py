@@ -69,8 +69,9 @@ import threading
 import time
 
 from . import bench_lmtp, bench_wal
+from .bench_report import BenchReport, Column, Stamp, machine_info, percent, progress_printer
 
-__all__ = ["run_replication_bench", "render_markdown", "bench_replication_command", "main", "GOALS"]
+__all__ = ["run_replication_bench", "render_markdown", "bench_report", "bench_replication_command", "main", "GOALS"]
 
 MESSAGE_BYTES = bench_lmtp.MESSAGE_BYTES
 THROUGHPUT_CONNECTIONS = 64
@@ -804,7 +805,7 @@ def run_replication_bench(directory: str | None = None, *, messages: int = 5000,
                           late_runs: int = LATE_RUNS, catchup_mib: float = CATCHUP_MIB, progress=None) -> dict:
     say = progress or (lambda msg: None)
     base = tempfile.mkdtemp(prefix="mwr", dir=directory)
-    report: dict = {"machine": bench_wal.machine_info(base), "message_bytes": MESSAGE_BYTES,
+    report: dict = {"machine": machine_info(base), "message_bytes": MESSAGE_BYTES,
                     "loadavg": {"start": _loadavg()}}
     try:
         report["throughput"] = bench_throughput(base, messages, rounds, say=say)
@@ -833,80 +834,67 @@ def run_replication_bench(directory: str | None = None, *, messages: int = 5000,
 # -- rendering and the click command ---------------------------------------------------------------
 
 
-def _render(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _goal_value(g: dict) -> str:
+    if g["goal"] == "lag_p99_s":
+        return f"{g['value'] * 1000:.1f} ms"
+    if g["goal"] == "late_start_s":
+        return f"{g['value']:.2f} s"
+    return percent(g["value"])
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    m = report["machine"]
+
+def bench_report(report: dict) -> BenchReport:
+    """The tables of a :func:`run_replication_bench` report."""
+    out = BenchReport(Stamp.capture(report["machine"]))
     la = report["loadavg"]
-    console.print(f"machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
-                  f"{m['fs_type']} on {m['device']} ({m['device_kind']}), dir {m['dir']}; "
-                  f"load average at start {la['start'][0]:.2f}, at end {la.get('end', ['?'])[0]}")
+    out.line(f"load average at start {la['start'][0]:.2f}, at end {la.get('end', ['?'])[0]}")
     tp = report["throughput"]
-    t = Table(title=f"1. LMTP throughput: {report['message_bytes']} B messages, {tp['connections']} connections, "
-                    f"{tp['messages']} per run, median of {tp['rounds']} rounds")
-    for col in ("master", "deliveries/s", "min..max", "vs alone", "p50 ms", "p99 ms", "errors",
-                "replicas behind at end", "caught up after", "master CPU µs/msg", "replica CPU µs/msg"):
-        t.add_column(col, justify="right")
+    t = out.table(f"1. LMTP throughput: {report['message_bytes']} B messages, {tp['connections']} connections, "
+                  f"{tp['messages']:,} per run, median of {tp['rounds']} rounds",
+                  ["master", "deliveries/s", "min..max", "vs alone", "p50 ms", "p99 ms", "errors",
+                   "replicas behind at end", "caught up after", "master CPU µs/msg", "replica CPU µs/msg"])
     for r in tp["rows"]:
         t.add_row(r["label"], f"{r['deliveries_per_s']:,.0f}",
-                  f"{r['min_deliveries_per_s']:,.0f}..{r['max_deliveries_per_s']:,.0f}", f"{r['vs_alone']:.0%}",
+                  f"{r['min_deliveries_per_s']:,.0f}..{r['max_deliveries_per_s']:,.0f}", percent(r["vs_alone"]),
                   f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(sum(r["errors"].values())) if r["errors"] else "0",
                   f"{r['behind_at_end_records']:,} rec" if "behind_at_end_records" in r else "-",
                   f"{r['caught_up_after_s']:.2f} s" if "caught_up_after_s" in r else "-",
                   f"{r['master_cpu_us_per_delivery']:,.0f}",
                   ", ".join(f"{c:,.0f}" for c in r["replica_cpu_us_per_delivery"]) or "-")
-    console.print(t)
     cpu = tp["master_cpu_us_per_delivery"]
-    console.print(f"master CPU per delivery (median of rounds): alone {cpu['alone']:,.0f} µs, 2 async replicas "
-                  f"{cpu['async']:,.0f} µs ({tp['async_master_cpu_vs_alone']:.0%}), sync {cpu['sync']:,.0f} µs")
+    out.line(f"master CPU per delivery (median of rounds): alone {cpu['alone']:,.0f} µs, 2 async replicas "
+             f"{cpu['async']:,.0f} µs ({percent(tp['async_master_cpu_vs_alone'])}), sync {cpu['sync']:,.0f} µs")
     lag = report["lag"]
-    lt = Table(title=f"2. replication lag: 250 to durable on the replica, burst of {lag['messages']:,} messages "
-                     f"from {lag['connections']} connections ({lag['deliveries_per_s']:,.0f} deliveries/s; "
-                     f"master p50 {lag['master_p50_ms']:.1f} ms, p99 {lag['master_p99_ms']:.1f} ms)")
-    for col in ("replica", "messages", "p50 ms", "p99 ms", "max ms", "p99 lower bound ms", "durable before 250",
-                "resolution p50/p99 ms", "polls/s"):
-        lt.add_column(col, justify="right")
+    lt = out.table(f"2. replication lag: 250 to durable on the replica, burst of {lag['messages']:,} messages "
+                   f"from {lag['connections']} connections ({lag['deliveries_per_s']:,.0f} deliveries/s; "
+                   f"master p50 {lag['master_p50_ms']:.1f} ms, p99 {lag['master_p99_ms']:.1f} ms)",
+                   ["replica", "messages", "p50 ms", "p99 ms", "max ms", "p99 lower bound ms", "durable before 250",
+                    "resolution p50/p99 ms", "polls/s"])
     for r in lag["replicas"]:
         lt.add_row(r["replica"], f"{r['messages']:,}", f"{r['p50_s'] * 1000:.1f}", f"{r['p99_s'] * 1000:.1f}",
                    f"{r['max_s'] * 1000:.1f}", f"{r['p99_lower_bound_s'] * 1000:.1f}", f"{r['before_250']:,}",
                    f"{r['resolution_p50_s'] * 1000:.1f}/{r['resolution_p99_s'] * 1000:.1f}", f"{r['polls_per_s']:,.0f}")
     lt.add_row("both", "", f"{lag['p50_s'] * 1000:.1f}", f"{lag['p99_s'] * 1000:.1f}", f"{lag['max_s'] * 1000:.1f}",
                "", "", "", "")
-    console.print(lt)
     late = report["late_start"]
-    st = Table(title=f"3. late start: new replica after {late['messages']} deliveries (master LSN "
-                     f"{late['master_lsn']}); seconds from process start "
-                     f"(walctl start-up floor {late['startup_floor_s']:.2f} s)")
-    for col in ("run", "control up", "streaming", "durable = master", "applied = master"):
-        st.add_column(col, justify="right")
+    st = out.table(f"3. late start: new replica after {late['messages']} deliveries (master LSN "
+                   f"{late['master_lsn']}); seconds from process start "
+                   f"(walctl start-up floor {late['startup_floor_s']:.2f} s)",
+                   ["run", "control up", "streaming", "durable = master", "applied = master"])
     for i, r in enumerate(late["runs"], 1):
-        st.add_row(str(i), f"{r['control_up_s']:.2f}", f"{r['streaming_s']:.2f}", f"{r['durable_s']:.2f}",
+        st.add_row(f"run {i}", f"{r['control_up_s']:.2f}", f"{r['streaming_s']:.2f}", f"{r['durable_s']:.2f}",
                    f"{r['applied_s']:.2f}")
-    console.print(st)
     cu = report["catchup"]
-    ct = Table(title=f"4. catch-up: replica {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) "
-                     f"behind; master log built in {cu['build']['build_s']:.1f} s; rate = bytes durable in the "
-                     f"replica's log per second")
-    for col in ("pass", "seconds", "MB/s", "records/s", "vs raw read+blake3", "vs raw copy"):
-        ct.add_column(col, justify="right")
+    ct = out.table(f"4. catch-up: replica {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) "
+                   f"behind; master log built in {cu['build']['build_s']:.1f} s; rate = bytes durable in the "
+                   f"replica's log per second",
+                   ["pass", "seconds", "MB/s", "records/s", "vs raw read+blake3", "vs raw copy"])
     for label, row in _catchup_rows(cu):
         ct.add_row(label, *row)
-    console.print(ct)
-    gt = Table(title="goals")
-    for col in ("goal", "measured", "met", "anchors"):
-        gt.add_column(col)
+    gt = out.table("goals", ["goal", "measured", "met", Column("anchors", figures=False)])
     for g in report["goals"]:
-        if g["goal"] == "lag_p99_s":
-            value = f"{g['value'] * 1000:.1f} ms"
-        elif g["goal"] == "late_start_s":
-            value = f"{g['value']:.2f} s"
-        else:
-            value = f"{g['value']:.0%}"
         anchors = ", ".join(f"{k} {v:g} s" for k, v in report["anchors"].get(g["goal"], {}).items())
-        gt.add_row(g["description"], value, "yes" if g["met"] else "NO", anchors)
-    console.print(gt)
+        gt.add_row(g["description"], _goal_value(g), "yes" if g["met"] else "NO", anchors)
+    return out
 
 
 def _catchup_rows(cu: dict) -> list[tuple[str, tuple[str, ...]]]:
@@ -916,20 +904,20 @@ def _catchup_rows(cu: dict) -> list[tuple[str, tuple[str, ...]]]:
     rows = []
     if "raw_read_mb_per_s" in cu:
         rows.append(("raw read, 1 MiB calls, no hashing", ("", f"{cu['raw_read_mb_per_s']:,.0f}", "",
-                                                          f"{cu['raw_read_mb_per_s'] / ceiling:.0%}", "")))
+                                                          percent(cu["raw_read_mb_per_s"] / ceiling), "")))
     rows += [
         ("raw read + blake3, 1 MiB calls (the goal's ceiling)", ("", f"{ceiling:,.0f}", "", "100%", "")),
         ("raw read + blake3 per 4 KiB record", ("", f"{cu['raw_per_record_hash_mb_per_s']:,.0f}", "",
-                                                f"{cu['raw_per_record_hash_mb_per_s'] / ceiling:.0%}", "")),
-        ("raw copy: read + blake3 + write + fdatasync per 8 MiB", ("", f"{copy:,.0f}", "", f"{copy / ceiling:.0%}",
+                                                percent(cu["raw_per_record_hash_mb_per_s"] / ceiling), "")),
+        ("raw copy: read + blake3 + write + fdatasync per 8 MiB", ("", f"{copy:,.0f}", "", percent(copy / ceiling),
                                                                    "100%")),
         ("replica: Popen to durable = master (the goal's rate)",
          (f"{rep['durable_s']:.1f}", f"{cu['mb_per_s']:,.0f}", f"{cu.get('records_per_s', 0):,.0f}",
-          f"{cu['ratio_vs_raw']:.1%}", f"{cu['mb_per_s'] / copy:.0%}")),
+          percent(cu["ratio_vs_raw"], 1), percent(cu["mb_per_s"] / copy))),
         ("replica: streaming to durable = master",
          (f"{rep['durable_s'] - rep['streaming_s']:.1f}", f"{cu['mb_per_s_while_streaming']:,.0f}",
-          f"{cu.get('records_per_s_while_streaming', 0):,.0f}", f"{cu['ratio_vs_raw_while_streaming']:.1%}",
-          f"{cu['mb_per_s_while_streaming'] / copy:.0%}")),
+          f"{cu.get('records_per_s_while_streaming', 0):,.0f}", percent(cu["ratio_vs_raw_while_streaming"], 1),
+          percent(cu["mb_per_s_while_streaming"] / copy))),
         ("replica's store: Popen to applied = master (not the goal)",
          (f"{rep['applied_s']:.1f}", f"{cu['applied_mb_per_s']:,.0f}", f"{cu.get('applied_records_per_s', 0):,.0f}",
           "", "")),
@@ -938,58 +926,14 @@ def _catchup_rows(cu: dict) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def render_markdown(report: dict) -> str:
-    """The report as README-ready markdown tables."""
-    m, la = report["machine"], report["loadavg"]
-    out = [f"Machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, Python {m['python']}, "
-           f"{m['fs_type']} on {m['device']}; load average {la['start'][0]:.1f} at the start, "
-           f"{la.get('end', ['?'])[0]} at the end.", ""]
-    tp = report["throughput"]
-    out += [f"| master ({tp['connections']} connections, {tp['messages']:,} messages, median of {tp['rounds']}) "
-            "| deliveries/s | min..max | vs alone | p50 ms | p99 ms | replicas behind at end | master CPU µs/msg "
-            "| each replica CPU µs/msg |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in tp["rows"]:
-        out.append(f"| {r['label']} | {r['deliveries_per_s']:,.0f} | {r['min_deliveries_per_s']:,.0f}.."
-                   f"{r['max_deliveries_per_s']:,.0f} | {r['vs_alone']:.0%} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                   + (f"{r['behind_at_end_records']:,} records" if "behind_at_end_records" in r else "")
-                   + f" | {r['master_cpu_us_per_delivery']:,.0f} | "
-                   + ", ".join(f"{c:,.0f}" for c in r["replica_cpu_us_per_delivery"]) + " |")
-    lag = report["lag"]
-    out += ["", f"| lag, 250 to durable on the replica ({lag['messages']:,}-message burst, {lag['connections']} "
-            f"connections, {lag['deliveries_per_s']:,.0f}/s) | p50 ms | p99 ms | max ms | p99 lower bound ms "
-            "| poll resolution p50/p99 ms |", "|---|---:|---:|---:|---:|---:|"]
-    for r in lag["replicas"]:
-        out.append(f"| {r['replica']} | {r['p50_s'] * 1000:.1f} | {r['p99_s'] * 1000:.1f} | {r['max_s'] * 1000:.1f} | "
-                   f"{r['p99_lower_bound_s'] * 1000:.1f} | {r['resolution_p50_s'] * 1000:.1f}/"
-                   f"{r['resolution_p99_s'] * 1000:.1f} |")
-    out.append(f"| both | {lag['p50_s'] * 1000:.1f} | {lag['p99_s'] * 1000:.1f} | {lag['max_s'] * 1000:.1f} | | |")
-    late = report["late_start"]
-    out += ["", f"| late start, {late['messages']} messages on the master (s from `Popen`) | control socket answers "
-            "| streaming | durable = master | applied = master |", "|---|---:|---:|---:|---:|"]
-    for i, r in enumerate(late["runs"], 1):
-        out.append(f"| run {i} | {r['control_up_s']:.2f} | {r['streaming_s']:.2f} | {r['durable_s']:.2f} | "
-                   f"{r['applied_s']:.2f} |")
-    out.append(f"| (`walctl --version`: {late['startup_floor_s']:.2f}) | | | | |")
-    cu = report["catchup"]
-    out += ["", f"| catch-up, {cu['behind_bytes'] / MIB:,.0f} MiB ({cu['behind_records']:,} records) behind "
-            "| seconds | MB/s | records/s | vs raw read+blake3 | vs raw copy |", "|---|---:|---:|---:|---:|---:|"]
-    out += [f"| {label} | " + " | ".join(row) + " |" for label, row in _catchup_rows(cu)]
-    out += ["", "| goal | measured | met | anchors |", "|---|---:|---|---|"]
-    for g in report["goals"]:
-        if g["goal"] == "lag_p99_s":
-            value = f"{g['value'] * 1000:.1f} ms"
-        elif g["goal"] == "late_start_s":
-            value = f"{g['value']:.2f} s"
-        else:
-            value = f"{g['value']:.0%}"
-        anchors = ", ".join(f"{k} {v:g} s" for k, v in report["anchors"].get(g["goal"], {}).items())
-        out.append(f"| {g['description']} | {value} | {'yes' if g['met'] else '**no**'} | {anchors} |")
-    return "\n".join(out) + "\n"
+    """The report as markdown tables, stamped (the benchmark pages of the docs)."""
+    return bench_report(report).markdown()
 
 
 def _make_command():
     import click
 
-    from .cliutil import CONTEXT_SETTINGS, dump_json, stderr_console
+    from .cliutil import CONTEXT_SETTINGS, dump_json
 
     @click.command(name="replication", context_settings=CONTEXT_SETTINGS)
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
@@ -1027,19 +971,17 @@ def _make_command():
             walctl bench replication --dir /var/lib/mailwal
             walctl bench replication --json --messages 200 --catchup-mib 8 | jq '.goals'
         """
-        console = stderr_console()
-        say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
         if directory:
             os.makedirs(directory, exist_ok=True)
         report = run_replication_bench(directory, messages=messages, rounds=rounds, lag_messages=lag_messages,
                                        late_messages=late_messages, late_runs=late_runs, catchup_mib=catchup_mib,
-                                       progress=say)
+                                       progress=progress_printer())
         if as_json:
             dump_json(report, indent=2)
         elif markdown:
             click.echo(render_markdown(report), nl=False)
         else:
-            _render(report)
+            bench_report(report).print_text()
 
     return bench_replication
 

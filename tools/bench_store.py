@@ -32,10 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import click
 
-from .bench_wal import machine_info
-from .cliutil import CONTEXT_SETTINGS, dump_json, stderr_console
+from .bench_report import BenchReport, Stamp, machine_info, percent, progress_printer
+from .cliutil import CONTEXT_SETTINGS, dump_json
 
-__all__ = ["bench_store", "run_store_bench"]
+__all__ = ["bench_store", "run_store_bench", "bench_report"]
 
 BODY_BYTES = 4096
 FLAG_EVERY = 8
@@ -145,29 +145,20 @@ def run_store_bench(directory: str | None, *, messages: int = 8192, mailboxes: i
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _render(report: dict) -> None:
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    m = report["machine"]
-    console.print(f"machine: {m['cpus']} vCPU {m['cpu_model']}, Python {m['python']}, {m['fs_type']} on "
-                  f"{m['device']}, dir {m['dir']}")
-    t = Table(title=f"store apply: {report['records']:,} records ({report['deliveries']:,} deliveries of 4 KiB to "
-                    f"{report['mailboxes']} mailboxes, a flag change every {FLAG_EVERY}), median of "
-                    f"{report['rounds']} rounds")
-    for col in ("records per transaction", "records/s", "MB/s", "CPU µs/record", "plain SQLite records/s",
-                "plain SQLite CPU µs/record", "vs plain", "vs plain, CPU"):
-        t.add_column(col, justify="right")
+def bench_report(report: dict) -> BenchReport:
+    """The table of a :func:`run_store_bench` report."""
+    out = BenchReport(Stamp.capture(report["machine"]))
+    t = out.table(f"store apply: {report['records']:,} records ({report['deliveries']:,} deliveries of 4 KiB to "
+                  f"{report['mailboxes']} mailboxes, a flag change every {FLAG_EVERY}), median of "
+                  f"{report['rounds']} rounds",
+                  ["records per transaction", "records/s", "MB/s", "CPU µs/record", "plain SQLite records/s",
+                   "plain SQLite CPU µs/record", "vs plain", "vs plain, CPU"])
     for r in report["batches"]:
         t.add_row(str(r["batch"]), f"{r['records_per_s']:,.0f}", f"{r['mb_per_s']:,.1f}",
                   f"{r['cpu_us_per_record']:.1f}", f"{r['raw_records_per_s']:,.0f}",
-                  f"{r['raw_cpu_us_per_record']:.1f}", f"{r['ratio_vs_raw']:.0%}", f"{r['ratio_vs_raw_cpu']:.0%}")
-    console.print(t)
-    console.print("every store built ended with the same digest: "
-                  + ("yes" if report["same_digest_everywhere"] else "[bold red]NO[/bold red]"))
+                  f"{r['raw_cpu_us_per_record']:.1f}", percent(r["ratio_vs_raw"]), percent(r["ratio_vs_raw_cpu"]))
+    out.line("every store built ended with the same digest: " + ("yes" if report["same_digest_everywhere"] else "NO"))
+    return out
 
 
 @click.command(name="store", context_settings=CONTEXT_SETTINGS)
@@ -193,12 +184,11 @@ def bench_store(messages: int, mailboxes: int, rounds: int, directory: str | Non
     Example:
         walctl bench store --dir /var/lib/mailwal
     """
-    console = stderr_console()
-    say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
-    report = run_store_bench(directory, messages=messages, mailboxes=mailboxes, rounds=rounds, progress=say)
+    report = run_store_bench(directory, messages=messages, mailboxes=mailboxes, rounds=rounds,
+                             progress=progress_printer())
     if as_json:
         dump_json(report, indent=2)
     else:
-        _render(report)
+        bench_report(report).print_text()
     if not report["same_digest_everywhere"]:
         raise SystemExit(1)

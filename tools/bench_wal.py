@@ -1,4 +1,4 @@
-"""Measurements behind ``walctl bench wal``: the log against a raw ceiling.
+"""``walctl bench wal``: the log against a raw ceiling.
 
 Every figure is paired with a ceiling measured in the same run, on the same
 disk, by the plainest code that does the same I/O, and reported as a ratio:
@@ -16,8 +16,9 @@ disk, by the plainest code that does the same I/O, and reported as a ratio:
 * memory: peak RSS of a subprocess that runs :func:`wal.verify`, next to the
   RSS of the same subprocess that only imports :mod:`wal`.
 
-Nothing here prints; :mod:`tools.walctl_bench` formats the result. All
-functions return plain dicts (the ``--json`` contract).
+The measuring functions return plain dicts (the ``--json`` contract) and never
+print; :func:`bench_report` turns the report into tables
+(:mod:`tools.bench_report`) and :data:`bench_wal_command` is the command.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,9 +35,13 @@ import time
 from typing import Callable
 
 import blake3
+import click
 
 import wal
 from wal.format import FRAME_HEADER_SIZE
+
+from .bench_report import BenchReport, Stamp, machine_info, percent, progress_printer
+from .cliutil import CONTEXT_SETTINGS, dump_json
 
 __all__ = [
     "RECORD_BYTES",
@@ -55,6 +59,8 @@ __all__ = [
     "verify_peak_rss",
     "machine_info",
     "run_wal_bench",
+    "bench_report",
+    "bench_wal_command",
 ]
 
 RECORD_BYTES = 4096
@@ -353,59 +359,6 @@ def verify_peak_rss(path: str) -> dict:
     }
 
 
-def _mount_of(path: str) -> tuple[str, str, str]:
-    """(mount point, fs type, device) of the file system holding ``path``."""
-    path = os.path.realpath(path)
-    best = ("/", "?", "?")
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                mount_point = left.split()[4].replace("\\040", " ")
-                fstype, device = (right.split() + ["?", "?"])[:2]
-                if (path == mount_point or path.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) >= len(best[0]):
-                    best = (mount_point, fstype, device)
-    except OSError:
-        pass
-    return best
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def machine_info(directory: str) -> dict:
-    mount_point, fstype, device = _mount_of(directory)
-    usage = shutil.disk_usage(directory)
-    rotational = "?"
-    dev_name = os.path.basename(device)
-    try:
-        with open(f"/sys/block/{dev_name}/queue/rotational") as f:
-            rotational = "rotational" if f.read().strip() == "1" else "non-rotational"  # as the kernel reports it
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "dir": os.path.abspath(directory),
-        "mount_point": mount_point,
-        "fs_type": fstype,
-        "device": device,
-        "device_kind": rotational,
-        "disk_size_gib": round(usage.total / 2**30, 1),
-    }
-
-
 def _append_rounds(scratch: str, bench: Callable, unit: str, n: int, records: int, record_bytes: int,
                    rounds: int, say: Progress) -> dict:
     """``rounds`` log runs of ``bench`` with ``n`` appenders, each followed by the raw
@@ -533,3 +486,86 @@ def run_wal_bench(
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- the tables and the command ---------------------------------------------------------------------
+
+
+def bench_report(report: dict) -> BenchReport:
+    """The tables of a :func:`run_wal_bench` report."""
+    out = BenchReport(Stamp.capture(report["machine"]))
+    t = out.table(f"appends: {report['record_bytes']} B records, one fdatasync per batch",
+                  ["appenders", "records/s", "MB/s", "fsyncs/rec", "avg batch", "p50 ms", "p99 ms",
+                   "raw rec/s @avg batch", "log/raw", "raw rec/s @batch=appenders", "log/raw"])
+    appends = report["appends"] + report.get("async_appends", [])
+    for a in appends:
+        who = str(a["threads"]) if a.get("mode", "threads") == "threads" else f"{a['threads']} asyncio tasks"
+        t.add_row(who, f"{a['records_per_s']:,.0f}", f"{a['mb_per_s']:,.1f}", f"{a['fsyncs_per_record']:.3f}",
+                  f"{a['avg_batch']:.1f}", f"{a['p50_ms']:.2f}", f"{a['p99_ms']:.2f}",
+                  f"{a['raw_records_per_s']:,.0f} (b={a['raw_batch']})", percent(a["ratio_vs_raw"]),
+                  f"{a['raw_nominal_records_per_s']:,.0f} (b={a['raw_nominal_batch']})",
+                  percent(a["ratio_vs_raw_nominal"]))
+    for a in appends:
+        if len(a.get("all_rounds", [])) > 1:
+            out.line(f"  {a['threads']} {a.get('mode', 'threads')}, every round (records/s, log/raw at batch "
+                     f"{a['threads']}): " + ", ".join(f"{x['records_per_s']:,.0f} {percent(x['ratio_vs_raw_nominal'])}"
+                                                      for x in a["all_rounds"]))
+    r = report["read"]
+    rt = out.table(f"reading a {r['log']['bytes'] / 2**20:,.0f} MiB log ({r['log']['records']:,} records), warm cache",
+                   ["pass", "MB/s", "records/s", "seconds", "vs raw read+blake3", "vs raw per-record blake3",
+                    "vs raw, CPU time"])
+    raw, pieces = r["raw_read_hash"], r["raw_read_hash_per_record"]
+    rt.add_row("raw read + blake3 (1 MiB calls)", f"{raw['mb_per_s']:,.0f}", "", f"{raw['seconds']:.2f}", "100%", "",
+               "100%")
+    rt.add_row(f"raw read + blake3 per {pieces['piece_bytes']} B piece", f"{pieces['mb_per_s']:,.0f}", "",
+               f"{pieces['seconds']:.2f}", percent(pieces["mb_per_s"] / raw["mb_per_s"]), "100%",
+               percent(pieces.get("ratio_vs_raw_cpu")))
+    for name in ("verify", "replay"):
+        x = r[name]
+        rt.add_row(f"wal {name}", f"{x['mb_per_s']:,.0f}", f"{x['records_per_s']:,.0f}", f"{x['seconds']:.2f}",
+                   percent(x["ratio_vs_raw"]), percent(x["ratio_vs_raw_per_record"]), percent(x.get("ratio_vs_raw_cpu")))
+    rss = report["verify_rss"]
+    out.line(f"verify peak RSS: {rss['peak_rss_mib']:.1f} MiB for a {rss['log_bytes'] / 2**20:,.0f} MiB log "
+             f"(interpreter + wal alone: {rss['baseline_rss_mib']:.1f} MiB)")
+    gt = out.table("goals", ["goal", "measured", "met"])
+    for g in report["goals"]:
+        value = f"{g['value']:.1f} MiB" if g["goal"].endswith("_mib") else percent(g["value"])
+        gt.add_row(g["description"], value, "yes" if g["met"] else "NO")
+    return out
+
+
+@click.command(name="wal", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
+@click.option("--records", type=click.IntRange(min=1), default=20000, show_default=True,
+              help="Records appended per appender configuration (shared by its threads).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="Where to put the scratch logs (the disk under test). Default: the system temp dir.")
+@click.option("--verify-gib", type=click.FloatRange(min=0.0, min_open=True), default=0.25, show_default=True,
+              help="Size of the log that verify, replay and the RSS check read (2 for the 2 GiB check).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Repeat each log/raw pair this many times, alternating, and report the median round.")
+@click.option("--record-bytes", type=click.IntRange(min=1), default=RECORD_BYTES, show_default=True,
+              help="Payload size of each record.")
+def bench_wal_command(as_json: bool, records: int, directory: str | None, verify_gib: float, rounds: int,
+                      record_bytes: int) -> None:
+    """Benchmark appends, verify, replay and verify's memory against raw I/O.
+
+    Appends 4 KiB records from 1, 16 and 64 threads (records/s, MB/s, fsyncs
+    per record, p50/p99 latency) and compares each with a plain loop of
+    os.write + os.fdatasync of the same batch size on the same disk; times
+    verify and a full replay of a --verify-gib log against a raw read +
+    blake3 of the same bytes; and measures the peak RSS of verify in a
+    subprocess. Ratios are checked against the project's goals. Scratch files
+    are deleted afterwards.
+
+    \b
+    Example:
+        walctl bench wal --dir /var/lib/mailwal --verify-gib 2
+        walctl bench wal --json --records 2000 | jq '.goals'
+    """
+    report = run_wal_bench(directory, records=records, verify_bytes=int(verify_gib * 2**30), record_bytes=record_bytes,
+                           rounds=rounds, progress=progress_printer())
+    if as_json:
+        dump_json(report, indent=2)
+    else:
+        bench_report(report).print_text()

@@ -19,6 +19,7 @@ from .bench_lmtp import bench_lmtp_command
 from .bench_reconcile import bench_reconcile
 from .bench_replication import bench_replication_command
 from .bench_store import bench_store
+from .bench_wal import bench_wal_command
 from .cliutil import CONTEXT_SETTINGS, DEBUG_KEY, WalctlGroup
 from .cmd_cluster import CLUSTER_COMMANDS
 from .cmd_maildir import MAILDIR_COMMANDS
@@ -63,6 +64,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 for _command in (verify, replay, cursor, repair, bench):
     cli.add_command(_command)
 cli.add_command(reconcile)
+bench.add_command(bench_wal_command)
 bench.add_command(bench_reconcile)
 for _command in NODE_COMMANDS:
     cli.add_command(_command)
