@@ -2,9 +2,9 @@
 
 A cursor is ``name -> LSN``: the last LSN its consumer has finished with.
 Each cursor is its own small file ``cursors/<name>.cursor`` holding canonical
-CBOR ``{"lsn": int, "updated_ms": int}``, replaced atomically and durably
-(temp file, fdatasync, rename, fsync directory), so independent consumers
-never contend and a crash leaves either the old or the new value.
+CBOR ``{"lsn": int, "updated_ms": int}``, written by atomic replace
+(:meth:`wal.FileOps.write_file_atomic`), so independent consumers never
+contend and a crash leaves either the old or the new value.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Alias of :mod:`wal.seek`, :mod:`wal.history` and :mod:`wal.fork` for importers not moved yet.
+"""The names of :mod:`wal.seek`, :mod:`wal.history` and :mod:`wal.fork` in one module, for its importers.
 
-New code imports from those modules (or from :mod:`wal`); this module only
-re-exports their names and goes once no importer is left.
+New code imports from those modules, or from :mod:`wal`. Every name here is
+the object of its home module (``tests/test_epochs.py`` checks it).
 """
 
 from .errors import EpochHistoryError, ForeignLogError, ForkUnknownError

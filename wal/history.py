@@ -92,7 +92,11 @@ def read_history_file(log_dir: str) -> list[EpochEntry]:
 
 
 def write_history(log_dir: str, entries: list[EpochEntry], fileops: FileOps = OS_FILEOPS) -> None:
-    """Replace ``EPOCHS`` with ``entries`` atomically (temp file, fdatasync, rename, dir fsync)."""
+    """Replace ``EPOCHS`` with ``entries`` by atomic replace (:meth:`wal.FileOps.write_file_atomic`).
+
+    Raises:
+        EpochHistoryError: the entries do not increase (epochs and first LSNs).
+    """
     for prev, cur in zip(entries, entries[1:]):
         if not (cur.epoch > prev.epoch and cur.first_lsn >= prev.first_lsn):
             raise EpochHistoryError(f"epochs must increase with first LSNs ({prev} then {cur})")

@@ -197,8 +197,9 @@ class LogReader:
                 if stop is not None and stop.is_set():
                     return
             else:
-                # A frame that fails its LSN or hash past the durable bound is
-                # being written (the old code stopped at the bound before checking).
+                # A frame that fails its LSN or hash check at or below the durable
+                # bound is damage (LOG-9); past it, the frame is still being
+                # written (LOG-11) and this pass ends before it.
                 if walk.reason is not None and (bound is None or cur <= bound):
                     self._damage(path, offset, cur, walk.reason, segs, seg_name)
                     return

@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 A segment is one file ``<first_lsn:020d>.seg`` in the log directory. It is
-created complete-or-absent (LOG-2): header written to a hidden temp name,
-fdatasynced, renamed into place, directory fsynced. Records are appended in
-batches; a batch never spans two segments, and a segment is fdatasynced
-before the next one is created, so only the *last* segment can hold a torn
-write, and only in its *last batch* (LOG-8).
+created complete-or-absent (LOG-2): its header is written by atomic
+replace (:meth:`wal.FileOps.write_file_atomic`: ``.NAME.tmp``, fdatasync,
+rename, directory fsync). Records are appended in batches; a batch never
+spans two segments, and a segment is fdatasynced before the next one is
+created, so only the *last* segment can hold a torn write, and only in its
+*last batch* (LOG-8).
 
 :func:`scan_segment` walks the frames of one segment, verifying each record
 hash against the chain, and classifies the first failure it meets:
