@@ -10,7 +10,9 @@ LMTP by ``tools.bench_lmtp``'s asyncio client:
    ``rounds`` rounds; the median round of each is reported. Each row also
    says how far the replicas were behind when the load ended and how long
    they took to hold everything (an asynchronous replica that falls behind
-   hides its cost in lag, not throughput).
+   hides its cost in lag, not throughput), and every node's store digest
+   once they do (``store_digests``: equal when the replicas hold the
+   master's mail).
 2. **Lag**: a burst of 2,000 messages from 8 connections to a master with two
    asynchronous replicas. For each message, the client notes the monotonic
    time it read the final 250. A separate poller process asks each
@@ -309,6 +311,17 @@ class _Cluster:
     def names(self) -> list[str]:
         return [os.path.basename(r.node) for r in self.replicas]
 
+    def store_digests(self) -> dict[str, str]:
+        """Node name -> its store's digest (MS-7), read once the store applied everything
+        durable in its log: after :func:`_wait_caught_up`, equal on every node that holds
+        the master's mail."""
+        out = {}
+        for name, proc in [(os.path.basename(self.master.path), self.master.proc)] + list(zip(self.names,
+                                                                                               self.replicas)):
+            with proc.control() as c:
+                out[name] = c.call("digest")["store"]
+        return out
+
     def stop(self) -> None:
         for r in self.replicas:
             r.stop()
@@ -363,6 +376,7 @@ def _throughput_row(base: str, mode: str, replicas: int, sync: int, messages: in
         ok = max(1, load["ok"])
         row["master_cpu_us_per_delivery"] = cpu[0] / ok * 1e6
         row["replica_cpu_us_per_delivery"] = [c / ok * 1e6 for c in cpu[1:]]
+        row["store_digests"] = cluster.store_digests()
     finally:
         cluster.stop()
     shutil.rmtree(d, ignore_errors=True)
@@ -842,6 +856,13 @@ def _goal_value(g: dict) -> str:
     return percent(g["value"])
 
 
+def _stores_equal(row: dict) -> str:
+    digests = row.get("store_digests") or {}
+    if len(digests) < 2:
+        return "-"
+    return "yes" if len(set(digests.values())) == 1 else "NO"
+
+
 def bench_report(report: dict) -> BenchReport:
     """The tables of a :func:`run_replication_bench` report."""
     out = BenchReport(Stamp.capture(report["machine"]))
@@ -851,7 +872,8 @@ def bench_report(report: dict) -> BenchReport:
     t = out.table(f"1. LMTP throughput: {report['message_bytes']} B messages, {tp['connections']} connections, "
                   f"{tp['messages']:,} per run, median of {tp['rounds']} rounds",
                   ["master", "deliveries/s", "min..max", "vs alone", "p50 ms", "p99 ms", "errors",
-                   "replicas behind at end", "caught up after", "master CPU µs/msg", "replica CPU µs/msg"])
+                   "replicas behind at end", "caught up after", "master CPU µs/msg", "replica CPU µs/msg",
+                   "stores equal"])
     for r in tp["rows"]:
         t.add_row(r["label"], f"{r['deliveries_per_s']:,.0f}",
                   f"{r['min_deliveries_per_s']:,.0f}..{r['max_deliveries_per_s']:,.0f}", percent(r["vs_alone"]),
@@ -859,7 +881,7 @@ def bench_report(report: dict) -> BenchReport:
                   f"{r['behind_at_end_records']:,} rec" if "behind_at_end_records" in r else "-",
                   f"{r['caught_up_after_s']:.2f} s" if "caught_up_after_s" in r else "-",
                   f"{r['master_cpu_us_per_delivery']:,.0f}",
-                  ", ".join(f"{c:,.0f}" for c in r["replica_cpu_us_per_delivery"]) or "-")
+                  ", ".join(f"{c:,.0f}" for c in r["replica_cpu_us_per_delivery"]) or "-", _stores_equal(r))
     cpu = tp["master_cpu_us_per_delivery"]
     out.line(f"master CPU per delivery (median of rounds): alone {cpu['alone']:,.0f} µs, 2 async replicas "
              f"{cpu['async']:,.0f} µs ({percent(tp['async_master_cpu_vs_alone'])}), sync {cpu['sync']:,.0f} µs")
