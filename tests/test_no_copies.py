@@ -115,7 +115,8 @@ ATOMIC_HELPER = {
 }
 
 # Renames that move a finished thing (a directory, a Maildir message) rather
-# than write a file: allowed where listed, each with what it moves.
+# than write a file: allowed where listed (file, function), each with what it
+# moves. An entry whose rename moved elsewhere is harmless; add the new place.
 MOVES = {
     ("wal/writer.py", "Log.create"): "a log directory built under .NAME.creating-PID (LOG-2)",
     ("engine/cluster/roles.py", "Cluster._reconcile_tail"): "a received tail's log directory into reconcile/tails/",
@@ -124,7 +125,7 @@ MOVES = {
     ("tools/bench_lmtp.py", "MaildirBackend._deliver"): "a Maildir message tmp/ -> new/ (the bench's baseline)",
     ("tools/cmd_cluster.py", "follow"): "the old log and store moved aside before a reseed",
     ("tools/torture.py", "Torture.teardown"): "a run directory copied off a tmpfs, put back",
-    ("tools/torture_pkg/nodes.py", "SmallDisk.unmount"): "a run directory copied off a tmpfs, put back",
+    ("tools/torture/nodes.py", "SmallDisk.unmount"): "a run directory copied off a tmpfs, put back",
 }
 
 # Hand-written atomic writes in files being changed by others: each is to call

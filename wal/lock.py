@@ -102,21 +102,29 @@ def log_in_use(log_dir: str) -> bool:
 
 def _holder_pid(fd: int) -> int | None:
     """The process holding an ``flock`` on ``fd``'s file, from ``/proc/locks``
-    (Linux); None where the system does not say."""
+    (Linux); None where the system does not say.
+
+    A line is ``N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF``. Some
+    file systems (btrfs subvolumes) list another device number than
+    ``fstat`` gives: then the one FLOCK line of the inode is taken.
+    """
     st = os.fstat(fd)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     try:
         with open("/proc/locks") as f:
             lines = f.readlines()
     except OSError:
         return None
+    exact, same_inode = [], []
     for line in lines:
-        fields = line.split()
-        # "N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF" (a waiter's line starts "N: -> ")
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
-            pid = int(fields[4])
-            return pid if pid > 0 else None
-    return None
+        fields = line.split()  # a waiter's line reads "N: -> FLOCK ...": fields[1] is "->"
+        if len(fields) < 6 or fields[1] != "FLOCK" or not fields[4].isdigit():
+            continue
+        dev, _, inode = fields[5].rpartition(":")
+        if inode == str(st.st_ino):
+            (exact if dev == device else same_inode).append(int(fields[4]))
+    pids = exact or (same_inode if len(same_inode) == 1 else [])
+    return pids[0] if pids and pids[0] > 0 else None
 
 
 def _command_of(pid: int | None) -> str | None:
