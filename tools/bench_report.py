@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 
 __all__ = ["BenchReport", "Table", "Column", "Stamp", "machine_info", "git_commit", "percent", "times",
-           "progress_printer"]
+           "markdown_text", "progress_printer"]
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Width of the text output when stdout is not a terminal (a pipe, a file, a test's runner):
@@ -199,13 +199,19 @@ class Table:
 
     def markdown(self) -> list[str]:
         def cell(text: str) -> str:
-            return text.replace("|", "\\|").replace("\n", " ")
+            return markdown_text(text).replace("|", "\\|").replace("\n", " ")
 
-        out = [f"**{self.title}**", ""] if self.title else []
+        out = [f"**{markdown_text(self.title)}**", ""] if self.title else []
         out.append("| " + " | ".join(cell(c.name) for c in self.columns) + " |")
         out.append("|" + "|".join("---:" if c.figures else "---" for c in self.columns) + "|")
         out += ["| " + " | ".join(cell(x) for x in row) + " |" for row in self.rows]
         return out
+
+
+def markdown_text(text: str) -> str:
+    """``text`` with the characters markdown would read as emphasis or escapes escaped
+    (a measure such as ``UID FETCH 1:*`` stays as written)."""
+    return text.replace("\\", "\\\\").replace("*", "\\*")
 
 
 class BenchReport:
@@ -249,10 +255,10 @@ class BenchReport:
 
     def markdown(self) -> str:
         """The report as markdown: ``**Measured:** <stamp>.``, then each block, blank lines between."""
-        out = [f"**Measured:** {self.stamp.line()}."]
+        out = [f"**Measured:** {markdown_text(self.stamp.line())}."]
         for block in self.blocks:
             out.append("")
-            out += [block] if isinstance(block, str) else block.markdown()
+            out += [markdown_text(block)] if isinstance(block, str) else block.markdown()
         return "\n".join(out) + "\n"
 
 
