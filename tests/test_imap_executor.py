@@ -393,3 +393,14 @@ class TwoUsers(RuleBasedStateMachine):
 
 TwoUsers.TestCase.settings = settings(max_examples=40, stateful_step_count=15, deadline=None)
 test_two_users_never_see_each_other = TwoUsers.TestCase
+
+
+def test_deleting_the_selected_mailbox_leaves_no_mailbox_selected(h):
+    """IMAP-2, RFC 9051 7.1: after OK [CLOSED] of a DELETE, a FETCH is refused as in the authenticated state."""
+    s = session(h)
+    s.cmd("a CREATE Scratch")
+    s.cmd("b SELECT Scratch")
+    assert s.cmd("c DELETE Scratch") == [b"* OK [CLOSED] the selected mailbox was deleted", b"c OK DELETE completed"]
+    out = s.cmd("d FETCH 1:* (FLAGS)")
+    assert len(out) == 1 and out[0].startswith(b"d BAD "), out
+

@@ -211,6 +211,7 @@ def test_ms21_imported_dovecot_hashes_verify_by_scheme_and_are_upgraded_on_login
     sha = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("pw2")
     node.add_user("u1", password_hash=blf)
     node.add_user("u2", password_hash=sha)
+    node.wait_applied(node.log.last_lsn)
     assert node.store.user_hash("u1") == blf and needs_upgrade(blf) and needs_upgrade(sha)
     assert not node.verify_user("u1", "pw2")
     assert node.store.user_hash("u1") == blf  # a failed login changes nothing

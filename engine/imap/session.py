@@ -42,7 +42,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from .commands import Authenticate, Capability, Command, Idle, Login, Logout, StartTls
+from .commands import Authenticate, Capability, Command, Idle, Login, Logout, Select, StartTls
 from .parser import (
     DEFAULT_MAX_COMMAND_BYTES,
     DEFAULT_MAX_LINE_BYTES,
@@ -364,6 +364,11 @@ class ImapConnection:
         if isinstance(response, Status) and response.status == "BYE":
             self._queue(response)
             return
+        if (isinstance(response, Status) and response.code is not None and response.code.name == "CLOSED"
+                and self.state is State.SELECTED and not isinstance(self._pending, Select)):
+            # RFC 9051 7.1: OK [CLOSED] outside SELECT/EXAMINE (the selected mailbox was deleted):
+            # no mailbox is selected any more, whatever the tagged status
+            self.state = State.AUTHENTICATED
         self._queue(response)
 
     # -- internals ---------------------------------------------------------------------

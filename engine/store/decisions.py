@@ -330,12 +330,10 @@ class DecisionState:
 
         ``sources`` holds each UID's GUID, flags and internal date as the store has them once it
         applied everything logged (the caller reads it under the write lock). UIDs the source no
-        longer holds are left out; None when none is left. Raises UnknownMailboxError, and
-        RequestError for a copy into the same mailbox."""
+        longer holds are left out; None when none is left. The target may be the source (the
+        copies get new UIDs there). Raises UnknownMailboxError."""
         src = self.mailbox(source)
         dst = self.mailbox(target)
-        if src is dst:
-            raise RequestError("copy or move into the same mailbox: use a flag change instead")
         todo = sorted(u for u in set(int(u) for u in uids) if u in src.uids)
         if not todo:
             return None

@@ -353,7 +353,8 @@ class MessagesAppended:
 
 @dataclass(frozen=True)
 class MessagesCopied:
-    """Messages copied from ``source_mailbox_id`` into ``mailbox_id`` in one record (MS-20).
+    """Messages copied from ``source_mailbox_id`` into ``mailbox_id`` (which may be the same
+    mailbox: the copies get new UIDs there) in one record (MS-20).
 
     ``uids`` holds ``(source UID, new UID)`` pairs sorted by source UID (new UIDs strictly
     increasing too); ``guids``, ``flags`` and ``internaldate_ms`` are the source messages' when
@@ -387,8 +388,6 @@ class MessagesCopied:
         object.__setattr__(self, "flags", tuple(normalize_flags(f) for f in self.flags))
         object.__setattr__(self, "internaldate_ms", _check_times(self.internaldate_ms, n, "internaldate_ms"))
         _check_modseq(self.modseq)
-        if self.mailbox_id == self.source_mailbox_id:
-            raise ValueError("a copy goes to another mailbox (a move within one mailbox is MS-16)")
 
     @property
     def source_uids(self) -> tuple[int, ...]:
@@ -524,6 +523,6 @@ def event_mailbox_ids(event) -> tuple[str, ...]:
     mid = getattr(event, "mailbox_id", None)
     if mid is None:
         return ()
-    if isinstance(event, MessagesMoved):
+    if isinstance(event, MessagesMoved) and event.source_mailbox_id != mid:
         return (mid, event.source_mailbox_id)
     return (mid,)
