@@ -22,7 +22,7 @@ from engine.node import Node, rebuild_store
 from engine.store import database
 from engine.store.errors import BadPasswordHashError, UnknownUserError, UserExistsError
 from engine.store.events import (EVENT_TYPES, EpochStarted, MessagesAppended, MessagesCopied, MessagesMoved,
-                                 decode_event, encode_event, modseq_floor)
+                                 body_guid, decode_event, encode_event, modseq_floor)
 from engine.store.passwords import check_hash, needs_upgrade, verify_password
 from engine.store.structure import analyze
 
@@ -286,3 +286,46 @@ def test_ms10_a_move_whose_target_is_held_keeps_its_bodies_until_the_target_appl
     with sqlite3.connect(node.store.path) as db:
         assert db.execute("SELECT count(*) FROM pinned").fetchone()[0] == 0
         assert sorted(r[0] for r in db.execute("SELECT refs FROM bodies")) == [1, 1]
+
+
+def test_ms5_no_statement_of_the_imap_operations_scans_messages_or_bodies(node):
+    """MS-5, MS-23: the statements a node runs for the IMAP front's writes and reads (traced with
+    their values bound) search keys and indexes; none reads all of messages, bodies or expunged."""
+    node.add_user("alice", "pw")
+    seen: set[str] = set()
+    for conn in (node.store.conn, node.store._reader):
+        conn.set_trace_callback(seen.add)
+    try:
+        node.append_messages(INBOX, [(body(i), (), None) for i in range(4)])
+        node.deliver(INBOX, body(9))
+        node.copy_messages(INBOX, [1, 2], ARCHIVE)
+        node.copy_messages(INBOX, [3], ARCHIVE, move=True)
+        node.change_flags(INBOX, [1, 2], "add", ["\\Seen"])
+        node.change_flags(INBOX, [1, 2], "remove", ["\\Seen"], unchanged_since=10**9)
+        node.expunge_present(INBOX, [4])
+        node.set_subscribed("alice", ARCHIVE, True)
+        node.rename_mailbox(ARCHIVE, "user/alice/Old", children=True)
+        node.imap_snapshot(INBOX)
+        node.imap_changes(INBOX, 1)
+        node.imap_rows(INBOX, [1, 2])
+        node.imap_status(INBOX)
+        node.imap_bodies(INBOX, [1])
+        node.imap_mailboxes("user/alice/")
+        node.subscriptions("alice")
+        node.verify_user("alice", "pw")
+        node.fill_structures([body_guid(body(1))])
+    finally:
+        for conn in (node.store.conn, node.store._reader):
+            conn.set_trace_callback(None)
+    statements = [q for q in seen if q.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT"))
+                  and any(t in q for t in ("messages", "bodies", "expunged"))]
+    assert any("expunged" in q for q in statements) and any("INSERT INTO messages SELECT" in q for q in statements)
+    scans = {}
+    with sqlite3.connect(node.store.path) as db:
+        for q in statements:
+            plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + q)]
+            full = [p for p in plan if p.split()[:1] == ["SCAN"]
+                    and p.split()[1] in ("messages", "bodies", "expunged", "m", "b")]
+            if full:
+                scans[q] = plan
+    assert scans == {}
