@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import json
 import socket
 
@@ -44,30 +45,35 @@ def test_own_node_alone_reports_every_row_and_the_stamp():
     assert all(v > 0 for v in mailwal["rows"].values())
     assert all(len(mailwal["rounds"][k]) == 1 for k in measured)
     assert "replica_all" in mailwal["notes"]  # no replica given: said so, not measured
-    assert "vs_best_other" not in mailwal  # nobody to compare with
+    assert "vs_best_peer" not in mailwal  # nobody to compare with
     assert "QRESYNC" in mailwal["capabilities"] and mailwal["mailbox"].startswith("bench-imap-")
 
 
 def test_targets_replica_ratios_table_and_markdown(other_server):
     where = f"127.0.0.1:{other_server.port}"
-    args = ["--own", "memory", "--target", f"peer={where}", "--replica", f"peer={where}", "--user", USER,
-            "--password", PASSWORD, "--messages", "24", "--stores", "16", "--replica-stores", "10", "--rounds", "2"]
+    args = ["--own", "node", "--own", "memory", "--target", f"peer={where}", "--replica", f"peer={where}",
+            "--user", USER, "--password", PASSWORD, "--messages", "24", "--stores", "16", "--replica-stores", "10",
+            "--rounds", "2"]
     result = invoke(*args, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    own, peer = report["targets"]
-    assert (own["name"], peer["name"]) == ("mailwal-memory", "peer") and peer["replica"] == where
-    assert own["label"] == "in-memory backend, no log, no fsync"
+    node, memory, peer = report["targets"]
+    assert [t["name"] for t in report["targets"]] == ["mailwal", "mailwal-memory", "peer"]
+    assert memory["label"] == "in-memory backend, no log, no fsync" and memory["reference"] is True
+    assert node["reference"] is False and peer["reference"] is False and peer["replica"] == where
     assert set(peer["rows"]) == set(ROWS)  # the replica rows too (the "replica" here is the master itself)
     assert peer["details"]["replica_lag"]["stores"] == 2 * 10 and peer["details"]["replica_lag"]["polls"] > 0
     assert len(peer["rounds"]["select"]) == 2 and len(peer["rounds"]["replica_all"]) == 2
-    for key in set(own["rows"]):  # each one's speed over the other's, both ways
-        mine, theirs = own["rows"][key], peer["rows"][key]
-        expected = mine / theirs if ROWS[key][2] else theirs / mine
-        assert own["vs_best_other"][key] == pytest.approx(expected)
-        assert peer["vs_best_other"][key] == pytest.approx(1 / expected)
+
+    def speed(t, key):
+        return t["rows"][key] if ROWS[key][2] else 1 / t["rows"][key]
+
+    for key in node["rows"]:  # node and peer: each one's speed over the other's; the reference is no peer
+        assert node["vs_best_peer"][key] == pytest.approx(speed(node, key) / speed(peer, key))
+        assert peer["vs_best_peer"][key] == pytest.approx(speed(peer, key) / speed(node, key))
+        best = max(speed(node, key), speed(peer, key))
+        assert memory["vs_best_peer"][key] == pytest.approx(speed(memory, key) / best)
     # every bench mailbox was deleted afterwards
-    import imaplib
     c = imaplib.IMAP4("127.0.0.1", other_server.port)
     c.login(USER, PASSWORD)
     assert b"bench-imap" not in b" ".join(c.list()[1])
@@ -77,13 +83,16 @@ def test_targets_replica_ratios_table_and_markdown(other_server):
     assert table.exit_code == 0, table.output
     for what, unit, _ in ROWS.values():
         assert what in table.output
-    assert "mailwal-memory (in-memory backend, no log, no fsync)" in table.output and "vs best other" in table.output
+    assert ("mailwal: node: fsynced log, SQLite store; mailwal-memory: in-memory backend, no log, no fsync "
+            "(a reference, never a peer)") in table.output and "vs best peer" in table.output
     assert "commit " in table.output and "machine:" in table.output
 
     md = invoke(*args[:-1], "1", "--markdown")
     assert md.exit_code == 0, md.output
-    assert md.output.startswith("**Measured:** commit ") and "machine:" in md.output.splitlines()[0]
-    assert md.output.count("\n| ") == len(ROWS) + 1 and "| peer | vs best other |" in md.output
+    lines = md.output.splitlines()
+    assert lines[0].startswith("**Measured:** commit ") and "machine:" in lines[0]
+    rows = [x for x in lines if x.startswith("| ")]
+    assert len(rows) == len(ROWS) + 1 and "| peer | vs best peer |" in rows[0]
 
 
 def test_errors_are_one_line_and_exit_statuses_tell_the_truth(other_server):

@@ -18,7 +18,8 @@ targets come from one run:
   replica shows them all, and the lag of each STORE (first poll of the
   replica showing it, minus its OK; polls are NOOP + ``UID SEARCH ANSWERED``);
 * **ratios**: each target's speed on a row divided by the best speed among
-  the *other* targets on that row (above 1: faster than all of them).
+  its peers on that row (above 1: faster than all of them); the peers are the
+  other targets, the in-memory backend (a reference, not a mail server) left out.
 
 Targets are ``--target NAME=HOST:PORT`` (any IMAP server; the same
 ``--user``/``--password`` everywhere). Without ``--target`` (or with
@@ -29,7 +30,6 @@ The bench mailbox is deleted at the end unless ``--keep``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import imaplib
 import os
 import re
@@ -44,9 +44,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import bench_wal
+from .bench_report import BenchReport, Column, Stamp, machine_info, progress_printer, times
 
-__all__ = ["bench_imap_command", "run_imap_bench", "render_markdown", "ROWS", "BenchError", "Target", "main"]
+__all__ = ["bench_imap_command", "run_imap_bench", "build_report", "render_markdown", "ROWS", "BenchError", "Target",
+           "main"]
 
 MESSAGE_BYTES = 4096
 FILL_CLIENTS = 8
@@ -85,6 +86,7 @@ class Target:
     port: int
     label: str = ""
     replica: tuple[str, int] | None = None
+    reference: bool = False  # shown for comparison, never anyone's best peer (the in-memory backend)
     process: subprocess.Popen | None = field(default=None, repr=False)
 
 
@@ -229,7 +231,7 @@ class TargetBench:
         self.uids: list[int] = []
         self.result: dict = {"name": target.name, "label": target.label, "host": target.host, "port": target.port,
                              "replica": f"{target.replica[0]}:{target.replica[1]}" if target.replica else None,
-                             "rows": {}, "rounds": {}, "notes": {}}
+                             "reference": target.reference, "rows": {}, "rounds": {}, "notes": {}}
 
     def connect(self, host_port: tuple[str, int] | None = None) -> Client:
         host, port = host_port or (self.t.host, self.t.port)
@@ -514,7 +516,8 @@ class TargetBench:
 # -- mailwal's own server -------------------------------------------------------------------------
 
 
-def _start_child(kind: str, name: str, label: str, directory: str, user: str, password: str) -> Target:
+def _start_child(kind: str, name: str, label: str, directory: str, user: str, password: str, *,
+                 reference: bool = False) -> Target:
     """``python -m tools.bench_imap serve-KIND DIR USER`` (``main`` below), the password on its stdin."""
     proc = subprocess.Popen([sys.executable, "-m", "tools.bench_imap", f"serve-{kind}", directory, user],
                             cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -525,7 +528,7 @@ def _start_child(kind: str, name: str, label: str, directory: str, user: str, pa
         proc.kill()
         proc.wait()
         raise BenchError(f"{name}: its IMAP server did not start (serve-{kind} in {directory})")
-    return Target(name, "127.0.0.1", int(line.split()[1]), label=label, process=proc)
+    return Target(name, "127.0.0.1", int(line.split()[1]), label=label, reference=reference, process=proc)
 
 
 def _start_node(directory: str, user: str, password: str) -> Target:
@@ -535,7 +538,7 @@ def _start_node(directory: str, user: str, password: str) -> Target:
 
 def _start_memory(directory: str, user: str, password: str) -> Target:
     return _start_child("memory", "mailwal-memory", "in-memory backend, no log, no fsync", directory, user,
-                        password)
+                        password, reference=True)
 
 
 # The servers the bench can start itself, by --own name, each in a child process running
@@ -562,24 +565,16 @@ def _stop(target: Target) -> None:
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def _commit() -> dict:
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    rev = git("rev-parse", "--short=7", "HEAD")
-    return {"commit": rev or "unknown", "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
 def _ratios(targets: list[dict]) -> None:
-    """Each target's speed on each row over the best speed of the other targets there (above 1: faster)."""
+    """Each target's speed on each row over the best speed of its peers there (above 1: faster than all).
+
+    A target's peers are the other targets, references (the in-memory backend) left out.
+    """
     for key, (_, _, higher_better) in ROWS.items():
         for t in targets:
             value = t["rows"].get(key)
-            others = [o["rows"][key] for o in targets if o is not t and o["rows"].get(key) is not None]
+            others = [o["rows"][key] for o in targets
+                      if o is not t and not o.get("reference") and o["rows"].get(key) is not None]
             if value is None or not others:
                 continue
             if higher_better:
@@ -589,7 +584,7 @@ def _ratios(targets: list[dict]) -> None:
                 best = min(others)
                 ratio = best / value if value > 0 else None
             if ratio is not None:
-                t.setdefault("vs_best_other", {})[key] = ratio
+                t.setdefault("vs_best_peer", {})[key] = ratio
 
 
 def run_imap_bench(targets: list[Target], *, user: str | None = None, password: str | None = None,
@@ -604,9 +599,10 @@ def run_imap_bench(targets: list[Target], *, user: str | None = None, password: 
     say = progress or (lambda msg: None)
     base = directory or tempfile.gettempdir()
     started: list[Target] = []
+    stamp = Stamp.capture(machine_info(base))
     report: dict = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **_commit(),
-        "machine": bench_wal.machine_info(base), "client": f"Python {sys.version.split()[0]} imaplib",
+        "date": stamp.date, "commit": stamp.commit, "dirty": stamp.dirty, "machine": stamp.machine,
+        "client": f"Python {sys.version.split()[0]} imaplib",
         "messages": messages, "message_bytes": MESSAGE_BYTES, "stores": min(stores, messages),
         "replica_stores": min(replica_stores, messages), "rounds": rounds,
         "loadavg": {"start": list(os.getloadavg())}, "targets": [],
@@ -640,22 +636,10 @@ def _value(t: dict, key: str) -> str:
     return f"{v:,.0f}" if ROWS[key][2] or v >= 100 else f"{v:,.1f}" if v >= 10 else f"{v:,.2f}"
 
 
-def _ratio(t: dict, key: str) -> str:
-    r = t.get("vs_best_other", {}).get(key)
-    return "" if r is None else f"{r:.2f}×"
-
-
-def _stamp(report: dict) -> str:
-    m = report["machine"]
-    return (f"commit {report['commit']}{' (with uncommitted changes)' if report['dirty'] else ''}, "
-            f"{report['date']}; machine: {m['cpus']} vCPU {m['cpu_model']}, {m['memory_gib']} GiB RAM, "
-            f"{m['fs_type']} on {m['device']}, kernel {m['kernel']}; client {report['client']}")
-
-
 def _title(report: dict) -> str:
     replicas = any(t["replica"] for t in report["targets"])
-    return (f"{report['messages']:,} messages of {report['message_bytes']} B; median of {report['rounds']} rounds; "
-            f"{report['stores']:,} STOREs per store row"
+    return (f"{report['messages']:,} messages of {report['message_bytes']} B, {report['client']}; median of "
+            f"{report['rounds']} rounds; {report['stores']:,} STOREs per store row"
             + (f", {report['replica_stores']:,} per replica round" if replicas else ""))
 
 
@@ -668,43 +652,31 @@ def _notes(report: dict) -> list[str]:
     return [f"{ROWS[key][0]}: {note} ({', '.join(names)})" for (key, note), names in by.items()]
 
 
-def _heading(t: dict) -> str:
-    return f"{t['name']} ({t['label']})" if t["label"] else t["name"]
-
-
-def _render(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(_stamp(report))
-    table = Table(title=_title(report))
-    table.add_column("measure")
-    table.add_column("unit")
+def build_report(report: dict) -> BenchReport:
+    """The table of a run (its ``--json`` dict): one row per measure, per target its value and its
+    speed over the best peer; then the notes."""
+    out = BenchReport(Stamp.of_report(report))
+    labelled = [f"{t['name']}: {t['label']}" + (" (a reference, never a peer)" if t["reference"] else "")
+                for t in report["targets"] if t["label"]]
+    if labelled:
+        out.line("; ".join(labelled))
+    columns: list[str | Column] = [Column("measure", figures=False), Column("unit", figures=False)]
     for t in report["targets"]:
-        table.add_column(_heading(t), justify="right")
-        table.add_column("vs best other", justify="right")
+        columns += [t["name"], "vs best peer"]
+    table = out.table(_title(report), columns)
     for key, (what, unit, _) in ROWS.items():
-        cells = []
+        cells = [what, unit]
         for t in report["targets"]:
-            cells += [_value(t, key), _ratio(t, key)]
-        table.add_row(what, unit, *cells)
-    console.print(table)
+            cells += [_value(t, key), times(t.get("vs_best_peer", {}).get(key))]
+        table.add_row(*cells)
     for line in _notes(report):
-        console.print(line)
+        out.line(line)
+    return out
 
 
 def render_markdown(report: dict) -> str:
-    """The table as markdown, with its stamp line (docs/benchmarks/imap.md)."""
-    out = [f"**Measured:** {_stamp(report)}. {_title(report)}.", ""]
-    head = "| measure | unit |" + "".join(f" {_heading(t)} | vs best other |" for t in report["targets"])
-    out += [head, "|---|---|" + "---:|---:|" * len(report["targets"])]
-    for key, (what, unit, _) in ROWS.items():
-        what = what.replace("\\", "\\\\").replace("*", "\\*")
-        out.append(f"| {what} | {unit} |" + "".join(f" {_value(t, key)} | {_ratio(t, key)} |"
-                                                      for t in report["targets"]))
-    notes = [f"- {line}" for line in _notes(report)]
-    return "\n".join(out + ([""] + notes if notes else [])) + "\n"
+    """The table as markdown under its stamp line (docs/benchmarks/imap.md)."""
+    return build_report(report).markdown()
 
 
 def main(argv: list[str]) -> int:
@@ -755,7 +727,7 @@ if __name__ == "__main__":
 def _make_command():
     import click
 
-    from .cliutil import CONTEXT_SETTINGS, dump_json, stderr_console
+    from .cliutil import CONTEXT_SETTINGS, dump_json
     from .cmd_node import _host_port
 
     def named(value: str, option: str) -> tuple[str, tuple[str, int]]:
@@ -795,7 +767,7 @@ def _make_command():
         and from 8 clients, UID SEARCH UNSEEN, a QRESYNC SELECT after 100
         changes, and with --replica how soon a replica shows STOREs made on
         its master. Each row also shows each target's speed over the best of
-        the others. Without --target the bench starts mailwal's own server.
+        its peers (the in-memory backend is never one). Without --target the bench starts mailwal's own server.
         The bench mailbox is deleted afterwards unless --keep.
 
         \b
@@ -817,12 +789,10 @@ def _make_command():
         if not own and not parsed:
             own = ("node",)
         chosen = [Target(n, h, p, replica=rep.get(n)) for n, (h, p) in parsed]
-        console = stderr_console()
-        say = (lambda msg: console.print(f"[dim]bench: {msg}[/dim]")) if console is not None else None
         try:
             report = run_imap_bench(chosen, user=user, password=password, own=own, messages=messages,
                                     stores=stores, replica_stores=replica_stores, rounds=rounds, keep=keep,
-                                    progress=say)
+                                    progress=progress_printer())
         except BenchError as exc:
             raise click.ClickException(str(exc)) from exc
         if as_json:
@@ -830,7 +800,7 @@ def _make_command():
         elif markdown:
             click.echo(render_markdown(report), nl=False)
         else:
-            _render(report)
+            build_report(report).print_text()
 
     return bench_imap
 
