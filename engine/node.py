@@ -875,10 +875,11 @@ class Node:
         with self._state_lock:
             self._check_writable()
             inbox = f"user/{name}/INBOX"
+            missing_inbox = create_inbox and inbox not in self.state.by_name
             events = []
-            if name not in self.state.users or inbox in self.state.by_name:
+            if name not in self.state.users or not missing_inbox:  # refused if the user exists
                 events.append(self.state.plan_user_set(name, stored, now_ms=now_ms, exists=False))
-            if create_inbox and inbox not in self.state.by_name:
+            if missing_inbox:
                 events.append(self.state.plan_create(inbox, new_id=uuid.uuid4().hex, now_s=now_ms // 1000))
             lsn = self._commit(events)[-1]
         self._sync(lsn)

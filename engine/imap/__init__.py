@@ -4,7 +4,9 @@ Lifecycle
 ---------
 1. The store implements :class:`Backend` (``engine/imap/backend.py``): store
    names, durable writes, MODSEQs, a change hook. :class:`MemoryBackend` is
-   the in-memory one (tests, the pure model).
+   the in-memory one (tests, the pure model);
+   ``engine.imap.node_backend.NodeBackend`` is the engine's (imported from
+   there: it brings in the node, which the pure parts never need).
 2. :class:`ImapServer` (``engine/imap/server.py``) listens; per connection it
    runs an :class:`ImapConnection` (sans-I/O: bytes in, command values out;
    responses in, bytes out) and an :class:`Executor` (commands in, responses
