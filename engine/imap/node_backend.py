@@ -13,7 +13,13 @@ one module of the package besides ``server.py`` that reaches outside it).
   store once it applied everything durable at the call (read-your-writes),
   in a worker thread. A message's stored structure (MS-24) is decoded only
   when FETCH or SEARCH first reads it; a body stored before structures were
-  kept gets its structure computed and stored on first read.
+  kept gets its structure computed and stored on first read. The last
+  snapshots of the busiest mailboxes are kept (:data:`SNAPSHOT_CACHE`
+  mailboxes): a SELECT of one of them reads only what changed since
+  (``changes``, MS-23) and reuses the messages (and their decoded
+  structures) of the one before; a renumbering, a new UIDVALIDITY, another
+  mailbox under the name or expunges older than the store remembers load
+  it whole again.
 * **Errors**: the node's mail-store errors become the backend's typed errors
   (a replica's :class:`ReadOnly` names the master's address as the cluster
   knows it, through ``master_address``; a failed log or paused writes are
@@ -25,7 +31,10 @@ one module of the package besides ``server.py`` that reaches outside it).
 from __future__ import annotations
 
 import datetime as _dt
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
 import cbor2
@@ -65,9 +74,21 @@ from .backend import (
     Unavailable,
 )
 
-__all__ = ["NodeBackend", "StoredStructure"]
+__all__ = ["NodeBackend", "StoredStructure", "SNAPSHOT_CACHE"]
 
 _UTC = _dt.timezone.utc
+SNAPSHOT_CACHE = 32  # mailboxes whose last snapshot is kept
+
+
+@dataclass
+class _Kept:
+    """A mailbox's last snapshot: its messages by UID, in UID order (new UIDs only grow)."""
+
+    mailbox_id: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    messages: dict[int, MessageInfo]
 
 
 class StoredStructure(Mapping):
@@ -117,6 +138,9 @@ class NodeBackend:
         self.node = node
         self.master_address = master_address or (lambda: None)
         self.replicated = replicated
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._kept_lock = threading.Lock()  # guards _kept and _locks
+        self._locks: dict[str, threading.Lock] = {}  # one per mailbox name: one refresh at a time
 
     # -- errors ----------------------------------------------------------------------------
 
@@ -214,9 +238,35 @@ class NodeBackend:
                              st["size"], st["highestmodseq"])
 
     def _snapshot_sync(self, name: str) -> Snapshot:
-        info, rows = self.node.node.imap_snapshot(name)
-        structures = self._missing_structures(rows)
-        return Snapshot(info.uidvalidity, info.uidnext, info.highestmodseq, [_info(r, structures) for r in rows])
+        with self._kept_lock:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            with self._kept_lock:
+                kept = self._kept.get(name)
+            if kept is not None:
+                info, rows, vanished = self.node.node.imap_changes(name, kept.highestmodseq)
+                if (info.mailbox_id, info.uidvalidity) != (kept.mailbox_id, kept.uidvalidity) or vanished is None:
+                    kept = None
+                else:
+                    structures = self._missing_structures(rows)
+                    for uid in vanished:
+                        kept.messages.pop(uid, None)
+                    for row in rows:  # a changed UID keeps its place, a new one is the greatest yet
+                        kept.messages[row.uid] = _info(row, structures)
+                    kept.uidnext, kept.highestmodseq = info.uidnext, info.highestmodseq
+            if kept is None:
+                info, rows = self.node.node.imap_snapshot(name)
+                structures = self._missing_structures(rows)
+                kept = _Kept(info.mailbox_id, info.uidvalidity, info.uidnext, info.highestmodseq,
+                             {r.uid: _info(r, structures) for r in rows})
+            snapshot = Snapshot(kept.uidvalidity, kept.uidnext, kept.highestmodseq, list(kept.messages.values()))
+            with self._kept_lock:
+                self._kept[name] = kept
+                self._kept.move_to_end(name)
+                while len(self._kept) > SNAPSHOT_CACHE:
+                    old, _ = self._kept.popitem(last=False)
+                    self._locks.pop(old, None)
+            return snapshot
 
     def _changes_sync(self, name: str, since_modseq: int) -> Changes:
         info, rows, vanished = self.node.node.imap_changes(name, since_modseq)
