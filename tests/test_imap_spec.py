@@ -69,8 +69,8 @@ def test_only_the_edge_does_io_and_the_package_stands_alone(module):
         assert outside <= {"..store.structure", "..store.imap_values"}, outside
     if module not in ("server.py", "node_backend.py"):
         assert not (roots & IMPURE), f"{module} imports {roots & IMPURE}"
-    if module == "node_backend.py":
-        assert not (roots & (IMPURE - {"anyio"})), f"{module} imports {roots & IMPURE}"
+    if module == "node_backend.py":  # its kept snapshots are shared by the node's worker threads: a lock
+        assert not (roots & (IMPURE - {"anyio", "threading"})), f"{module} imports {roots & IMPURE}"
 
 
 def test_the_store_structure_the_front_reads_is_pure():
