@@ -42,7 +42,7 @@ import pytest
 
 from engine.imap.backend import Backend, NewMessage
 from engine.imap.memory import MemoryBackend
-from engine.imap.names import store_name
+from engine.imap.names import encode_mutf7, store_name
 from engine.imap.server import serve_in_thread
 
 HOST = "127.0.0.1"
@@ -116,6 +116,9 @@ class ServerSide:
 
     def uidvalidity(self, mailbox: str) -> int:
         return self.run(self.backend.snapshot, self.store_name(mailbox)).uidvalidity
+
+    def create(self, mailbox: str) -> None:
+        self.run(self.backend.create, self.store_name(mailbox))
 
 
 def _memory_server():
@@ -242,8 +245,16 @@ class SyncClient:
         assert done.returncode == 0, f"{self.binary} failed ({done.returncode}):\n{out}"
         return out
 
+    def local_name(self, part: str) -> str:
+        """The Maildir directory name this client gives one level of a mailbox name."""
+        return part
+
     def folder(self, mailbox: str) -> Path:
-        return self.mail.joinpath(*mailbox.split("/"))
+        return self.mail.joinpath(*(self.local_name(p) for p in mailbox.split("/")))
+
+    def make_folder(self, mailbox: str) -> None:
+        for sub in ("new", "cur", "tmp"):
+            (self.folder(mailbox) / sub).mkdir(parents=True)
 
     def files(self, mailbox: str) -> dict[str, Path]:
         """Message-ID -> file of every message in the Maildir folder; fails if a message is there twice."""
@@ -317,6 +328,9 @@ SyncState *
     def command(self) -> list[str]:
         return [self.binary, "-c", str(self.config), "-a"]
 
+    def local_name(self, part: str) -> str:
+        return encode_mutf7(part)  # mbsync 1.4 keeps the wire names (modified UTF-7) as they are
+
 
 class OfflineImap(SyncClient):
     binary, package = "offlineimap", "offlineimap3"
@@ -333,6 +347,7 @@ metadata = {root / "metadata"}
 [Account test]
 localrepository = local
 remoterepository = remote
+utf8foldernames = yes
 
 [Repository local]
 type = Maildir
@@ -446,6 +461,24 @@ def test_maildir_changes_reach_the_server(client, imap_server):
     client.sync()
     assert client.proxy.bodies_downloaded() == 0
     assert_in_step(client, imap_server)
+
+
+def test_folder_names_beyond_ascii(client, imap_server):
+    """IMAP-24 and RFC 3501 5.1.3: a folder whose name is not ASCII syncs both ways (on the wire in
+    modified UTF-7; offlineimap shows it in UTF-8, mbsync keeps the wire form); a folder made in the
+    Maildir is created on the server under its Unicode name, and its message is appended there."""
+    imap_server.create("INBOX/Entwürfe")
+    imap_server.append("INBOX/Entwürfe", message(11), ("\\Draft",))
+    client.sync()
+    assert client.messages("INBOX/Entwürfe") == {"<11@sync.example>": {"\\Draft"}}
+    client.make_folder("Ärger")
+    client.add("Ärger", message(12), 12)
+    client.sync()
+    assert imap_server.messages("Ärger") == {"<12@sync.example>": frozenset()}
+    client.proxy.reset()
+    client.sync()
+    assert client.proxy.bodies_downloaded() == 0
+    assert client.messages("Ärger") == imap_server.messages("Ärger")
 
 
 def test_offlineimap_idle_pulls_new_mail(imap_server, tmp_path):
