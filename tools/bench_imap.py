@@ -23,8 +23,9 @@ targets come from one run:
 
 Targets are ``--target NAME=HOST:PORT`` (any IMAP server; the same
 ``--user``/``--password`` everywhere). Without ``--target`` (or with
-``--own node``, ``--own memory``) the bench starts mailwal's own server in a
-child process: a real node, or the in-memory backend; see :data:`OWN_SERVERS`. The output is stamped with the commit and the machine.
+``--own node``, ``--own memory``) the bench starts mailwal's own servers as
+child processes: a master and a replica node (``walctl serve --imap``,
+``walctl follow --imap``), or the in-memory backend; see :data:`OWN_SERVERS`. The output is stamped with the commit and the machine.
 The bench mailbox is deleted at the end unless ``--keep``.
 """
 
@@ -34,6 +35,7 @@ import imaplib
 import os
 import re
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -87,7 +89,7 @@ class Target:
     label: str = ""
     replica: tuple[str, int] | None = None
     reference: bool = False  # shown for comparison, never anyone's best peer (the in-memory backend)
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    processes: list[subprocess.Popen] = field(default_factory=list, repr=False)  # stopped in this order
 
 
 # -- messages and connections ---------------------------------------------------------------
@@ -250,7 +252,7 @@ class TargetBench:
         try:
             self.result["capabilities"] = sorted(c.capabilities())
             prefix, delim = _namespace(c)
-            self.mailbox = f"{prefix}bench-imap-{os.getpid()}-{int(time.time())}"
+            self.mailbox = f"{prefix}bench-imap-{self.t.name}-{os.getpid()}-{int(time.time())}"
             self.result["mailbox"] = self.mailbox
             self.say(f"{self.t.name}: creating {self.mailbox} (delimiter {delim!r})")
             c.run(f"CREATE {self.mailbox}", c.imap.create, self.mailbox)
@@ -516,10 +518,9 @@ class TargetBench:
 # -- mailwal's own server -------------------------------------------------------------------------
 
 
-def _start_child(kind: str, name: str, label: str, directory: str, user: str, password: str, *,
-                 reference: bool = False) -> Target:
-    """``python -m tools.bench_imap serve-KIND DIR USER`` (``main`` below), the password on its stdin."""
-    proc = subprocess.Popen([sys.executable, "-m", "tools.bench_imap", f"serve-{kind}", directory, user],
+def _start_memory(directory: str, user: str, password: str) -> Target:
+    """The IMAP front over the in-memory backend: ``python -m tools.bench_imap serve-memory USER``."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.bench_imap", "serve-memory", user],
                             cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     proc.stdin.write(password + "\n")
     proc.stdin.flush()
@@ -527,39 +528,113 @@ def _start_child(kind: str, name: str, label: str, directory: str, user: str, pa
     if not line.startswith("PORT "):
         proc.kill()
         proc.wait()
-        raise BenchError(f"{name}: its IMAP server did not start (serve-{kind} in {directory})")
-    return Target(name, "127.0.0.1", int(line.split()[1]), label=label, reference=reference, process=proc)
+        raise BenchError("mailwal-memory: its IMAP server did not start")
+    return Target("mailwal-memory", "127.0.0.1", int(line.split()[1]), label="in-memory backend, no log, no fsync",
+                  reference=True, processes=[proc])
+
+
+def _walctl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tools", *args]
+
+
+def _die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM it when the bench dies, however the bench ends."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _log_tail(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-2000:].strip()
+    except OSError:
+        return ""
+
+
+def _wait_for_login(name: str, host: str, port: int, user: str, password: str, proc: subprocess.Popen,
+                    log: str, timeout_s: float = 120) -> None:
+    """Until ``user`` can log in at host:port (the node is up and, on a replica, the user has arrived)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"{name}: the node exited with status {proc.returncode}: {_log_tail(log)}")
+        try:
+            Client(name, host, port, user, password, timeout_s=10).close()
+            return
+        except BenchError as exc:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name}: no login at {host}:{port} within {timeout_s:.0f} s ({exc}): "
+                                 f"{_log_tail(log)}") from exc
+        time.sleep(0.2)
 
 
 def _start_node(directory: str, user: str, password: str) -> Target:
-    return _start_child("node", "mailwal", "node: fsynced log, SQLite store", os.path.join(directory, "node"),
-                        user, password)
+    """A master (``walctl serve --imap``) and its replica (``walctl follow --imap``) in ``directory``.
+
+    The master is made with ``walctl init``; the user is added to its store before it starts
+    (a user record in its log, which the replica receives with the rest).
+    """
+    from engine.node import Node
+
+    from .ports import free_port
+
+    master, replica = os.path.join(directory, "master"), os.path.join(directory, "replica")
+    os.makedirs(directory, exist_ok=True)
+    done = subprocess.run(_walctl("init", master, "--name", "master"), cwd=_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"mailwal: walctl init failed: {(done.stdout + done.stderr).strip()}")
+    node = Node.open(master)
+    try:
+        node.add_user(user, password)
+    finally:
+        node.close()
+    listen, imap, replica_listen, replica_imap = (free_port() for _ in range(4))
+    target = Target("mailwal", "127.0.0.1", imap, label="walctl serve --imap (fsynced log, SQLite store), replica by walctl follow --imap",
+                    replica=("127.0.0.1", replica_imap))
+    commands = [
+        (master, _walctl("serve", master, "--lmtp", "", "--imap", f"127.0.0.1:{imap}", "--listen",
+                         f"127.0.0.1:{listen}")),
+        (replica, _walctl("follow", replica, "--master", f"127.0.0.1:{listen}", "--listen",
+                          f"127.0.0.1:{replica_listen}", "--secret-file", os.path.join(master, "replication.secret"),
+                          "--name", "replica", "--imap", f"127.0.0.1:{replica_imap}")),
+    ]
+    try:
+        for path, argv in commands:
+            with open(path + ".log", "w") as log:
+                target.processes.insert(0, subprocess.Popen(argv, cwd=_ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+        _wait_for_login("mailwal", "127.0.0.1", imap, user, password, target.processes[-1], master + ".log")
+        _wait_for_login("mailwal's replica", "127.0.0.1", replica_imap, user, password, target.processes[0],
+                        replica + ".log")
+    except BaseException:
+        _stop(target)
+        raise
+    return target
 
 
-def _start_memory(directory: str, user: str, password: str) -> Target:
-    return _start_child("memory", "mailwal-memory", "in-memory backend, no log, no fsync", directory, user,
-                        password, reference=True)
-
-
-# The servers the bench can start itself, by --own name, each in a child process running
-# mailwal's IMAP front (engine/imap/server.py) on 127.0.0.1 over a backend:
-# * node: a fresh node directory (Node.init, the user added with Node.add_user) behind NodeBackend,
-#   what `walctl serve NODE --imap` runs; the replica rows need a replica node serving IMAP too,
-#   which joins here (walctl serve + walctl follow, each with --imap) as that command lands;
+# The servers the bench can start itself, by --own name, each as child processes on 127.0.0.1
+# running mailwal's IMAP front (engine/imap/server.py):
+# * node: a master node (`walctl serve --imap`) and its replica (`walctl follow --imap`), fresh
+#   node directories in the scratch directory: every STORE and APPEND is fdatasync'ed in the
+#   master's log before its OK, and the replica rows poll the replica;
 # * memory: the in-memory backend (the executor's model): the protocol's own cost, no durability.
 OWN_SERVERS: dict[str, Callable[[str, str, str], Target]] = {"node": _start_node, "memory": _start_memory}
 
 
 def _stop(target: Target) -> None:
-    proc = target.process
-    if proc is None:
-        return
-    try:
-        proc.stdin.close()  # the child stops when its stdin ends
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """Stop the target's processes: SIGTERM (the memory server: its stdin closed), then SIGKILL after 30 s."""
+    for proc in target.processes:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the memory server stops when its stdin ends
+        elif proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -680,40 +755,22 @@ def render_markdown(report: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tools.bench_imap serve-node|serve-memory DIR USER`` (password on stdin): an own server.
+    """``python -m tools.bench_imap serve-memory USER`` (password on stdin): the in-memory own server.
 
-    The child the bench starts (OWN_SERVERS): it prints ``PORT n`` once listening and stops when its
-    stdin ends. serve-node creates a node in DIR (which must not exist); serve-memory ignores DIR.
+    Prints ``PORT n`` once listening; stops when its stdin ends.
     """
-    if len(argv) != 3 or argv[0] not in ("serve-node", "serve-memory"):
-        print("usage: python -m tools.bench_imap serve-node|serve-memory DIR USER  (password on stdin)",
-              file=sys.stderr)
+    if len(argv) != 2 or argv[0] != "serve-memory":
+        print("usage: python -m tools.bench_imap serve-memory USER  (password on stdin)", file=sys.stderr)
         return 2
+    from engine.imap.memory import MemoryBackend
     from engine.imap.server import serve_in_thread
 
-    kind, directory, user = argv
     password = sys.stdin.readline().rstrip("\n")
-    node = None
-    if kind == "serve-node":
-        from engine.asyncnode import AsyncNode
-        from engine.imap.node_backend import NodeBackend
-        from engine.node import Node
-
-        node = Node.init(directory)
-        node.add_user(user, password)
-        backend = NodeBackend(AsyncNode(node))
-    else:
-        from engine.imap.memory import MemoryBackend
-
-        backend = MemoryBackend()
-        backend.add_user(user, password)
-    try:
-        with serve_in_thread(backend, failed_login_delay_s=0, max_sessions_per_user=64) as srv:
-            print(f"PORT {srv.port}", flush=True)
-            sys.stdin.read()  # until the bench closes our stdin (or dies)
-    finally:
-        if node is not None:
-            node.close()
+    backend = MemoryBackend()
+    backend.add_user(argv[1], password)
+    with serve_in_thread(backend, failed_login_delay_s=0, max_sessions_per_user=64) as srv:
+        print(f"PORT {srv.port}", flush=True)
+        sys.stdin.read()  # until the bench closes our stdin (or dies)
     return 0
 
 
