@@ -15,7 +15,7 @@ import threading
 import anyio
 import pytest
 
-import engine.node
+import engine.node.core
 from engine.cluster import Cluster, ClusterConfig
 from engine.node import Node
 
@@ -40,7 +40,7 @@ def _cut_with_a_reader_in_the_store_swap(monkeypatch, node: Node, read) -> list:
     Returns what the reader got: [result] or [exception]."""
     got: list = []
     reader_started = threading.Event()
-    remove = engine.node.remove_store_files
+    remove = engine.node.core.remove_store_files
 
     def reader():
         reader_started.set()
@@ -57,7 +57,7 @@ def _cut_with_a_reader_in_the_store_swap(monkeypatch, node: Node, read) -> list:
         t.join(0.5)  # a reader that does not wait for the swap has failed by now
         remove(path)
 
-    monkeypatch.setattr(engine.node, "remove_store_files", remove_with_a_reader)
+    monkeypatch.setattr(engine.node.core, "remove_store_files", remove_with_a_reader)
     fork = node.log.last_lsn - 4
     node.cut_diverged(fork)
     t.join(10)

@@ -94,11 +94,11 @@ def test_a_cut_that_fails_while_copying_aside_is_undone_on_open(tmp_path, monkey
 
 
 def test_a_cut_whose_intent_cannot_be_written_changes_nothing(tmp_path, monkeypatch):
-    import engine.node
+    import engine.node.core
 
     node, _ = _node(tmp_path)
     last, digest = node.log.last_lsn, node.digest()
-    monkeypatch.setattr(engine.node, "_write_json_atomic", _enospc)
+    monkeypatch.setattr(engine.node.core, "write_json_atomic", _enospc)
     with pytest.raises(OSError):
         node.cut_diverged(last - 5)
     monkeypatch.undo()

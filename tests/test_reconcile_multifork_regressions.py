@@ -28,9 +28,9 @@ def test_a_second_tail_cut_at_the_same_fork_in_the_same_second_is_kept_beside_th
     # Fault injection: the node's clock reads one second for the whole test (a fast failover
     # flurry); only Node.cut_diverged's stamp reads it through engine.node's time module.
     frozen = time.gmtime()
-    monkeypatch.setattr("engine.node.time", SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
+    monkeypatch.setattr("engine.node.core.time", SimpleNamespace(**{k: getattr(time, k) for k in dir(time)
                                                                if not k.startswith("_")}))
-    monkeypatch.setattr("engine.node.time.gmtime", lambda *args: frozen)
+    monkeypatch.setattr("engine.node.core.time.gmtime", lambda *args: frozen)
     a = Node.init(str(tmp_path / "a"), name="a")
     a.deliver(MAILBOX, b"Subject: shared\r\n\r\nbefore every fork\r\n", create=True)
     a.close()

@@ -68,7 +68,7 @@ The REC rules, in short
 
 from .apply import ApplyResult, apply_reconcile
 from .errors import NotSurvivorError, ReconcileError, TailPlacementError, UndecodableRecordError
-from .placement import TailBase, locate_tail_base, node_uid_floors, place_tail, rebase_tail, requeue_applied_tails
+from .placement import TailBase, locate_tail_base, node_uid_floors, place_tail, rebase_tail
 from .planner import (
     STRATEGIES,
     Action,
@@ -125,7 +125,6 @@ __all__ = [
     "place_tail",
     "locate_tail_base",
     "rebase_tail",
-    "requeue_applied_tails",
     "node_uid_floors",
     "TailBase",
     # errors

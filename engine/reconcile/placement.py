@@ -14,7 +14,6 @@ lies one level closer to the master's history.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,14 +26,15 @@ from typing import Callable, Sequence, Union
 from wal import OS_FILEOPS, Log, LogReader, WalError
 from wal.epochs import SeekReader
 
+from ..node import LOG_DIR, STORE_FILE, Node, read_config
+from ..node.diverged import read_tails, record_merge, tail_ends
 from .apply import apply_reconcile
 from .errors import TailPlacementError
-from .reports import list_reports
 
 _log = logging.getLogger("mailwal.reconcile")
 
 __all__ = ["TailBase", "TailPlacementError", "locate_tail_base", "rebase_tail", "place_tail", "node_uid_floors",
-           "requeue_applied_tails"]
+]
 
 UidFloors = Union[dict[str, tuple[int, int]], Callable[[], dict[str, tuple[int, int]]]]
 _SCRATCH_BATCH_RECORDS = 1024
@@ -75,13 +75,6 @@ def _hash_on(reader: SeekReader, lsn: int) -> bytes | None:
     return reader.hash_at(lsn)
 
 
-def _tail_ends(path: str) -> tuple[uuid.UUID, int, bytes, int]:
-    """(log id, fork LSN, hash at the fork, last LSN) of a tail directory."""
-    with SeekReader(path) as r:
-        fork = r.first_lsn() - 1
-        return r.log_id, fork, r.hash_at(fork), r.last()[0]
-
-
 def _find_container(log_id: uuid.UUID, lsn: int, h: bytes, candidates: Sequence[str]) -> str | None:
     """The last of ``candidates`` (tail directories) of log ``log_id`` holding, after its
     own fork point, record ``lsn`` with hash ``h``. Unreadable candidates are skipped."""
@@ -111,7 +104,7 @@ def locate_tail_base(log_dir: str, tail: str, others: Sequence[str]) -> TailBase
         TailPlacementError: the tail belongs to another log.
         wal.WalError: a log cannot be read.
     """
-    log_id, fork, fork_hash, _last = _tail_ends(tail)
+    log_id, fork, fork_hash, _last = tail_ends(tail)
     others = [o for o in others if os.path.abspath(o) != os.path.abspath(tail)]
     with SeekReader(log_dir) as lr:
         if lr.log_id != log_id:
@@ -162,7 +155,7 @@ def _lineage(log_dir: str, log_id: uuid.UUID, lsn: int, h: bytes, tails: Sequenc
         if holder is None:
             raise TailPlacementError(f"record {lsn} ({h.hex()[:16]}) is neither on this node's log nor in one of "
                                      f"its diverged tails")
-        _, fork, fork_hash, _ = _tail_ends(holder)
+        _, fork, fork_hash, _ = tail_ends(holder)
         chain.append((holder, fork + 1, lsn))
         lsn, h = fork, fork_hash
     chain.reverse()
@@ -173,7 +166,6 @@ def _build_scratch(scratch_dir: str, log_id: uuid.UUID, sources: list[tuple[str,
                    segment_max_bytes: int):
     """A master node at ``scratch_dir`` whose log is the records of ``sources``, its store
     rebuilt from them. No checkpoint record, no deletion guard (it only hosts a merge)."""
-    from ..node import LOG_DIR, Node
 
     Node.init(scratch_dir, role="master", name="tail-merge", create_log=False, guard_enabled=False,
               checkpoint_every_records=1 << 62, checkpoint_every_s=float(1 << 62),
@@ -203,7 +195,6 @@ def node_uid_floors(node_dir: str) -> dict[str, tuple[int, int]]:
     """``mailbox id -> (UIDVALIDITY, UIDNEXT)`` from a node's store, read-only (the node may run)."""
     import sqlite3
 
-    from ..node import STORE_FILE
 
     path = os.path.join(node_dir, STORE_FILE)
     if not os.path.exists(path):
@@ -275,7 +266,6 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
         TailPlacementError: the history cannot be rebuilt (the node's log no
             longer starts at LSN 1), or the merge did not complete.
     """
-    from ..node import read_config
 
     if segment_max_bytes is None:
         segment_max_bytes = read_config(node_dir).segment_max_bytes
@@ -283,8 +273,8 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
         uid_floors = node_uid_floors(node_dir)
     elif callable(uid_floors):
         uid_floors = uid_floors()
-    log_id, tail_fork, _, _ = _tail_ends(tail)
-    _, fork, fork_hash, last = _tail_ends(container)
+    log_id, tail_fork, _, _ = tail_ends(tail)
+    _, fork, fork_hash, last = tail_ends(container)
     sources = _lineage(log_dir, log_id, fork, fork_hash, [t for t in tails if t not in (tail, container)])
     sources.append((container, fork + 1, last))
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -326,35 +316,6 @@ def rebase_tail(node_dir: str, log_dir: str, tail: str, container: str, tails: S
             "reconciled": False, "merged_from": [tail, container], "merge_report": report}
 
 
-def _read_tails(node_dir: str) -> list[dict]:
-    from ..node import DIVERGED_FILE
-
-    try:
-        with open(os.path.join(node_dir, DIVERGED_FILE)) as f:
-            return json.load(f)["tails"]
-    except FileNotFoundError:
-        return []
-
-
-def _record_merge(node_dir: str, entry: dict) -> None:
-    """List the merged tail and mark what it holds as merged into it, in one atomic
-    replace of ``diverged.json``. The container is marked only if it was still
-    pending (its records are the merged tail's first records)."""
-    from ..node import DIVERGED_FILE, _write_json_atomic
-
-    tail, container = (os.path.abspath(p) for p in entry["merged_from"])
-    entries = _read_tails(node_dir)
-    for e in entries:
-        path = os.path.abspath(e["path"])
-        if path == tail or (path == container and not e.get("reconciled")):
-            e["reconciled"] = True
-            e["merged_into"] = entry["path"]
-            if path == tail:
-                e["report"] = entry["merge_report"]
-    entries.append(entry)
-    _write_json_atomic(os.path.join(node_dir, DIVERGED_FILE), {"tails": entries})
-
-
 def place_tail(node_dir: str, log_dir: str, tail: str, *, strategy: str = "renumber",
                destructive: bool = False, uid_floors: UidFloors | None = None) -> list[dict]:
     """Make ``tail`` reconcilable against the master's history (CTL-9).
@@ -381,7 +342,7 @@ def place_tail(node_dir: str, log_dir: str, tail: str, *, strategy: str = "renum
     """
     made: list[dict] = []
     for _ in range(_MAX_MERGE_LEVELS):
-        entries = _read_tails(node_dir)
+        entries = read_tails(node_dir)
         # Prefer a tail nothing was merged into (a merged tail holds its container's records
         # and more); of those, the newest. The preferred candidates go last.
         others = ([e["path"] for e in entries if e.get("merged_into")]
@@ -394,118 +355,7 @@ def place_tail(node_dir: str, log_dir: str, tail: str, *, strategy: str = "renum
         assert base.container is not None
         entry = rebase_tail(node_dir, log_dir, tail, base.container, others, strategy=strategy,
                             destructive=destructive, uid_floors=uid_floors)
-        _record_merge(node_dir, entry)
+        record_merge(node_dir, entry)
         made.append(entry)
         tail = entry["path"]
     raise TailPlacementError(f"{tail}: more than {_MAX_MERGE_LEVELS} nested diverged tails")
-
-
-_REQUEUED_PREFIX = "requeued-"
-
-
-def requeue_applied_tails(node_dir: str, cut_tail: str, fork_lsn: int) -> list[str]:
-    """CTL-9: tails reconciled into this node whose apply the cut ``cut_tail`` took away go back
-    to pending. Called when the node cut its log after ``fork_lsn`` (``cut_tail`` holds what was
-    after it); idempotent (a cut finished on open calls it again).
-
-    An apply's decisions rest on the node's log as it was (REC-12 plans against the current
-    store): a loser's flag change dropped because a client of this node had expunged the message
-    (REC-14), a message not copied back because this node's client expunged it (REC-5). Once
-    this node's log is cut, its records (the expunge, and whatever the apply wrote) are only a
-    loser's tail, whose expunges are not applied (REC-10), and the dropped change would be lost.
-    So every tail whose apply report (``NODE/reconcile/*.json``, status ``done``) ended on a
-    record the cut took away (the report's ``survivor_end`` is in ``cut_tail``) is listed as
-    pending again and reconciled like any tail, against the new master's state (idempotent:
-    what is there already plans nothing). The node's own tails (``NODE/diverged/``) are marked
-    pending; a tail a replica shipped (its kept copy, ``NODE/reconcile/tails/``) moves into
-    ``NODE/diverged/`` as ``requeued-<name>`` and is listed. Reports of other logs (``walctl
-    reconcile --apply`` on another directory) are left alone. Returns the tails requeued.
-    """
-    try:
-        wanted = _applies_the_cut_took(node_dir, cut_tail, fork_lsn)
-    except (OSError, WalError) as exc:
-        _log.warning("node %s: could not check which reconciled tails the cut %s took away: %s",
-                     node_dir, cut_tail, exc)
-        return []
-    if not wanted:
-        return []
-    return _requeue(node_dir, cut_tail, wanted)
-
-
-def _applies_the_cut_took(node_dir: str, cut_tail: str, fork_lsn: int) -> list[tuple[str, str]]:
-    """``(loser tail, report)`` of each completed apply into this node whose ``survivor_end`` is a
-    record of ``cut_tail`` (after ``fork_lsn``), for the node's own tails and the kept copies of
-    tails replicas shipped. Reports that cannot be read, or that have no ``survivor_end``, are
-    left out."""
-    diverged_dir = os.path.abspath(os.path.join(node_dir, "diverged"))
-    kept_dir = os.path.abspath(os.path.join(node_dir, "reconcile", "tails"))
-    wanted: list[tuple[str, str]] = []
-    with SeekReader(cut_tail) as reader:
-        first, last = reader.first_lsn(), reader.last()[0]
-        cut_hashes: dict[int, str] = {}
-
-        def in_cut(lsn: int, record_hash: str) -> bool:
-            if not (first <= lsn <= last and lsn > fork_lsn):
-                return False
-            if lsn not in cut_hashes:
-                cut_hashes[lsn] = reader.hash_at(lsn).hex()
-            return cut_hashes[lsn] == record_hash
-
-        for report in list_reports(node_dir):
-            try:
-                with open(report) as f:
-                    doc = json.load(f)
-                end = doc["apply"].get("survivor_end")
-                side = doc["survivor"]["side"]
-                loser = os.path.abspath(doc["b" if side == "a" else "a"]["path"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # unreadable, or a report with no survivor_end
-            if doc["apply"].get("status") != "done" or not end or not in_cut(int(end["lsn"]), end["hash"]):
-                continue
-            if os.path.dirname(loser) in (diverged_dir, kept_dir):
-                wanted.append((loser, report))
-    return wanted
-
-
-def _requeue(node_dir: str, cut_tail: str, wanted: list[tuple[str, str]]) -> list[str]:
-    """List each ``(loser tail, report)`` of ``wanted`` as pending in ``diverged.json`` (one
-    atomic replace), a replica's kept copy moved into ``NODE/diverged/`` first. A tail pending
-    already, or merged into another tail (that one is requeued), is left alone."""
-    from ..node import DIVERGED_FILE, _write_json_atomic
-
-    diverged_dir = os.path.abspath(os.path.join(node_dir, "diverged"))
-    kept_dir = os.path.abspath(os.path.join(node_dir, "reconcile", "tails"))
-    entries = _read_tails(node_dir)
-    listed = {os.path.abspath(e["path"]): e for e in entries}
-    requeued = []
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    for loser, report in wanted:
-        if os.path.dirname(loser) == kept_dir:
-            dest = os.path.join(diverged_dir, _REQUEUED_PREFIX + os.path.basename(loser))
-            if os.path.isdir(loser) and not os.path.exists(dest):
-                os.makedirs(diverged_dir, exist_ok=True)
-                os.rename(loser, dest)
-                OS_FILEOPS.fsync_dir(diverged_dir)
-                OS_FILEOPS.fsync_dir(kept_dir)
-            if not os.path.isdir(dest):
-                continue  # the kept copy is gone (moved by an earlier cut: listed then)
-            loser = dest
-        entry = listed.get(loser)
-        if entry is None:
-            if not os.path.isdir(loser):
-                continue
-            _, tail_fork, _, tail_last = _tail_ends(loser)
-            entry = {"path": loser, "fork_lsn": tail_fork, "last_lsn": tail_last, "records": tail_last - tail_fork,
-                     "cut_at": stamp, "reconciled": False}
-            entries.append(entry)
-            listed[loser] = entry
-        elif not entry.get("reconciled") or entry.get("merged_into"):
-            continue  # pending already, or its records are in a merged tail (that one is requeued)
-        entry["reconciled"] = False
-        entry["requeued"] = {"after_cut": cut_tail, "report": report}
-        requeued.append(loser)
-    if requeued:
-        _write_json_atomic(os.path.join(node_dir, DIVERGED_FILE), {"tails": entries})
-        _log.warning("node %s: the cut %s took away the apply of %d reconciled tail(s); pending again: %s",
-                     node_dir, cut_tail, len(requeued), ", ".join(requeued))
-    return requeued

@@ -13,20 +13,11 @@ import time
 
 from wal import OS_FILEOPS
 
+from ..node.layout import REPORT_DIR, list_reports
+
 __all__ = ["REPORT_DIR", "REPORT_FORMAT", "list_reports", "new_report_path", "write_report", "reconcile_summary"]
 
-REPORT_DIR = "reconcile"
 REPORT_FORMAT = 1
-
-
-def list_reports(node_dir: str) -> list[str]:
-    """Report files of a node directory, oldest first."""
-    directory = os.path.join(node_dir, REPORT_DIR)
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".json") and not n.startswith("."))
-    except FileNotFoundError:
-        return []
-    return [os.path.join(directory, n) for n in names]
 
 
 def new_report_path(node_dir: str, fork_lsn: int) -> str:

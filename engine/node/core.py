@@ -29,18 +29,19 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Iterable
 
 import blake3
 
 from wal import OS_FILEOPS, Log, LogClosedError, LogFailedError, Record, WalError
-from wal.epochs import SeekReader, read_history_file, write_history
+from wal.history import read_history_file, write_history
+from wal.seek import SeekReader
 
-from .events import (Checkpoint, MailboxCreated, UserDeleted, UserPasswordSet, encode_event, event_mailbox_ids,
+from ..store.events import (Checkpoint, MailboxCreated, UserDeleted, UserPasswordSet, encode_event, event_mailbox_ids,
                      modseq_floor)
-from .guard import Guard, GuardConfig
-from .mailerrors import (
+from ..store.guard import Guard, GuardConfig
+from ..store.errors import (
     MessageTooLargeError,
     ReadOnlyNodeError,
     RequestError,
@@ -48,98 +49,27 @@ from .mailerrors import (
     UnknownMailboxError,
     UnknownUidError,
 )
-from .state import DecisionState, Duplicate, SourceMessage
-from .store import MailboxInfo, MessageInfo, Store, remove_store_files, store_digest
+from ..store.decisions import DecisionState, Duplicate, SourceMessage
+from ..store.database import MailboxInfo, MessageInfo, Store, remove_store_files, store_digest
 
-__all__ = ["Node", "Receipt", "AppendReceipt", "CopyReceipt", "FlagsReceipt", "PlannedDeliveries", "NodeConfig",
-           "LOG_DIR", "STORE_FILE"]
+from .diverged import add_tail, mark_tail_reconciled, read_tails, requeue_applied_tails
+from .layout import (
+    CONFIG_FILE,
+    CUT_INTENT_FILE,
+    LOG_DIR,
+    STORE_FILE,
+    NodeConfig,
+    read_config,
+    write_config,
+    write_json_atomic,
+)
+from .receipts import AppendReceipt, CopyReceipt, FlagsReceipt, PlannedDeliveries, Receipt
 
-LOG_DIR = "log.wal"
-STORE_FILE = "store.sqlite"
-CONFIG_FILE = "node.json"
+__all__ = ["Node", "rebuild_store"]
+
 LOGIN_CACHE_S = 300.0  # a successful login is remembered this long (verify_user)
 MAX_BODY_BYTES = 60 * 1024 * 1024  # a record payload is at most 64 MiB (LOG-4); leave room for the other fields
 _log = logging.getLogger("mailwal.node")
-
-DIVERGED_FILE = "diverged.json"
-CUT_INTENT_FILE = "cut.json"  # a diverged tail's cut in progress (cut_diverged)
-
-
-@dataclass
-class NodeConfig:
-    """Persistent per-node settings (``node.json``)."""
-
-    role: str = "master"  # "master" or "replica"
-    name: str = ""
-    max_message_bytes: int = 50 * 1024 * 1024
-    dedup_window_s: int = 24 * 3600
-    segment_max_bytes: int = 64 * 1024 * 1024
-    checkpoint_every_records: int = 10000  # master: a checkpoint after this many records...
-    checkpoint_every_s: float = 60.0  # ...or this many seconds with at least one new record
-    apply_retries: int = 3  # replica: tries before a failing mailbox is quarantined
-    on_mismatch: str = "resync"  # "resync" or "report" (checkpoint digest mismatches)
-    guard_enabled: bool = True
-    guard_window_s: int = 60
-    guard_max_deletes: int = 10
-    guard_max_expunge_ratio: float = 0.5
-    guard_min_expunged: int = 50
-    max_mailbox_deletes: int = 100  # master: refuse one operation deleting more mailboxes
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Proof of one durable delivery."""
-
-    mailbox: str
-    uidvalidity: int
-    uid: int
-    guid: str  # hex
-    lsn: int
-    duplicate: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class AppendReceipt:
-    """Proof of one durable IMAP APPEND (MS-20)."""
-
-    mailbox: str
-    uidvalidity: int
-    uids: tuple[int, ...]
-    lsn: int
-
-
-@dataclass(frozen=True)
-class CopyReceipt:
-    """Proof of one durable COPY or MOVE: ``source_uids[i]`` became ``target_uids[i]`` (none: nothing left to copy)."""
-
-    mailbox: str  # the target
-    uidvalidity: int  # the target's
-    source_uids: tuple[int, ...]
-    target_uids: tuple[int, ...]
-    lsn: int
-
-
-@dataclass(frozen=True)
-class FlagsReceipt:
-    """Proof of one durable flag change: the UIDs in its record, the UIDs an UNCHANGEDSINCE
-    left alone (``modified``), the record's MODSEQ and LSN (0 when nothing was logged)."""
-
-    mailbox: str
-    uids: tuple[int, ...]
-    modified: tuple[int, ...]
-    modseq: int
-    lsn: int
-
-
-@dataclass(frozen=True)
-class PlannedDeliveries:
-    """Decided and enqueued deliveries (see :meth:`Node.plan_deliveries`): not yet durable."""
-
-    results: list  # Receipt | Exception per target
-    sync_lsn: int  # acknowledge only after log.sync_to(sync_lsn)
 
 
 class Node:
@@ -185,7 +115,7 @@ class Node:
             raise WalError(f"{path} is already a node; open it instead")
         os.makedirs(path, exist_ok=True)
         cfg = NodeConfig(role=role, name=name or os.path.basename(path), **config)
-        _write_json_atomic(os.path.join(path, CONFIG_FILE), asdict(cfg))
+        write_json_atomic(os.path.join(path, CONFIG_FILE), asdict(cfg))
         if create_log:
             Log.create(os.path.join(path, LOG_DIR), log_id=log_id, segment_max_bytes=cfg.segment_max_bytes).close()
             return cls.open(path)
@@ -381,7 +311,7 @@ class Node:
                 raise WalError(f"the store applied past the fork at LSN {fork_lsn} and the log no longer "
                                f"starts at LSN 1: reseed this node from its master")
             intent = {"path": aside, "fork_lsn": fork_lsn, "last_lsn": self.log.last_lsn, "cut_at": stamp}
-            _write_json_atomic(os.path.join(self.path, CUT_INTENT_FILE), intent)  # a full disk stops here
+            write_json_atomic(os.path.join(self.path, CUT_INTENT_FILE), intent)  # a full disk stops here
             self.log.truncate_after(fork_lsn, aside)
             self._finish_cut(intent)
         self.catch_up()
@@ -400,15 +330,10 @@ class Node:
             self.store.reset(remove_files=remove_store_files)
             self.store.set_log_id(str(self.log.log_id))
             self._configure_guard()
-        entries = self.diverged_tails()
-        if not any(os.path.abspath(e["path"]) == os.path.abspath(intent["path"]) for e in entries):
-            entries.append({"path": intent["path"], "fork_lsn": fork_lsn, "last_lsn": intent["last_lsn"],
-                            "records": intent["last_lsn"] - fork_lsn, "cut_at": intent["cut_at"],
-                            "reconciled": False})
-            _write_json_atomic(os.path.join(self.path, DIVERGED_FILE), {"tails": entries})
+        add_tail(self.path, {"path": intent["path"], "fork_lsn": fork_lsn, "last_lsn": intent["last_lsn"],
+                             "records": intent["last_lsn"] - fork_lsn, "cut_at": intent["cut_at"],
+                             "reconciled": False})
         # CTL-9: tails reconciled into this node whose apply the cut took away are pending again
-        from .tail_placement import requeue_applied_tails
-
         requeue_applied_tails(self.path, intent["path"], fork_lsn)
         OS_FILEOPS.unlink(os.path.join(self.path, CUT_INTENT_FILE))
         OS_FILEOPS.fsync_dir(self.path)
@@ -456,11 +381,7 @@ class Node:
             self._finish_cut(intent)
 
     def diverged_tails(self) -> list[dict]:
-        try:
-            with open(os.path.join(self.path, DIVERGED_FILE)) as f:
-                return json.load(f)["tails"]
-        except FileNotFoundError:
-            return []
+        return read_tails(self.path)
 
     def mark_reconciled(self, tail_path: str, report: str | None = None) -> None:
         mark_tail_reconciled(tail_path, report)
@@ -897,7 +818,7 @@ class Node:
 
     @staticmethod
     def _password_hash(password: str | None, password_hash: str | None) -> str:
-        from .store import passwords
+        from ..store import passwords
 
         if (password is None) == (password_hash is None):
             raise ValueError("give a password or a password hash")
@@ -911,7 +832,7 @@ class Node:
         function's time (argon2id: tens of ms): call it off an event loop. On a master a legacy
         hash (bcrypt, SHA512-CRYPT) that verified is replaced by an argon2id hash of the same
         password, best effort (MS-21)."""
-        from .store import passwords
+        from ..store import passwords
 
         stored = self._read_fresh(lambda store: store.user_hash(name))
         if stored is None:
@@ -1155,45 +1076,6 @@ class Node:
         }
 
 
-def mark_tail_reconciled(tail_path: str, report: str | None = None) -> bool:
-    """If ``tail_path`` is a node's ``diverged/*.wal``, mark it reconciled in that
-    node's ``diverged.json`` (status stops listing it). Returns whether it was one."""
-    tail_path = os.path.abspath(tail_path)
-    node_dir = os.path.dirname(os.path.dirname(tail_path))
-    listing = os.path.join(node_dir, DIVERGED_FILE)
-    if os.path.basename(os.path.dirname(tail_path)) != "diverged" or not os.path.exists(listing):
-        return False
-    with open(listing) as f:
-        entries = json.load(f)["tails"]
-    hit = False
-    for e in entries:
-        if os.path.abspath(e["path"]) == tail_path:
-            e["reconciled"] = True
-            e["report"] = report
-            hit = True
-    if hit:
-        _write_json_atomic(listing, {"tails": entries})
-    return hit
-
-
-def read_config(path: str) -> NodeConfig:
-    try:
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise WalError(f"{path} is not a mailwal node (no {CONFIG_FILE}); create it with `walctl init`") from None
-    known = {k: v for k, v in data.items() if k in NodeConfig.__dataclass_fields__}
-    return NodeConfig(**known)
-
-
-def write_config(path: str, cfg: NodeConfig) -> None:
-    _write_json_atomic(os.path.join(path, CONFIG_FILE), asdict(cfg))
-
-
-def _write_json_atomic(path: str, data: dict) -> None:
-    from wal import OS_FILEOPS
-
-    OS_FILEOPS.write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def rebuild_store(path: str, on_progress=None) -> dict:
