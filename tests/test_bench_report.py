@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
 
-from tools.bench_report import BenchReport, Column, Stamp, git_commit, machine_info, percent, times
+from tools.bench_report import BenchReport, Column, Stamp, git_commit, machine_info, percent, print_report, times
 
 MACHINE = {"cpus": 2, "cpu_model": "Test CPU", "memory_gib": 4.0, "python": "3.11.7", "kernel": "6.1",
            "dir": "/srv/x", "fs_type": "ext4", "device": "/dev/vda", "device_kind": "non-rotational",
@@ -91,3 +92,17 @@ def test_a_row_must_fill_the_table():
     t = BenchReport(STAMP).table("t", ["a", "b"])
     with pytest.raises(ValueError, match="2 columns, the row 3 cells"):
         t.add_row("1", "2", "3")
+
+
+def test_print_report_prints_json_markdown_or_text(capsys):
+    report = {"records": 3}
+    docs = BenchReport(STAMP)
+    docs.line("for the docs")
+    print_report(report, lambda r: sample(), as_json=True)
+    assert json.loads(capsys.readouterr().out) == report
+    print_report(report, lambda r: sample(), as_json=False, markdown=True)
+    assert capsys.readouterr().out == sample().markdown()
+    print_report(report, lambda r: sample(), as_json=False, markdown=True, markdown_tables=lambda r: docs)
+    assert capsys.readouterr().out == docs.markdown()
+    print_report(report, lambda r: sample(), as_json=False)
+    assert capsys.readouterr().out.splitlines()[0] == STAMP.line()

@@ -42,7 +42,7 @@ import threading
 import time
 
 from . import bench_wal
-from .bench_report import BenchReport, Stamp, machine_info, percent, progress_printer
+from .bench_report import BenchReport, Stamp, machine_info, percent, print_report, progress_printer
 from .lmtp_client import PipeliningLmtpClient
 
 __all__ = ["bench_lmtp_command", "run_lmtp_bench", "lmtp_load", "smtp_source_load", "MaildirBackend", "NullBackend",
@@ -674,9 +674,9 @@ def bench_report(report: dict) -> BenchReport:
     return out
 
 
-def render_markdown(report: dict) -> str:
-    """The report as markdown for the docs: one row per server and connection count, the two
-    load clients side by side."""
+def markdown_report(report: dict) -> BenchReport:
+    """The tables for the docs: one row per server and connection count, the two load clients
+    side by side."""
     out = BenchReport(Stamp.capture(report["machine"]))
     t = out.table(f"LMTP deliveries: {_workload(report)}",
                   ["server", "conns", "deliveries/s (smtp-source)", "deliveries/s (asyncio client)", "p50 ms",
@@ -693,13 +693,18 @@ def render_markdown(report: dict) -> str:
                   f"{ref['avg_batch']:.1f}" if "avg_batch" in ref else "", _raw_at_batch(ref, ""),
                   percent(ref.get("ratio_vs_raw")))
     _api_and_profile(out, report, functions=False)
-    return out.markdown()
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    """The report as markdown for the docs (:func:`markdown_report`)."""
+    return markdown_report(report).markdown()
 
 
 def _make_command():
     import click
 
-    from .cliutil import CONTEXT_SETTINGS, dump_json
+    from .cliutil import CONTEXT_SETTINGS
 
     @click.command(name="lmtp", context_settings=CONTEXT_SETTINGS)
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
@@ -743,12 +748,7 @@ def _make_command():
             variants=("mailwal",) if only_mailwal else ("mailwal", "maildir", "null", "aiosmtpd"),
             clients=chosen, api=not no_api, profile=not no_profile, progress=progress_printer(),
         )
-        if as_json:
-            dump_json(report, indent=2)
-        elif markdown:
-            click.echo(render_markdown(report), nl=False)
-        else:
-            bench_report(report).print_text()
+        print_report(report, bench_report, as_json=as_json, markdown=markdown, markdown_tables=markdown_report)
 
     return bench_lmtp
 

@@ -35,8 +35,8 @@ import time
 
 import click
 
-from .bench_report import BenchReport, Stamp, machine_info, percent, times
-from .cliutil import CONTEXT_SETTINGS, dump_json
+from .bench_report import BenchReport, Stamp, machine_info, percent, print_report, times
+from .cliutil import CONTEXT_SETTINGS
 
 __all__ = ["bench_reconcile", "build_logs", "run_benchmark", "bench_report"]
 
@@ -319,10 +319,7 @@ def bench_reconcile(records: int, record_bytes: int, directory: str | None, cach
         walctl bench reconcile --records 60 --record-bytes 1048576
     """
     report = run_benchmark(records, directory, cold=cache == "cold", record_bytes=record_bytes)
-    if as_json:
-        dump_json(report, indent=1)
-    else:
-        bench_report(report).print_text()
+    print_report(report, bench_report, as_json=as_json, json_indent=1)
 
 
 if __name__ == "__main__":  # a measured phase in its own interpreter

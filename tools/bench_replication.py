@@ -71,7 +71,7 @@ import threading
 import time
 
 from . import bench_lmtp, bench_wal
-from .bench_report import BenchReport, Column, Stamp, machine_info, percent, progress_printer
+from .bench_report import BenchReport, Column, Stamp, machine_info, percent, print_report, progress_printer
 
 __all__ = ["run_replication_bench", "render_markdown", "bench_report", "bench_replication_command", "main", "GOALS"]
 
@@ -955,7 +955,7 @@ def render_markdown(report: dict) -> str:
 def _make_command():
     import click
 
-    from .cliutil import CONTEXT_SETTINGS, dump_json
+    from .cliutil import CONTEXT_SETTINGS
 
     @click.command(name="replication", context_settings=CONTEXT_SETTINGS)
     @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead of tables.")
@@ -998,12 +998,7 @@ def _make_command():
         report = run_replication_bench(directory, messages=messages, rounds=rounds, lag_messages=lag_messages,
                                        late_messages=late_messages, late_runs=late_runs, catchup_mib=catchup_mib,
                                        progress=progress_printer())
-        if as_json:
-            dump_json(report, indent=2)
-        elif markdown:
-            click.echo(render_markdown(report), nl=False)
-        else:
-            bench_report(report).print_text()
+        print_report(report, bench_report, as_json=as_json, markdown=markdown)
 
     return bench_replication
 

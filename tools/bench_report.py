@@ -18,6 +18,8 @@ Example::
     table.add_row("1", "1,234", percent(0.93))
     report.line("verify peak RSS: 41.0 MiB")
     report.print_text()        # or: click.echo(report.markdown(), nl=False)
+
+A command prints its report with :func:`print_report` (``--json``, ``--markdown`` or text).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["BenchReport", "Table", "Column", "Stamp", "machine_info", "git_commit", "percent", "times",
-           "markdown_text", "progress_printer"]
+           "markdown_text", "print_report", "progress_printer"]
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Width of the text output when stdout is not a terminal (a pipe, a file, a test's runner):
@@ -260,6 +263,22 @@ class BenchReport:
             out.append("")
             out += [markdown_text(block)] if isinstance(block, str) else block.markdown()
         return "\n".join(out) + "\n"
+
+
+def print_report(report: dict, tables: Callable[[dict], BenchReport], *, as_json: bool, markdown: bool = False,
+                 markdown_tables: Callable[[dict], BenchReport] | None = None, json_indent: int = 2) -> None:
+    """A bench command's output: the report as JSON (``--json``), its tables as markdown
+    (``--markdown``, built by ``markdown_tables`` when the docs want other tables), or as text."""
+    if as_json:
+        from .cliutil import dump_json
+
+        dump_json(report, indent=json_indent)
+    elif markdown:
+        import click
+
+        click.echo((markdown_tables or tables)(report).markdown(), nl=False)
+    else:
+        tables(report).print_text()
 
 
 def progress_printer():

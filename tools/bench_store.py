@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import click
 
-from .bench_report import BenchReport, Stamp, machine_info, percent, progress_printer
-from .cliutil import CONTEXT_SETTINGS, dump_json
+from .bench_report import BenchReport, Stamp, machine_info, percent, print_report, progress_printer
+from .cliutil import CONTEXT_SETTINGS
 
 __all__ = ["bench_store", "run_store_bench", "bench_report"]
 
@@ -186,9 +186,6 @@ def bench_store(messages: int, mailboxes: int, rounds: int, directory: str | Non
     """
     report = run_store_bench(directory, messages=messages, mailboxes=mailboxes, rounds=rounds,
                              progress=progress_printer())
-    if as_json:
-        dump_json(report, indent=2)
-    else:
-        bench_report(report).print_text()
+    print_report(report, bench_report, as_json=as_json)
     if not report["same_digest_everywhere"]:
         raise SystemExit(1)

@@ -40,8 +40,8 @@ import click
 import wal
 from wal.format import FRAME_HEADER_SIZE
 
-from .bench_report import BenchReport, Stamp, machine_info, percent, progress_printer
-from .cliutil import CONTEXT_SETTINGS, dump_json
+from .bench_report import BenchReport, Stamp, machine_info, percent, print_report, progress_printer
+from .cliutil import CONTEXT_SETTINGS
 
 __all__ = [
     "RECORD_BYTES",
@@ -565,7 +565,4 @@ def bench_wal_command(as_json: bool, records: int, directory: str | None, verify
     """
     report = run_wal_bench(directory, records=records, verify_bytes=int(verify_gib * 2**30), record_bytes=record_bytes,
                            rounds=rounds, progress=progress_printer())
-    if as_json:
-        dump_json(report, indent=2)
-    else:
-        bench_report(report).print_text()
+    print_report(report, bench_report, as_json=as_json)
