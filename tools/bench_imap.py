@@ -4,7 +4,7 @@ One run measures every target with the same client (Python's ``imaplib``,
 one thread per connection) on the same machine, so the ratios between
 targets come from one run:
 
-* **fill**: a fresh mailbox (named ``bench-imap-...`` in the user's personal
+* **fill**: a fresh mailbox (``bench-imap-NAME-...`` in the user's personal
   namespace) gets ``--messages`` distinct 4 KiB messages by APPEND from 8
   connections (its rate is reported too);
 * **rows**, each the median of ``--rounds``: SELECT; ``UID FETCH 1:* (UID
@@ -25,8 +25,9 @@ Targets are ``--target NAME=HOST:PORT`` (any IMAP server; the same
 ``--user``/``--password`` everywhere). Without ``--target`` (or with
 ``--own node``, ``--own memory``) the bench starts mailwal's own servers as
 child processes: a master and a replica node (``walctl serve --imap``,
-``walctl follow --imap``), or the in-memory backend; see :data:`OWN_SERVERS`. The output is stamped with the commit and the machine.
-The bench mailbox is deleted at the end unless ``--keep``.
+``walctl follow --imap``), or the in-memory backend; see :data:`OWN_SERVERS`.
+The output is stamped with the commit and the machine. The bench mailbox is
+deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ class Client:
 
 
 def _namespace(c: Client) -> tuple[str, str]:
-    """(personal namespace prefix, hierarchy delimiter); ("", "/") style defaults without NAMESPACE."""
+    """(personal namespace prefix, hierarchy delimiter): from NAMESPACE, else an empty prefix and the
+    delimiter LIST "" "" names."""
     if "NAMESPACE" in c.capabilities():
         data = c.run("NAMESPACE", c.imap.namespace)
         m = re.match(rb'\(\("([^"]*)" (?:"(.)"|NIL)\)', data[0] or b"")
