@@ -241,6 +241,6 @@ class ConnectionLostError(EngineError):
 
 class SecretFileError(EngineError):
     """The replication secret file is missing, too short, or readable by other
-    users. Fix: :func:`engine.replication_auth.create_secret` makes one (32
+    users. Fix: :func:`engine.replication.secret.create_secret` makes one (32
     random bytes as 64 hex characters, mode 0600); copy the same file to every
     node."""

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 
-from .asyncnode import AsyncNode
+from .node import AsyncNode
 from .errors import listen_error
 from .lmtp.server import LmtpConfig, LmtpServer
 

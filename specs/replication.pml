@@ -53,7 +53,7 @@
 
 /* wire messages (specs/replication.md section 4; fields: two bytes) */
 mtype = { Position, Accept, Refuse, AppendBatch, Ack, Fence, Drained, Promote, Promoted };
-/* session states (engine.protocol.State); CLOSED also means "no connection" */
+/* session states (engine.replication.State); CLOSED also means "no connection" */
 mtype = { DECIDE, STREAMING, FENCING, DRAINED, PROMOTING, CLOSED };
 /* node roles (node.json) */
 mtype = { MASTER, REPLICA };
@@ -211,7 +211,7 @@ inline close_conn(r) {
         paused[target[r]] = false; fo_target[target[r]] = NONE
 #ifdef BUG_RESUME_AFTER_PROMOTE
     :: target[r] != NONE && fo_target[target[r]] == r && handing[target[r]] ->
-        /* engine/cluster.py today: a failure after Promote was sent also resumes as master */
+        /* engine/cluster/roles.py today: a failure after Promote was sent also resumes as master */
         paused[target[r]] = false; handing[target[r]] = false; fo_target[target[r]] = NONE
 #endif
     :: else -> skip

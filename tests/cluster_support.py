@@ -75,13 +75,13 @@ class NodeProc:
         self.proc = None
 
     def status(self) -> dict:
-        from engine.control import ControlClient
+        from engine.cluster.control import ControlClient
 
         with ControlClient.unix(os.path.join(self.path, "control.sock"), timeout=10) as c:
             return c.call("status")
 
     def control(self, op: str, **args):
-        from engine.control import ControlClient
+        from engine.cluster.control import ControlClient
 
         with ControlClient.unix(os.path.join(self.path, "control.sock"), timeout=60) as c:
             return c.call(op, **args)

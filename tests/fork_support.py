@@ -6,10 +6,10 @@ from __future__ import annotations
 import shutil
 from typing import Callable
 
-from engine.failover import promote
+from engine.cluster.failover import promote
 from engine.node import Node
 from engine.store.events import MessageAppended
-from wal.epochs import find_fork
+from wal import find_fork
 
 __all__ = ["deliver_again", "follow", "nodes_from_one", "take_over", "two_record_redeliver"]
 

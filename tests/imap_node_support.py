@@ -14,7 +14,7 @@ import os
 
 import anyio.from_thread
 
-from engine.asyncnode import AsyncNode
+from engine.node import AsyncNode
 from engine.imap.memory import MemoryBackend
 from engine.imap.node_backend import NodeBackend
 from engine.node import Node

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from engine.events import body_guid
+from engine.store.events import body_guid
 from tools.bench_replication import GOALS, lag_figures, render_markdown
 from tools.walctl import cli
 

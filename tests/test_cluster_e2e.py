@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import random
-import signal
 import socket
 import time
 
@@ -131,7 +130,7 @@ def test_junk_and_bad_secret_on_the_cluster_port(cluster):
                     pass
             except (ConnectionResetError, socket.timeout):
                 pass
-    from engine.control import ControlClient, ControlError
+    from engine.cluster.control import ControlClient, ControlError
 
     with pytest.raises(ControlError):
         ControlClient.tcp("127.0.0.1", a.listen, b"not the secret at all")

@@ -23,11 +23,11 @@ import anyio
 import pytest
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.failover import promote
+from engine.cluster.failover import promote
 from engine.node import DIVERGED_FILE, Node
-from engine.reconcile import TailPlacementError, apply_reconcile, locate_tail_base, place_tail
+from engine.reconcile import TailPlacementError, locate_tail_base, place_tail
 from wal import Log
-from wal.epochs import ForkUnknownError
+from wal import ForkUnknownError
 
 MAILBOX = "user/u/INBOX"
 FLAG = "\\Flagged"

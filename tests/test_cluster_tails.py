@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.control import ControlError
+from engine.cluster.control import ControlError
 from engine.node import DIVERGED_FILE, Node
 from engine.reconcile import ReconcileError
 from engine.store.errors import ReadOnlyNodeError

@@ -27,7 +27,7 @@ import textwrap
 import threading
 import time
 
-from engine.events import body_guid
+from engine.store.events import body_guid
 from engine.node import Node
 from tests.lmtp_support import ROOT, ServeProcess, client, lmtp_send, make_message
 

@@ -498,8 +498,8 @@ def _node(tmp_path, name="n"):
 
 
 def test_rec2_promote_writes_epoch_started_as_first_record(tmp_path):
-    from engine.events import EpochStarted, decode_event
-    from engine.failover import promote
+    from engine.store.events import EpochStarted, decode_event
+    from engine.cluster.failover import promote
 
     node = _node(tmp_path)
     try:
@@ -521,7 +521,7 @@ def test_rec2_promote_writes_epoch_started_as_first_record(tmp_path):
 
 
 def test_rec2_promote_finishes_an_unfinished_promotion(tmp_path):
-    from engine.failover import promote
+    from engine.cluster.failover import promote
 
     node = _node(tmp_path)
     try:
@@ -538,7 +538,7 @@ def test_rec2_promote_finishes_an_unfinished_promotion(tmp_path):
 
 
 def test_rec2_promote_detects_a_record_slipping_in(tmp_path, monkeypatch):
-    import engine.failover as failover
+    import engine.cluster.failover as failover
 
     node = _node(tmp_path)
     try:
@@ -547,7 +547,7 @@ def test_rec2_promote_detects_a_record_slipping_in(tmp_path, monkeypatch):
 
         def racing(log, epoch):
             entry = real(log, epoch)
-            from engine.events import Checkpoint, encode_event
+            from engine.store.events import Checkpoint, encode_event
 
             log.append(*encode_event(Checkpoint()))  # someone else's record, appended concurrently
             return entry
@@ -560,20 +560,3 @@ def test_rec2_promote_detects_a_record_slipping_in(tmp_path, monkeypatch):
         assert hist[-1].prev_hash == SeekReader(node.log.path).hash_at(1)
     finally:
         node.close()
-
-
-def test_the_old_module_name_aliases_the_new_modules():
-    """``wal.epochs`` re-exports :mod:`wal.seek`, :mod:`wal.history` and :mod:`wal.fork`
-    (importers not moved yet); every name is the new module's object."""
-    import wal.epochs
-    import wal.errors
-    import wal.fork
-    import wal.history
-    import wal.seek
-
-    homes = (wal.seek, wal.history, wal.fork, wal.errors)
-    for name in wal.epochs.__all__:
-        home = [m for m in homes if name in m.__all__]
-        assert len(home) == 1 and getattr(wal.epochs, name) is getattr(home[0], name), name
-    assert set(wal.epochs.__all__) == set(wal.seek.__all__) | set(wal.history.__all__) | set(wal.fork.__all__) | {
-        "EpochHistoryError", "ForeignLogError", "ForkUnknownError"}

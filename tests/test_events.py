@@ -1,10 +1,10 @@
-"""engine.events.decode_event: every malformed payload is a ValueError naming the record type."""
+"""engine.store.events.decode_event: every malformed payload is a ValueError naming the record type."""
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.events import EVENT_TYPES, decode_event, encode_event
+from engine.store.events import EVENT_TYPES, decode_event, encode_event
 
 
 @pytest.mark.parametrize("payload", [b"", b"\xff", b"\x1c", b"\xa1\x61", b"\x5f\x41"])
@@ -38,7 +38,7 @@ def test_ms16_event_vectors_encode_and_decode():
 
     import cbor2
 
-    from engine.events import MessageAppended, encode_event
+    from engine.store.events import MessageAppended, encode_event
 
     path = os.path.join(os.path.dirname(__file__), "..", "specs", "vectors", "events.json")
     with open(path) as f:
@@ -54,7 +54,7 @@ def test_ms16_event_vectors_encode_and_decode():
 
 
 def test_ms16_a_move_must_go_to_a_greater_uid():
-    from engine.events import MessageAppended, body_guid
+    from engine.store.events import MessageAppended, body_guid
 
     body = b"x"
     with pytest.raises(ValueError, match="replaces"):

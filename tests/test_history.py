@@ -1,6 +1,6 @@
 """The torture history checker finds each kind of violation (and no false ones)."""
 
-from tools.history import check
+from tools.torture.history import check
 
 
 def node(name, mailboxes, last_lsn=10, last_hash="h10", digest="d", hashes=None):

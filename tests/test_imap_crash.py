@@ -29,7 +29,7 @@ from tests.lmtp_support import ROOT
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from engine.asyncnode import AsyncNode
+    from engine.node import AsyncNode
     from engine.imap.node_backend import NodeBackend
     from engine.imap.server import serve_in_thread
     from engine.node import Node

@@ -11,7 +11,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from engine.asyncnode import AsyncNode
+from engine.node import AsyncNode
 from engine.imap.node_backend import NodeBackend
 from engine.node import Node
 from engine.store import database

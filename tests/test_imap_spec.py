@@ -64,7 +64,7 @@ def test_only_the_edge_does_io_and_the_package_stands_alone(module):
     assert not any(n.startswith("engine") or n.startswith("wal") or n.startswith("tools") for n in names), names
     outside = {n for n in names if n.startswith("..")}
     if module == "node_backend.py":  # the adapter to the node
-        assert outside <= {"..asyncnode", "..store.errors", "..store.events"}, outside
+        assert outside <= {"..node", "..store.errors", "..store.events"}, outside
     else:
         assert outside <= {"..store.structure", "..store.imap_values"}, outside
     if module not in ("server.py", "node_backend.py"):

@@ -131,7 +131,7 @@ def _memory_server():
 
 def _node_server(tmp_path: Path):
     """A real node (fsynced log, SQLite store) behind NodeBackend, the IMAP front on its own loop thread."""
-    from engine.asyncnode import AsyncNode
+    from engine.node import AsyncNode
     from engine.imap.node_backend import NodeBackend
     from engine.node import Node
 

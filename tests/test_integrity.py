@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from engine.mailerrors import GuardRefusedError, ReadOnlyNodeError
+from engine.store.errors import GuardRefusedError, ReadOnlyNodeError
 from engine.node import Node
 
 
@@ -122,7 +122,7 @@ def test_retry_after_fix_releases(pair):
 
 def test_poisoned_body_is_isolated(pair):
     """A record whose body does not match its GUID fails only its mailbox."""
-    from engine.events import MessageAppended, encode_event
+    from engine.store.events import MessageAppended, encode_event
 
     m, r = pair
     deliver_some(m, ["user/a/INBOX", "user/b/INBOX"], 2)

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from engine.events import body_guid
+from engine.store.events import body_guid
 from tools.bench_lmtp import bench_message, log_batches, summarise_pyspy
 from tools.walctl import cli
 from tests.lmtp_support import served_node

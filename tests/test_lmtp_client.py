@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.events import body_guid
+from engine.store.events import body_guid
 from tests.lmtp_support import served_node
 from tools.lmtp_client import (LmtpClient, PipeliningLmtpClient, Reply, TransactionInterrupted, data_block,
                                dot_stuff)

@@ -22,9 +22,9 @@ import time
 import anyio
 import pytest
 
-from engine.events import body_guid
+from engine.store.events import body_guid
 from engine.lmtp.session import MessageReceived, Recipient
-from engine.mailerrors import ReadOnlyNodeError, StoreUnavailableError
+from engine.store.errors import ReadOnlyNodeError, StoreUnavailableError
 from engine.node import Node, Receipt
 from engine.lmtp import LmtpConfig, LmtpServer, reply_for
 from tests.lmtp_support import ROOT, ServeProcess, client, lmtp_send, make_message, served_node

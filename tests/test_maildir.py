@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.events import MAX_MAILBOX_NAME_BYTES
-from engine.maildir import (
+from engine.store.events import MAX_MAILBOX_NAME_BYTES
+from engine.store.maildir import (
     MaildirFormatError,
     folder_dirname,
     folder_name,
@@ -27,16 +27,16 @@ from engine.maildir import (
     read_folder,
     virtual_size,
 )
-from engine.mailerrors import (
+from engine.store.errors import (
     BadFlagError,
     MailboxExistsError,
     ReadOnlyNodeError,
     UidOrderError,
     UidValidityReuseError,
 )
-from engine.migrate import PLACEHOLDER_GUID, export_store, import_maildir
+from engine.store.maildir_migration import PLACEHOLDER_GUID, export_store, import_maildir
 from engine.node import Node
-from engine.state import UIDNEXT_PLACEHOLDER, ImportedMessage
+from engine.store.decisions import UIDNEXT_PLACEHOLDER, ImportedMessage
 from tools.walctl import cli
 
 
@@ -482,7 +482,7 @@ def test_export_refuses_names_and_targets_it_cannot_write(tmp_path):
 
 def test_an_interrupted_export_leaves_no_uidlist_and_is_not_overwritten(tmp_path, monkeypatch):
     src = rich_node(str(tmp_path / "src"))
-    from engine import maildir
+    from engine.store import maildir as maildir
 
     real = maildir.FolderWriter.add
     count = {"n": 0}

@@ -4,7 +4,7 @@ the log, and in the decision state (the old UID is refused afterwards)."""
 
 import pytest
 
-from engine.mailerrors import UnknownUidError
+from engine.store.errors import UnknownUidError
 from engine.node import Node, rebuild_store
 from tests.fork_support import deliver_again
 

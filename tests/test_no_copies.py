@@ -120,11 +120,10 @@ ATOMIC_HELPER = {
 MOVES = {
     ("wal/writer.py", "Log.create"): "a log directory built under .NAME.creating-PID (LOG-2)",
     ("engine/cluster/roles.py", "Cluster._reconcile_tail"): "a received tail's log directory into reconcile/tails/",
-    ("engine/reconcile/placement.py", "_requeue"): "a kept tail's log directory into diverged/",
+    ("engine/node/diverged.py", "_requeue"): "a kept tail's log directory into diverged/",
     ("engine/store/maildir.py", "FolderWriter.add"): "a Maildir message tmp/ -> cur/ (cur/ fsynced in finish())",
     ("tools/bench_lmtp.py", "MaildirBackend._deliver"): "a Maildir message tmp/ -> new/ (the bench's baseline)",
     ("tools/cmd_cluster.py", "follow"): "the old log and store moved aside before a reseed",
-    ("tools/torture.py", "Torture.teardown"): "a run directory copied off a tmpfs, put back",
     ("tools/torture/nodes.py", "SmallDisk.unmount"): "a run directory copied off a tmpfs, put back",
 }
 

@@ -15,8 +15,8 @@ import threading
 import anyio
 import pytest
 
-from engine.asyncnode import AsyncNode
-from engine.mailerrors import StoreUnavailableError, UnknownMailboxError
+from engine.node import AsyncNode
+from engine.store.errors import StoreUnavailableError, UnknownMailboxError
 from engine.node import Node
 from tests.helpers import FaultyFileOps
 from tests.lmtp_support import ROOT

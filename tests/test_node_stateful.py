@@ -29,8 +29,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from engine.events import body_guid
-from engine.mailerrors import MailboxExistsError, UnknownMailboxError, UnknownUidError
+from engine.store.events import body_guid
+from engine.store.errors import MailboxExistsError, UnknownMailboxError, UnknownUidError
 from engine.node import Node, rebuild_store
 
 NAMES = ["user/a/INBOX", "user/a/lists", "user/b/INBOX", "user/a/lists/x", "Archive"]

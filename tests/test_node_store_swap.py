@@ -4,7 +4,7 @@ Found by ``walctl torture --seed 17``: n2, master, took a tail n1 shipped to its
 ``reconcile_tail`` operation; the apply waited for the cluster's apply lock
 while n2 handed over to n0 and then found its own log diverged. n2 cut its
 tail and rebuilt its store (closed it, removed its files, opened a new one)
-just as the apply started reading the store (``_store_names`` ->
+just as the apply started reading the store (``store_names`` ->
 ``node.store.tombstones()``): the apply had taken the old Store object and
 read it after it was closed ("Cannot operate on a closed database",
 sqlite3.ProgrammingError), so n1 logged ``reconcile-failed`` and its tail
@@ -29,7 +29,8 @@ import pytest
 
 from engine.cluster import Cluster, ClusterConfig
 from engine.node import Node
-from engine.reconcile_apply import StoreView, _store_names
+from engine.reconcile import StoreView
+from engine.reconcile.read import store_names
 
 MAILBOX = "user/bob/INBOX"
 
@@ -43,7 +44,7 @@ def _make_node(path, *, start_applier: bool = True) -> Node:
     for i in range(10):
         n.deliver(MAILBOX, _message(i), create=True)
     n.deliver("user/carol/INBOX", _message(100), create=True)
-    n.delete_mailbox("user/carol/INBOX")  # a tombstone before the fork: _store_names reads it
+    n.delete_mailbox("user/carol/INBOX")  # a tombstone before the fork: store_names reads it
     for i in range(10, 14):
         n.deliver(MAILBOX, _message(i))
     assert n.wait_applied(n.log.last_lsn)
@@ -129,7 +130,7 @@ def _control(cluster: Cluster, op: str, **args):
 
 READERS = {
     # What the reconcile apply reads first (the torture's failing call), then its view of the survivor.
-    "reconcile _store_names": lambda n: _store_names(n),
+    "reconcile _store_names": lambda n: store_names(n),
     "reconcile StoreView": lambda n: StoreView(n).by_name(MAILBOX),
     "list_mailboxes": lambda n: n.list_mailboxes(),
     "list_messages": lambda n: n.list_messages(MAILBOX),

@@ -49,9 +49,9 @@ import time
 import pytest
 
 import wal
-from engine.events import Checkpoint, body_guid, decode_event
-from engine.node import Node, NodeConfig, read_config, rebuild_store, write_config
-from tests.powerloss_child import CURSOR_NAMES, message_body
+from engine.store.events import Checkpoint, body_guid, decode_event
+from engine.node import Node, rebuild_store
+from tests.powerloss_child import message_body
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAZYFS = os.path.join(ROOT, "tests", "lazyfs.py")

@@ -412,7 +412,7 @@ def test_rec12_interrupted_apply_can_be_rerun(tmp_path):
 
 def test_rec2_rec12_reconcile_after_a_promotion(tmp_path):
     """B promoted (EpochStarted first), A kept records of the old epoch: the fork is the boundary."""
-    from engine.failover import promote
+    from engine.cluster.failover import promote
 
     a, b = forked_nodes(tmp_path)
     try:

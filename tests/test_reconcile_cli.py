@@ -182,7 +182,7 @@ def test_every_rec_rule_is_named_by_a_test_and_every_cited_rule_exists():
     cited = set()
     reconcile_package = [os.path.join("engine", "reconcile", f)
                          for f in os.listdir(os.path.join(root, "engine", "reconcile")) if f.endswith(".py")]
-    for rel in ("wal/history.py", "wal/fork.py", *reconcile_package, "engine/failover.py", "engine/store/events.py",
+    for rel in ("wal/history.py", "wal/fork.py", *reconcile_package, "engine/cluster/failover.py", "engine/store/events.py",
                 "engine/store/decisions.py", "tools/cmd_reconcile.py"):
         cited |= {int(n) for n in re.findall(r"REC-(\d+)", open(os.path.join(root, rel), encoding="utf-8").read())}
     assert cited <= defined

@@ -30,7 +30,7 @@ from engine.store.events import (
     encode_event,
 )
 from wal import codec
-from wal.epochs import SeekReader
+from wal import SeekReader
 
 INBOX = "1" * 32
 WORK = "2" * 32

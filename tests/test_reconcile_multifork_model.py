@@ -12,12 +12,12 @@ the way the cluster drives them, without processes:
 * ``copy``: a replica is made of a node (its directory copied, tails and
   reports left out, as a seeded replica has none); it lags from then on;
 * ``promote``: a replica becomes a master at an epoch above every epoch
-  given out (engine.failover.promote); the old master may still be a master
+  given out (engine.cluster.failover.promote); the old master may still be a master
   too (split brain: each takes acknowledged operations);
 * ``deliver`` / ``flags`` / ``expunge``: a client's acknowledged operation on
   a master (durable on return);
 * ``follow``: a node becomes a master's replica: the fork point is found
-  (wal.epochs.find_fork), a diverged tail is cut aside (Node.cut_diverged,
+  (wal.fork.find_fork), a diverged tail is cut aside (Node.cut_diverged,
   pending in NODE/diverged.json) and the master's records are appended;
 * ``reconcile``: one pending tail is shipped the way Cluster does it: merged
   first while stranded (engine.reconcile.placement.place_tail via
@@ -31,7 +31,7 @@ the way the cluster drives them, without processes:
 
 At the end one master is the final survivor, every other node follows it,
 and every pending tail is reconciled in a generated order. The checks are
-the torture history checker's (tools/history.py), stated by the REC rules:
+the torture history checker's (tools/torture/history.py), stated by the REC rules:
 
 * every acknowledged delivery is on the survivor exactly once (by GUID),
   unless a client expunged it on the survivor's own history (the expunge
@@ -65,13 +65,13 @@ from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.failover import promote
+from engine.cluster.failover import promote
 from engine.node import Node
 from engine.reconcile import ReconcileError, TailPlacementError, apply_reconcile
 from engine.reconcile.apply import _Executor
 from engine.store.events import decode_event
 from wal import Log
-from wal.epochs import find_fork
+from wal import find_fork
 
 BOXES = ["user/u/INBOX", "user/u/INBOX", "user/u/Work"]  # INBOX twice: more UID collisions
 FLAGS = ["\\Seen", "\\Flagged", "$Work"]

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.failover import promote
+from engine.cluster.failover import promote
 from engine.node import Node
 from engine.reconcile import apply_reconcile
 from tests.fork_support import follow, nodes_from_one, take_over
-from wal.epochs import find_fork
+from wal import find_fork
 
 MAILBOX = "user/u/INBOX"
 

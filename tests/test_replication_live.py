@@ -29,7 +29,7 @@ from engine.replication.secret import create_secret, load_secret
 from engine.errors import SecretFileError
 from engine.replication.sender import ReplicationHub, serve_replication
 from wal import Log, LogReader
-from wal.epochs import read_history_file
+from wal.history import read_history_file
 
 pytestmark = pytest.mark.anyio
 

@@ -1,7 +1,7 @@
 """The operations pages stay true to the code: every node.toml key, status field and metric is in them.
 
 The node.toml table of docs/operations/configuration.md must be exactly what
-``python -m tools.config_doc`` generates from engine.config.DEFAULT_TOML;
+``python -m tools.config_doc`` generates from engine.cluster.config.DEFAULT_TOML;
 status fields (docs/operations/status-and-metrics.md) are taken from the
 objects that produce ``walctl status`` (a node, its cluster side as master
 and as replica, the master's per-replica rows, a replica's link); metric
@@ -15,8 +15,8 @@ import os
 import re
 
 from engine.cluster import Cluster, ClusterConfig
-from engine.config import DEFAULTS
-from engine.metrics import Metrics
+from engine.cluster.config import DEFAULTS
+from engine.cluster.metrics import Metrics
 from engine.node import Node
 from engine.replication.receiver import ReplicaLink
 from engine.replication.sender import ReplicaStatus

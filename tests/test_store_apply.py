@@ -13,7 +13,7 @@ import sqlite3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.events import MessageAppended, encode_event
+from engine.store.events import MessageAppended, encode_event
 from engine.node import Node
 from engine.store import Store
 from tests.fork_support import deliver_again

@@ -17,7 +17,7 @@ import bcrypt
 import cbor2
 import pytest
 
-from engine.failover import promote
+from engine.cluster.failover import promote
 from engine.node import Node, rebuild_store
 from engine.store import database
 from engine.store.errors import BadPasswordHashError, UnknownUserError, UserExistsError

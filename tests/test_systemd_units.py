@@ -18,7 +18,7 @@ import sys
 import click
 import pytest
 
-from engine.config import DEFAULTS
+from engine.cluster.config import DEFAULTS
 from tools.walctl import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -200,7 +200,7 @@ class MaildirBackend:
         return d
 
     def _deliver(self, targets, body):
-        from engine.events import body_guid
+        from engine.store.events import body_guid
         from engine.node import Receipt
 
         guid = body_guid(body).hex()
@@ -444,7 +444,7 @@ def node_api_bench(directory: str, threads: int, messages: int, size: int = MESS
         if mode == "tasks":
             import asyncio
 
-            from engine.asyncnode import AsyncNode
+            from engine.node import AsyncNode
 
             async def run() -> float:
                 anode = AsyncNode(node)

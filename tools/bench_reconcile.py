@@ -5,7 +5,7 @@ flag changes) that share the first 99% and then diverge (each side delivers
 its own 1%, with UID collisions and flag changes), then measures, each in a
 fresh interpreter so memory figures are its own:
 
-* ``find fork``: :func:`wal.epochs.search_fork` alone, with what its probes
+* ``find fork``: :func:`wal.fork.search_fork` alone, with what its probes
   read apart from what finding each log's end read (the last record whole:
   only its hash tells it from a torn write);
 * ``reconcile``: fork search + reading and diffing both tails;
@@ -62,7 +62,7 @@ def _io() -> dict:
 
 def _events(start: int, count: int, side: str, uid_base: dict[int, int], body_bytes: int = BODY_BYTES):
     """``count`` records after record ``start``: deliveries (and flag changes) spread over the mailboxes."""
-    from engine.events import FlagsChanged, MessageAppended, body_guid, encode_event
+    from engine.store.events import FlagsChanged, MessageAppended, body_guid, encode_event
 
     for i in range(start, start + count):
         mbox = i % MAILBOXES
@@ -98,7 +98,7 @@ def build_logs(directory: str, records: int, record_bytes: int = BODY_BYTES) -> 
     """Two logs of ``records`` records each, equal for the first 99%; each
     delivery carries a body of ``record_bytes``."""
     import wal
-    from engine.events import MailboxCreated, encode_event
+    from engine.store.events import MailboxCreated, encode_event
 
     a, b = os.path.join(directory, "a.wal"), os.path.join(directory, "b.wal")
     tail = max(1, records // 100)
@@ -126,7 +126,7 @@ def build_logs(directory: str, records: int, record_bytes: int = BODY_BYTES) -> 
 
 def _phase(name: str, a: str, b: str, fork_lsn: int) -> dict:
     import wal
-    from wal.epochs import SeekReader, search_fork
+    from wal import SeekReader, search_fork
 
     out: dict = {"phase": name}
     io0 = _io()
@@ -138,7 +138,7 @@ def _phase(name: str, a: str, b: str, fork_lsn: int) -> dict:
         out.update(fork=s.fork.lsn, probes=s.probes, records_read=s.records_read, bytes_read=s.bytes_read,
                    probe_bytes_read=s.probe_bytes_read, end_bytes_read=s.end_bytes_read)
     elif name == "reconcile":
-        from engine.reconcile_apply import reconcile
+        from engine.reconcile import reconcile
 
         r = reconcile(a, b)
         c = r.diff.counts()

@@ -205,7 +205,7 @@ CONTROL_ANNOUNCEMENT = "replication and control on"
 
 
 def _control_client(target: str, secret_file: str, timeout: float):
-    from engine.control import ControlClient
+    from engine.cluster.control import ControlClient
     from engine.replication.secret import load_secret
 
     kind, _, where = target.partition(":")
@@ -420,7 +420,7 @@ def bench_throughput(base: str, messages: int, rounds: int, connections: int = T
 
 def _guid_lsns(log_dir: str) -> dict[bytes, int]:
     """GUID -> LSN of every MessageAppended record of a (stopped) log."""
-    from engine.events import MessageAppended, decode_event
+    from engine.store.events import MessageAppended, decode_event
     from wal import LogReader
 
     out: dict[bytes, int] = {}
@@ -460,7 +460,7 @@ def lag_figures(timeline: list[tuple[float, int, bytes]], guid_lsn: dict[bytes, 
     time of the previous poll, which showed less) and no later than ``t_hi``
     (the reply time of the poll that showed it).
     """
-    from engine.events import body_guid
+    from engine.store.events import body_guid
 
     lsns = [c[2] for c in changes]
     lags, lows, windows = [], [], []

@@ -5,7 +5,7 @@ disk, by the plainest code that does the same I/O, and reported as a ratio:
 
 * appends: N concurrent appender threads calling :meth:`wal.Log.append` with
   4 KiB records, and N asyncio tasks appending through the async face's
-  mechanism (:class:`engine.asyncnode.DurableFutures`); the ceiling is a loop of ``os.write`` + ``os.fdatasync`` on
+  mechanism (:class:`engine.node.aio.DurableFutures`); the ceiling is a loop of ``os.write`` + ``os.fdatasync`` on
   an append-only file, writing the same number of bytes per sync as the log's
   average batch (records / fsyncs), and also at the nominal batch (= threads);
 * verify and replay: :func:`wal.verify` and a full :meth:`wal.LogReader.records`
@@ -142,12 +142,12 @@ def bench_appends(directory: str, threads: int, records: int, record_bytes: int 
 def bench_async_appends(directory: str, tasks: int, records: int, record_bytes: int = RECORD_BYTES) -> dict:
     """``tasks`` asyncio tasks in one event loop share ``records`` appends, each
     awaiting its record's durability the way the async face does
-    (:class:`engine.asyncnode.DurableFutures`: ``Log.enqueue`` in the loop,
+    (:class:`engine.node.aio.DurableFutures`: ``Log.enqueue`` in the loop,
     one ``Log.notify_durable`` callback and one ``call_soon_threadsafe`` per
     fsync batch). A task's append returns only after its batch's fdatasync."""
     import asyncio
 
-    from engine.asyncnode import DurableFutures
+    from engine.node.aio import DurableFutures
 
     path = os.path.join(directory, f"async-appends-{tasks}.wal")
     per_task = max(1, records // tasks)

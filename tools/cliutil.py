@@ -105,9 +105,9 @@ def error_message(exc: BaseException, log: str | None = None) -> tuple[str, bool
     happened and what to do in their own words; anything else is named by
     its class. Exception groups (anyio task groups) are looked through.
     """
-    from engine.control import ControlError
+    from engine.cluster.control import ControlError
     from engine.errors import EngineError
-    from engine.mailerrors import MailStoreError
+    from engine.store.errors import MailStoreError
 
     leaves = _leaves(exc)
     parts, typed = [], True

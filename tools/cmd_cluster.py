@@ -17,9 +17,9 @@ import time
 
 import click
 
-from engine.config import ConfigError, load_config
-from engine.control import ControlClient, ControlError
-from engine.replication_auth import create_secret, load_secret
+from engine.cluster.config import ConfigError, load_config
+from engine.cluster.control import ControlClient, ControlError
+from engine.replication.secret import load_secret
 
 from .cliutil import CONTEXT_SETTINGS
 from .cmd_node import _errors, _host_port, _require_node, log_in_use, node_argument
@@ -57,7 +57,7 @@ class HostPort(click.ParamType):
         self.empty_ok = empty_ok
 
     def convert(self, value, param, ctx):
-        from engine.config import parse_host_port
+        from engine.cluster.config import parse_host_port
 
         if value == "" and self.empty_ok:
             return value
@@ -127,7 +127,7 @@ def _settings(node: str, config_file, role: str, **flags) -> dict:
     """The node's settings: each flag given, else its node.toml key, else its default.
 
     ``role`` ("master" for serve, "replica" for follow) picks the defaults
-    that depend on it (:data:`engine.config.ROLE_DEFAULTS`). ``sources``
+    that depend on it (:data:`engine.cluster.config.ROLE_DEFAULTS`). ``sources``
     says where each address came from, for error messages.
     """
     path = config_file or (os.path.join(node, "node.toml") if os.path.isfile(os.path.join(node, "node.toml")) else None)
@@ -432,7 +432,7 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
 
     from engine.cluster import parse_address, report_link
     from engine.node import LOG_DIR, STORE_FILE
-    from engine.receiver import ReplicaLink, run_replica
+    from engine.replication.receiver import ReplicaLink, run_replica
 
     from .cliutil import error_message, stderr_console
 
@@ -570,7 +570,7 @@ def _offline_status(node: str) -> dict:
     """
     import wal
     from engine.node import DIVERGED_FILE, LOG_DIR, STORE_FILE, read_config
-    from wal.epochs import SeekReader
+    from wal import SeekReader
     from wal.segment import list_segments
 
     from .cmd_node import ReadOnlyStore
@@ -789,7 +789,7 @@ def promote(node, force, connect, secret_file, as_json) -> None:
         if not force:
             raise click.ClickException(f"node {node} is not running: start it with `walctl follow` and promote it "
                                        f"there (it checks whether its master still serves), or use --force")
-        from engine.failover import promote as do_promote
+        from engine.cluster.failover import promote as do_promote
         from engine.node import Node
 
         _require_node(node)

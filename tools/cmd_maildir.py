@@ -1,6 +1,6 @@
 """``walctl export`` and ``walctl import``: mailboxes to and from Maildir trees.
 
-Thin layers over :mod:`engine.migrate` (the name mapping, durability and
+Thin layers over :mod:`engine.store.maildir_migration` (the name mapping, durability and
 error rules are documented there and in specs/mail-store.md, MS-14/MS-15).
 ``export`` works on a running node (it reads the store read-only, as of
 its applied LSN); ``import`` writes, so the node must be stopped.
@@ -13,7 +13,7 @@ import os
 
 import click
 
-from engine.migrate import export_store, import_maildir, normalize_prefix
+from engine.store.maildir_migration import export_store, import_maildir, normalize_prefix
 from engine.node import STORE_FILE
 
 from .cliutil import CONTEXT_SETTINGS

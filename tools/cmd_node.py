@@ -1,6 +1,6 @@
 """``walctl`` commands for mail nodes: init, serve, deliver, digest, rebuild, mailbox, messages.
 
-Each command is a thin layer over :mod:`engine.node` (and :mod:`engine.server`
+Each command is a thin layer over :mod:`engine.node` (and :mod:`engine.runner`
 for ``serve``). A node's log is locked by whoever opens it: while ``walctl
 serve`` runs, the commands that only read (``digest``, ``mailbox NODE
 list``, ``messages``) read the store's SQLite file read-only instead and say
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sqlite3
 import sys
@@ -21,13 +20,13 @@ from typing import Iterator
 import click
 
 import wal
-from engine.mailerrors import MailStoreError
+from engine.store.errors import MailStoreError
 from engine.node import LOG_DIR, STORE_FILE, Node, rebuild_store
 from engine.store import mailbox_digest, store_digest
 
 from .cliutil import CONTEXT_SETTINGS, _describe, dump_json
 
-__all__ = ["NODE_COMMANDS", "init", "serve", "deliver", "digest", "rebuild", "mailbox", "messages"]
+__all__ = ["NODE_COMMANDS", "init", "deliver", "digest", "rebuild", "mailbox", "messages"]
 
 node_argument = click.argument("node", metavar="NODE", type=click.Path(file_okay=False))
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -156,10 +155,10 @@ def init(node: str, role: str, name: str, max_message_bytes: int | None) -> None
     Example:
         walctl init /var/lib/mailwal/node1
     """
-    from engine.config import DEFAULT_TOML
+    from engine.cluster.config import DEFAULT_TOML
     from engine.node import read_config
-    from engine.protocol import valid_replica_name
-    from engine.replication_auth import create_secret
+    from engine.replication import valid_replica_name
+    from engine.replication.secret import create_secret
 
     if os.path.isfile(os.path.join(node, "node.json")):
         with _errors(node):

@@ -1,6 +1,6 @@
 """``walctl reconcile A B``: fork point and differences of two logs; ``--apply NODE`` merges them.
 
-A thin layer over :mod:`engine.reconcile_apply` (rules in specs/reconcile.md).
+A thin layer over :mod:`engine.reconcile` (rules in specs/reconcile.md).
 Exit status: 0 one log is a prefix of the other, 1 the logs diverged, 2 an
 error (bad usage, unreadable or foreign logs, an apply action that failed).
 """
@@ -31,7 +31,7 @@ class ReconcileCliError(click.ClickException):
 
 
 class RichProgress:
-    """:class:`engine.reconcile_apply.Progress` drawn with rich on a terminal (stderr)."""
+    """:class:`engine.reconcile.read.Progress` drawn with rich on a terminal (stderr)."""
 
     def __init__(self, console):
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -72,7 +72,7 @@ def _progress() -> Iterator[RichProgress | None]:
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     from engine.errors import EngineError
-    from engine.mailerrors import MailStoreError
+    from engine.store.errors import MailStoreError
 
     try:
         yield
@@ -183,7 +183,7 @@ def _tail_owner(path: str) -> str | None:
 
 def _stranded_hint(paths: tuple[str, str]) -> str:
     """Why the fork point is unknown when a side is a stranded diverged tail (CTL-9), else ''."""
-    from engine.tail_placement import locate_tail_base
+    from engine.reconcile import locate_tail_base
     from engine.node import LOG_DIR
 
     for label, path in zip("AB", paths):
@@ -215,9 +215,9 @@ def _node_tails(node_dir: str) -> list[dict]:
 
 def _place_stranded(path: str, strategy: str, destructive: bool) -> tuple[str, list[dict]]:
     """CTL-9: when ``path`` is a node's diverged tail stranded inside a later tail of that
-    node, merge it (``engine.tail_placement.place_tail``, recorded in that node's
+    node, merge it (``engine.reconcile.placement.place_tail``, recorded in that node's
     ``diverged.json``); returns the tail to reconcile and the merges made."""
-    from engine.tail_placement import place_tail
+    from engine.reconcile import place_tail
     from engine.node import LOG_DIR
 
     owner = _tail_owner(path)
@@ -279,7 +279,7 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
     """
     if (apply_destructive or dry_run) and not apply_node:
         raise click.UsageError("--apply-destructive and --dry-run need --apply NODE")
-    from wal.epochs import ForkUnknownError
+    from wal import ForkUnknownError
 
     for path in (log_a, log_b):
         if not wal.LogReader(path).segments():
@@ -315,14 +315,14 @@ def reconcile(log_a: str, log_b: str, as_json: bool, strategy: str, apply_node: 
 def _run(log_a: str, log_b: str, names: bool, strategy: str, apply_node: str | None, apply_destructive: bool,
          dry_run: bool) -> tuple[dict, bool]:
     """The diff, or the apply into ``apply_node``: (document, whether an action failed)."""
-    from engine.reconcile_apply import apply_reconcile
-    from engine.reconcile_apply import reconcile as run_reconcile
+    from engine.reconcile import apply_reconcile
+    from engine.reconcile import reconcile as run_reconcile
 
     with _errors(), _progress() as bar:
         doc: dict = {}
         if apply_node and _running(apply_node):
             # The survivor runs (`walctl serve`): apply through its control channel.
-            from engine.control import ControlClient, ControlError
+            from engine.cluster.control import ControlClient, ControlError
 
             try:
                 with ControlClient.unix(os.path.join(apply_node, "control.sock"), timeout=3600) as c:

@@ -1,4 +1,4 @@
-"""The documented node.toml table, generated from :data:`engine.config.DEFAULT_TOML`.
+"""The documented node.toml table, generated from :data:`engine.cluster.config.DEFAULT_TOML`.
 
 ``python -m tools.config_doc`` prints the Markdown table (one row per key:
 the key, its default, its unit, and the comment above it in DEFAULT_TOML;
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from engine.config import DEFAULT_TOML, DEFAULTS, ROLE_DEFAULTS
+from engine.cluster.config import DEFAULTS, DEFAULT_TOML, ROLE_DEFAULTS
 
 __all__ = ["settings", "markdown_table"]
 

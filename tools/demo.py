@@ -132,7 +132,7 @@ class Cluster:
 
     def status(self, name: str) -> dict:
         """The node's status over its control socket (the fields of ``walctl status --json``)."""
-        from engine.control import ControlClient, ControlError
+        from engine.cluster.control import ControlClient, ControlError
 
         try:
             with ControlClient.unix(os.path.join(self.path(name), "control.sock"), timeout=10) as c:

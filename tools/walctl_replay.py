@@ -51,7 +51,7 @@ class MailboxNames:
 
     def learn(self, event) -> None:
         """Take the name a MailboxCreated / Renamed / Deleted record gives its id."""
-        from engine.events import MailboxCreated, MailboxDeleted, MailboxRenamed
+        from engine.store.events import MailboxCreated, MailboxDeleted, MailboxRenamed
 
         if isinstance(event, (MailboxCreated, MailboxDeleted)):
             self.names[event.mailbox_id] = event.name
@@ -118,7 +118,7 @@ def _decode(payload: bytes) -> tuple[bool, object]:
 
 def _mail_event(rec: wal.Record):
     """The mail-store event a record holds, or None (another type, or not that event's fields)."""
-    from engine.events import EVENT_TYPES, decode_event
+    from engine.store.events import EVENT_TYPES, decode_event
 
     if rec.type not in EVENT_TYPES:
         return None
@@ -132,7 +132,7 @@ def record_view(rec: wal.Record, *, bodies: bool, names: MailboxNames | None = N
     """The JSON-ready view of one record (the ``replay --json`` contract).
 
     ``lsn``, ``epoch``, ``type``, ``hash`` (hex); for a mail-store record
-    (engine.events) ``type_name`` (e.g. ``MessageAppended``) and, when
+    (engine.store.events) ``type_name`` (e.g. ``MessageAppended``) and, when
     ``names`` resolves its ``mailbox_id``, ``mailbox``; then the payload: a
     CBOR map is merged field by field; any other CBOR value is ``payload``;
     bytes that are not one CBOR item are ``raw_size`` and ``raw_blake3``
@@ -217,7 +217,7 @@ def _progress_bar(log: str, first: int, to_lsn: int | None):
 
     last = to_lsn
     if last is None:
-        from wal.epochs import SeekReader
+        from wal import SeekReader
 
         with SeekReader(log) as r:
             last = r.last()[0]
@@ -300,7 +300,7 @@ def replay(log: str, start: str | None, to_lsn: int | None, as_json: bool, bodie
 
 def _nothing_to_replay(log: str, start: str | None, first: int, to_lsn: int | None) -> bool:
     """Whether the range is empty; if so, a note on stderr says why (exit status 0)."""
-    from wal.epochs import SeekReader
+    from wal import SeekReader
 
     with SeekReader(log) as r:
         last = r.last()[0]

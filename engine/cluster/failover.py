@@ -1,8 +1,8 @@
 """Failover helpers: starting a new epoch when a node is promoted (issue 5).
 
 :func:`promote` is the offline half of a promotion: it makes a node's log
-enter a new epoch (``wal.epochs.start_epoch``: ``EPOCH`` then ``EPOCHS``)
-and writes an :class:`~engine.events.EpochStarted` record as the first
+enter a new epoch (``wal.history.start_epoch``: ``EPOCH`` then ``EPOCHS``)
+and writes an :class:`~engine.store.events.EpochStarted` record as the first
 record of that epoch (REC-2). Deciding *when* to promote, fencing the old
 master and switching roles belong to the replication side.
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wal.epochs import EpochEntry, SeekReader, first_lsn_of_epoch, read_history, start_epoch, write_history
+from wal import EpochEntry, SeekReader, read_history, start_epoch
+from wal.history import first_lsn_of_epoch, write_history
 
 from ..errors import EngineError
 from ..store.events import EpochStarted, encode_event

@@ -2,19 +2,19 @@
 
 Theory of operation
 -------------------
-:class:`Cluster` is one :class:`~engine.server.NodeRunner` service. It owns:
+:class:`Cluster` is one :class:`~engine.runner.NodeRunner` service. It owns:
 
 * the node's **listener** (``listen``): one TCP port multiplexing
   replication (connections starting with ``MWREPL``) and control
   (``MWCTL/1``). While the node is a replica, replication connections are
   closed at once, so replicas looking for the master move on to the next
-  peer (engine.receiver ``alternates``).
+  peer (engine.replication.receiver ``alternates``).
 * the **control** handler (also on ``NODE/control.sock``): status, digest,
   quarantine, soft failover, promotion, snapshots, reconcile.
-* as **master**: a :class:`~engine.sender.ReplicationHub`, the replication
+* as **master**: a :class:`~engine.replication.sender.ReplicationHub`, the replication
   handler, and synchronous replication for LMTP deliveries
   (``sync_replicas``).
-* as **replica**: :func:`~engine.receiver.run_replica` on the node's log,
+* as **replica**: :func:`~engine.replication.receiver.run_replica` on the node's log,
   trying every peer; a divergence cuts the log's tail aside
   (:meth:`Node.cut_diverged`), reconciles it into the master if configured
   (a tail whose fork point was cut aside with a later tail is merged into
@@ -43,7 +43,7 @@ import anyio
 import anyio.abc
 
 from wal import OS_FILEOPS, Log, Record
-from wal.epochs import read_history
+from wal import read_history
 
 from .control import PREAMBLE, ControlClient, ControlError, serve_control, serve_control_connection
 from ..errors import (
@@ -54,9 +54,8 @@ from ..errors import (
     ReplicationTimeoutError,
     listen_error,
 )
-from ..store.events import EpochStarted
-from ..store.errors import ReadOnlyNodeError, StoreUnavailableError, TemporaryFailure, UnknownMailboxError
-from ..replication.receiver import ReplicaLink, SnapshotMeta, run_replica
+from ..store.errors import ReadOnlyNodeError, TemporaryFailure, UnknownMailboxError
+from ..replication.receiver import ReplicaLink, run_replica
 from ..reconcile.errors import ReconcileError
 from ..replication.secret import load_secret
 from ..replication.channel import PrefixedStream
@@ -159,7 +158,7 @@ async def report_link(link: ReplicaLink, candidates: list[str], waiting: Callabl
         await link.wait_state(*(s for s in _LINK_STATES if s != "streaming"))
 
 
-#: Every state of :class:`engine.receiver.ReplicaLink`.
+#: Every state of :class:`engine.replication.receiver.ReplicaLink`.
 _LINK_STATES = ("starting", "connecting", "authenticating", "placing", "seeding", "streaming", "fenced", "backoff",
                 "refused", "promoted", "failed", "stopped")
 
@@ -558,7 +557,7 @@ class Cluster:
 
     def _place_tail(self, tail: str) -> list[dict]:
         """CTL-9: merge ``tail`` into the later tail holding its fork point while it is
-        stranded (engine.tail_placement.place_tail); returns the merged tails' entries."""
+        stranded (engine.reconcile.placement.place_tail); returns the merged tails' entries."""
         from ..reconcile.placement import place_tail
 
         def floors() -> dict[str, tuple[int, int]]:

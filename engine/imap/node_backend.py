@@ -1,4 +1,4 @@
-"""The IMAP front over the engine: a :class:`~engine.imap.backend.Backend` on an :class:`~engine.asyncnode.AsyncNode`.
+"""The IMAP front over the engine: a :class:`~engine.imap.backend.Backend` on an :class:`~engine.node.AsyncNode`.
 
 This is the adapter between the pure IMAP package and the node (IMAP-27: the
 one module of the package besides ``server.py`` that reaches outside it).
@@ -39,7 +39,7 @@ from typing import Awaitable, Callable, Sequence
 
 import cbor2
 
-from ..asyncnode import AsyncNode
+from ..node import AsyncNode
 from ..store.errors import (
     BadFlagError,
     BadMailboxNameError,

@@ -632,7 +632,7 @@ class Node:
     def import_messages(self, mailbox: str, messages, *, uidnext: int | None = None) -> list[Receipt]:
         """Append messages that keep the UIDs they had elsewhere (MS-14); one fsync.
 
-        ``messages`` are :class:`engine.state.ImportedMessage` values with
+        ``messages`` are :class:`engine.store.decisions.ImportedMessage` values with
         strictly increasing UIDs, each at least the mailbox's UIDNEXT.
         ``uidnext`` raises the mailbox's UIDNEXT afterwards (a placeholder is
         appended and expunged at ``uidnext - 1``). All or nothing: an invalid

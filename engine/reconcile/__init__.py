@@ -13,7 +13,7 @@ never rewrites history: the loser's tail stays where it was cut aside.
 The order of a reconcile
 ------------------------
 1. **Locate the fork** (:func:`reconcile`, :mod:`.read`): a binary search over
-   both logs' record hashes (:func:`wal.epochs.search_fork`, REC-1..REC-3),
+   both logs' record hashes (:func:`wal.fork.search_fork`, REC-1..REC-3),
    which reads O(log n) records and never the shared prefix.
 2. **Diff** (:func:`diff` / :func:`compare`, :mod:`.replay` and
    :mod:`.tail_diff`): each tail is replayed into tracks of mailboxes and

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection
 
 from wal import WalError
-from wal.epochs import SeekReader, search_fork
+from wal import SeekReader, search_fork
 
 from ..store.errors import MailStoreError
 from ..store.events import FlagsChanged, MessageAppended, MessagesAppended, body_guid, decode_event

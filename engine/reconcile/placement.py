@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 from wal import OS_FILEOPS, Log, LogReader, WalError
-from wal.epochs import SeekReader
+from wal import SeekReader
 
 from ..node import LOG_DIR, STORE_FILE, Node, read_config
 from ..node.diverged import read_tails, record_merge, tail_ends

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from wal import WalError
-from wal.epochs import ForkSearch, SeekReader, search_fork
+from wal import ForkSearch, SeekReader, search_fork
 
 from ..store.events import (MailboxCreated, MailboxDeleted, MailboxRenamed, MailboxRenumbered, MessageAppended,
                             MessagesAppended, MessagesCopied, MessagesMoved, body_guid, decode_event)
@@ -217,7 +217,7 @@ def reconcile(dir_a: str, dir_b: str, *, names: dict[str, str] | None = None, sc
         progress: receives byte counts while tails and prefix are read.
 
     Raises:
-        wal.epochs.ForeignLogError, wal.epochs.ForkUnknownError, WalError,
+        wal.ForeignLogError, wal.ForkUnknownError, WalError,
         UndecodableRecordError.
     """
     progress = progress or NoProgress()

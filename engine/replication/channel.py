@@ -1,4 +1,4 @@
-"""A :class:`~engine.protocol.ReplicationSession` bound to an anyio byte stream.
+"""A :class:`~engine.replication.ReplicationSession` bound to an anyio byte stream.
 
 The thin I/O layer both drivers share: it writes the session's bytes under a
 lock (so frames leave in the order the session produced them), shields each

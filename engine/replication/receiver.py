@@ -42,7 +42,7 @@ import anyio
 import anyio.abc
 
 from wal import Log, LogClosedError, LogFailedError, OutOfOrderError, Record
-from wal.epochs import start_epoch
+from wal import start_epoch
 
 from ..errors import (
     AuthenticationError,
@@ -215,7 +215,7 @@ async def run_replica(
         snapshot_sink: ``(SnapshotMeta) -> SnapshotSink`` to accept snapshot
             seeding; without it only seeding from LSN 1 is possible.
         on_promote: called with the new epoch when the master promotes this
-            replica (after ``wal.epochs.start_epoch`` raised the log's epoch,
+            replica (after ``wal.history.start_epoch`` raised the log's epoch,
             before Promoted is sent; it may append, e.g. an EpochStarted record).
         link: a :class:`ReplicaLink` to update (one is made if None).
         alternates: other addresses where the master may be (the cluster's
@@ -553,7 +553,7 @@ class _Replica:
     async def _promote(self, chan: Channel, ev: Promote) -> None:
         """REP-15 (minimal): start the new epoch, run the hook, answer Promoted.
 
-        The epoch is started with :func:`wal.epochs.start_epoch` (``EPOCH``
+        The epoch is started with :func:`wal.history.start_epoch` (``EPOCH``
         then ``EPOCHS``), so the epoch history stays complete. Promoted names
         the last replicated record, captured before the hook runs (the hook
         may append, e.g. an EpochStarted record).

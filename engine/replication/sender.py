@@ -4,20 +4,20 @@ Theory of operation
 -------------------
 :func:`serve_replication` listens on TCP (default 127.0.0.1) and serves every
 replica connection in its own task, which owns one
-:class:`~engine.protocol.ReplicationSession` (role MASTER):
+:class:`~engine.replication.ReplicationSession` (role MASTER):
 
 1. *Authenticate* (REP-4, under ``handshake_timeout_s``): nothing about the
    log is sent before the replica has proved it knows the secret
    (INV-AuthFirst). A wrong proof gets ``Refuse("auth")`` and a close.
 2. *Place* the replica: a Position is checked against this log with
-   :class:`~engine.protocol.PositionCheck` (hash comparisons, probes for the
+   :class:`~engine.replication.PositionCheck` (hash comparisons, probes for the
    last common LSN) and answered with Accept or Refuse; a SeedRequest is
    answered with Accept from LSN 1, a snapshot from ``make_snapshot``, or
    Refuse (REP-7..REP-10).
 3. *Stream* (REP-11, REP-12, REP-20): a reader task feeds a small bounded
    outbox; a writer task sends its AppendBatch frames, or a Heartbeat when
    idle; an ack task reads Acks and updates the hub. A replica that has
-   caught up is fed from the hub's :class:`~engine.replication_tail.TailBuffer`:
+   caught up is fed from the hub's :class:`~engine.replication.tail.TailBuffer`:
    the newest durable records, read from disk once by whichever stream needs
    them first (one worker-thread hop that waits with ``Log.wait_for`` and
    reads), verified and encoded once, shared by every replica. A replica
@@ -502,7 +502,7 @@ async def serve_replication(
         log_: the master's log (the hub's log).
         hub: where replica state is kept and queried.
         host, port: where to listen (default loopback; port 0 picks a free port).
-        secret: the shared replication secret (:func:`engine.replication_auth.load_secret`).
+        secret: the shared replication secret (:func:`engine.replication.secret.load_secret`).
         make_snapshot: optional ``() -> (lsn, hash, log_id, epoch, chunks)`` run
             in a worker thread to seed replicas when LSN 1 is no longer held.
         heartbeat_interval_s: idle time after which a Heartbeat is sent.

@@ -1,7 +1,7 @@
 """The master's recent durable records, shared by every replica stream.
 
 :class:`TailBuffer` holds the newest durable records of the master's log as
-:class:`~engine.protocol.AppendBatch` messages, in LSN order, up to
+:class:`~engine.replication.AppendBatch` messages, in LSN order, up to
 ``max_bytes``. The sender (``engine/sender.py``) fills it from disk with one
 reader for all replicas, and every replica stream that has caught up takes its
 batches from it: each record is read, verified and encoded once, whatever the

@@ -1,5 +1,0 @@
-import sys
-
-from engine.node import aio as _module
-
-sys.modules[__name__] = _module

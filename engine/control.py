@@ -1,5 +1,0 @@
-import sys
-
-from engine.cluster import control as _module
-
-sys.modules[__name__] = _module

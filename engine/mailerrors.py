@@ -1,5 +1,0 @@
-import sys
-
-from engine.store import errors as _module
-
-sys.modules[__name__] = _module

@@ -1,5 +1,0 @@
-import sys
-
-from engine.replication import secret as _module
-
-sys.modules[__name__] = _module

@@ -1,5 +1,0 @@
-import sys
-
-from engine.replication import tail as _module
-
-sys.modules[__name__] = _module

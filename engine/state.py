@@ -1,5 +1,0 @@
-import sys
-
-from engine.store import decisions as _module
-
-sys.modules[__name__] = _module

@@ -1,5 +1,0 @@
-import sys
-
-from engine.reconcile import placement as _module
-
-sys.modules[__name__] = _module
