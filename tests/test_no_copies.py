@@ -130,9 +130,7 @@ MOVES = {
 # Hand-written atomic writes in files being changed by others: each is to call
 # FileOps.open_atomic / write_file_atomic, and then leaves this list (the test
 # fails while a listed copy no longer exists, so the list only shrinks).
-PENDING = {
-    ("tools/cmd_cluster.py", "_seed.Sink.commit"): "the seeding snapshot: OS_FILEOPS.open_atomic(store_path)",
-}
+PENDING: dict = {}
 
 RENAME_SCOPE = ("wal", "engine", "tools")  # tests/ builds fixtures and a FUSE file system with raw renames
 

@@ -448,35 +448,30 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
                             TransferSpeedColumn(), console=console, transient=True)
 
     class Sink:
+        """The seeding snapshot, written beside the store and put in place atomically (FileOps)."""
+
         def __init__(self, meta):
+            from wal import OS_FILEOPS
+
             self.meta = meta
-            self.tmp = store_path + ".seeding"
-            self.f = open(self.tmp, "wb")
+            self.out = OS_FILEOPS.open_atomic(store_path)
             self.n = 0
 
         def write(self, data: bytes) -> None:
-            self.f.write(data)
+            self.out.write(data)
             self.n += len(data)
             if progress is not None:
                 progress.update(task, completed=self.n)
 
         def commit(self) -> None:
-            from wal import OS_FILEOPS
-
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            for suffix in ("-wal", "-shm"):
+            for suffix in ("-wal", "-shm"):  # the old store's SQLite files must not meet the new store
                 if os.path.exists(store_path + suffix):
                     os.unlink(store_path + suffix)
-            os.rename(self.tmp, store_path)
-            OS_FILEOPS.fsync_dir(node)
+            self.out.commit()
             click.echo(f"seeded store from a snapshot at LSN {self.meta.lsn} ({self.n} bytes)", err=True)
 
         def abort(self) -> None:
-            self.f.close()
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            self.out.abort()
 
     link = ReplicaLink(name, addresses[0])
 
