@@ -19,10 +19,10 @@ from .messages import Event, Message
 from .session import NEED_DATA, ReplicationSession
 from .transitions import State
 
-__all__ = ["Channel", "PrefixedStream", "READ_SIZE", "log"]
+__all__ = ["Channel", "PrefixedStream", "READ_SIZE", "logger"]
 
 READ_SIZE = 1024 * 1024
-log = logging.getLogger("mailwal.replication")
+logger = logging.getLogger("mailwal.replication")
 
 _STREAM_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
 

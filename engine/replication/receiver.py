@@ -51,7 +51,7 @@ from ..errors import (
     RemoteProtocolError,
     ReplicationRefusedError,
 )
-from .channel import Channel, log
+from .channel import Channel, logger
 from .decisions import answer_probe, refusal_error
 from .messages import (
     BATCH_SOFT_MAX_BYTES,
@@ -297,7 +297,7 @@ class _Replica:
                         self._transient(exc)
                     else:
                         link._set(state="refused", connected=False, last_error=str(exc))
-                        log.error("replica %s: %s", self.name, exc)
+                        logger.error("replica %s: %s", self.name, exc)
                         raise
                 except (LogFailedError, LogClosedError) as exc:
                     link._set(state="failed", connected=False, last_error=str(exc))
@@ -334,9 +334,9 @@ class _Replica:
         else:
             text = str(exc) or type(exc).__name__
         if isinstance(exc, RemoteProtocolError):
-            log.warning("replica %s: master %s broke the protocol: %s", self.name, self.link.master, text)
+            logger.warning("replica %s: master %s broke the protocol: %s", self.name, self.link.master, text)
         else:
-            log.info("replica %s: connection to %s ended: %s", self.name, self.link.master, text)
+            logger.info("replica %s: connection to %s ended: %s", self.name, self.link.master, text)
         self.link._set(connected=False, last_error=text)
 
     async def _connect_once(self) -> None:
@@ -429,7 +429,7 @@ class _Replica:
                 elif isinstance(ev, SnapshotEnd):  # counts and digest verified by the session
                     await anyio.to_thread.run_sync(sink.commit)
                     done = True
-                    log.info("replica %s: snapshot at LSN %d received (%d bytes)", self.name, begin.lsn, ev.size)
+                    logger.info("replica %s: snapshot at LSN %d received (%d bytes)", self.name, begin.lsn, ev.size)
                     return
                 elif isinstance(ev, Refuse):
                     raise refusal_error(ev)
@@ -450,7 +450,7 @@ class _Replica:
 
         with anyio.CancelScope(shield=True):
             self.log = await anyio.to_thread.run_sync(create)
-        log.info("replica %s: created log %s at %s starting at LSN %d", self.name,
+        logger.info("replica %s: created log %s at %s starting at LSN %d", self.name,
                  uuid.UUID(bytes=accept.log_id), path, accept.start_lsn)
         self.link._set(log=self.log, durable_lsn=self.log.last_lsn)
 
@@ -529,7 +529,7 @@ class _Replica:
                 # INV-NoAckBeforeDurable: append_records returns after fdatasync.
                 await anyio.to_thread.run_sync(lg.append_records, records)
             except OutOfOrderError as exc:
-                log.error("replica %s: the master's records %d..%d do not extend this log (%s); "
+                logger.error("replica %s: the master's records %d..%d do not extend this log (%s); "
                           "nothing was appended, reconnecting", self.name, records[0].lsn, records[-1].lsn, exc)
                 raise
             self.link._set(durable_lsn=lg.last_lsn, master_lsn=max(self.link.master_lsn or 0, lg.last_lsn))
@@ -572,6 +572,6 @@ class _Replica:
             if inspect.isawaitable(result):
                 await result
         await chan.send(reply)
-        log.warning("replica %s: promoted to master in epoch %d at LSN %d", self.name, ev.new_epoch, reply.last_lsn)
+        logger.warning("replica %s: promoted to master in epoch %d at LSN %d", self.name, ev.new_epoch, reply.last_lsn)
         self.link._set(state="promoted", connected=False, promoted=reply)
         raise _Promoted()

@@ -60,7 +60,7 @@ from ..errors import (
     RemoteProtocolError,
     ReplicationTimeoutError,
 )
-from .channel import Channel, log
+from .channel import Channel, logger
 from .decisions import (
     SEED_WITH_SNAPSHOT,
     NeedMasterHashes,
@@ -348,7 +348,7 @@ class ReplicationHub:
             r = self._replicas[conn.name] = _Replica(conn.name)
         old = r.conn
         if old is not None:
-            log.warning("replica %s reconnected from %s: closing its older connection from %s",
+            logger.warning("replica %s reconnected from %s: closing its older connection from %s",
                         conn.name, conn.chan.peer, old.chan.peer)
             old.error = ConnectionLostError(f"superseded by a newer connection from {conn.chan.peer}")
             old.scope.cancel()
@@ -408,7 +408,7 @@ class ReplicationHub:
             batches = await anyio.to_thread.run_sync(self._fill_tail, lsn, prev_hash, poll_s,
                                                      abandon_on_cancel=True, limiter=self._tail_limiter)
             if batches is None:  # the log does not continue the buffer: it was rewritten under it
-                log.error("replication: the master's log no longer continues the buffered records at LSN %d; "
+                logger.error("replication: the master's log no longer continues the buffered records at LSN %d; "
                           "dropping the buffer", lsn - 1)
                 tail.clear()
             elif batches and tail.end_lsn == (None if prev_hash is None else lsn - 1):
@@ -469,10 +469,10 @@ class ReplicationHub:
         try:
             await anyio.to_thread.run_sync(self.log.cursors.set, cursor_name(name), lsn)
         except CursorError as exc:  # a same-named replica moved it further: keep the higher value
-            log.warning("replica %s: cursor not moved: %s", name, exc)
+            logger.warning("replica %s: cursor not moved: %s", name, exc)
             return
         except (WalError, OSError) as exc:  # the master's disk: streaming goes on, status shows the old cursor
-            log.error("replica %s: could not persist its cursor at LSN %d: %s", name, lsn, exc)
+            logger.error("replica %s: could not persist its cursor at LSN %d: %s", name, lsn, exc)
             return
         if r.cursor_lsn is None or lsn > r.cursor_lsn:
             r.cursor_lsn = lsn
@@ -482,7 +482,7 @@ class ReplicationHub:
 
 
 async def serve_replication(
-    log_: Log,
+    log: Log,
     hub: ReplicationHub,
     host: str = "127.0.0.1",
     port: int = 0,
@@ -496,10 +496,10 @@ async def serve_replication(
     poll_interval_s: float = 0.25,
     task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``log_`` to replicas over TCP until cancelled.
+    """Serve ``log`` to replicas over TCP until cancelled.
 
     Args:
-        log_: the master's log (the hub's log).
+        log: the master's log (the hub's log).
         hub: where replica state is kept and queried.
         host, port: where to listen (default loopback; port 0 picks a free port).
         secret: the shared replication secret (:func:`engine.replication.secret.load_secret`).
@@ -513,22 +513,22 @@ async def serve_replication(
         poll_interval_s: how long a reader thread waits for new records at a time.
         task_status: receives ``(host, port)`` once listening.
     """
-    if hub.log is not log_:
+    if hub.log is not log:
         raise ValueError("the hub must be built on the same Log that is served")
     ReplicationSession(Role.MASTER, secret)  # validates the secret before listening
-    server = _Server(log_, hub, secret, make_snapshot, heartbeat_interval_s, idle_timeout_s,
+    server = _Server(log, hub, secret, make_snapshot, heartbeat_interval_s, idle_timeout_s,
                      handshake_timeout_s, max_unauthenticated, poll_interval_s)
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener, anyio.create_task_group() as tg:
         bound = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_address)
         for sub in listener.listeners:
             tg.start_soon(server.accept_loop, sub, tg)
-        log.info("replication: serving log %s on %s:%s", log_.log_id, bound[0], bound[1])
+        logger.info("replication: serving log %s on %s:%s", log.log_id, bound[0], bound[1])
         task_status.started((bound[0], bound[1]))
 
 
 def replication_handler(
-    log_: Log,
+    log: Log,
     hub: ReplicationHub,
     secret: bytes,
     *,
@@ -542,18 +542,18 @@ def replication_handler(
     """``async handle(stream)`` serving one replica connection, for callers that
     own the listener (a node multiplexing replication and control on one port).
     Same arguments and behaviour as :func:`serve_replication`."""
-    if hub.log is not log_:
+    if hub.log is not log:
         raise ValueError("the hub must be built on the same Log that is served")
     ReplicationSession(Role.MASTER, secret)  # validates the secret
-    return _Server(log_, hub, secret, make_snapshot, heartbeat_interval_s, idle_timeout_s,
+    return _Server(log, hub, secret, make_snapshot, heartbeat_interval_s, idle_timeout_s,
                    handshake_timeout_s, max_unauthenticated, poll_interval_s).handle
 
 
 class _Server:
-    def __init__(self, log_: Log, hub: ReplicationHub, secret: bytes, make_snapshot: SnapshotSource | None,
+    def __init__(self, log: Log, hub: ReplicationHub, secret: bytes, make_snapshot: SnapshotSource | None,
                  heartbeat_interval_s: float, idle_timeout_s: float, handshake_timeout_s: float,
                  max_unauthenticated: int, poll_interval_s: float):
-        self.log = log_
+        self.log = log
         self.hub = hub
         self.secret = secret
         self.make_snapshot = make_snapshot
@@ -569,7 +569,7 @@ class _Server:
             try:
                 stream = await listener.accept()
             except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
-                log.error("replication: accept failed: %s", exc)
+                logger.error("replication: accept failed: %s", exc)
                 await anyio.sleep(0.1)
                 continue
             tg.start_soon(self.handle, stream)
@@ -581,7 +581,7 @@ class _Server:
         error: str | None = None
         try:
             if self.unauthenticated >= self.max_unauth:
-                log.warning("replication: too many unauthenticated connections; closing %s", chan.peer)
+                logger.warning("replication: too many unauthenticated connections; closing %s", chan.peer)
                 return
             self.unauthenticated += 1
             try:
@@ -601,19 +601,19 @@ class _Server:
             raise
         except RemoteProtocolError as exc:
             error = f"protocol error: {exc}"
-            log.warning("replication: closing connection from %s: %s", chan.peer, error)
+            logger.warning("replication: closing connection from %s: %s", chan.peer, error)
         except (ConnectionLostError, TimeoutError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             error = _describe(exc, self.idle)
-            log.info("replication: connection from %s ended: %s", chan.peer, error)
+            logger.info("replication: connection from %s ended: %s", chan.peer, error)
         except WalError as exc:
             error = f"master log error: {exc}"
-            log.error("replication: %s (serving %s)", error, chan.peer)
+            logger.error("replication: %s (serving %s)", error, chan.peer)
         except EngineError as exc:
             error = str(exc)
-            log.error("replication: %s (serving %s)", error, chan.peer)
+            logger.error("replication: %s (serving %s)", error, chan.peer)
         except Exception as exc:  # a bug: keep serving the other replicas, but say so loudly
             error = f"internal error: {exc!r}"
-            log.exception("replication: internal error serving %s", chan.peer)
+            logger.exception("replication: internal error serving %s", chan.peer)
         finally:
             if conn is not None and conn.streaming:  # a refused replica gets no cursor
                 with anyio.move_on_after(5, shield=True):
@@ -630,7 +630,7 @@ class _Server:
         await chan.send(Challenge(secrets.token_bytes(32)))
         ev = await chan.receive()
         if isinstance(ev, AuthFailed):
-            log.warning("replication: %s failed authentication (wrong shared secret?)", chan.peer)
+            logger.warning("replication: %s failed authentication (wrong shared secret?)", chan.peer)
             await chan.send(Refuse("auth", "authentication failed"))
             return None
         if not isinstance(ev, Proof):
@@ -652,7 +652,7 @@ class _Server:
             return
         await conn.chan.send(accept)
         self.hub._streaming(conn, durable)
-        log.info("replication: streaming to %s (%s) from LSN %d", conn.name, conn.chan.peer, accept.start_lsn)
+        logger.info("replication: streaming to %s (%s) from LSN %d", conn.name, conn.chan.peer, accept.start_lsn)
         await self._stream(conn, accept.start_lsn)
 
     async def _recv(self, conn: _Connection) -> Message | None:
@@ -665,7 +665,7 @@ class _Server:
         return ev  # type: ignore[return-value]
 
     async def _refuse(self, conn: _Connection, refuse: Refuse) -> None:
-        log.warning("replication: refusing %s (%s): %s", conn.name, conn.chan.peer, refuse.detail)
+        logger.warning("replication: refusing %s (%s): %s", conn.name, conn.chan.peer, refuse.detail)
         self.hub._refused(conn.name, refuse)
         await conn.chan.send(refuse)
 
@@ -725,7 +725,7 @@ class _Server:
                 problem = f"the snapshot's hash does not match the log at LSN {lsn}"
             if problem is not None:
                 keepalive.cancel_scope.cancel()
-                log.error("replication: make_snapshot() is inconsistent: %s", problem)
+                logger.error("replication: make_snapshot() is inconsistent: %s", problem)
                 await self._refuse(conn, Refuse("unavailable", f"the master cannot seed right now: {problem}"))
                 return None
             # The new replica needs everything after the snapshot: pin it first.
@@ -868,7 +868,7 @@ class _Server:
             elif isinstance(ev, Promoted):
                 conn.promoted = ev
                 self.hub._notify()
-                log.warning("replication: replica %s promoted itself to master in epoch %d at LSN %d",
+                logger.warning("replication: replica %s promoted itself to master in epoch %d at LSN %d",
                             conn.name, ev.epoch, ev.last_lsn)
                 raise _Finished("the replica was promoted")
 

@@ -30,8 +30,9 @@ does not know which end is reading it: the master's session applies
 Besides the table, each message is checked against what the session already
 knows (the *context*): a batch must start at the next LSN, an Ack cannot
 cover records never sent, an Accept must start right after the replica's
-last record, and so on. Those checks are the ``_check_*`` methods below, one
-per message, each citing its rule.
+last record, and so on. The ``_apply_*`` methods below, one per message,
+check it against the context (citing the rule) and then record what it
+tells the session (nonces, positions, the last LSN sent or acknowledged).
 
 Messages are frozen dataclasses that validate themselves when built, so an
 invalid message cannot exist. On the wire every message is one frame (REP-2)
@@ -330,22 +331,23 @@ class ReplicationSession:
             raise LocalProtocolError(
                 f"{sender.value} may not send {type(item).__name__} in state {self._state.value}"
             )
-        check = getattr(self, "_check_" + type(item).__name__)
-        check(sender, item)
+        apply_message = getattr(self, "_apply_" + type(item).__name__)
+        apply_message(sender, item)
         self._state = allowed[key]
 
-    # Context checks, one per input. They run before the state changes and
-    # raise LocalProtocolError (re-raised as RemoteProtocolError on receive).
+    # One per input: check the message against the context, then record what it
+    # tells. They run before the state changes and raise LocalProtocolError
+    # (re-raised as RemoteProtocolError on receive) without recording anything.
 
-    def _check_Hello(self, sender: Role, m: Hello) -> None:
+    def _apply_Hello(self, sender: Role, m: Hello) -> None:
         self.replica_nonce = m.nonce
 
-    def _check_Challenge(self, sender: Role, m: Challenge) -> None:
+    def _apply_Challenge(self, sender: Role, m: Challenge) -> None:
         if m.nonce == self.replica_nonce:
             raise LocalProtocolError("the master's nonce equals the replica's (reflection)")
         self.master_nonce = m.nonce
 
-    def _check_Proof(self, sender: Role, m: Proof) -> None:
+    def _apply_Proof(self, sender: Role, m: Proof) -> None:
         if sender is self.role:
             if m != self.proof():
                 raise LocalProtocolError("this Proof was not made by proof()")
@@ -358,23 +360,23 @@ class ReplicationSession:
             )
         self.authenticated = True
 
-    def _check_AuthFailed(self, sender: Role, m: AuthFailed) -> None:
+    def _apply_AuthFailed(self, sender: Role, m: AuthFailed) -> None:
         pass
 
-    def _check_Refuse(self, sender: Role, m: Refuse) -> None:
+    def _apply_Refuse(self, sender: Role, m: Refuse) -> None:
         pre_auth = self._state in (State.AUTH_FAILED, State.MASTER_PROOF)
         if pre_auth and m.code != "auth":
             raise LocalProtocolError("before authentication only Refuse('auth') is allowed (INV-AuthFirst)")
         if not pre_auth and m.code == "auth":
             raise LocalProtocolError("Refuse('auth') after authentication succeeded")
 
-    def _check_Position(self, sender: Role, m: Position) -> None:
+    def _apply_Position(self, sender: Role, m: Position) -> None:
         self.position = m
 
-    def _check_SeedRequest(self, sender: Role, m: SeedRequest) -> None:
+    def _apply_SeedRequest(self, sender: Role, m: SeedRequest) -> None:
         self.seed_request = m
 
-    def _check_Probe(self, sender: Role, m: Probe) -> None:
+    def _apply_Probe(self, sender: Role, m: Probe) -> None:
         assert self.position is not None
         if m.lsns[-1] > self.position.last_lsn:
             raise LocalProtocolError(
@@ -382,13 +384,13 @@ class ReplicationSession:
             )
         self.probe = m
 
-    def _check_ProbeReply(self, sender: Role, m: ProbeReply) -> None:
+    def _apply_ProbeReply(self, sender: Role, m: ProbeReply) -> None:
         assert self.probe is not None
         if len(m.hashes) != len(self.probe.lsns):
             raise LocalProtocolError(f"{len(m.hashes)} hashes answer {len(self.probe.lsns)} probes (REP-8)")
         self.probe = None
 
-    def _check_Accept(self, sender: Role, m: Accept) -> None:
+    def _apply_Accept(self, sender: Role, m: Accept) -> None:
         # REP-7 / INV-NoSilentTruncate: the master may only start the replica
         # right after the record the replica (or its snapshot) ends with.
         if self._state is State.DECIDE:
@@ -411,7 +413,7 @@ class ReplicationSession:
         self.next_lsn = m.start_lsn
         self.acked_lsn = m.start_lsn - 1
 
-    def _check_SnapshotBegin(self, sender: Role, m: SnapshotBegin) -> None:
+    def _apply_SnapshotBegin(self, sender: Role, m: SnapshotBegin) -> None:
         assert self.seed_request is not None
         if not self.seed_request.accepts_snapshot:
             raise LocalProtocolError("the replica said it cannot take a snapshot (REP-10)")
@@ -420,19 +422,19 @@ class ReplicationSession:
         self._snap_size = 0
         self._snap_hasher = blake3.blake3()
 
-    def _check_SnapshotChunk(self, sender: Role, m: SnapshotChunk) -> None:
+    def _apply_SnapshotChunk(self, sender: Role, m: SnapshotChunk) -> None:
         self._snap_chunks += 1
         self._snap_size += len(m.data)
         self._snap_hasher.update(m.data)
 
-    def _check_SnapshotEnd(self, sender: Role, m: SnapshotEnd) -> None:
+    def _apply_SnapshotEnd(self, sender: Role, m: SnapshotEnd) -> None:
         if m != self.snapshot_end():
             raise LocalProtocolError(
                 f"SnapshotEnd says {m.chunks} chunks/{m.size} bytes/digest {m.digest.hex()[:16]}.., but "
                 f"{self._snap_chunks} chunks/{self._snap_size} bytes/{self._snap_hasher.digest().hex()[:16]}.. were sent"
             )
 
-    def _check_AppendBatch(self, sender: Role, m: AppendBatch) -> None:
+    def _apply_AppendBatch(self, sender: Role, m: AppendBatch) -> None:
         # REP-11: batches are gapless and never repeat (no gaps, no duplicates).
         if m.first_lsn != self.next_lsn:
             raise LocalProtocolError(f"batch starts at LSN {m.first_lsn}; LSN {self.next_lsn} is next (REP-11)")
@@ -440,11 +442,11 @@ class ReplicationSession:
             raise LocalProtocolError(f"batch goes past the fence at LSN {self.fence.last_lsn} (REP-14)")
         self.next_lsn = m.last_lsn + 1
 
-    def _check_Heartbeat(self, sender: Role, m: Heartbeat) -> None:
+    def _apply_Heartbeat(self, sender: Role, m: Heartbeat) -> None:
         if self.accept is not None and m.master_lsn < self.last_lsn:
             raise LocalProtocolError(f"heartbeat says the master is at LSN {m.master_lsn}, but it sent {self.last_lsn} (REP-12)")
 
-    def _check_Ack(self, sender: Role, m: Ack) -> None:
+    def _apply_Ack(self, sender: Role, m: Ack) -> None:
         # INV-NoAckBeforeDurable (protocol half): nothing beyond what was received.
         if m.durable_lsn > self.last_lsn:
             raise LocalProtocolError(f"ack for LSN {m.durable_lsn}, but only up to {self.last_lsn} was sent (REP-12)")
@@ -452,7 +454,7 @@ class ReplicationSession:
             raise LocalProtocolError(f"ack goes back from LSN {self.acked_lsn} to {m.durable_lsn} (INV-CursorMonotonic)")
         self.acked_lsn = m.durable_lsn
 
-    def _check_Fence(self, sender: Role, m: Fence) -> None:
+    def _apply_Fence(self, sender: Role, m: Fence) -> None:
         assert self.accept is not None
         if m.last_lsn < self.last_lsn:
             raise LocalProtocolError(f"fence at LSN {m.last_lsn} is below LSN {self.last_lsn} already sent (REP-14)")
@@ -460,21 +462,21 @@ class ReplicationSession:
             raise LocalProtocolError("fence epoch is below the accepted epoch")
         self.fence = m
 
-    def _check_Drained(self, sender: Role, m: Drained) -> None:
+    def _apply_Drained(self, sender: Role, m: Drained) -> None:
         assert self.fence is not None
         if m.lsn != self.fence.last_lsn or self.acked_lsn < m.lsn:
             raise LocalProtocolError(
                 f"Drained at LSN {m.lsn} needs an Ack covering the fence LSN {self.fence.last_lsn} first (REP-14)"
             )
 
-    def _check_Promote(self, sender: Role, m: Promote) -> None:
+    def _apply_Promote(self, sender: Role, m: Promote) -> None:
         assert self.accept is not None
         floor = max(self.accept.epoch, self.fence.epoch if self.fence else 0)
         if m.new_epoch <= floor:
             raise LocalProtocolError(f"new epoch {m.new_epoch} must exceed epoch {floor} (REP-15)")
         self.promote = m
 
-    def _check_Promoted(self, sender: Role, m: Promoted) -> None:
+    def _apply_Promoted(self, sender: Role, m: Promoted) -> None:
         assert self.promote is not None
         if m.epoch != self.promote.new_epoch or m.last_lsn != self.last_lsn:
             raise LocalProtocolError(
@@ -482,7 +484,7 @@ class ReplicationSession:
                 f"and LSN {self.last_lsn} (REP-15)"
             )
 
-    def _check_Goodbye(self, sender: Role, m: Goodbye) -> None:
+    def _apply_Goodbye(self, sender: Role, m: Goodbye) -> None:
         if sender is not self.role:
             self.peer_goodbye = m
 
