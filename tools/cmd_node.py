@@ -4,8 +4,10 @@ Each command is a thin layer over :mod:`engine.node` (and :mod:`engine.runner`
 for ``serve``). A node's log is locked by whoever opens it: while ``walctl
 serve`` runs, the commands that only read (``digest``, ``mailbox NODE
 list``, ``messages``) read the store's SQLite file read-only instead and say
-which LSN it has applied; the commands that write say to deliver over LMTP
-(or stop the node) instead.
+which LSN it has applied; ``deliver`` says to deliver over LMTP (or stop the
+node) instead. The mailbox group's writes (create, rename, delete) live in
+:mod:`tools.cmd_admin`, which reaches a running node through its control
+channel.
 """
 
 from __future__ import annotations
@@ -325,38 +327,6 @@ def mailbox_list(node: str, as_json: bool) -> None:
     for r in rows:
         click.echo(f"{r['name']}  uidvalidity={r['uidvalidity']} uidnext={r['uidnext']} "
                    f"highestmodseq={r['highestmodseq']} messages={r['messages']}")
-
-
-@mailbox.command(name="create", context_settings=CONTEXT_SETTINGS)
-@click.argument("name")
-@click.pass_obj
-def mailbox_create(node: str, name: str) -> None:
-    """Create mailbox NAME."""
-    with _open_node(node, writing=True) as n, _errors(node):
-        lsn = n.create_mailbox(name)
-    click.echo(f"created {name} (LSN {lsn})")
-
-
-@mailbox.command(name="rename", context_settings=CONTEXT_SETTINGS)
-@click.argument("old")
-@click.argument("new")
-@click.pass_obj
-def mailbox_rename(node: str, old: str, new: str) -> None:
-    """Rename mailbox OLD to NEW (UIDVALIDITY and UIDs stay)."""
-    with _open_node(node, writing=True) as n, _errors(node):
-        lsn = n.rename_mailbox(old, new)
-    click.echo(f"renamed {old} to {new} (LSN {lsn})")
-
-
-@mailbox.command(name="delete", context_settings=CONTEXT_SETTINGS)
-@click.argument("name")
-@click.option("--recursive", is_flag=True, help="Also delete the mailboxes below NAME.")
-@click.pass_obj
-def mailbox_delete(node: str, name: str, recursive: bool) -> None:
-    """Delete mailbox NAME and its messages."""
-    with _open_node(node, writing=True) as n, _errors(node):
-        lsn = n.delete_mailbox(name, recursive=recursive)
-    click.echo(f"deleted {name} (LSN {lsn})")
 
 
 #: How much of a body is read for its header (a header longer than this shows what fits).

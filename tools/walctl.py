@@ -21,6 +21,7 @@ from .bench_replication import bench_replication_command
 from .bench_store import bench_store
 from .bench_wal import bench_wal_command
 from .cliutil import CONTEXT_SETTINGS, DEBUG_KEY, WalctlGroup
+from .cmd_admin import ADMIN_COMMANDS
 from .cmd_cluster import CLUSTER_COMMANDS
 from .cmd_maildir import MAILDIR_COMMANDS
 from .cmd_node import NODE_COMMANDS
@@ -43,10 +44,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """The operator's command line for mailwal nodes and their logs.
 
     Create and run nodes (init, serve, follow), watch and steer a cluster
-    (status, failover, promote, check, quarantine), look into a node's mail
-    (digest, mailbox, messages, export, import), and read, check, repair or
-    benchmark a write-ahead log (verify, replay, cursor, repair, reconcile,
-    bench). NODE is a node directory; LOG is a log directory (NODE/log.wal).
+    (status, failover, promote, check, quarantine), look into and change a
+    node's mail and users (digest, mailbox, messages, flags, expunge, user,
+    export, import), and read, check, repair or benchmark a write-ahead log
+    (verify, replay, cursor, repair, reconcile, bench). NODE is a node
+    directory; LOG is a log directory (NODE/log.wal).
 
     Exit status: 0 success, 1 the operation failed or found damage (the
     one `Error:` line says why), 2 bad usage or a bad node.toml.
@@ -76,4 +78,6 @@ bench.add_command(bench_replication_command)
 bench.add_command(bench_imap_command)
 bench.add_command(bench_store)
 for _command in MAILDIR_COMMANDS:  # export, import (Maildir)
+    cli.add_command(_command)
+for _command in ADMIN_COMMANDS:  # user, flags, expunge
     cli.add_command(_command)

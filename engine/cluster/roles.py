@@ -29,6 +29,7 @@ it. On any failure before the promotion it resumes as master.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -55,6 +56,7 @@ from ..errors import (
     listen_error,
 )
 from ..store.errors import ReadOnlyNodeError, TemporaryFailure, UnknownMailboxError
+from ..node.admin import OPERATIONS
 from ..replication.receiver import ReplicaLink, run_replica
 from ..reconcile.errors import ReconcileError
 from ..replication.secret import load_secret
@@ -851,11 +853,36 @@ class Cluster:
             return [asdict(m) for m in await run(node.list_mailboxes)]
         if op == "messages":  # uid, guid, flags, size, internaldate_ms, modseq per message
             return [asdict(m) for m in await run(node.list_messages, args["mailbox"])]
+        if op in OPERATIONS:  # CTL-10: users, mailboxes, flags, expunges (walctl user|mailbox|flags|expunge)
+            return await self._operate(op, args)
         if op == "store_flags":  # action: add | remove | replace; durable on return (master only)
             lsn = await run(functools.partial(node.store_flags, args["mailbox"], list(args["uids"]),
                                               args.get("action", "add"), list(args["flags"])))
             return {"lsn": lsn}
         raise ControlError(f"unknown control operation {op!r}")
+
+    async def _operate(self, op: str, args: dict) -> Any:
+        """CTL-10: an operator's request through the node's write path (engine.node.admin), in a worker
+        thread; like an IMAP write, it is answered once durable and, with ``sync_replicas``, once K
+        replicas confirmed it. A replica refuses it naming its master."""
+        node = self.node
+        fn = OPERATIONS[op]
+        try:
+            inspect.signature(fn).bind(node, **args)
+        except TypeError as exc:  # arguments that do not fit the operation: the client's mistake
+            raise ControlError(f"bad arguments for {op}: {exc}") from None
+        try:
+            result = await anyio.to_thread.run_sync(functools.partial(fn, node, **args))
+        except ReadOnlyNodeError:
+            if node.role == "master":
+                raise  # writes paused (a soft failover): the node's own words say so
+            master = self.link.master if self.link is not None else None
+            raise ControlError(f"node {self.config.name} is a read-only replica: run this on the master "
+                               f"({master or 'not known right now'})", "ReadOnlyNodeError") from None
+        lsn = result.get("lsn") if isinstance(result, dict) else 0
+        if lsn:
+            await self._imap_replicated(lsn)
+        return result
 
     async def resync(self, mailbox: str) -> dict:
         """MS-13: replace one mailbox with the master's copy, then replay what came after."""
