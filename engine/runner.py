@@ -48,10 +48,14 @@ class NodeRunner:
 
     def __init__(self, path: str, lmtp: LmtpConfig | None | bool = None, *, handle_signals: bool = True,
                  announce: Callable[[str], None] | None = None, threads: int | None = None, imap=None,
-                 imap_grace_s: float = 10.0):
+                 imap_grace_s: float = 10.0, lmtp_role: LmtpConfig | None = None):
         self.path = path
         self.lmtp_enabled = lmtp is not False
         self.lmtp_config = lmtp or LmtpConfig()
+        # The LMTP front that follows the node's role (CTL-11): opened when the node becomes master
+        # without a front, closed when it stops being master while listening there. None: the
+        # front stays as started.
+        self.lmtp_role = lmtp_role
         self.handle_signals = handle_signals
         self.announce = announce or (lambda msg: print(msg, flush=True))
         self.threads = threads
@@ -143,6 +147,39 @@ class NodeRunner:
             self.stopped.set()
             self.ready.set()
 
+
+    async def open_lmtp(self, config: LmtpConfig, *, wire: Callable[[LmtpServer], None] | None = None
+                        ) -> tuple[str, int]:
+        """Open an LMTP front while the node runs (it became master without one); returns the bound
+        address. ``wire(server)`` runs before it accepts (the cluster wraps its backend).
+
+        Raises:
+            ListenError: the address cannot be had (in use, not local); nothing changed.
+        """
+        if self.lmtp is not None:
+            return self.lmtp_address
+        server = LmtpServer(self.anode, config)
+        await server.bind()
+        if wire is not None:
+            wire(server)
+        self.lmtp, self.lmtp_config = server, config
+        self.lmtp_address = host, port = await server.start()
+        self.announce(f"node {self.anode.name} ({self.anode.role}) at {self.anode.node.path}: LMTP listening on "
+                      f"{host}:{port}")
+        return self.lmtp_address
+
+    async def close_lmtp(self) -> None:
+        """Close the LMTP front while the node runs (it stopped being master): stop accepting at
+        once (the address is free for another process), answer the transactions in progress, close."""
+        server = self.lmtp
+        if server is None:
+            return
+        self.lmtp = None
+        self.lmtp_address = None
+        try:
+            await server.drain()
+        finally:
+            server.close_now()
 
     async def _serve_imap(self, done: anyio.Event, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """The IMAP front over this node (started after the services wired ``imap_backend``);

@@ -17,7 +17,7 @@ import time
 
 import click
 
-from engine.cluster.config import ConfigError, load_config
+from engine.cluster.config import ROLE_DEFAULTS, ConfigError, load_config
 from engine.cluster.control import ControlClient, ControlError
 from engine.replication.secret import load_secret
 
@@ -80,7 +80,8 @@ def _node_options(f):
                      help="A node.toml (see `walctl init`); flags override it. Default: NODE/node.toml if present."),
         click.option("--lmtp", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
                      help="LMTP front address ('' for none). Default: [lmtp] listen of node.toml, else "
-                          "127.0.0.1:2424 for `serve` and none for `follow` (a replica answers 451)."),
+                          "127.0.0.1:2424 for `serve` and none for `follow` (a replica answers 451). At "
+                          "127.0.0.1:2424 the front follows the role (opened on promotion, closed on demotion)."),
         click.option("--imap", default=None, type=HostPort(empty_ok=True), metavar="HOST:PORT",
                      help="IMAP front address ('' for none; a replica serves it read-only). Default: [imap] listen "
                           "of node.toml, else none."),
@@ -146,6 +147,7 @@ def _settings(node: str, config_file, role: str, **flags) -> dict:
     return {
         "name": pick("name", "node", "name"),
         "lmtp": pick("lmtp", "lmtp", "listen"),
+        "lmtp_given": flags.get("lmtp") is not None or ("lmtp", "listen") in cfg.given,
         "unknown_recipients": pick("unknown_recipients", "lmtp", "unknown_recipients"),
         "max_message_bytes": flags.get("max_message_bytes") or cfg["lmtp"]["max_message_bytes"] or None,
         "shutdown_grace_s": cfg["lmtp"]["shutdown_grace_s"],
@@ -212,11 +214,22 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
     listen = parse_address(s["listen"]) if s["listen"] else None
     peers = [parse_address(p) for p in list(masters) + s["peers"]]
     metrics = parse_address(s["metrics"]) if s["metrics"] else None
-    lmtp = False
-    if s["lmtp"]:
-        host, port = parse_address(s["lmtp"])
-        lmtp = LmtpConfig(host=host, port=port, unknown_recipients=s["unknown_recipients"],
+    def lmtp_config(address: str) -> LmtpConfig:
+        host, port = parse_address(address)
+        return LmtpConfig(host=host, port=port, unknown_recipients=s["unknown_recipients"],
                           max_message_bytes=s["max_message_bytes"], shutdown_grace_s=s["shutdown_grace_s"])
+
+    lmtp = lmtp_config(s["lmtp"]) if s["lmtp"] else False
+    # CTL-11: the front follows the role when it is the master's default address (set or by
+    # default): a promoted node opens it, a demoted one gives it up. An address set elsewhere
+    # stays as started; "" means no LMTP front in any role.
+    master_default = parse_address(ROLE_DEFAULTS[("lmtp", "listen")]["master"])
+    if not s["lmtp_given"]:
+        lmtp_role = lmtp_config(ROLE_DEFAULTS[("lmtp", "listen")]["master"])
+    elif s["lmtp"] and parse_address(s["lmtp"]) == master_default:
+        lmtp_role = lmtp
+    else:
+        lmtp_role = None
     if listen and not os.path.exists(s["secret_file"]):
         raise click.ClickException(f"no secret file {s['secret_file']}: copy the master's replication.secret "
                                    f"there (mode 0600), or pass --secret-file")
@@ -227,7 +240,7 @@ def _run(node: str, s: dict, *, masters: list[str] = ()) -> int:
         sync_replicas=s["sync_replicas"], sync_timeout_s=s["sync_timeout_s"], sync_fallback=s["sync_fallback"],
         auto_reconcile=s["auto_reconcile"], failover_timeout_s=s["failover_timeout_s"], metrics=metrics,
         retention_max_bytes=s["retention_max_bytes"]))
-    runner = NodeRunner(node, lmtp, imap=imap, imap_grace_s=s["imap_grace_s"])
+    runner = NodeRunner(node, lmtp, imap=imap, imap_grace_s=s["imap_grace_s"], lmtp_role=lmtp_role)
     runner.add_service("cluster", cluster.service)
     try:
         anyio.run(runner.run)
@@ -292,8 +305,10 @@ def serve(node: str, config_file, **flags) -> None:
     --sync-replicas K, on K replicas); so does an IMAP tagged OK to a write
     (--imap HOST:PORT; --imaps with --tls-cert and --tls-key; LOGIN without
     TLS only from loopback unless --imap-plaintext-login). Prints where it
-    listens; logs one line per recipient delivery. SIGTERM or SIGINT drains
-    (IMAP sessions get BYE) and exits 0.
+    listens; logs one line per recipient delivery. After a soft failover
+    (`walctl failover`) it is a replica: its IMAP sessions get BYE naming the
+    new master, and an LMTP front at 127.0.0.1:2424 closes for the new master.
+    SIGTERM or SIGINT drains (IMAP sessions get BYE) and exits 0.
 
     \b
     Example:
@@ -359,9 +374,10 @@ def follow(node: str, masters: tuple[str, ...], reseed: bool, config_file, **fla
     NODE is created and seeded from the master (a snapshot of its store plus
     the log from there when the master no longer holds LSN 1); a seed that
     fails leaves no node behind. A replica has no LMTP front unless --lmtp
-    or [lmtp] listen gives it one (answering 451 until promoted). With --imap
-    it serves IMAP read-only (writes answer NO [UNAVAILABLE] naming the
-    master; writable once promoted). While no master answers, it says once
+    or [lmtp] listen gives it one (answering 451 until promoted); given
+    none, it opens one at 127.0.0.1:2424 once promoted. With --imap it
+    serves IMAP read-only (writes answer NO [UNAVAILABLE] naming the
+    master; open sessions become writable once promoted). While no master answers, it says once
     that it waits, and once when it connects.
 
     \b

@@ -32,7 +32,9 @@ name = ""
 [lmtp]
 # Where the LMTP front listens (HOST:PORT, "" = no LMTP front). Deliver here from Postfix.
 # Unset (commented out), a master listens on 127.0.0.1:2424 and a replica has no LMTP front
-# (it could only answer 451 until promoted); set it to give a replica one.
+# (it could only answer 451 until promoted); set it to give a replica one. A front at
+# 127.0.0.1:2424 (set or unset) follows the role: opened when the node becomes master,
+# closed when a failover makes it a replica.
 # listen = "127.0.0.1:2424"
 # A recipient with no user/LOCAL/INBOX: "create" it on first delivery, or "reject" (550 5.1.1).
 unknown_recipients = "create"

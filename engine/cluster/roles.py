@@ -28,6 +28,7 @@ it. On any failure before the promotion it resumes as master.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
@@ -51,8 +52,10 @@ from ..errors import (
     AuthenticationError,
     BehindRetentionError,
     DivergedError,
+    ListenError,
     ReplicationRefusedError,
     ReplicationTimeoutError,
+    format_address,
     listen_error,
 )
 from ..store.errors import ReadOnlyNodeError, TemporaryFailure, UnknownMailboxError
@@ -66,6 +69,12 @@ from ..replication.sender import ReplicationHub, replication_handler
 __all__ = ["ClusterConfig", "Cluster", "parse_address", "SyncReplicationBackend"]
 
 log = logging.getLogger("mailwal.cluster")
+
+#: A promoted node retries an LMTP address in use quietly this long (the old master on the
+#: same host releases it a moment after the promotion), then says so once and retries every
+#: LMTP_RETRY_S (CTL-11).
+LMTP_PATIENCE_S = 3.0
+LMTP_RETRY_S = 1.0
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -196,6 +205,7 @@ class Cluster:
         self._tail_lock = anyio.Lock()
         self._tail_errors: dict[str, str] = {}
         self._apply_lock = threading.Lock()
+        self._role: str | None = None  # the role the last _start_role started
 
     # -- the NodeRunner service ------------------------------------------------------
 
@@ -233,11 +243,9 @@ class Cluster:
                     m.batch_records.observe(records)
 
                 self.node.log.on_sync = on_sync
-                if runner.lmtp is not None:
-                    runner.lmtp.on_delivery = self._count_delivery
                 runner.announce(f"node {self.config.name}: metrics on http://{self.config.metrics[0]}:{port}/metrics")
             if runner.lmtp is not None:
-                runner.lmtp.backend = SyncReplicationBackend(self, runner.lmtp.backend)
+                self._wire_lmtp(runner.lmtp)
             imap = getattr(runner, "imap_backend", None)
             if imap is not None:  # IMAP writes wait for --sync-replicas like deliveries; a replica names its master
                 imap.replicated = self._imap_replicated
@@ -251,6 +259,12 @@ class Cluster:
             finally:
                 if self._metrics is not None:
                     self._metrics.close()
+
+    def _wire_lmtp(self, server) -> None:
+        """An LMTP front of this node, before it accepts: deliveries wait for ``sync_replicas`` and are counted."""
+        if self._metrics is not None:
+            server.on_delivery = self._count_delivery
+        server.backend = SyncReplicationBackend(self, server.backend)
 
     async def _imap_replicated(self, lsn: int) -> None:
         """An IMAP write's record is durable here: wait for ``sync_replicas`` replicas, as a delivery
@@ -287,11 +301,56 @@ class Cluster:
 
     def _start_role(self) -> None:
         assert self._tg is not None
+        previous, self._role = self._role, self.node.role
         self._role_scope = anyio.CancelScope()
         if self.node.role == "master":
             self._tg.start_soon(self._master_role, self._role_scope)
         else:
+            if previous == "master":  # demoted (a soft failover): the master's LMTP address goes to the new one
+                self._tg.start_soon(self._release_lmtp)
             self._tg.start_soon(self._replica_role, self._role_scope)
+
+    # -- the LMTP front follows the role (CTL-11) -------------------------------------------
+
+    async def _take_lmtp(self) -> None:
+        """As master: open the role's LMTP front if the node has none (it was a replica started
+        without one, or it gave the address up when it was demoted), retrying while the address
+        is held (the old master on this host releases it a moment after the promotion). Says once
+        when the address cannot be had; cancelled with the master role."""
+        runner, cfg = self.runner, getattr(self.runner, "lmtp_role", None)
+        if runner is None or cfg is None or runner.lmtp is not None:
+            return
+        where = f"{cfg.host}:{cfg.port}"
+        started, told = time.monotonic(), False
+        while True:
+            try:
+                host, port = await runner.open_lmtp(cfg, wire=self._wire_lmtp)
+            except ListenError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    self._event("lmtp-unavailable", f"{exc}: this master takes no mail; give it an address of this "
+                                                    f"host (--lmtp, [lmtp] listen) and restart it")
+                    return
+                if not told and time.monotonic() - started >= LMTP_PATIENCE_S:
+                    told = True
+                    self._event("lmtp-unavailable", f"{exc}: another process holds {where} (an old master on this "
+                                                    f"host?); this master takes no mail until it is free, and "
+                                                    f"tries every {LMTP_RETRY_S:g} s")
+                await anyio.sleep(LMTP_RETRY_S if told else 0.1)
+                continue
+            self._event("lmtp", f"master: LMTP front listening on {host}:{port}")
+            return
+
+    async def _release_lmtp(self) -> None:
+        """Demoted: close the LMTP front if it listens on the role's address, for the new master
+        (on this host, it takes the same address). A front elsewhere stays and answers 451."""
+        runner, cfg = self.runner, getattr(self.runner, "lmtp_role", None)
+        if runner is None or cfg is None or runner.lmtp is None:
+            return
+        if (runner.lmtp.config.host, runner.lmtp.config.port) != (cfg.host, cfg.port):
+            return
+        await runner.close_lmtp()
+        self._event("lmtp-closed", f"replica: LMTP front on {cfg.host}:{cfg.port} closed (the master takes mail; "
+                                   f"it opens again if this node is promoted)")
 
     # -- the listener --------------------------------------------------------------------
 
@@ -351,10 +410,12 @@ class Cluster:
                 self.handler = replication_handler(node.log, self.hub, self.secret,
                                                    make_snapshot=self._make_snapshot)
             try:
-                while True:
-                    await anyio.sleep(self.config.retention_interval_s)
-                    if self.config.retention_max_bytes > 0:
-                        await anyio.to_thread.run_sync(self.apply_retention)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._take_lmtp)
+                    while True:
+                        await anyio.sleep(self.config.retention_interval_s)
+                        if self.config.retention_max_bytes > 0:
+                            await anyio.to_thread.run_sync(self.apply_retention)
             finally:
                 self.handler = None
                 self._stop_replication_connections()
@@ -429,11 +490,12 @@ class Cluster:
             self._start_role()
 
     def _warn_no_lmtp(self) -> None:
-        """A node promoted while it runs keeps the fronts it started with: say so when it has no LMTP front."""
-        if self.runner is not None and self.runner.lmtp is None:
-            self._event("no-lmtp", "this node is master now but has no LMTP front (it was started as a replica "
-                                   "without one): to take mail, restart it with `walctl serve`, or give replicas "
-                                   "[lmtp] listen (or --lmtp)")
+        """A node promoted while it runs whose LMTP front does not follow the role (``--lmtp ''``): say
+        so when it has none (otherwise _take_lmtp opens it)."""
+        runner = self.runner
+        if runner is not None and runner.lmtp is None and getattr(runner, "lmtp_role", None) is None:
+            self._event("no-lmtp", "this node is master now but has no LMTP front (it runs with --lmtp '' or "
+                                   "[lmtp] listen = \"\"): to take mail, restart it with an LMTP address")
 
     async def _follow(self, link: ReplicaLink, peers: list[tuple[str, int]]) -> None:
         """Follow the master among ``peers`` until this replica is promoted by it."""
@@ -648,11 +710,45 @@ class Cluster:
             raise
         window = time.monotonic() - started
         self._restart_role()
+        self._tg.start_soon(self._refer_imap_sessions, to)
         result = {"to": to, "epoch": promoted.epoch, "last_lsn": promoted.last_lsn,
                   "last_hash": promoted.last_hash.hex(), "refused_writes_s": round(window, 4),
                   "drained": drained}
         self._event("failover", f"handed over to {to} in epoch {promoted.epoch}; writes refused for {window:.3f}s")
         return result
+
+    async def _refer_imap_sessions(self, to: str) -> None:
+        """After a soft failover: the IMAP sessions open here end with a BYE naming the new master
+        ``to`` and its IMAP address (asked of it over the control channel; IMAP-13)."""
+        server = getattr(self.runner, "imap", None)
+        if server is None:
+            return
+        imap, imaps = await anyio.to_thread.run_sync(self._imap_addresses_of, to)
+        server.refer(to, imap, imaps)
+
+    def _imap_addresses_of(self, name: str) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+        """The IMAP and IMAPS addresses of the peer called ``name`` (None where unknown); a wildcard
+        host is replaced by the host this node reaches it at."""
+        for host, port in self.config.peers:
+            if (host, port) in (self.listen_address, self.config.listen):
+                continue
+            try:
+                with ControlClient.tcp(host, port, self.secret, timeout=2) as c:
+                    st = c.call("status")
+            except (OSError, ControlError, ValueError):
+                continue
+            if st.get("node") != name:
+                continue
+            found = []
+            for kind in ("imap", "imaps"):
+                text = ((st.get("imap") or {}).get("listen") or {}).get(kind)
+                if not text:
+                    found.append(None)
+                    continue
+                h, p = parse_address(text)
+                found.append((host if h in ("0.0.0.0", "::", "") else h, p))
+            return found[0], found[1]
+        return None, None
 
     async def _await_target(self, to: str, timeout: float) -> None:
         """CTL-4: return once ``to`` is a replica connected to this master; raise if it is none.
@@ -776,6 +872,11 @@ class Cluster:
         st["log_bytes"] = node.log.size_bytes()
         st["log_segments"] = node.log.segment_count()
         st["listen"] = f"{self.listen_address[0]}:{self.listen_address[1]}" if self.listen_address else None
+        runner = self.runner
+        lmtp = getattr(runner, "lmtp_address", None)
+        st["lmtp"] = format_address(lmtp) if lmtp else None
+        if getattr(runner, "imap", None) is not None:
+            st["imap"] = {"listen": {kind: format_address(a) for kind, a in runner.imap_addresses.items()}}
         st["events"] = self.events[-10:]
         # Each pending tail with the reason its last reconcile attempt failed (CTL-9: e.g. a fork point nowhere known).
         st["diverged_tails"] = [dict(t, error=self._tail_errors[t["path"]]) if t["path"] in self._tail_errors else t

@@ -168,6 +168,17 @@ class Executor:
         if ch.uidvalidity != v.uidvalidity:
             raise NoSuchMailbox("the selected mailbox was deleted or recreated; select it again")
         v.absorb(ch)
+        read_only = self.backend.read_only() is not None
+        if read_only != v.read_only and not v.examined:  # IMAP-13: promoted (or demoted) while selected
+            v.note_access(read_only, [self._permanent_flags(read_only), Status(
+                "OK", "this node is a read-only replica now" if read_only else "this node is the master now: the "
+                "mailbox is writable", Code("READ-ONLY" if read_only else "READ-WRITE"))])
+
+    @staticmethod
+    def _permanent_flags(read_only: bool) -> Status:
+        perm = "()" if read_only else "(" + " ".join(SYSTEM_FLAGS) + " \\*)"
+        return Status("OK", "flags that can be changed" if not read_only else "no permanent flags",
+                      Code("PERMANENTFLAGS", perm))
 
     async def _updates(self, *, allow_expunge: bool) -> list:
         if self.view is None:
@@ -184,7 +195,7 @@ class Executor:
         if refusal is not None:
             raise refusal
         v = self.view
-        if v.read_only:
+        if v.examined:
             raise _Refusal("NO", "the mailbox is selected read-only (EXAMINE)", "CANNOT")
         return v
 
@@ -401,12 +412,10 @@ class Executor:
             self._enable_condstore()
         snap = await self.backend.snapshot(name)
         read_only = cmd.read_only or self.backend.read_only() is not None
-        view = SelectedView(name, snap, read_only=read_only)
+        view = SelectedView(name, snap, read_only=read_only, examined=cmd.read_only)
         keywords = sorted({f for m in snap.messages for f in m.flags if not f.startswith("\\")})
         out.append(FlagsData(SYSTEM_FLAGS + tuple(keywords)))
-        perm = "()" if read_only else "(" + " ".join(SYSTEM_FLAGS) + " \\*)"
-        out.append(Status("OK", "flags that can be changed" if not read_only else "no permanent flags",
-                          Code("PERMANENTFLAGS", perm)))
+        out.append(self._permanent_flags(read_only))
         out.append(ExistsData(len(snap.messages)))
         if not self.rev2:
             out.append(RecentData(0))
@@ -453,7 +462,7 @@ class Executor:
 
     async def _close(self, cmd, out):
         v = self.view
-        if isinstance(cmd, c.Close) and not v.read_only and self.backend.read_only() is None:
+        if isinstance(cmd, c.Close) and not v.examined and self.backend.read_only() is None:
             await self._absorb()
             deleted = [u for u in v.uids if not v.is_gone(u) and "\\Deleted" in v.meta[u].flags]
             if deleted:
@@ -492,7 +501,7 @@ class Executor:
                 gone = [u for u in (ch.vanished or ()) if cmd.sequence.contains(u, last)]
                 if gone:
                     out.append(VanishedData(format_set(gone), earlier=True))
-        want_seen = (any(a.sets_seen for a in atts) and not v.read_only and self.backend.read_only() is None)
+        want_seen = (any(a.sets_seen for a in atts) and not v.examined and self.backend.read_only() is None)
         seen_now: set[int] = set()
         if want_seen:
             unseen = [u for _, u in pairs if not v.is_gone(u) and "\\Seen" not in v.meta[u].flags]

@@ -45,7 +45,8 @@ from .parser import DEFAULT_MAX_COMMAND_BYTES, DEFAULT_MAX_LINE_BYTES
 from .responses import Code, Continuation, Status
 from .session import NEED_DATA, PAUSED, ConnectionClosed, IdleDone, ImapConnection, LocalProtocolError, State
 
-__all__ = ["ImapConfig", "ImapServer", "ServerThread", "serve_in_thread", "login_delay_s", "make_ssl_context"]
+__all__ = ["ImapConfig", "ImapServer", "ServerThread", "serve_in_thread", "login_delay_s", "make_ssl_context",
+           "referral"]
 
 log = logging.getLogger("mailwal.imap")
 RECEIVE_BYTES = 64 * 1024
@@ -91,6 +92,22 @@ def login_delay_s(failures: int, base_s: float, max_s: float) -> float:
     if failures <= 0 or base_s <= 0:
         return 0.0
     return min(max_s, base_s * (2 ** min(failures - 1, 30)))
+
+
+def referral(master: str, imap: tuple[str, int] | None, imaps: tuple[str, int] | None) -> tuple[str, Code | None]:
+    """The BYE text and code that send a client to the new master ``master`` (pure): RFC 2221
+    ``[REFERRAL imap://HOST:PORT/]`` when its IMAP address is known (an IPv6 host only in the
+    text: a code holds no ``]``), else ``[UNAVAILABLE]``; the text names the master either way."""
+    def shown(address: tuple[str, int]) -> str:
+        host, port = address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    where = ([f"IMAP at {shown(imap)}"] if imap else []) + ([f"IMAPS at {shown(imaps)}"] if imaps else [])
+    text = (f"this node is a read-only replica now; the master is {master}"
+            + (f" ({' and '.join(where)}): reconnect there" if where else ""))
+    if imap and ":" not in imap[0]:
+        return text, Code("REFERRAL", f"imap://{imap[0]}:{imap[1]}/")
+    return text, Code("UNAVAILABLE")
 
 
 def _is_loopback(address: str) -> bool:
@@ -156,6 +173,15 @@ class ImapServer:
             conn.wake()
         if self._tg is not None and not self._connections:
             self._tg.cancel_scope.cancel()
+
+    def refer(self, master: str, imap: tuple[str, int] | None = None, imaps: tuple[str, int] | None = None) -> None:
+        """This node stopped being the master (a soft failover): end every session open now with
+        an untagged BYE naming the new master at its next command boundary, IDLE included
+        (IMAP-13; :func:`referral`). The listeners stay: new connections are served, read-only."""
+        bye = referral(master, imap, imaps)
+        for conn in list(self._connections):
+            conn.bye = bye
+            conn.wake()
 
     def stop_now(self) -> None:
         """Cut every connection and stop listening at once (after a shutdown's grace period)."""
@@ -238,6 +264,7 @@ class _ConnectionTask:
                                    max_literal_bytes=cfg.max_literal_bytes, hostname=cfg.hostname)
         self.executor = Executor(server.backend, capabilities=lambda: self.conn.capabilities(State.AUTHENTICATED),
                                  admit=server._admit, release=server._release)
+        self.bye: tuple[str, Code | None] | None = None  # set by ImapServer.refer: end at the next boundary
         self._wake = anyio.Event()
         self._token = anyio.lowlevel.current_token()
         self._thread = threading.get_ident()
@@ -287,6 +314,8 @@ class _ConnectionTask:
         while True:
             if server._draining and (conn.pending is None or conn.idling) and not conn.closed:
                 conn.close(f"{cfg.hostname} shutting down; reconnect later", "shutdown", Code("UNAVAILABLE"))
+            elif self.bye is not None and (conn.pending is None or conn.idling) and not conn.closed:
+                conn.close(self.bye[0], "referred to the new master", self.bye[1])
             try:
                 ev = conn.next_event()
             except LocalProtocolError:
@@ -393,7 +422,7 @@ class _ConnectionTask:
                 if data is not None:
                     conn.receive_data(data)
                     return
-                if self.server._draining:
+                if self.server._draining or self.bye is not None:
                     return
                 for r in await self.executor.idle_updates():
                     conn.send(r)

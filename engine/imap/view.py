@@ -44,9 +44,11 @@ def flag_atoms(flags: Iterable[str]) -> tuple[Atom, ...]:
 class SelectedView:
     """The selected mailbox as one client sees it."""
 
-    def __init__(self, name: str, snapshot: Snapshot, *, read_only: bool):
+    def __init__(self, name: str, snapshot: Snapshot, *, read_only: bool, examined: bool = False):
         self.name = name
-        self.read_only = read_only
+        self.read_only = read_only  # what the client was told: [READ-ONLY] (true) or [READ-WRITE]
+        self.examined = examined  # selected by EXAMINE: read-only whatever the node's role
+        self._notices: list = []  # untagged status responses to send at the next update (note_access)
         self.uidvalidity = snapshot.uidvalidity
         self.uidnext = snapshot.uidnext
         self.highestmodseq = snapshot.highestmodseq
@@ -134,9 +136,19 @@ class SelectedView:
 
     # -- what to tell the client -------------------------------------------------------
 
+    def note_access(self, read_only: bool, notices: list) -> None:
+        """The node's role changed while the mailbox is selected (a promotion makes it writable):
+        ``notices`` (untagged ``OK [PERMANENTFLAGS ...]``, ``OK [READ-WRITE]`` or ``[READ-ONLY]``,
+        RFC 9051 7.1) go out with the next updates, and the view is that from then on (IMAP-13)."""
+        if self.examined or read_only == self.read_only:
+            return
+        self.read_only = read_only
+        self._notices = list(notices)
+
     def updates(self, *, allow_expunge: bool, qresync: bool, condstore: bool) -> list:
         """The untagged responses pending changes allow now (see the module docstring)."""
-        out: list = []
+        out: list = self._notices
+        self._notices = []
         if allow_expunge and self._gone:
             gone = self._gone
             if qresync:
@@ -172,4 +184,4 @@ class SelectedView:
 
     @property
     def pending(self) -> bool:
-        return bool(self._new or self._gone or self._dirty)
+        return bool(self._new or self._gone or self._dirty or self._notices)
