@@ -633,7 +633,7 @@ def _print_status(st: dict) -> None:
     if not console.is_terminal:  # a file, a pipe, `less`: never cut a value at 80 columns
         console = Console(width=STATUS_WIDTH_NOT_TTY)
     t = Table(title=f"node {st.get('node')} ({st.get('role')})", show_header=False)
-    for key in ("log_id", "epoch", "last_lsn", "last_hash", "applied_lsn", "listen", "master", "sync_mode",
+    for key in ("log_id", "epoch", "last_lsn", "last_hash", "applied_lsn", "listen", "lmtp", "master", "sync_mode",
                 "sync_degraded", "writes_paused", "log_failed", "applier_error", "quarantined",
                 "checkpoint_mismatches", "log_bytes", "log_segments"):
         if st.get(key) not in (None, ""):
@@ -641,6 +641,15 @@ def _print_status(st: dict) -> None:
             if key == "last_hash":
                 value = str(value)[:16] + "…"
             t.add_row(key, str(value))
+    imap = st.get("imap")
+    if imap:
+        t.add_row("imap", ", ".join(f"{kind.upper()} {address}" for kind, address in imap["listen"].items()))
+        t.add_row("imap sessions", f"{imap['sessions']} open ({imap['idle']} in IDLE); {imap['connections']} "
+                                   f"connections and {imap['auth_failures']} failed logins since start")
+        if imap["commands"]:
+            t.add_row("imap commands", "; ".join(
+                f"{name} " + " ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+                for name, outcomes in sorted(imap["commands"].items())))
     conn = st.get("connection")
     if conn:
         t.add_row("connection", f"{conn.get('state')} ({'connected' if conn.get('connected') else 'not connected'}"
@@ -686,7 +695,9 @@ def status(node: str | None, connect: str | None, secret_file: str | None, as_js
 
     On a master: per replica name, connected (since), durable and applied
     LSN, lag in records, bytes and seconds, last error. On a replica: its
-    master, connection state, durable and applied LSN.
+    master, connection state, durable and applied LSN. Either: where the
+    LMTP and IMAP fronts listen; IMAP sessions open and in IDLE, failed
+    logins, and commands answered per name and tagged status (OK/NO/BAD).
 
     \b
     Example:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 __all__ = ["Metrics"]
 
@@ -50,6 +51,13 @@ class Metrics:
                                            ["kind"], registry=r)
         self._seen_mismatches = 0
         self._server = None
+        self._imap: Callable[[], dict | None] | None = None
+        r.register(_ImapCollector(self))
+
+    def imap_source(self, stats: Callable[[], dict | None]) -> None:
+        """Where the IMAP front's counters come from at each scrape (``ImapServer.stats``, or None
+        while the node has no IMAP front)."""
+        self._imap = stats
 
     def refresh(self, status: dict) -> None:
         """Mirror a node status dict (``walctl status --json`` fields) into gauges."""
@@ -87,6 +95,37 @@ class Metrics:
             server.shutdown()
             self._server = None
 
+
+
+class _ImapCollector:
+    """The IMAP front's sessions, IDLEs, connections, commands and failed logins, read from the
+    server at each scrape (the families are there, without samples, when it has none)."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def collect(self):
+        stats = None
+        if self._metrics._imap is not None:
+            try:
+                stats = self._metrics._imap()
+            except Exception:  # a scrape must not fail because the front's counters could not be read
+                stats = None
+        sessions = GaugeMetricFamily("mailwal_imap_sessions", "IMAP sessions open")
+        idle = GaugeMetricFamily("mailwal_imap_idle_sessions", "IMAP sessions in IDLE")
+        connections = CounterMetricFamily("mailwal_imap_connections", "IMAP connections accepted")
+        failures = CounterMetricFamily("mailwal_imap_auth_failures", "Failed IMAP LOGIN and AUTHENTICATE")
+        commands = CounterMetricFamily("mailwal_imap_commands", "IMAP commands answered, per command and "
+                                       "tagged status", labels=["command", "outcome"])
+        if stats is not None:
+            sessions.add_metric([], stats["sessions"])
+            idle.add_metric([], stats["idle"])
+            connections.add_metric([], stats["connections"])
+            failures.add_metric([], stats["auth_failures"])
+            for name, outcomes in sorted(stats["commands"].items()):
+                for outcome, n in sorted(outcomes.items()):
+                    commands.add_metric([name, outcome], n)
+        return iter((sessions, idle, connections, failures, commands))
 
 
 class _Refresher:

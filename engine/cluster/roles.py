@@ -243,6 +243,7 @@ class Cluster:
                     m.batch_records.observe(records)
 
                 self.node.log.on_sync = on_sync
+                m.imap_source(lambda: runner.imap.stats() if runner.imap is not None else None)
                 runner.announce(f"node {self.config.name}: metrics on http://{self.config.metrics[0]}:{port}/metrics")
             if runner.lmtp is not None:
                 self._wire_lmtp(runner.lmtp)
@@ -876,7 +877,8 @@ class Cluster:
         lmtp = getattr(runner, "lmtp_address", None)
         st["lmtp"] = format_address(lmtp) if lmtp else None
         if getattr(runner, "imap", None) is not None:
-            st["imap"] = {"listen": {kind: format_address(a) for kind, a in runner.imap_addresses.items()}}
+            st["imap"] = {"listen": {kind: format_address(a) for kind, a in runner.imap_addresses.items()},
+                          **runner.imap.stats()}
         st["events"] = self.events[-10:]
         # Each pending tail with the reason its last reconcile attempt failed (CTL-9: e.g. a fork point nowhere known).
         st["diverged_tails"] = [dict(t, error=self._tail_errors[t["path"]]) if t["path"] in self._tail_errors else t

@@ -126,9 +126,11 @@ class ImapServer:
         self.user_sessions: Counter[str] = Counter()
         self.address_sessions: Counter[str] = Counter()
         self.auth_failures: Counter[str] = Counter()  # per client address, since its last success
-        self.commands: Counter[tuple[str, str]] = Counter()  # (command, OK/NO/BAD)
-        self.sessions = 0
-        self.idling = 0
+        self.commands: Counter[tuple[str, str]] = Counter()  # (command, OK/NO/BAD): every tagged status sent
+        self.sessions = 0  # open now
+        self.idling = 0  # of them, in IDLE now
+        self.connections_total = 0  # accepted since the server started
+        self.auth_failures_total = 0  # failed LOGIN and AUTHENTICATE since the server started
         self.bound: dict[str, tuple[str, int]] = {}
         self._connections: set[_ConnectionTask] = set()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -189,6 +191,16 @@ class ImapServer:
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
+    def stats(self) -> dict:
+        """What the front did (for ``walctl status`` and ``/metrics``; any thread may call it):
+        ``sessions`` and ``idle`` open now; since it started: ``connections``, ``auth_failures``
+        and ``commands`` (command name -> tagged status -> count)."""
+        commands: dict[str, dict[str, int]] = {}
+        for (name, status), n in dict(self.commands).items():
+            commands.setdefault(name, {})[status] = n
+        return {"sessions": self.sessions, "idle": self.idling, "connections": self.connections_total,
+                "auth_failures": self.auth_failures_total, "commands": commands}
+
     # -- limits (called by executors) -----------------------------------------------------
 
     def _admit(self, user: str) -> str | None:
@@ -229,6 +241,7 @@ class ImapServer:
                 return
         self.address_sessions[address] += 1
         self.sessions += 1
+        self.connections_total += 1
         task = _ConnectionTask(self, stream, address, implicit)
         self._connections.add(task)
         try:
@@ -241,6 +254,8 @@ class ImapServer:
         finally:
             self._connections.discard(task)
             task.executor.close()
+            task.take_counts()
+            task._count_idle(False)
             self.sessions -= 1
             self.address_sessions[address] -= 1
             if self.address_sessions[address] <= 0:
@@ -265,6 +280,7 @@ class _ConnectionTask:
         self.executor = Executor(server.backend, capabilities=lambda: self.conn.capabilities(State.AUTHENTICATED),
                                  admit=server._admit, release=server._release)
         self.bye: tuple[str, Code | None] | None = None  # set by ImapServer.refer: end at the next boundary
+        self.idle_counted = False  # counted in ImapServer.idling
         self._wake = anyio.Event()
         self._token = anyio.lowlevel.current_token()
         self._thread = threading.get_ident()
@@ -289,7 +305,14 @@ class _ConnectionTask:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def take_counts(self) -> None:
+        """Move the session's answered-command counts into the server's (``stats``)."""
+        if self.conn.answered:
+            self.server.commands.update(self.conn.answered)
+            self.conn.answered.clear()
+
     async def _flush(self) -> None:
+        self.take_counts()
         data = self.conn.data_to_send()
         if data:
             await self.stream.send(data)
@@ -338,13 +361,19 @@ class _ConnectionTask:
                 await self._receive()
                 continue
             if isinstance(ev, IdleDone):
-                server.idling -= 1
+                self._count_idle(False)
                 await self._answer(ev, await self.executor.idle_done(ev.tag), "IDLE")
                 continue
             responses = await self._execute(ev)
             await self._answer(ev, responses, _command_name(ev))
             if isinstance(ev, Idle) and conn.idling:
-                server.idling += 1
+                self._count_idle(True)
+
+    def _count_idle(self, idling: bool) -> None:
+        """Keep ``ImapServer.idling`` true: this session counts while it IDLEs (until DONE, or its end)."""
+        if idling != self.idle_counted:
+            self.idle_counted = idling
+            self.server.idling += 1 if idling else -1
 
     async def _execute(self, cmd: Command) -> list:
         try:
@@ -360,9 +389,9 @@ class _ConnectionTask:
         conn, server, cfg = self.conn, self.server, self.server.config
         last = responses[-1] if responses else None
         if isinstance(last, Status) and last.tagged:
-            server.commands[(name, last.status)] += 1
             if last.code is not None and last.code.name == "AUTHENTICATIONFAILED":
                 server.auth_failures[self.address] += 1
+                server.auth_failures_total += 1
                 delay = login_delay_s(server.auth_failures[self.address], cfg.failed_login_delay_s,
                                       cfg.failed_login_delay_max_s)
                 await self._flush()

@@ -39,7 +39,7 @@ it again.
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from .commands import Authenticate, Capability, Command, Idle, Login, Logout, Select, StartTls
@@ -197,6 +197,10 @@ class ImapConnection:
         self._tls_wait = False  # STARTTLS answered OK; waiting for tls_started()
         self._eof = False
         self.closed_reason: str | None = None
+        # Every tagged status sent, by command name and status (OK/NO/BAD): ``(name, status) -> n``.
+        # The edge moves them into its own counters (``/metrics``); unparsable commands count as
+        # "(unknown)", so the names stay the command names (and that one).
+        self.answered: Counter[tuple[str, str]] = Counter()
         self._queue(Status("OK", f"{hostname} IMAP4rev2 server ready", Code("CAPABILITY", " ".join(self.capabilities()))))
 
     # -- what the connection offers ----------------------------------------------------
@@ -343,6 +347,7 @@ class ImapConnection:
             self._pending = None
             self._idling = False
             self._queue(response)
+            self.answered[(_display(cmd), response.status)] += 1
             name = "SELECT" if cmd.NAME == "SELECT" else cmd.NAME
             nxt = TRANSITIONS.get((self.state, name, response.status))
             if nxt is not None:
@@ -403,6 +408,7 @@ class ImapConnection:
         self._idling = False
         if cmd is not None:
             self._queue(Status("BAD", "expected DONE to end IDLE", None, cmd.tag))
+            self.answered[("IDLE", "BAD")] += 1
 
     def _frame(self, frame: Frame):
         if self._idling:
@@ -418,18 +424,23 @@ class ImapConnection:
                 response = decode_sasl_response(frame.lines[0])
             except ParseError as exc:
                 self._client_error(cmd.tag, exc.text)
+                self.answered[("AUTHENTICATE", "BAD")] += 1
                 return None
             if response is None:
                 self._queue(Status("BAD", "AUTHENTICATE cancelled", None, cmd.tag))
+                self.answered[("AUTHENTICATE", "BAD")] += 1
                 return None
             return self._dispatch(Authenticate(cmd.tag, cmd.mechanism, response))
         try:
             cmd = parse_command(frame)
         except _BadCharset as exc:
             self._queue(Status("NO", exc.text, Code("BADCHARSET", "(UTF-8 US-ASCII)"), exc.tag))
+            self.answered[(_command_word(frame.lines[0]), "NO")] += 1
             return None
         except ParseError as exc:
             self._client_error(exc.tag, exc.text)
+            if exc.tag is not None:
+                self.answered[(_command_word(frame.lines[0]), "BAD")] += 1
             return None
         if isinstance(cmd, _NeedSasl):
             inner = cmd.command
@@ -448,16 +459,19 @@ class ImapConnection:
             self._client_error(cmd.tag, f"{_display(cmd)} is not allowed in the {where} state"
                                + (" (log in first)" if self.state is State.NOT_AUTHENTICATED else
                                   " (SELECT a mailbox first)" if self.state is State.AUTHENTICATED else ""))
+            self.answered[(_display(cmd), "BAD")] += 1
             return False
         return True
 
     def _login_gate(self, cmd: Command) -> bool:
         if isinstance(cmd, Authenticate) and cmd.mechanism != "PLAIN":
             self._queue(Status("NO", f"SASL mechanism {cmd.mechanism} is not supported (use PLAIN)", None, cmd.tag))
+            self.answered[(cmd.NAME, "NO")] += 1
             return False
         if not self.login_allowed:
             self._queue(Status("NO", "logins are disabled on an unencrypted connection: use STARTTLS or IMAPS",
                                Code("PRIVACYREQUIRED"), cmd.tag))
+            self.answered[(cmd.NAME, "NO")] += 1
             return False
         return True
 
@@ -467,16 +481,19 @@ class ImapConnection:
         if isinstance(cmd, Capability):
             self._queue(CapabilityData(self.capabilities()))
             self._queue(Status("OK", "CAPABILITY completed", None, cmd.tag))
+            self.answered[("CAPABILITY", "OK")] += 1
             return None
         if isinstance(cmd, Logout):
             self._queue(Status("BYE", f"{self.hostname} logging out"))
             self._queue(Status("OK", "LOGOUT completed", None, cmd.tag))
+            self.answered[("LOGOUT", "OK")] += 1
             self._close("LOGOUT")
             return None
         if isinstance(cmd, StartTls):
             if not self.starttls_offered or self.tls:
                 self._queue(Status("BAD", "STARTTLS is not available on this connection" if not self.tls
                                    else "TLS is already active", None, cmd.tag))
+                self.answered[("STARTTLS", "BAD")] += 1
                 self.errors += 1
                 return None
         if isinstance(cmd, (Login, Authenticate)) and not self._login_gate(cmd):
@@ -486,8 +503,21 @@ class ImapConnection:
 
 
 def _display(cmd: Command) -> str:
+    """The command's name as the client wrote it: EXAMINE, UID FETCH, UID EXPUNGE ..."""
     uid = getattr(cmd, "uid", False)
     name = cmd.NAME
     if name == "SELECT" and getattr(cmd, "read_only", False):
         name = "EXAMINE"
+    if name == "EXPUNGE" and getattr(cmd, "uids", None) is not None:
+        uid = True
     return f"UID {name}" if uid is True else name
+
+
+def _command_word(line: bytes) -> str:
+    """The command name of a line that did not parse, if it names a known command, else "(unknown)"."""
+    words = line.rstrip(b"\r\n").upper().split(b" ", 3)[1:3]
+    name = words[0].decode("ascii", "replace") if words else ""
+    if name == "UID" and len(words) > 1:
+        inner = words[1].decode("ascii", "replace")
+        return f"UID {inner}" if inner in COMMAND_STATES else "(unknown)"
+    return name if name in COMMAND_STATES else "(unknown)"
