@@ -44,6 +44,15 @@ def test_demo_runs_the_cluster_story_and_leaves_consistent_nodes(tmp_path, monke
     assert "applied:" in out and "0 failed; status done" in out  # the reconcile report
     assert "same digest on every node: yes" in out
     assert "every acknowledged message on c exactly once: yes" in out
+    # alice's IMAP client: reads on the master, sees her flag on a replica, carries on through both failovers.
+    assert "$ echo 'demo password' | walctl user demo-nodes/a add alice --password-stdin" in out
+    assert "imap b: SELECT INBOX -> [READ-ONLY] (a replica); UID 1 shows \\Flagged" in out
+    assert "imap b: UID STORE 1 +FLAGS (\\Seen) -> NO [UNAVAILABLE] this node is a read-only replica" in out
+    assert "imap a: * BYE [REFERRAL imap://127.0.0.1:" in out
+    assert "imap b: UID STORE 1 +FLAGS (\\Seen) -> OK (the same session" in out
+    assert "imap c: UID STORE 1 +FLAGS (\\Answered) -> OK (the same session, writable now)" in out
+    assert "imap c: NOOP, UID SEARCH ALL -> 4 more messages" in out  # alice's 4 of the 20 only b had
+    assert "her client sees every message once and the flags she set on a, b and c: yes" in out
     assert "demo passed" in out and "make demo" in out
 
     root = tmp_path / demo.DEMO_DIR

@@ -1,23 +1,31 @@
 """``make demo``: a replicated mail node on 127.0.0.1, narrated step by step.
 
 Three ``walctl`` processes in ``./demo-nodes`` (created afresh on every run,
-on free ports): a master ``a`` with an LMTP front and two replicas ``b`` and
-``c``. The demo plays the MTA: it delivers a few hundred real messages over
-LMTP, one recipient per transaction, and when a node answers 4xx (a replica,
-or writes paused for a failover) it tries the next node, as an MTA with
-several LMTP destinations would. Along the way:
+on free ports): a master ``a`` and two replicas ``b`` and ``c``, each with an
+LMTP and an IMAP front. The demo plays the MTA: it delivers a few hundred
+real messages over LMTP, one recipient per transaction, and when a node
+answers 4xx (a replica, or writes paused for a failover) it tries the next
+node, as an MTA with several LMTP destinations would. It also plays alice's
+mail program (Python's imaplib, :class:`MailClient`). Along the way:
 
-1. the cluster starts (``walctl init``, ``serve``, ``follow``);
-2. a load runs while ``walctl status`` shows each replica's lag;
+1. the cluster starts (``walctl init``, ``serve``, ``follow``) and alice gets
+   an IMAP password (``walctl user ... add --password-stdin``);
+2. a load runs while ``walctl status`` shows each replica's lag; alice reads
+   her mail over IMAP on ``a`` and flags a message, and her session on the
+   replica ``b`` shows the flag (and refuses a write, naming the master);
 3. replica ``c`` is killed with SIGKILL, misses mail, restarts and catches up by itself;
 4. a soft failover hands the master role from ``a`` to ``b`` under load
-   (``walctl failover``, which prints how long writes were refused);
+   (``walctl failover``, which prints how long writes were refused); alice's
+   session on ``a`` ends with a BYE referring her to ``b``, her session on
+   ``b`` stays and can write;
 5. a hard failover: with both replicas stopped, ``b`` takes mail alone and is
-   killed; ``c`` is promoted and takes mail; ``b`` comes back with
-   ``walctl follow``, its diverged tail is cut aside and reconciled into
-   ``c``, and the reconcile report is printed;
-6. the checks: every node has the same digest (``walctl digest --json``) and
-   every acknowledged message is on the master exactly once.
+   killed; ``c`` is promoted (alice's session on it becomes writable) and
+   takes mail; ``b`` comes back with ``walctl follow``, its diverged tail is
+   cut aside and reconciled into ``c`` (alice's session sees her messages
+   come back), and the reconcile report is printed;
+6. the checks: every node has the same digest (``walctl digest --json``),
+   every acknowledged message is on the master exactly once, and alice's
+   IMAP session sees every message of hers and the flags she set.
 
 The nodes are stopped with SIGTERM at the end (also on Ctrl-C or an error)
 and their directories are left for inspection. ``main()`` returns 0 only if
@@ -27,8 +35,10 @@ the checks in step 6 pass.
 from __future__ import annotations
 
 import glob
+import imaplib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -76,6 +86,14 @@ def show(*args: str, check: bool = True) -> int:
     return rc
 
 
+def show_with_input(text: str, shown: str, *args: str) -> None:
+    """Run one walctl command with ``text`` on its standard input, shown as ``shown | walctl ...``."""
+    say(f"$ {shown} | walctl {' '.join(args)}")
+    rc = subprocess.run(walctl_argv(*args), input=text, text=True).returncode
+    if rc != 0:
+        raise DemoError(f"`walctl {' '.join(args)}` exited with status {rc}")
+
+
 def capture(*args: str) -> str:
     """Run one walctl command quietly; its standard output."""
     p = subprocess.run(walctl_argv(*args), capture_output=True, text=True)
@@ -89,9 +107,10 @@ class Cluster:
 
     def __init__(self, root: str):
         self.root = root
-        ports = [free_port() for _ in range(2 * len(NAMES))]
+        ports = [free_port() for _ in range(3 * len(NAMES))]
         self.lmtp = {n: ("127.0.0.1", ports[i]) for i, n in enumerate(NAMES)}
         self.repl = {n: f"127.0.0.1:{ports[len(NAMES) + i]}" for i, n in enumerate(NAMES)}
+        self.imap = {n: ("127.0.0.1", ports[2 * len(NAMES) + i]) for i, n in enumerate(NAMES)}
         self.procs: dict[str, subprocess.Popen] = {}
         self.cmdlines: dict[str, list[str]] = {}
 
@@ -100,7 +119,8 @@ class Cluster:
 
     def args(self, mode: str, name: str) -> list[str]:
         peers = [x for n in NAMES for x in ("--peer", self.repl[n])]
-        return [mode, self.path(name), "--lmtp", "%s:%d" % self.lmtp[name], "--listen", self.repl[name], *peers,
+        return [mode, self.path(name), "--lmtp", "%s:%d" % self.lmtp[name], "--imap", "%s:%d" % self.imap[name],
+                "--listen", self.repl[name], *peers,
                 "--name", name, "--auto-reconcile", "--secret-file", os.path.join(self.root, SECRET)]
 
     def start(self, mode: str, name: str, *, quiet: bool = False) -> None:
@@ -196,6 +216,80 @@ class Cluster:
         reps = {r["name"]: r for r in st.get("replicas") or []}
         return all(r in reps and reps[r]["connected"] and reps[r]["durable_lsn"] == st["last_lsn"]
                    and reps[r].get("applied_lsn") == st["last_lsn"] for r in replicas)
+
+
+IMAP_USER, IMAP_PASSWORD = "alice", "demo password"
+
+
+def imap_say(node: str, text: str) -> None:
+    say(f"  imap {node}: {text}")
+
+
+class MailClient(imaplib.IMAP4):
+    """The demo's mail program: Python's imaplib, logged in as alice, her INBOX selected.
+
+    Selected with SELECT on every node: a replica answers ``[READ-ONLY]`` (imaplib's own
+    ``select()`` takes that for an error and wants EXAMINE, which would stay read-only for
+    good), and the same session becomes writable when its node is promoted.
+    """
+
+    def __init__(self, node: str, address: tuple[str, int]):
+        self.node = node
+        try:
+            super().__init__(*address, timeout=10)
+            self.login(IMAP_USER, IMAP_PASSWORD)
+            typ, data = self._simple_command("SELECT", "INBOX")
+        except (OSError, imaplib.IMAP4.error) as exc:
+            raise DemoError(f"IMAP on {node} ({address[0]}:{address[1]}): {exc}") from exc
+        if typ != "OK":
+            raise DemoError(f"IMAP on {node}: SELECT INBOX answered {typ} {data}")
+        self.state = "SELECTED"
+        self.read_only = self.untagged_responses.pop("READ-ONLY", None) is not None
+
+    def _answer(self, what: str, typ: str, data) -> list:
+        if typ != "OK":
+            raise DemoError(f"IMAP on {self.node}: {what} answered {typ} {data}")
+        return data
+
+    def uids(self) -> list[int]:
+        return [int(u) for u in self._answer("UID SEARCH", *self.uid("SEARCH", "ALL"))[0].split()]
+
+    def flags(self, uid: int) -> tuple[str, ...]:
+        for item in self._answer("UID FETCH", *self.uid("FETCH", str(uid), "(FLAGS)")):
+            if isinstance(item, bytes) and re.search(rb"\bUID %d\b" % uid, item):
+                return tuple(f.decode() for f in imaplib.ParseFlags(item))
+        return ()
+
+    def subject(self, uid: int) -> str:
+        data = self._answer("UID FETCH", *self.uid("FETCH", str(uid), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])"))
+        return next(item[1].decode().strip() for item in data if isinstance(item, tuple))
+
+    def store(self, uid: int, flag: str) -> tuple[str, str]:
+        """``UID STORE uid +FLAGS (flag)``: (tagged status, its text)."""
+        typ, data = self.uid("STORE", str(uid), "+FLAGS", f"({flag})")
+        return typ, (data[-1] or b"").decode() if typ != "OK" else ""
+
+    def wait_flag(self, uid: int, flag: str) -> float:
+        """Poll until ``uid`` shows ``flag``; the seconds it took."""
+        t0 = time.monotonic()
+        while flag not in self.flags(uid):
+            if time.monotonic() - t0 > WAIT_S:
+                raise DemoError(f"IMAP on {self.node}: UID {uid} never showed {flag}")
+            time.sleep(0.005)
+        return time.monotonic() - t0
+
+    def unprompted(self) -> str:
+        """The next line the server sends without being asked (a BYE)."""
+        try:
+            return self.readline().decode().strip()
+        except OSError as exc:
+            raise DemoError(f"IMAP on {self.node}: nothing came ({exc})") from exc
+
+    def close_quietly(self) -> None:
+        try:
+            self.shutdown()
+        except OSError:
+            pass
 
 
 class Mta:
@@ -376,10 +470,14 @@ def run_demo(cl: Cluster) -> bool:
     cl.start("follow", "b")
     cl.start("follow", "c")
     cl.wait_for("b and c to connect", lambda: cl.caught_up("a", ("b", "c")))
-    say(f"(each node logs to {root}/NAME.log)")
+    say(f"(each node logs to {root}/NAME.log; each serves IMAP too, the replicas read-only)")
+    say("alice gets a password for IMAP; its hash is a record in the log, so every replica can log her in:")
+    show_with_input(IMAP_PASSWORD + "\n", f"echo '{IMAP_PASSWORD}'", "user", cl.path("a"), "add", IMAP_USER,
+                    "--password-stdin")
 
     mta = Mta(cl.lmtp, prefer="a")
     load: Load | None = None
+    clients: list[MailClient] = []
     try:
         step(2, "deliveries over LMTP, with each replica's lag")
         say("250 comes after the master's fsync; replication is asynchronous, so replicas may lag a little.")
@@ -395,6 +493,23 @@ def run_demo(cl: Cluster) -> bool:
         say(f"delivered {n} messages to a")
         cl.wait_for("b and c to catch up", lambda: cl.caught_up("a", ("b", "c")))
         say(lag_line(cl.status("a")))
+        say("alice reads her mail with an IMAP client (Python's imaplib) on a, and flags a message:")
+        on_a = MailClient("a", cl.imap["a"])
+        clients.append(on_a)
+        uids = on_a.uids()
+        first = uids[0]
+        imap_say("a", f"SELECT INBOX -> {len(uids)} messages; UID FETCH {first} (BODY.PEEK[HEADER.FIELDS "
+                      f"(SUBJECT)]) -> {on_a.subject(first)}")
+        on_b = MailClient("b", cl.imap["b"])
+        clients.append(on_b)
+        on_a.store(first, "\\Flagged")
+        took = on_b.wait_flag(first, "\\Flagged")
+        imap_say("a", f"UID STORE {first} +FLAGS (\\Flagged) -> OK (in a's log, fsynced, before the OK)")
+        imap_say("b", f"SELECT INBOX -> [READ-ONLY] (a replica); UID {first} shows \\Flagged "
+                      f"{took * 1000:.0f} ms after a's OK")
+        typ, text = on_b.store(first, "\\Seen")
+        imap_say("b", f"UID STORE {first} +FLAGS (\\Seen) -> {typ} {text}")
+        cl.wait_for("c to hold the flag change too", lambda: cl.caught_up("a", ("b", "c")))
 
         step(3, "replica c is killed (SIGKILL) and catches up by itself")
         pid = cl.procs["c"].pid
@@ -423,10 +538,26 @@ def run_demo(cl: Cluster) -> bool:
             f"attempts got 4xx (or no answer) and were retried on another node")
         cl.wait_for("a and c to follow b", lambda: cl.caught_up("b", ("a", "c")))
         show("status", cl.path("b"))
+        say("alice's IMAP sessions: the one on a is told where the master went; the one on b carries on, writable:")
+        bye = on_a.unprompted()
+        imap_say("a", bye)
+        referral = re.search(r"REFERRAL imap://([^:/\]]+):(\d+)/", bye)
+        if referral is None:
+            raise DemoError(f"a's IMAP session ended without a referral to b: {bye!r}")
+        typ, text = on_b.store(first, "\\Seen")
+        imap_say("b", f"UID STORE {first} +FLAGS (\\Seen) -> {typ} {text}(the same session; it was told "
+                      f"* OK [READ-WRITE])")
+        followed = MailClient("b", (referral[1], int(referral[2])))
+        clients.append(followed)
+        imap_say("b", f"(reconnected where the referral points) UID {first} -> FLAGS ({' '.join(followed.flags(first))})"
+                      f", {len(followed.uids())} messages")
 
         step(5, "hard failover: the master b dies with mail no replica has")
         say("Both replicas are stopped (SIGTERM) and b, alone, acknowledges 20 messages (asynchronous")
         say("replication: 250 after b's own fsync). Then b is killed before any replica has them.")
+        for client in clients:
+            client.close_quietly()
+        clients.clear()
         for name in ("a", "c"):
             say(f"$ kill {cl.procs[name].pid}        # {name}")
             cl.kill(name, signal.SIGTERM)
@@ -438,13 +569,20 @@ def run_demo(cl: Cluster) -> bool:
         cl.start("follow", "c")
         cl.start("follow", "a")
         cl.wait_for("c to find no master", lambda: not (cl.status("c").get("connection") or {}).get("connected"))
+        on_c = MailClient("c", cl.imap["c"])
+        clients.append(on_c)
+        imap_say("c", f"SELECT INBOX -> [READ-ONLY] (c is a replica): {len(on_c.uids())} messages")
         show("promote", cl.path("c"))
+        typ, text = on_c.store(first, "\\Answered")
+        imap_say("c", f"UID STORE {first} +FLAGS (\\Answered) -> {typ} {text}(the same session, writable now)")
         cl.wait_for("a to follow c", lambda: cl.caught_up("c", ("a",)))
         by_node = mta.deliver(30)
         say(f"delivered {by_node.get('c', 0)} messages to the new master c")
         say("b comes back with `walctl follow`: its log forked from c's, so its tail is cut aside")
         say("(b/diverged/) and, with --auto-reconcile, sent to c's reconciler. Without it, an operator runs")
         say(f"`walctl reconcile {cl.path('c')}/log.wal {cl.path('b')}/diverged/*.wal --apply {cl.path('c')}`")
+        on_c.noop()
+        before = len(on_c.uids())
         cl.start("follow", "b")
         ev = cl.wait_for("b's tail to be reconciled into c", lambda: [
             e for e in cl.status("b").get("events") or [] if e["kind"] in ("reconciled", "reconcile-failed")])
@@ -455,14 +593,20 @@ def run_demo(cl: Cluster) -> bool:
             raise DemoError(f"no reconcile report in {cl.path('c')}/reconcile")
         say(f"the reconcile report ({reports[-1]}; the whole plan is in that file):")
         print_reconcile_report(reports[-1])
+        on_c.noop()
+        imap_say("c", f"NOOP, UID SEARCH ALL -> {len(on_c.uids()) - before} more messages in alice's INBOX: the "
+                      f"ones only b had acknowledged, copied back by the reconcile")
         mta.deliver(10)
         cl.wait_for("a and b to catch up with c", lambda: cl.caught_up("c", ("a", "b")))
         show("status", cl.path("c"))
+        imap_view = (len(on_c.uids()), set(on_c.flags(first)))
     finally:
         if load is not None:
             load.stopped.set()
             load.join()
         mta.close()
+        for client in clients:
+            client.close_quietly()
 
     step(6, "checks")
     ok = True
@@ -489,6 +633,13 @@ def run_demo(cl: Cluster) -> bool:
     for kind, items in problems.items():
         say(f"  {kind}: {len(items)}, e.g. {items[0]}")
     ok &= not problems
+    alice = sum(1 for m, _, _ in mta.acked if m == f"user/{IMAP_USER}/INBOX")
+    count, flags = imap_view
+    say(f"alice's IMAP client on c: {count} messages ({alice} acknowledged for her); UID {first}: "
+        f"{' '.join(sorted(flags))}")
+    imap_ok = count == alice and {"\\Flagged", "\\Seen", "\\Answered"} <= flags
+    say("her client sees every message once and the flags she set on a, b and c: " + ("yes" if imap_ok else "NO"))
+    ok &= imap_ok
     say(f"\ndemo took {time.monotonic() - t_start:.1f} s")
     return ok
 
