@@ -17,6 +17,16 @@ after it has applied everything durable at the time of the call
 A replica node (``role == "replica"``) refuses writes with
 :class:`ReadOnlyNodeError`; its log is fed by replication and its applier
 applies whatever arrives.
+
+Damage is loud. Opening the log verifies its last segment and the ends of
+the sealed ones (LOG-9); the store's catch-up reads (and so verifies) every
+record it has not applied, and refuses to open at damage there. The inside
+of the sealed segments, which the store applied before, is verified by a
+background check right after open (at most half of one core). Damage found
+by either, or an applier that stops on an error, is sticky: ``status()``
+names it (segment, offset, LSN), it is logged at ERROR, and every write is
+refused with :class:`StoreUnavailableError` saying what to do; reads go on
+from the store while it has applied what they need.
 """
 
 from __future__ import annotations
@@ -34,9 +44,10 @@ from typing import Callable, Iterable
 
 import blake3
 
-from wal import OS_FILEOPS, Log, LogClosedError, LogFailedError, Record, WalError
+from wal import OS_FILEOPS, CorruptRecordError, Log, LogClosedError, LogFailedError, Record, WalError
 from wal.history import read_history_file, write_history
 from wal.seek import SeekReader
+from wal.segment import list_segments, read_segment_header, scan_segment
 
 from ..store.events import (Checkpoint, MailboxCreated, UserDeleted, UserPasswordSet, encode_event, event_mailbox_ids,
                      modseq_floor)
@@ -87,6 +98,8 @@ class Node:
         self._applied_cond = threading.Condition()
         self._applier_error: BaseException | None = None
         self._applier: threading.Thread | None = None
+        self._log_damage: CorruptRecordError | None = None  # found by the sealed-segment check (sticky)
+        self._log_checker: threading.Thread | None = None
         self._apply_lock = threading.RLock()  # held while applying; failover surgery takes it too
         self.applied_lsn = store.applied_lsn  # cached for cheap reads (acks, status)
         # Bumped when cut_diverged empties the store for a rebuild: a read that checked
@@ -147,6 +160,9 @@ class Node:
             node._applier.start()
             node._checkpointer = threading.Thread(target=node._checkpoint_loop, name="mailwal-checkpoint", daemon=True)
             node._checkpointer.start()
+            node._log_checker = threading.Thread(target=node._check_sealed_segments, name="mailwal-log-check",
+                                                 daemon=True)
+            node._log_checker.start()
         return node
 
     def _checkpoint_loop(self) -> None:
@@ -195,7 +211,7 @@ class Node:
         self.log.wake_waiters()  # the applier waits for new records; it sees _stop now
         with self._applied_cond:
             self._applied_cond.notify_all()
-        for t in (self._applier, self._checkpointer):
+        for t in (self._applier, self._checkpointer, self._log_checker):
             if t is not None:
                 t.join(timeout=10)
         self.log.close()
@@ -221,13 +237,20 @@ class Node:
             pending: list[Record] = []
             replica = self.config.role == "replica"
             notes = changed if self._listeners else None
-            for rec in self.log.read(start):
-                pending.append(rec)
-                if len(pending) >= batch:
+            try:
+                for rec in self.log.read(start):
+                    pending.append(rec)
+                    if len(pending) >= batch:
+                        self.applied_lsn = self.store.apply_records(pending, replica=replica, changed=notes)
+                        pending = []
+                        if on_progress is not None:
+                            on_progress(self.applied_lsn, self.log.last_lsn)
+            except CorruptRecordError:
+                # Damage met while reading leaves the store at the record before it: the
+                # verified records read so far are applied first.
+                if pending:
                     self.applied_lsn = self.store.apply_records(pending, replica=replica, changed=notes)
-                    pending = []
-                    if on_progress is not None:
-                        on_progress(self.applied_lsn, self.log.last_lsn)
+                raise
             if pending:
                 self.applied_lsn = self.store.apply_records(pending, replica=replica, changed=notes)
             self.applied_lsn = self.store.applied_lsn
@@ -415,10 +438,84 @@ class Node:
                 self.catch_up()
         except (LogClosedError,) :
             pass
-        except BaseException as exc:  # surfaced through applied_error and status
+        except BaseException as exc:  # surfaced through status; writes are refused from now on
             self._applier_error = exc
+            _log.error("node %s: %s", self.config.name, self._not_writable_reason())
             with self._applied_cond:
                 self._applied_cond.notify_all()
+
+    # -- damage: sticky, in status, refuses writes ---------------------------------------
+
+    def _check_sealed_segments(self) -> None:
+        """Verify every record of the segments that were sealed at open, once (background thread).
+
+        ``Log.open`` verifies the last segment and only the ends of the sealed ones (LOG-9); the
+        store's catch-up verified what it had not applied. What is left is the inside of the
+        sealed segments, records the store applied in an earlier run: the records replicas,
+        rebuilds and reconciles would read. Each sealed segment's records are verified and its
+        last record must chain onto the next segment's header. Runs at most half of the time on
+        one core (it waits as long as each segment took). Damage is confirmed by a second read
+        under the apply lock (a diverged tail's cut or retention may change the segments meanwhile)
+        and then recorded for good (:meth:`status`, refused writes).
+        """
+        try:
+            segs = list_segments(self.log.path)
+            for (first, name), (_, next_name) in zip(segs, segs[1:]):
+                if self._stop.is_set():
+                    return
+                started = time.monotonic()
+                damage = self._sealed_segment_damage(first, name, next_name)
+                if damage is not None:
+                    with self._apply_lock:
+                        sealed = {n for _, n in list_segments(self.log.path)[:-1]}
+                        again = self._sealed_segment_damage(first, name, next_name) if name in sealed else None
+                    if again is not None and (again.offset, again.lsn) == (damage.offset, damage.lsn):
+                        self._log_damage = again
+                        _log.error("node %s: %s", self.config.name, self._not_writable_reason())
+                    return
+                self._stop.wait(time.monotonic() - started)
+        except Exception as exc:  # noqa: BLE001 - a check that could not run is no damage found
+            _log.warning("node %s: the check of the log's sealed segments stopped: %s", self.config.name, exc)
+
+    def _sealed_segment_damage(self, first: int, name: str, next_name: str) -> CorruptRecordError | None:
+        """The first damage in sealed segment ``name`` (or in how it chains onto ``next_name``), or None."""
+        path = os.path.join(self.log.path, name)
+        try:
+            nxt = read_segment_header(os.path.join(self.log.path, next_name))
+            scan = scan_segment(path, expected_first_lsn=first, expected_prev_hash=None,
+                                log_id=self.log.log_id.bytes, is_last=False)
+        except CorruptRecordError as exc:
+            return exc
+        except FileNotFoundError:
+            return None  # dropped by retention or moved aside by a cut meanwhile
+        if (scan.last_lsn, scan.last_hash) != (nxt.first_lsn - 1, nxt.prev_hash):
+            return CorruptRecordError(name, scan.end_offset, scan.last_lsn + 1,
+                                      f"sealed segment does not chain onto the next segment {next_name}")
+        return None
+
+    @property
+    def log_damage(self) -> CorruptRecordError | None:
+        """Damage the sealed-segment check found in this node's log (None: none found, or not yet)."""
+        return self._log_damage
+
+    def _not_writable_reason(self) -> str | None:
+        """Why this node takes no writes because of damage or a stopped applier (None: it does)."""
+        damage = self._log_damage
+        if damage is None and isinstance(self._applier_error, CorruptRecordError):
+            damage = self._applier_error
+        where = ""
+        if damage is not None:
+            where = (f"the log {self.log.path} is damaged at segment {damage.segment}, offset {damage.offset}"
+                     + (f", LSN {damage.lsn}" if damage.lsn is not None else "") + f": {damage.reason}")
+        if self._applier_error is not None:
+            what = (f"{where}; the store stopped applying the log after LSN {self.applied_lsn}" if where else
+                    f"the store stopped applying the log after LSN {self.applied_lsn}: {self._applier_error}")
+        elif where:
+            what = where
+        else:
+            return None
+        return (f"{what}. This node takes no writes: fail over to a replica, or stop it and restore the log "
+                f"from a replica (`walctl verify {self.log.path}` shows the damage)")
 
     @property
     def applier_error(self) -> BaseException | None:
@@ -470,6 +567,8 @@ class Node:
             raise ReadOnlyNodeError(self._writes_paused)
         if self.log.failed is not None:
             raise StoreUnavailableError(str(self.log.failed))
+        if self._applier_error is not None or self._log_damage is not None:
+            raise StoreUnavailableError(self._not_writable_reason())
         floor = modseq_floor(self.log.epoch)
         if floor > self.state.modseq_floor:
             self.state.raise_modseq_floor(floor)
@@ -1000,7 +1099,7 @@ class Node:
     def _fresh(self) -> None:
         if not self.wait_applied(self.log.last_lsn):
             if self._applier_error is not None:
-                raise StoreUnavailableError(f"the store stopped applying the log: {self._applier_error}")
+                raise StoreUnavailableError(self._not_writable_reason())
 
     def _read_fresh(self, read):
         """``read(store)`` after the store applied everything durable at the call.
@@ -1058,8 +1157,14 @@ class Node:
     def status(self) -> dict:
         """The node's state for ``walctl status``. Never waits for the state lock; during
         a diverged tail's cut it waits for the store swap (the store's own locks), then
-        counts the new store's quarantine (``applied_lsn`` shows the rebuild's progress)."""
+        counts the new store's quarantine (``applied_lsn`` shows the rebuild's progress).
+
+        ``log_failed``: why the log takes no writes: a failed write or fsync (LOG-12), or
+        damage found in it (then also ``log_damage``: segment, offset, LSN, reason).
+        ``applier_error``: why the store stopped applying the log (damage names its
+        segment, offset and LSN). Either refuses every write."""
         quarantined = len(self.store.quarantined())
+        damage = self._log_damage
         return {
             "node": self.config.name,
             "role": self.config.role,
@@ -1069,8 +1174,11 @@ class Node:
             "last_hash": self.log.last_hash.hex(),
             "applied_lsn": self.applied_lsn,
             "writes_paused": self._writes_paused,
-            "log_failed": str(self.log.failed) if self.log.failed else None,
-            "applier_error": str(self._applier_error) if self._applier_error else None,
+            "log_failed": str(self.log.failed) if self.log.failed else (
+                self._not_writable_reason() if damage is not None else None),
+            "log_damage": None if damage is None else {"segment": damage.segment, "offset": damage.offset,
+                                                       "lsn": damage.lsn, "reason": damage.reason},
+            "applier_error": self._not_writable_reason() if self._applier_error else None,
             "quarantined": quarantined,
             "checkpoint_mismatches": len(self.store.mismatches),
         }
