@@ -7,7 +7,7 @@ from functools import partial
 import anyio
 import pytest
 
-from engine.replication.receiver import ReplicaLink, run_replica
+from engine.replication.receiver import ReplicaLink, ReplicaSettings, run_replica
 from engine.replication.sender import ReplicationHub, serve_replication
 from wal import Log
 
@@ -27,7 +27,7 @@ async def test_a_reused_link_names_the_master_it_streams_from(tmp_path):
                 host, port = await tg.start(partial(serve_replication, master, hub, secret=SECRET,
                                                     heartbeat_interval_s=0.1))
                 await tg.start(partial(run_replica, str(tmp_path / "r1.wal"), host, port, SECRET, "r1", link=link,
-                                       backoff_initial_s=0.02, backoff_max_s=0.3))
+                                       settings=ReplicaSettings(backoff_initial_s=0.02, backoff_max_s=0.3)))
                 await link.wait_durable(master.last_lsn)
                 assert link.state == "streaming"
                 assert link.master == f"{host}:{port}"

@@ -8,6 +8,7 @@ REP-19, INV-PrefixAgreement, INV-NoGapNoDuplicate).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import anyio
@@ -115,7 +116,7 @@ async def test_delayed_link(tmp_path, master):
 async def test_blackhole_then_restore(tmp_path, master):
     """A hung link is noticed by the idle timeout on both sides (REP-19)."""
     quick_server = dict(SERVER, heartbeat_interval_s=0.05, idle_timeout_s=0.5, handshake_timeout_s=0.5)
-    quick_replica = dict(REPLICA, idle_timeout_s=0.5, handshake_timeout_s=0.5)
+    quick_replica = dict(settings=replace(REPLICA["settings"], idle_timeout_s=0.5, handshake_timeout_s=0.5))
 
     async def body(rig):
         await append_from_threads(master, 1, 10)
@@ -167,7 +168,7 @@ async def test_master_restart(tmp_path, master):
 async def test_a_stalled_replica_does_not_hold_back_the_master_or_others(tmp_path, master):
     """REP-20: a replica that stops reading costs the master a bounded outbox, nothing more."""
     hub = ReplicationHub(master)
-    slow_kw = dict(REPLICA, idle_timeout_s=30.0)
+    slow_kw = dict(settings=replace(REPLICA["settings"], idle_timeout_s=30.0))
     with anyio.fail_after(40):
         async with anyio.create_task_group() as tg:
             host, port = await tg.start(partial(serve_replication, master, hub, **dict(SERVER, idle_timeout_s=30.0)))

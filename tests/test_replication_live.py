@@ -24,7 +24,7 @@ from engine.errors import (
     SeedUnavailableError,
     WrongLogError,
 )
-from engine.replication.receiver import run_replica
+from engine.replication.receiver import ReplicaHooks, ReplicaSettings, run_replica
 from engine.replication.secret import create_secret, load_secret
 from engine.errors import SecretFileError
 from engine.replication.sender import ReplicationHub, serve_replication
@@ -35,8 +35,8 @@ pytestmark = pytest.mark.anyio
 
 SECRET = b"live-replication-test-secret-42"
 SERVER = dict(secret=SECRET, heartbeat_interval_s=0.1, idle_timeout_s=3.0, handshake_timeout_s=3.0)
-REPLICA = dict(idle_timeout_s=3.0, handshake_timeout_s=3.0, connect_timeout_s=3.0, backoff_initial_s=0.02,
-               backoff_max_s=0.3)
+REPLICA = dict(settings=ReplicaSettings(idle_timeout_s=3.0, handshake_timeout_s=3.0, connect_timeout_s=3.0,
+                                        backoff_initial_s=0.02, backoff_max_s=0.3))
 
 
 @pytest.fixture
@@ -138,7 +138,8 @@ async def test_records_durable_hook_and_applied_lsn(tmp_path, master):
         async with anyio.create_task_group() as tg:
             host, port = await tg.start(partial(serve_replication, master, hub, **SERVER))
             link = await tg.start(partial(run_replica, str(tmp_path / "r.wal"), host, port, SECRET, "r1",
-                                          on_records_durable=on_durable, applied_lsn=lambda: applied["lsn"], **REPLICA))
+                                          hooks=ReplicaHooks(on_records_durable=on_durable,
+                                                             applied_lsn=lambda: applied["lsn"]), **REPLICA))
             await append_from_threads(master, 1, 30)
             await link.wait_durable(30)
             await hub.wait_replicated(30, 1, 10)
@@ -190,7 +191,7 @@ async def test_seed_with_a_snapshot(tmp_path):
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 host, port = await tg.start(partial(serve_replication, master, hub, make_snapshot=make_snapshot, **SERVER))
-                link = await tg.start(partial(run_replica, path, host, port, SECRET, "fresh", snapshot_sink=Sink, **REPLICA))
+                link = await tg.start(partial(run_replica, path, host, port, SECRET, "fresh", hooks=ReplicaHooks(snapshot_sink=Sink), **REPLICA))
                 await append_from_threads(master, 1, 20)
                 await link.wait_durable(master.last_lsn)
                 await hub.wait_replicated(master.last_lsn, 1, 10)
@@ -309,7 +310,7 @@ async def test_fence_then_promote(tmp_path, master):
         async with anyio.create_task_group() as tg:
             host, port = await tg.start(partial(serve_replication, master, hub, **SERVER))
             l1 = await tg.start(partial(run_replica, str(tmp_path / "r1.wal"), host, port, SECRET, "r1",
-                                        on_promote=promoted_to.append, **REPLICA))
+                                        hooks=ReplicaHooks(on_promote=promoted_to.append), **REPLICA))
             l2 = await tg.start(partial(run_replica, str(tmp_path / "r2.wal"), host, port, SECRET, "r2", **REPLICA))
             await append_from_threads(master, 2, 30)
             drained = await hub.fence(timeout=10)

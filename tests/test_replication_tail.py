@@ -23,7 +23,7 @@ from engine import replication as P
 from engine.replication import messages
 from engine.errors import LocalProtocolError, RemoteProtocolError
 from engine.replication import AppendBatch
-from engine.replication.receiver import run_replica
+from engine.replication.receiver import ReplicaSettings, run_replica
 from engine.replication.tail import TailBuffer, batch_cost
 from engine.replication.sender import ReplicationHub, serve_replication
 from tests.replication_support import SessionPair, chain, history
@@ -32,8 +32,8 @@ from wal.format import FRAME_HEADER_SIZE, decode_frame_header
 
 SECRET = b"tail-replication-test-secret-42"
 SERVER = dict(secret=SECRET, heartbeat_interval_s=0.1, idle_timeout_s=3.0, handshake_timeout_s=3.0)
-REPLICA = dict(idle_timeout_s=3.0, handshake_timeout_s=3.0, connect_timeout_s=3.0, backoff_initial_s=0.02,
-               backoff_max_s=0.3)
+REPLICA = dict(settings=ReplicaSettings(idle_timeout_s=3.0, handshake_timeout_s=3.0, connect_timeout_s=3.0,
+                                        backoff_initial_s=0.02, backoff_max_s=0.3))
 
 
 def batches(n_batches: int, per: int, size: int = 10) -> list[AppendBatch]:

@@ -448,7 +448,7 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
 
     from engine.cluster import parse_address, report_link
     from engine.node import LOG_DIR, STORE_FILE
-    from engine.replication.receiver import ReplicaLink, run_replica
+    from engine.replication.receiver import ReplicaHooks, ReplicaLink, run_replica
 
     from .cliutil import error_message, stderr_console
 
@@ -499,7 +499,7 @@ def _seed(node: str, addresses: list[str], s: dict, name: str) -> None:
             tg.start_soon(report_link, link, addresses, say, lambda _text: None)
             await tg.start(lambda task_status: run_replica(
                 os.path.join(node, LOG_DIR), addrs[0][0], addrs[0][1], secret, name,
-                snapshot_sink=Sink, alternates=addrs[1:], link=link, task_status=task_status))
+                hooks=ReplicaHooks(snapshot_sink=Sink), alternates=addrs[1:], link=link, task_status=task_status))
             say(f"seeding: following {link.master}")
             tg.cancel_scope.cancel()
 

@@ -60,7 +60,7 @@ from ..errors import (
 )
 from ..store.errors import ReadOnlyNodeError, TemporaryFailure, UnknownMailboxError
 from ..node.admin import OPERATIONS
-from ..replication.receiver import ReplicaLink, run_replica
+from ..replication.receiver import ReplicaHooks, ReplicaLink, run_replica
 from ..reconcile.errors import ReconcileError
 from ..replication.secret import load_secret
 from ..replication.channel import PrefixedStream
@@ -505,8 +505,9 @@ class Cluster:
             try:
                 await run_replica(
                     node.log, peers[0][0], peers[0][1], self.secret or b"", self.config.name,
-                    applied_lsn=lambda: min(node.applied_lsn, node.log.last_lsn), link=link,
-                    alternates=peers[1:], on_promote=self._on_promoted_by_master,
+                    hooks=ReplicaHooks(applied_lsn=lambda: min(node.applied_lsn, node.log.last_lsn),
+                                       on_promote=self._on_promoted_by_master),
+                    link=link, alternates=peers[1:],
                 )
             except DivergedError as exc:
                 await self._diverged(exc)

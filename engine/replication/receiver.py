@@ -81,7 +81,7 @@ from .messages import (
 from .session import ReplicationSession
 from .transitions import State
 
-__all__ = ["run_replica", "ReplicaLink", "SnapshotMeta", "SnapshotSink"]
+__all__ = ["run_replica", "ReplicaSettings", "ReplicaHooks", "ReplicaLink", "SnapshotMeta", "SnapshotSink"]
 
 #: Batches already received are appended together up to this many payload bytes (one fsync).
 COALESCE_MAX_BYTES = 4 * BATCH_SOFT_MAX_BYTES
@@ -177,6 +177,38 @@ class ReplicaLink:
         self._notify()
 
 
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """How a replica talks to its master: timeouts and the reconnect backoff."""
+
+    idle_timeout_s: float = 5.0  # a master silent this long is presumed gone (reconnect)
+    handshake_timeout_s: float = 5.0  # authentication and position exchange
+    connect_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.05  # first reconnect delay; doubled per failed attempt, with jitter
+    backoff_max_s: float = 5.0
+    segment_max_bytes: int | None = None  # segments of a log this replica creates (None: the log's default)
+
+
+@dataclass(frozen=True)
+class ReplicaHooks:
+    """What the replica's owner is told, and what it supplies (all optional).
+
+    ``on_records_durable(records)``: each appended list of records once it is
+    durable, before the Ack (sync or async; e.g. wakes the applier).
+    ``applied_lsn()``: the store's applied LSN for Acks (cheap; called in the
+    event loop); default: the durable LSN. ``snapshot_sink(meta)``: accepts
+    snapshot seeding (returns a :class:`SnapshotSink`); without it only
+    seeding from LSN 1 is possible. ``on_promote(epoch)``: the master promoted
+    this replica (after ``wal.history.start_epoch`` raised the log's epoch,
+    before Promoted is sent; it may append, e.g. an EpochStarted record).
+    """
+
+    on_records_durable: Callable[[Sequence[Record]], Awaitable[None] | None] | None = None
+    applied_lsn: Callable[[], int] | None = None
+    snapshot_sink: Callable[[SnapshotMeta], SnapshotSink] | None = None
+    on_promote: Callable[[int], Awaitable[None] | None] | None = None
+
+
 async def run_replica(
     log_or_path: Log | str | os.PathLike,
     master_host: str,
@@ -184,18 +216,10 @@ async def run_replica(
     secret: bytes,
     name: str,
     *,
-    on_records_durable: Callable[[Sequence[Record]], Awaitable[None] | None] | None = None,
-    applied_lsn: Callable[[], int] | None = None,
-    snapshot_sink: Callable[[SnapshotMeta], SnapshotSink] | None = None,
-    on_promote: Callable[[int], Awaitable[None] | None] | None = None,
+    hooks: ReplicaHooks = ReplicaHooks(),
+    settings: ReplicaSettings = ReplicaSettings(),
     link: ReplicaLink | None = None,
     alternates: Sequence[tuple[str, int]] = (),
-    idle_timeout_s: float = 5.0,
-    handshake_timeout_s: float = 5.0,
-    connect_timeout_s: float = 5.0,
-    backoff_initial_s: float = 0.05,
-    backoff_max_s: float = 5.0,
-    segment_max_bytes: int | None = None,
     task_status: anyio.abc.TaskStatus = anyio.TASK_STATUS_IGNORED,
 ) -> ReplicaLink:
     """Follow the master at ``master_host:master_port`` into a replica log.
@@ -208,15 +232,8 @@ async def run_replica(
             open and belongs to the caller (``link.log``).
         secret: the shared replication secret.
         name: this replica's name (1-48 of ``[A-Za-z0-9._-]``).
-        on_records_durable: called with each appended list of records once it
-            is durable, before the Ack (sync or async; e.g. wakes the applier).
-        applied_lsn: returns the store's applied LSN for Acks (must be cheap;
-            called in the event loop); default: the durable LSN.
-        snapshot_sink: ``(SnapshotMeta) -> SnapshotSink`` to accept snapshot
-            seeding; without it only seeding from LSN 1 is possible.
-        on_promote: called with the new epoch when the master promotes this
-            replica (after ``wal.history.start_epoch`` raised the log's epoch,
-            before Promoted is sent; it may append, e.g. an EpochStarted record).
+        hooks: what this replica tells its owner and asks of it (:class:`ReplicaHooks`).
+        settings: timeouts and backoff (:class:`ReplicaSettings`).
         link: a :class:`ReplicaLink` to update (one is made if None).
         alternates: other addresses where the master may be (the cluster's
             peers). A connection attempt that fails before streaming moves on
@@ -224,7 +241,6 @@ async def run_replica(
             new master by itself; a node that is not serving refuses the TCP
             connection, and a master whose history this log is not a prefix
             of refuses the position (diverged/ahead), which stops the replica.
-        idle_timeout_s: a master silent this long is presumed gone (reconnect).
         task_status: receives the :class:`ReplicaLink` once the replica is
             streaming for the first time (so ``await tg.start(run_replica, ...)``
             returns when it is following, and raises if it is refused).
@@ -239,11 +255,8 @@ async def run_replica(
     if not valid_replica_name(name):
         raise ValueError(f"invalid replica name {name!r}: use 1-48 letters, digits, '.', '_' or '-'")
     ReplicationSession(Role.REPLICA, secret)  # validates the secret now, not at first connect
-    runner = _Replica(
-        log_or_path, master_host, master_port, secret, name, on_records_durable, applied_lsn, snapshot_sink,
-        on_promote, link or ReplicaLink(name, f"{master_host}:{master_port}"), idle_timeout_s,
-        handshake_timeout_s, connect_timeout_s, backoff_initial_s, backoff_max_s, segment_max_bytes, task_status,
-    )
+    runner = _Replica(log_or_path, master_host, master_port, secret, name, hooks, settings,
+                      link or ReplicaLink(name, f"{master_host}:{master_port}"), task_status)
     runner.masters += [tuple(a) for a in alternates if tuple(a) != (master_host, master_port)]
     return await runner.run()
 
@@ -253,22 +266,17 @@ class _Promoted(Exception):
 
 
 class _Replica:
-    def __init__(self, log_or_path, host, port, secret, name, on_records_durable, applied_lsn, snapshot_sink,
-                 on_promote, link, idle, handshake, connect, backoff_initial, backoff_max, segment_max_bytes,
-                 task_status):
+    def __init__(self, log_or_path, host, port, secret, name, hooks: ReplicaHooks, settings: ReplicaSettings,
+                 link: ReplicaLink, task_status):
         self.owns_log = not isinstance(log_or_path, Log)
         self.path = None if not self.owns_log else os.fspath(log_or_path)
         self.log: Log | None = None if self.owns_log else log_or_path
         self.host, self.port, self.secret, self.name = host, port, secret, name
         self.masters: list[tuple[str, int]] = [(host, port)]
-        self.on_records_durable = on_records_durable
-        self.applied_lsn = applied_lsn
-        self.snapshot_sink = snapshot_sink
-        self.on_promote = on_promote
+        self.hooks = hooks
+        self.settings = settings
         self.link: ReplicaLink = link
-        self.idle, self.handshake, self.connect = idle, handshake, connect
-        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
-        self.log_kwargs = {} if segment_max_bytes is None else {"segment_max_bytes": segment_max_bytes}
+        self.log_kwargs = {} if settings.segment_max_bytes is None else {"segment_max_bytes": settings.segment_max_bytes}
         self.task_status = task_status
         self.started = False
         self.reached_streaming = False
@@ -316,7 +324,7 @@ class _Replica:
                     self.masters.append(self.masters.pop(0))
                     self.host, self.port = self.masters[0]
                     link._set(master=f"{self.host}:{self.port}")
-                delay = min(self.backoff_max, self.backoff_initial * (2 ** attempt)) * random.uniform(0.5, 1.0)
+                delay = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * (2 ** attempt)) * random.uniform(0.5, 1.0)
                 attempt = min(attempt + 1, 30)
                 link._set(state="backoff")
                 await anyio.sleep(delay)
@@ -330,7 +338,7 @@ class _Replica:
 
     def _transient(self, exc: BaseException) -> None:
         if isinstance(exc, TimeoutError):
-            text = f"no message from the master for {self.idle:g} s, or it did not answer in time"
+            text = f"no message from the master for {self.settings.idle_timeout_s:g} s, or it did not answer in time"
         else:
             text = str(exc) or type(exc).__name__
         if isinstance(exc, RemoteProtocolError):
@@ -345,12 +353,12 @@ class _Replica:
         # divergence still named the master of the previous run, and the cluster sent its
         # diverged tail there (to a node that was no longer master) on every retry.
         self.link._set(master=f"{self.host}:{self.port}")
-        with anyio.fail_after(self.connect):
+        with anyio.fail_after(self.settings.connect_timeout_s):
             stream = await anyio.connect_tcp(self.host, self.port)
-        chan = Channel(stream, ReplicationSession(Role.REPLICA, self.secret), write_timeout_s=self.idle)
+        chan = Channel(stream, ReplicationSession(Role.REPLICA, self.secret), write_timeout_s=self.settings.idle_timeout_s)
         try:
             self.link._set(state="authenticating")
-            with anyio.fail_after(self.handshake):
+            with anyio.fail_after(self.settings.handshake_timeout_s):
                 await self._authenticate(chan)
             self.link._set(state="placing")
             await self._place(chan)
@@ -359,7 +367,7 @@ class _Replica:
             await chan.aclose()
 
     async def _recv(self, chan: Channel):
-        with anyio.fail_after(self.idle):
+        with anyio.fail_after(self.settings.idle_timeout_s):
             ev = await chan.receive()
         return self._check_end(ev)
 
@@ -390,7 +398,7 @@ class _Replica:
         lg = self.log
         pos: Position | None = None
         if lg is None:
-            await chan.send(SeedRequest(self.name, self.snapshot_sink is not None))
+            await chan.send(SeedRequest(self.name, self.hooks.snapshot_sink is not None))
         else:
             first = await anyio.to_thread.run_sync(lambda: lg.first_lsn)
             pos = Position(self.name, lg.log_id.bytes, lg.epoch, first, lg.last_lsn, lg.last_hash)
@@ -416,10 +424,10 @@ class _Replica:
                 return ev
 
     async def _receive_snapshot(self, chan: Channel, begin: SnapshotBegin) -> None:
-        assert self.snapshot_sink is not None  # the session refuses snapshots we did not ask for
+        assert self.hooks.snapshot_sink is not None  # the session refuses snapshots we did not ask for
         self.link._set(state="seeding")
         meta = SnapshotMeta(uuid.UUID(bytes=begin.log_id), begin.epoch, begin.lsn, begin.hash)
-        sink = await anyio.to_thread.run_sync(self.snapshot_sink, meta)
+        sink = await anyio.to_thread.run_sync(self.hooks.snapshot_sink, meta)
         done = False
         try:
             while True:
@@ -459,7 +467,7 @@ class _Replica:
         assert lg is not None
         async with self._ack_lock:  # computed and sent under one lock: acks never go back
             durable = min(lg.last_lsn, chan.session.last_lsn)
-            applied = durable if self.applied_lsn is None else max(0, min(int(self.applied_lsn()), durable))
+            applied = durable if self.hooks.applied_lsn is None else max(0, min(int(self.hooks.applied_lsn()), durable))
             await chan.send(Ack(durable, applied))
         self.link._set(durable_lsn=durable, applied_lsn=applied)
 
@@ -533,8 +541,8 @@ class _Replica:
                           "nothing was appended, reconnecting", self.name, records[0].lsn, records[-1].lsn, exc)
                 raise
             self.link._set(durable_lsn=lg.last_lsn, master_lsn=max(self.link.master_lsn or 0, lg.last_lsn))
-            if self.on_records_durable is not None:
-                result = self.on_records_durable(records)
+            if self.hooks.on_records_durable is not None:
+                result = self.hooks.on_records_durable(records)
                 if inspect.isawaitable(result):
                     await result
             await self._ack(chan)
@@ -567,8 +575,8 @@ class _Replica:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(start_epoch, lg, ev.new_epoch)
         reply = Promoted(ev.new_epoch, lg.last_lsn, lg.last_hash)
-        if self.on_promote is not None:
-            result = self.on_promote(ev.new_epoch)
+        if self.hooks.on_promote is not None:
+            result = self.hooks.on_promote(ev.new_epoch)
             if inspect.isawaitable(result):
                 await result
         await chan.send(reply)
