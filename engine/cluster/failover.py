@@ -1,4 +1,4 @@
-"""Failover helpers: starting a new epoch when a node is promoted (issue 5).
+"""Failover helpers: starting a new epoch when a node is promoted (REC-2).
 
 :func:`promote` is the offline half of a promotion: it makes a node's log
 enter a new epoch (``wal.history.start_epoch``: ``EPOCH`` then ``EPOCHS``)

@@ -665,7 +665,7 @@ class Cluster:
         failure aborts and this node resumes as master: nobody else can be
         master then. From the moment Promote may leave, this node is durably a
         replica *first* (``node.json``), so a lost Promoted reply or a crash
-        can never leave two masters (found by the spin model,
+        can never leave two masters (specs/replication.pml checks it:
         BUG_RESUME_AFTER_PROMOTE): at worst the cluster has no master and the
         operator promotes one (`walctl promote`); nothing is lost, the target
         holds every record.

@@ -53,7 +53,7 @@ class MessageTooLargeError(RequestError):
 
 
 class GuardRefusedError(RequestError):
-    """The operation would delete more than the configured guard allows (issue 6)."""
+    """The operation would delete more than the configured guard allows (MS-12)."""
 
 
 class UidOrderError(RequestError):

@@ -242,7 +242,7 @@ class MessagesExpunged:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Per-mailbox digests at this point of the log (issue 6, integrity)."""
+    """Per-mailbox digests at this point of the log (MS-11, integrity)."""
 
     TYPE: ClassVar[int] = 7
     digests: dict = field(default_factory=dict)  # mailbox_id -> 32-byte digest
@@ -251,7 +251,7 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class EpochStarted:
-    """A promotion: records from here on belong to ``epoch`` (issue 5)."""
+    """A promotion: records from here on belong to ``epoch`` (REC-2)."""
 
     TYPE: ClassVar[int] = 8
     epoch: int
