@@ -1,4 +1,4 @@
-"""End to end with real processes on 127.0.0.1: replication (issue 4) and failover (issue 5)."""
+"""End to end with real processes on 127.0.0.1: replication (REP-n) and failover (CTL-4)."""
 
 import glob
 import json

@@ -1,4 +1,4 @@
-"""Fuzzing the record decoder and the LMTP front with malformed input (issue 7).
+"""Fuzzing the record decoder and the LMTP front with malformed input.
 
 Only typed errors, never a crash of the server, never a corrupt record
 accepted, and the server keeps serving other clients. The replication frame

@@ -1,4 +1,4 @@
-"""Integrity with real processes (issue 6): check/repair, quarantine under load, resync, scrub."""
+"""Integrity with real processes (MS-11, MS-13): check/repair, quarantine under load, resync, scrub."""
 
 import json
 import sqlite3

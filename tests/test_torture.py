@@ -1,4 +1,4 @@
-"""`walctl torture` (issue 7): a seeded run of a real cluster under faults.
+"""`walctl torture`: a seeded run of a real cluster under faults.
 
 The short run is part of the default suite: three `walctl serve/follow`
 processes on 127.0.0.1 behind fault proxies, LMTP deliveries and flag
