@@ -12,6 +12,11 @@ next command boundary; IMAP sessions get ``* BYE`` at their next command
 boundary (an IDLE included); then cancel the services and close the node.
 Connections still mid-transaction after the grace period are cut: they were
 never acknowledged, so their MTA (or mail client) retries.
+
+The LMTP front may also open and close while the node runs, when the
+cluster changes its role (CTL-11): :meth:`NodeRunner.open_lmtp` and
+:meth:`NodeRunner.close_lmtp`, at ``lmtp_role``, the front that follows the
+role.
 """
 
 

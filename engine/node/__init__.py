@@ -19,7 +19,9 @@ replication and its applier applies whatever arrives.
 Modules: :mod:`.core` (:class:`Node`, blocking, thread-safe), :mod:`.aio`
 (:class:`AsyncNode`, the anyio face), :mod:`.layout` (the node directory and
 ``node.json``), :mod:`.diverged` (the registry of tails cut aside after a
-fork), :mod:`.receipts`. The node imports :mod:`engine.store` and :mod:`wal`.
+fork), :mod:`.receipts`, :mod:`.admin` (operator requests: users, mailboxes,
+flags and expunges, the same on a running node's control channel and on a
+stopped node, CTL-10). The node imports :mod:`engine.store` and :mod:`wal`.
 """
 
 from .aio import AsyncNode
