@@ -8,7 +8,7 @@
  *
  *     spin -a replication.pml && gcc -O2 -DNOREDUCE -o pan pan.c && ./pan -a -m100000
  *
- * (tests/test_spin_model.py does this in a temporary directory, and again
+ * (tests/replication/test_spin_model.py does this in a temporary directory, and again
  * with each -DBUG_... switch, which must make spin report an error).
  *
  * One process, `cluster`, runs forever choosing an enabled action, TLA+ style:

@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from tests.support import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHITECTURE = os.path.join(ROOT, "docs", "architecture.md")
 PACKAGES = ("wal", "engine", "tools")
 
@@ -52,7 +52,7 @@ PURE = [
     "engine/reconcile/tail_diff.py",
     "engine/reconcile/planner.py",
     "engine/lmtp/session.py",
-    # engine/imap/: everything but server.py and node_backend.py (IMAP-27, tests/test_imap_spec.py)
+    # engine/imap/: everything but server.py and node_backend.py (IMAP-27, tests/imap/test_imap_spec.py)
     "engine/imap/__init__.py",
     "engine/imap/backend.py",
     "engine/imap/commands.py",

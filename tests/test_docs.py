@@ -25,8 +25,8 @@ import pytest
 
 from tools import cli_reference
 from tools.walctl import cli
+from tests.support import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 README_MAX_LINES = 200
 

@@ -9,8 +9,8 @@ import ast
 import os
 
 import pytest
+from tests.support import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("wal", "engine", "tools", "tests")
 
 LOCK_HELPER = "wal/lock.py"

@@ -6,7 +6,7 @@ status fields (docs/operations/status-and-metrics.md) are taken from the
 objects that produce ``walctl status`` (a node, its cluster side as master
 and as replica, the master's per-replica rows, a replica's link); metric
 names from the registry engine/metrics.py builds; the Postfix settings of
-docs/operations/postfix.md are the ones tests/test_postfix.py runs.
+docs/operations/postfix.md are the ones tests/e2e/test_postfix.py runs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from engine.replication.receiver import ReplicaLink
 from engine.replication.sender import ReplicaStatus
 from tools.cmd_cluster import _offline_status
 from tools.config_doc import markdown_table, settings
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import ROOT
 
 
 def _readme() -> str:
@@ -89,7 +88,7 @@ def test_every_metric_is_documented():
 
 
 def test_postfix_settings_are_the_tested_ones():
-    with open(os.path.join(ROOT, "tests", "test_postfix.py"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "tests", "e2e", "test_postfix.py"), encoding="utf-8") as f:
         tested = f.read()
     page = _operations("postfix.md")
     for setting in ("virtual_transport", "virtual_mailbox_domains", "local_transport", "local_recipient_maps",

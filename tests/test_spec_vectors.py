@@ -19,9 +19,10 @@ from wal import codec
 from wal.format import decode_frame_header, decode_segment_header, encode_frame, encode_segment_header
 from wal.segment import scan_segment
 
-from helpers import read_text
+from tests.support.helpers import read_text
+from tests.support import ROOT
+from tests.support import find_tests
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "specs", "vectors")
 
 
@@ -160,11 +161,9 @@ SPEC = read_text(os.path.join(ROOT, "specs", "log-format.md"))
 
 
 def _test_sources():
-    tests = os.path.join(ROOT, "tests")
-    for name in sorted(os.listdir(tests)):
-        if (name.startswith("test_wal_") or name == "test_spec_vectors.py") and name.endswith(".py"):
-            with open(os.path.join(tests, name), encoding="utf-8") as f:
-                yield name, f.read()
+    for path in find_tests("test_wal_*.py", "test_spec_vectors.py"):
+        with open(path, encoding="utf-8") as f:
+            yield os.path.basename(path), f.read()
 
 
 def test_every_LOG_rule_of_the_spec_has_a_test_named_after_it():

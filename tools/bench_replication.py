@@ -52,7 +52,7 @@ LMTP by ``tools.bench_lmtp``'s asyncio client:
    8 MiB (the least any replica does with those bytes: it cannot be faster
    than copying them durably to its disk).
 
-Speeds are never asserted by tests; ``tests/test_bench_replication.py`` runs a
+Speeds are never asserted by tests; ``tests/e2e/test_bench_replication.py`` runs a
 tiny configuration and checks the figures exist.
 """
 

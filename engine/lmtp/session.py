@@ -21,7 +21,7 @@ until the application answers:
 
 :class:`MessageRefused` and :class:`ConnectionClosed` are informational.
 
-Rules enforced here (tests in ``tests/test_lmtp_session.py``):
+Rules enforced here (tests in ``tests/lmtp/test_lmtp_session.py``):
 
 * Command lines end in CRLF. A bare LF ends the line but the command is
   refused (``500 5.5.2``); a command line longer than ``max_command_bytes``

@@ -13,7 +13,7 @@ whoever still wants them.
 Pure and synchronous: no I/O, no clock, no locks (the sender uses it from its
 event loop thread only).
 
-Invariants (checked by ``tests/test_replication_tail.py``):
+Invariants (checked by ``tests/replication/test_replication_tail.py``):
 
 * the batches are gapless: each starts at the previous one's ``last_lsn + 1``;
 * the held cost stays at most ``max_bytes`` once more than one batch is held

@@ -68,7 +68,7 @@ S = State
 _BYE = {(M, Goodbye): S.CLOSED, (R, Goodbye): S.CLOSED}
 
 #: The whole state machine: state -> {(sender, message type) -> next state}.
-#: specs/replication.md quotes it (tests/test_protocol_spec.py keeps them equal).
+#: specs/replication.md quotes it (tests/replication/test_protocol_spec.py keeps them equal).
 #: EOF at a frame boundary moves any state but ERROR to CLOSED (REP-17).
 TRANSITIONS: dict[State, dict[tuple[Role, Input], State]] = {
     S.HELLO: {(R, Hello): S.CHALLENGE},

@@ -1,0 +1,1 @@
+"""Tests of a running node's roles and diverged tails (engine/cluster/)."""

@@ -1,0 +1,1 @@
+"""Tests of real walctl processes and real external clients."""

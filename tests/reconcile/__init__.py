@@ -1,0 +1,1 @@
+"""Tests of reconciling diverged tails (engine/reconcile/)."""

@@ -1,0 +1,1 @@
+"""Tests of log shipping (engine/replication/) and its Promela model."""

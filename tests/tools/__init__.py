@@ -1,0 +1,1 @@
+"""Tests of walctl and the tools (tools/), run in-process."""
