@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MINUTES ?= 2
 
-.PHONY: test demo venv bench torture docs clean
+.PHONY: test test-fast demo venv bench torture docs clean
 
 $(BIN)/walctl: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -17,6 +17,10 @@ venv: $(BIN)/walctl
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The inner loop: all but tests/e2e/ (real processes and clients) and the heavy-marked tests.
+test-fast: venv
+	$(BIN)/python -m pytest -q --ignore=tests/e2e -m "not heavy" --hypothesis-profile=dev
 
 demo: venv
 	$(BIN)/python -m tools.demo

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -159,4 +160,4 @@ class NodeAgreesWithModel(RuleBasedStateMachine):
 
 NodeAgreesWithModel.TestCase.settings = settings(max_examples=12, stateful_step_count=20, deadline=None,
                                                  suppress_health_check=[HealthCheck.too_slow])
-test_a_node_answers_like_the_model = NodeAgreesWithModel.TestCase
+test_a_node_answers_like_the_model = pytest.mark.heavy(NodeAgreesWithModel.TestCase)

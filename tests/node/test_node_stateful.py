@@ -218,4 +218,4 @@ class NodeMachine(RuleBasedStateMachine):
 
 NodeMachine.TestCase.settings = settings(NodeMachine.TestCase.settings, stateful_step_count=30,
                                            max_examples=min(NodeMachine.TestCase.settings.max_examples, 40))
-TestNodeStateMachine = NodeMachine.TestCase
+TestNodeStateMachine = pytest.mark.heavy(NodeMachine.TestCase)

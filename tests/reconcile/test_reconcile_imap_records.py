@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from engine.node import rebuild_store
 from engine.reconcile import apply_reconcile, diff
 from engine.reconcile.planner import DictSurvivorView, plan
@@ -63,6 +65,7 @@ def test_rec17_a_losers_copy_move_and_append_lose_no_message(tmp_path):
     assert rebuild_store(str(tmp_path / "new")) == digest
 
 
+@pytest.mark.heavy
 def test_rec15_rec16_users_and_subscriptions_follow_the_later_change(tmp_path):
     """REC-15: a loser's user change is re-applied unless the survivor changed that user later;
     REC-16: the same for each subscription. The survivor can then log in the loser's users."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -147,6 +148,7 @@ def resolve(sop, lop):
 _D = (0, "deliver", 0, 0, 0)
 
 
+@pytest.mark.heavy
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(

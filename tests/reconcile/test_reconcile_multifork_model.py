@@ -404,6 +404,7 @@ histories = dict(
 _D = ("deliver", 0, 0, 0, 0)
 
 
+@pytest.mark.heavy
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(**histories)

@@ -64,6 +64,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_the_model_satisfies_its_properties(tmp_path, config):
     out = _pan(str(tmp_path), *CONFIGS[config])
@@ -96,6 +97,7 @@ BUGS = {
 }
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_a_planted_bug_is_caught(tmp_path, bug):
     out = _pan(str(tmp_path), f"-D{bug}")

@@ -10,6 +10,7 @@ HIGHESTMODSEQ and the message count).
 
 import sqlite3
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +87,7 @@ def run_ops(node: Node, script) -> None:
             node.checkpoint()
 
 
+@pytest.mark.heavy
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(script=ops, cuts=st.lists(st.integers(min_value=1, max_value=60), max_size=8))
 def test_any_batching_gives_the_store_of_one_record_at_a_time(tmp_path_factory, script, cuts):

@@ -183,6 +183,7 @@ def test_ms23_changes_cost_in_proportion_to_the_changes(node):
         assert "messages_modseq" in plan or "expunged" in plan, (q, plan)
 
 
+@pytest.mark.heavy
 def test_ms21_users_are_records_with_hashes_only(node):
     """MS-21: add, verify, change, delete; the log holds a hash, never the password; a replica's store
     (a rebuild from the log) can log the user in."""

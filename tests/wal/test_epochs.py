@@ -279,6 +279,7 @@ def test_rec3_sibling_epochs(tmp_path):
     assert s.history_b[-1].first_lsn == 86 and s.history_a[-1].first_lsn == 89
 
 
+@pytest.mark.heavy
 def test_rec3_fork_search_reads_few_records(tmp_path):
     """Tens of thousands of records diverging at the end: the search reads O(log n) of them."""
     a, b = str(tmp_path / "a.wal"), str(tmp_path / "b.wal")
@@ -456,6 +457,7 @@ def test_rec3_seek_reader_ignores_a_torn_tail_and_reports_damage(tmp_path):
 # property: random histories, random fork points
 
 
+@pytest.mark.heavy
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     shared=st.integers(0, 400),

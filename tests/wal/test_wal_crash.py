@@ -92,6 +92,7 @@ def explore(rec, hist, tmp_path, final_hashes, points=None, max_cuts=8):
     return n
 
 
+@pytest.mark.heavy
 def test_LOG_2_LOG_8_every_crash_point_of_a_workload_with_rotation_cursors_and_retention(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -131,6 +132,7 @@ def test_LOG_2_LOG_8_every_crash_point_of_a_workload_with_rotation_cursors_and_r
     assert n > rec.op_count * 2  # many states per point, not just "synced only"
 
 
+@pytest.mark.heavy
 def test_LOG_8_LOG_11_concurrent_appenders_at_every_crash_point(tmp_path):
     """Group commit: what any thread was told is durable survives every crash."""
     root = tmp_path / "root"

@@ -59,6 +59,7 @@ def check_all_present(path, acks):
     return got
 
 
+@pytest.mark.heavy
 def test_LOG_8_LOG_11_kill_9_at_several_points_keeps_every_acknowledged_record(tmp_path):
     path = str(tmp_path / "x.wal")
     all_acks = {}

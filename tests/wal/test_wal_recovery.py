@@ -40,6 +40,7 @@ def base(tmp_path):
     return path, acks
 
 
+@pytest.mark.heavy
 def test_LOG_8_truncating_the_final_record_at_every_byte_recovers_the_previous_one(base, tmp_path):
     path, acks = base
     seg = seg_paths(path)[-1]

@@ -275,4 +275,4 @@ WalMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestWalMachine = WalMachine.TestCase
+TestWalMachine = pytest.mark.heavy(WalMachine.TestCase)
