@@ -11,7 +11,14 @@ one module of the package besides ``server.py`` that reaches outside it).
   password hashing) runs in the node's worker threads.
 * **Reads** (``snapshot``, ``changes``, ``status``, ``fetch_bodies``) read the
   store once it applied everything durable at the call (read-your-writes),
-  in a worker thread. A message's stored structure (MS-24) is decoded only
+  in a worker thread. The small reads of every command (``changes``, and
+  the rows a STORE changed) wait for the store in the event loop instead
+  (``AsyncNode.applied``) and then run there when they cannot block: the
+  store's reader is free and at most :data:`INLINE_ROWS` messages changed
+  (``Node.imap_changes`` with ``now_after``); otherwise in a worker thread.
+  A STORE is planned in the loop too when the node's state lock is free
+  (``AsyncNode.change_flags``) and answered once its record is durable, so a
+  STORE usually needs no worker thread at all. A message's stored structure (MS-24) is decoded only
   when FETCH or SEARCH first reads it; a body stored before structures were
   kept gets its structure computed and stored on first read. The last
   snapshots of the busiest mailboxes are kept (:data:`SNAPSHOT_CACHE`
@@ -48,6 +55,7 @@ from ..store.errors import (
     MailboxExistsError,
     MailStoreError,
     MessageTooLargeError,
+    ReadNotNow,
     ReadOnlyNodeError,
     RequestError,
     StoreUnavailableError,
@@ -74,10 +82,12 @@ from .backend import (
     Unavailable,
 )
 
-__all__ = ["NodeBackend", "StoredStructure", "SNAPSHOT_CACHE"]
+__all__ = ["NodeBackend", "StoredStructure", "SNAPSHOT_CACHE", "INLINE_ROWS"]
 
 _UTC = _dt.timezone.utc
 SNAPSHOT_CACHE = 32  # mailboxes whose last snapshot is kept
+INLINE_ROWS = 64  # a read in the event loop carries at most this many messages (a bounded, short read)
+APPLIED_WAIT_S = 10.0  # an inline read waits this long for the store, then reads the blocking way
 
 
 @dataclass
@@ -170,6 +180,20 @@ class NodeBackend:
             return await self.node.run_sync(fn, *args, **kwargs)
         except MailStoreError as exc:
             raise self._error(exc) from exc
+
+    async def _read_fresh(self, now: Callable[[int], object], slow, *args):
+        """A read of the store once it applied everything durable at the call (read-your-writes):
+        ``now(lsn)`` in the event loop once the store applied ``lsn`` (it raises ReadNotNow when
+        it would block), else ``slow(*args)`` in a worker thread."""
+        lsn = self.node.node.log.last_lsn
+        if await self.node.applied(lsn, timeout=APPLIED_WAIT_S):
+            try:
+                return now(lsn)
+            except ReadNotNow:
+                pass
+            except MailStoreError as exc:
+                raise self._error(exc) from exc
+        return await self._call(slow, *args)
 
     async def _write(self, fn, *args, **kwargs):
         """A write: refused on a replica; its result once durable (and replicated, ``replicated``).
@@ -282,7 +306,19 @@ class NodeBackend:
         return await self._call(self._snapshot_sync, name)
 
     async def changes(self, name: str, since_modseq: int) -> Changes:
-        return await self._call(self._changes_sync, name, since_modseq)
+        def now(lsn: int) -> Changes:
+            info, rows, vanished = self.node.node.imap_changes(name, since_modseq, now_after=lsn,
+                                                               max_rows=INLINE_ROWS)
+            return Changes(info.uidvalidity, info.uidnext, info.highestmodseq, self._infos_now(rows), vanished)
+        return await self._read_fresh(now, self._changes_sync, name, since_modseq)
+
+    @staticmethod
+    def _infos_now(rows) -> list[MessageInfo]:
+        """The rows' MessageInfo in the loop; ReadNotNow for a body whose structure must be
+        computed and stored first (``fill_structures`` writes: a worker thread's job)."""
+        if any(r.structure is None for r in rows):
+            raise ReadNotNow("a stored structure is missing")
+        return [_info(r, {}) for r in rows]
 
     async def fetch_bodies(self, name: str, uids: Sequence[int]) -> dict[int, bytes]:
         return await self._call(self.node.node.imap_bodies, name, list(uids))
@@ -296,22 +332,32 @@ class NodeBackend:
             return AppendResult(receipt.uidvalidity, receipt.uids), receipt.lsn
         return await self._write(append)
 
-    def _store_sync(self, name: str, uids: list[int], mode: str, flags: frozenset[str],
-                    unchanged_since: int | None) -> StoreResult:
-        node = self.node.node
-        receipt = node.change_flags(name, uids, mode, sorted(flags), unchanged_since=unchanged_since)
-        if not receipt.uids:
-            return StoreResult((), (), receipt.modified), 0
-        _, rows = node.imap_rows(name, receipt.uids)
+    def _rows_sync(self, name: str, uids: tuple[int, ...]) -> list[MessageInfo]:
+        _, rows = self.node.node.imap_rows(name, uids)
         structures = self._missing_structures(rows)
-        infos = [_info(r, structures) for r in rows]
-        changed = tuple(i for i in infos if i.modseq >= receipt.modseq)
-        unchanged = tuple(i for i in infos if i.modseq < receipt.modseq)
-        return StoreResult(changed, unchanged, receipt.modified), receipt.lsn
+        return [_info(r, structures) for r in rows]
 
     async def store(self, name: str, uids: Sequence[int], mode: str, flags: frozenset[str],
                     unchanged_since: int | None = None) -> StoreResult:
-        return await self._write(self._store_sync, name, list(uids), mode, frozenset(flags), unchanged_since)
+        """One record (durable, and replicated as ``replicated`` asks, before this returns), then
+        the changed messages as the store has them once it applied that record."""
+        self._write_refused()
+        try:
+            receipt = await self.node.change_flags(name, list(uids), mode, sorted(flags),
+                                                   unchanged_since=unchanged_since)
+            if not receipt.uids:
+                return StoreResult((), (), receipt.modified)
+            if self.replicated is not None:
+                await self.replicated(receipt.lsn)
+        except MailStoreError as exc:
+            raise self._error(exc) from exc
+
+        def now(lsn: int) -> list[MessageInfo]:
+            return self._infos_now(self.node.node.imap_rows(name, receipt.uids, now_after=lsn)[1])
+        infos = await self._read_fresh(now, self._rows_sync, name, receipt.uids)
+        changed = tuple(i for i in infos if i.modseq >= receipt.modseq)
+        unchanged = tuple(i for i in infos if i.modseq < receipt.modseq)
+        return StoreResult(changed, unchanged, receipt.modified)
 
     def _copy_sync(self, name: str, uids: list[int], target: str, move: bool):
         receipt = self.node.node.copy_messages(name, uids, target, move=move)

@@ -281,27 +281,53 @@ class _ConnectionTask:
                                  admit=server._admit, release=server._release)
         self.bye: tuple[str, Code | None] | None = None  # set by ImapServer.refer: end at the next boundary
         self.idle_counted = False  # counted in ImapServer.idling
-        self._wake = anyio.Event()
+        self._woken = False  # wake() came: the read in progress (or the next one) returns None
+        self._read_scope: anyio.CancelScope | None = None  # the read in progress, cancelled by wake()
+        self._idle_waiting = False  # in IDLE, waiting for DONE or a change of the selected mailbox
+        self._mailbox_changed = False  # the backend said the selected mailbox changed (read in IDLE)
         self._token = anyio.lowlevel.current_token()
+        native = self._token.native_token  # an asyncio loop or a trio token: both schedule without waiting
+        self._call_soon = getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
+        self._wake_queued = False  # a wake-up from another thread is scheduled and has not run yet
         self._thread = threading.get_ident()
         self._stop_watch = None
 
     # -- wake-ups (backend notifications, shutdown) --------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        """End the read in progress, or the next one, with None (shutdown, a referral, IDLE news).
+        On the event loop's thread."""
+        self._woken = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
 
     def _changed(self, name: str) -> None:
+        """The backend's notification (often on the node's applier thread) that a mailbox changed.
+
+        Only a session in IDLE is woken: any other hears of the change with its next command's
+        answer (IMAP-15), and waking it would only restart its read. The flag is set before
+        ``_idle_waiting`` is read, and ``_receive_idling`` sets that before it reads the flag, so
+        a change that comes as IDLE begins is never missed. Never waits for the event loop (the
+        applier, which every read-your-writes read waits for, must not queue behind sessions);
+        a burst of notifications schedules one wake-up."""
         view = self.executor.view
         if view is None or view.name != name:
             return
+        self._mailbox_changed = True
+        if not self._idle_waiting:
+            return
         if threading.get_ident() == self._thread:
-            self._wake.set()
-        else:
+            self.wake()
+        elif not self._wake_queued:
+            self._wake_queued = True
             try:
-                anyio.from_thread.run_sync(self._wake.set, token=self._token)
+                self._call_soon(self._queued_wake)
             except RuntimeError:
                 pass  # the loop is gone: the connection is over
+
+    def _queued_wake(self) -> None:
+        self._wake_queued = False
+        self.wake()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -421,38 +447,41 @@ class _ConnectionTask:
             conn.receive_data(data)
 
     async def _read_or_wake(self) -> bytes | None:
-        """The next bytes (``b""`` at EOF), or None when woken (shutdown, a change during IDLE)."""
-        result: list = []
-
-        async def read(scope):
+        """The next bytes (``b""`` at EOF), or None when woken (shutdown, a referral, a change during
+        IDLE). One cancel scope per read, which :meth:`wake` cancels (no task per read)."""
+        if self._woken:
+            self._woken = False
+            return None
+        data = None
+        with anyio.CancelScope() as scope:
+            self._read_scope = scope
             try:
-                result.append(await self.stream.receive(RECEIVE_BYTES))
+                data = await self.stream.receive(RECEIVE_BYTES)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
                     ssl.SSLError):
-                result.append(b"")
-            scope.cancel()
-
-        async def woken(scope):
-            await self._wake.wait()
-            scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read, tg.cancel_scope)
-            tg.start_soon(woken, tg.cancel_scope)
-        if self._wake.is_set():
-            self._wake = anyio.Event()
-        return result[0] if result else None
+                data = b""
+            finally:
+                self._read_scope = None
+        if scope.cancelled_caught:
+            self._woken = False
+            return None
+        return data
 
     async def _receive_idling(self, timeout: float) -> None:
         conn = self.conn
         with anyio.move_on_after(timeout) as scope:
             while conn.idling:
-                data = await self._read_or_wake()
+                self._idle_waiting = True  # before the flag is read: see _changed
+                try:
+                    data = None if self._mailbox_changed else await self._read_or_wake()
+                finally:
+                    self._idle_waiting = False
                 if data is not None:
                     conn.receive_data(data)
                     return
                 if self.server._draining or self.bye is not None:
                     return
+                self._mailbox_changed = False  # before reading: a change during the read sets it again
                 for r in await self.executor.idle_updates():
                     conn.send(r)
                 await self._flush()

@@ -18,6 +18,14 @@ delivery; ``walctl bench lmtp`` measured the hand-offs as the largest cost
 of a delivery. The acknowledgement rule is unchanged: a delivery returns
 only after its record (and the original of a duplicate) is durable.
 
+Flag changes (``change_flags``) take the same path: planned in the loop
+when the state lock is free, acknowledged once a log batch made them durable.
+And ``applied(lsn)`` waits in the loop for the store to apply a record
+(:class:`AppliedFutures`: the applier makes one ``call_soon_threadsafe``
+per applied batch while someone waits), so a read-your-writes read that is
+small can then run in the loop without a thread (``Node.imap_changes`` with
+``now_after``).
+
 Cancellation: a delivery already handed to a thread runs to completion (the
 thread cannot be interrupted); anyio then drops the result. The record may
 still be durable: that is the "stored but not acknowledged" case the LMTP
@@ -34,6 +42,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import heapq
+import itertools
 from typing import Any, Callable, Iterable
 
 import anyio
@@ -44,7 +54,7 @@ from ..store.errors import StoreUnavailableError
 from .core import AppendReceipt, CopyReceipt, FlagsReceipt, Node, Receipt
 from ..store.database import MailboxInfo, MessageInfo
 
-__all__ = ["AsyncNode", "DurableFutures", "DEFAULT_THREADS"]
+__all__ = ["AsyncNode", "DurableFutures", "AppliedFutures", "DEFAULT_THREADS"]
 
 DEFAULT_THREADS = 256
 
@@ -100,6 +110,55 @@ class DurableFutures:
                     fut.set_exception(exc)
 
 
+class AppliedFutures:
+    """Futures, in one asyncio event loop, for "the store applied record ``lsn``".
+
+    ``wait(lsn)`` (call it in the loop) returns a future that completes with True once the
+    node's applied LSN reached ``lsn``, or with False when the applier stopped or the node
+    closed first (the caller then reads the slow way, which raises the node's error). The
+    node calls :meth:`_from_applier` after every applied batch, on its applier thread; while a
+    future waits, that makes one ``call_soon_threadsafe`` (one at a time) and the loop resolves
+    every future the store caught up with. A future is added before the applied LSN is read
+    again, and the applier moves the LSN before it looks for futures, so none is missed.
+    """
+
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop):
+        self.node = node
+        self.loop = loop
+        self.waiting: list = []  # heap of (lsn, tie-breaker, future)
+        self._ties = itertools.count()
+        self._queued = False
+        self._remove = node.add_applied_listener(self._from_applier)
+
+    def wait(self, lsn: int) -> asyncio.Future:
+        fut = self.loop.create_future()
+        heapq.heappush(self.waiting, (lsn, next(self._ties), fut))
+        self._resolve()
+        return fut
+
+    def close(self) -> None:
+        self._remove()
+        self._resolve(closing=True)
+
+    def _from_applier(self) -> None:
+        if self.waiting and not self._queued:
+            self._queued = True
+            try:
+                self.loop.call_soon_threadsafe(self._resolve)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _resolve(self, closing: bool = False) -> None:
+        self._queued = False
+        applied = self.node.applied_lsn
+        stopped = closing or self.node.applier_error is not None
+        waiting = self.waiting
+        while waiting and (waiting[0][0] <= applied or stopped):
+            lsn, _, fut = heapq.heappop(waiting)
+            if not fut.done():
+                fut.set_result(lsn <= applied)
+
+
 class AsyncNode:
     """Async wrapper over one open :class:`Node` (which it owns: ``aclose`` closes it)."""
 
@@ -108,6 +167,7 @@ class AsyncNode:
         self.limiter = anyio.CapacityLimiter(threads)
         self.fast_path = fast_path
         self._durability: DurableFutures | None = None
+        self._applied: AppliedFutures | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -126,6 +186,9 @@ class AsyncNode:
         """Close the node. Shielded: a cancelled caller still closes it cleanly."""
         with anyio.CancelScope(shield=True):
             self._durability = None
+            if self._applied is not None:
+                self._applied.close()
+                self._applied = None
             await anyio.to_thread.run_sync(self.node.close)
 
     async def __aenter__(self) -> "AsyncNode":
@@ -153,6 +216,43 @@ class AsyncNode:
         """Whether the master's decision state has ``name`` (a dict lookup; never blocks)."""
         return name in self.node.state.by_name
 
+    # -- the asyncio fast path: no thread per call ---------------------------------------
+
+    def _loop(self) -> asyncio.AbstractEventLoop | None:
+        """The running asyncio loop when the fast path may be taken (None: use worker threads)."""
+        if not self.fast_path:
+            return None
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:  # not on asyncio (say, trio)
+            return None
+
+    async def _durable(self, loop: asyncio.AbstractEventLoop, lsn: int) -> None:
+        d = self._durability
+        if d is None or d.loop is not loop:
+            d = self._durability = DurableFutures(self.node.log, loop)
+        await d.wait(lsn)
+
+    async def applied(self, lsn: int, timeout: float = 10.0) -> bool:
+        """Wait in the loop until the store applied ``lsn``; True then. False at once when this
+        is not an asyncio loop, and when the applier stopped, the node closed or ``timeout``
+        seconds passed first: the caller then reads the blocking way (in a thread), which waits
+        or raises as the node says."""
+        node = self.node
+        if node.applied_lsn >= lsn:
+            return True
+        loop = self._loop()
+        if loop is None:
+            return False
+        a = self._applied
+        if a is None or a.loop is not loop:
+            if a is not None:
+                a.close()
+            a = self._applied = AppliedFutures(node, loop)
+        with anyio.move_on_after(timeout):
+            return await a.wait(lsn)
+        return False
+
     # -- writes (each returns once durable) --------------------------------------------
 
     async def deliver(self, mailbox: str, body: bytes, *, flags: Iterable[str] = (), internaldate: float | None = None,
@@ -165,20 +265,13 @@ class AsyncNode:
     async def deliver_many(self, targets: list[tuple[str, tuple[str, ...]]], body: bytes, *,
                            internaldate: float | None = None, create: bool = False) -> list[Receipt | Exception]:
         """One body to several mailboxes, one shared fsync; returns once durable (see Node.deliver_many)."""
-        if self.fast_path:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not on asyncio (say, trio): the thread path below
-                loop = None
-            if loop is not None:
-                planned = self.node.plan_deliveries(targets, body, internaldate=internaldate, create=create,
-                                                    blocking=False)
-                if planned is not None:
-                    d = self._durability
-                    if d is None or d.loop is not loop:
-                        d = self._durability = DurableFutures(self.node.log, loop)
-                    await d.wait(planned.sync_lsn)
-                    return planned.results
+        loop = self._loop()
+        if loop is not None:
+            planned = self.node.plan_deliveries(targets, body, internaldate=internaldate, create=create,
+                                                blocking=False)
+            if planned is not None:
+                await self._durable(loop, planned.sync_lsn)
+                return planned.results
         return await self._run(self.node.deliver_many, targets, body, internaldate=internaldate, create=create)
 
     async def create_mailbox(self, name: str, *, special_use=()) -> int:
@@ -209,6 +302,16 @@ class AsyncNode:
 
     async def change_flags(self, mailbox: str, uids: Iterable[int], op: str, flags: Iterable[str], *,
                            unchanged_since: int | None = None) -> FlagsReceipt:
+        """IMAP STORE (see Node.change_flags); returns once durable. Planned in the loop when the
+        state lock is free (and ``unchanged_since`` needs no wait for the store), else in a thread."""
+        loop = self._loop()
+        if loop is not None:
+            receipt = self.node.plan_change_flags(mailbox, uids, op, flags, unchanged_since=unchanged_since,
+                                                  blocking=False)
+            if receipt is not None:
+                if receipt.lsn:
+                    await self._durable(loop, receipt.lsn)
+                return receipt
         return await self._run(self.node.change_flags, mailbox, list(uids), op, list(flags),
                                unchanged_since=unchanged_since)
 

@@ -54,6 +54,7 @@ from ..store.events import (Checkpoint, MailboxCreated, UserDeleted, UserPasswor
 from ..store.guard import Guard, GuardConfig
 from ..store.errors import (
     MessageTooLargeError,
+    ReadNotNow,
     ReadOnlyNodeError,
     RequestError,
     StoreUnavailableError,
@@ -111,6 +112,7 @@ class Node:
         self._logins: dict[tuple[str, str], tuple[bytes, float]] = {}  # verify_user's recent successes
         self._login_key = os.urandom(32)
         self._listeners: list = []  # change listeners (add_change_listener); replaced, never mutated
+        self._applied_listeners: list = []  # add_applied_listener; replaced, never mutated
         self._listeners_lock = threading.Lock()
         # mailbox id (or "user:NAME") -> LSN of the last record enqueued that changed it: a copy
         # plans from the store once the store applied that far (MS-20)
@@ -256,6 +258,7 @@ class Node:
             self.applied_lsn = self.store.applied_lsn
         with self._applied_cond:
             self._applied_cond.notify_all()
+        self._notify_applied()
         if changed:
             self._notify_changed(changed)
         return self.applied_lsn
@@ -274,6 +277,26 @@ class Node:
             with self._listeners_lock:
                 self._listeners = [c for c in self._listeners if c is not callback]
         return remove
+
+    def add_applied_listener(self, callback) -> "Callable[[], None]":
+        """Call ``callback()`` each time the store applied more of the log (read :attr:`applied_lsn`),
+        and once when the applier stopped (:attr:`applier_error`). Runs on the applier's thread
+        (or whichever thread caught the store up): cheap, thread-safe, never blocking. Returns
+        the function that removes it."""
+        with self._listeners_lock:
+            self._applied_listeners = self._applied_listeners + [callback]
+
+        def remove() -> None:
+            with self._listeners_lock:
+                self._applied_listeners = [c for c in self._applied_listeners if c is not callback]
+        return remove
+
+    def _notify_applied(self) -> None:
+        for callback in self._applied_listeners:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the applier
+                _log.exception("applied listener %r failed", callback)
 
     def _notify_changed(self, changed: set[str]) -> None:
         names = self.store.mailbox_names(changed)
@@ -443,6 +466,7 @@ class Node:
             _log.error("node %s: %s", self.config.name, self._not_writable_reason())
             with self._applied_cond:
                 self._applied_cond.notify_all()
+            self._notify_applied()
 
     # -- damage: sticky, in status, refuses writes ---------------------------------------
 
@@ -849,14 +873,29 @@ class Node:
         out), in one record, durable on return. With ``unchanged_since`` (RFC 7162), a message whose
         MODSEQ is above it is left alone and listed in ``modified``. A UID whose flags are as asked
         already is in the record too (its MODSEQ does not move; the mailbox's HIGHESTMODSEQ does)."""
+        receipt = self.plan_change_flags(mailbox, uids, op, flags, unchanged_since=unchanged_since)
+        if receipt.lsn:
+            self._sync(receipt.lsn)
+        return receipt
+
+    def plan_change_flags(self, mailbox: str, uids: Iterable[int], op: str, flags: Iterable[str], *,
+                          unchanged_since: int | None = None, blocking: bool = True) -> "FlagsReceipt | None":
+        """The first half of :meth:`change_flags`: decide and enqueue, do not wait. The receipt
+        is NOT an acknowledgement until ``log.sync_to(receipt.lsn)`` returned (LSN 0: nothing
+        was logged). With ``blocking=False`` returns None instead of waiting for the state lock,
+        or when ``unchanged_since`` needs the store caught up (an event loop must not wait)."""
         uids = list(uids)
         flags = list(flags)
-        with self._state_lock:
+        if not self._state_lock.acquire(blocking):
+            return None
+        try:
             self._check_writable()
             mb = self.state.mailbox(mailbox)
             present = sorted(u for u in set(uids) if u in mb.uids)
             modified: list[int] = []
             if unchanged_since is not None and present:
+                if not blocking and self._mailbox_lsn.get(mb.mailbox_id, 0) > self.applied_lsn:
+                    return None
                 self._store_caught_up(mb.mailbox_id)
                 modseqs = dict(self.store.message_modseqs(mb.mailbox_id, present))
                 modified = [u for u in present if modseqs.get(u, 0) > unchanged_since]
@@ -865,7 +904,8 @@ class Node:
                 return FlagsReceipt(mailbox, (), tuple(modified), 0, 0)
             ev = self.state.plan_flags(mailbox, present, op, flags, now_ms=int(time.time() * 1000))
             lsn = self._commit([ev])[0]
-        self._sync(lsn)
+        finally:
+            self._state_lock.release()
         return FlagsReceipt(mailbox, ev.uids, tuple(modified), ev.modseq, lsn)
 
     def expunge_present(self, mailbox: str, uids: Iterable[int]) -> tuple[tuple[int, ...], int]:
@@ -982,14 +1022,38 @@ class Node:
         """``(MailboxInfo, [ImapRow ...])`` of one mailbox, consistent. Raises UnknownMailboxError."""
         return self._read_named(lambda store: store.imap_snapshot(mailbox), mailbox)
 
-    def imap_changes(self, mailbox: str, since_modseq: int):
-        """``(MailboxInfo, [ImapRow changed above since], vanished UIDs or None)``; see Store.imap_changes."""
+    def imap_changes(self, mailbox: str, since_modseq: int, *, now_after: int | None = None,
+                     max_rows: int | None = None):
+        """``(MailboxInfo, [ImapRow changed above since], vanished UIDs or None)``; see Store.imap_changes.
+        ``now_after``: read at once, on this thread, what the store holds once it applied that LSN
+        (:meth:`_read_now`; ``max_rows`` bounds the read)."""
+        if now_after is not None:
+            return self._read_now(lambda store: store.imap_changes(mailbox, since_modseq, wait=False,
+                                                                   max_rows=max_rows), mailbox, now_after)
         return self._read_named(lambda store: store.imap_changes(mailbox, since_modseq), mailbox)
 
-    def imap_rows(self, mailbox: str, uids: Iterable[int]):
-        """``(MailboxInfo, [ImapRow ...])`` of the listed messages the mailbox holds, by UID."""
+    def imap_rows(self, mailbox: str, uids: Iterable[int], *, now_after: int | None = None):
+        """``(MailboxInfo, [ImapRow ...])`` of the listed messages the mailbox holds, by UID
+        (``now_after``: read at once, see :meth:`imap_changes`)."""
         uids = list(uids)
+        if now_after is not None:
+            return self._read_now(lambda store: store.imap_rows(mailbox, uids, wait=False), mailbox, now_after)
         return self._read_named(lambda store: store.imap_rows(mailbox, uids), mailbox)
+
+    def _read_now(self, read, mailbox: str, lsn: int):
+        """``read(store)`` at once on the calling thread (an event loop's), never waiting: the store
+        applied ``lsn`` already and its reader is free. Raises ReadNotNow when it would have to wait
+        (the store has not applied ``lsn``, the reader is busy, a diverged tail's cut swapped the
+        store meanwhile, or ``read`` said so); the caller then reads with a wait, in a thread."""
+        generation = self._store_generation
+        if self.applied_lsn < lsn or self._applier_error is not None:
+            raise ReadNotNow(f"the store has not applied LSN {lsn} yet")
+        got = read(self.store)
+        if generation != self._store_generation:
+            raise ReadNotNow("the store was swapped during the read")
+        if got is None:
+            raise UnknownMailboxError(f"no mailbox named {mailbox!r}")
+        return got
 
     def imap_status(self, mailbox: str) -> dict:
         return self._read_named(lambda store: store.imap_status(mailbox), mailbox)

@@ -54,6 +54,7 @@ from .events import (
     modseq_floor,
     renumbered_uids,
 )
+from .errors import ReadNotNow
 from .guard import Guard
 from .structure import analyze
 
@@ -400,8 +401,13 @@ class Store:
         return [dict(zip(keys, r)) for r in rows]
 
     def retries_due(self, now_ms: int) -> list[str]:
-        return [r[0] for r in self._read(
-            "SELECT mailbox_id FROM quarantine WHERE state='retrying' AND next_retry_ms<=?", (now_ms,))]
+        """Held mailboxes whose automatic retry is due (the applier asks before every pass: with
+        none held, no query; the writer's connection, leaving the reader to the IMAP front)."""
+        if not self._held:
+            return []
+        with self._lock:
+            return [r[0] for r in self.conn.execute(
+                "SELECT mailbox_id FROM quarantine WHERE state='retrying' AND next_retry_ms<=?", (now_ms,))]
 
     def reapply_mailbox(self, mailbox_id: str, records, *, bypass_guard: bool = False, now_ms: int | None = None,
                         max_attempts: int = 3) -> tuple[bool, str]:
@@ -985,14 +991,18 @@ class Store:
 
     def mailbox_names(self, changed: set[str]) -> set[str]:
         """Names for what :meth:`apply_records` put in ``changed``: each mailbox id's current name
-        (a deleted mailbox's last name), and the old names as they are."""
+        (a deleted mailbox's last name), and the old names as they are. On the writer's
+        connection: the applier asks after every batch, and the reader is the IMAP front's."""
         names = {x[5:] for x in changed if x.startswith("name:")}
         ids = [x for x in changed if not x.startswith("name:")]
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            names.update(r[0] for r in self._read(f"SELECT name FROM mailboxes WHERE mailbox_id IN ({marks})", chunk))
-            names.update(r[0] for r in self._read(f"SELECT name FROM tombstones WHERE mailbox_id IN ({marks})", chunk))
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                names.update(r[0] for r in self.conn.execute(
+                    f"SELECT name FROM mailboxes WHERE mailbox_id IN ({marks})", chunk))
+                names.update(r[0] for r in self.conn.execute(
+                    f"SELECT name FROM tombstones WHERE mailbox_id IN ({marks})", chunk))
         return names
 
     def user_names(self) -> list[str]:
@@ -1037,14 +1047,20 @@ class Store:
     def _imap_row(r) -> ImapRow:
         return ImapRow(r[0], tuple(r[1].split()) if r[1] else (), r[2], r[3], r[4], r[5], bytes(r[6]))
 
-    def _in_read_transaction(self, fn):
-        with self._read_lock:
+    def _in_read_transaction(self, fn, wait: bool = True):
+        """``fn(reader)`` in one read transaction; ``wait=False`` raises ReadNotNow instead of
+        waiting for another thread's read to end."""
+        if not self._read_lock.acquire(wait):
+            raise ReadNotNow("the store's reader is busy")
+        try:
             r = self._reader
             r.execute("BEGIN")
             try:
                 return fn(r)
             finally:
                 r.execute("COMMIT")
+        finally:
+            self._read_lock.release()
 
     def imap_snapshot(self, name: str) -> tuple[MailboxInfo, list[ImapRow]] | None:
         """A mailbox and all its messages by UID, in one read transaction (None: no such mailbox)."""
@@ -1056,11 +1072,14 @@ class Store:
             return self._mailbox_info(mb), [self._imap_row(x) for x in rows]
         return self._in_read_transaction(read)
 
-    def imap_changes(self, name: str, since_modseq: int) -> tuple[MailboxInfo, list[ImapRow], list[int] | None] | None:
+    def imap_changes(self, name: str, since_modseq: int, *, wait: bool = True, max_rows: int | None = None
+                     ) -> tuple[MailboxInfo, list[ImapRow], list[int] | None] | None:
         """What changed in a mailbox above MODSEQ ``since_modseq``, at a cost in proportion to the
         changes (the ``(mailbox, modseq)`` indexes of messages and expunged): the messages whose
         MODSEQ is above it, by UID, and the UIDs expunged above it, or None for the latter when
-        the mailbox no longer remembers that far back (MS-23). None: no such mailbox."""
+        the mailbox no longer remembers that far back (MS-23). None: no such mailbox.
+        ``wait=False``: ReadNotNow rather than wait for the reader; ``max_rows``: ReadNotNow when
+        more messages changed (a read bounded in time, for a caller that must not block)."""
         def read(r):
             mb = r.execute(self._MAILBOX_SQL, (name,)).fetchone()
             if mb is None:
@@ -1069,8 +1088,14 @@ class Store:
             if since_modseq >= info.highestmodseq:
                 return info, [], []
             # the (mailbox, modseq) index, named: without it SQLite walks the whole mailbox by UID
-            rows = sorted(r.execute(_IMAP_ROW_SQL.replace("messages m", "messages m INDEXED BY messages_modseq")
-                                    + " AND m.modseq>?", (mb[0], since_modseq)).fetchall())
+            cursor = r.execute(_IMAP_ROW_SQL.replace("messages m", "messages m INDEXED BY messages_modseq")
+                               + " AND m.modseq>?", (mb[0], since_modseq))
+            if max_rows is None:
+                rows = sorted(cursor.fetchall())
+            else:
+                rows = sorted(cursor.fetchmany(max_rows + 1))
+                if len(rows) > max_rows:
+                    raise ReadNotNow(f"more than {max_rows} messages changed")
             kept = r.execute("SELECT since_modseq FROM vanished WHERE mailbox_id=?", (mb[0],)).fetchone()
             if kept is not None and since_modseq < kept[0]:
                 vanished = None
@@ -1078,10 +1103,11 @@ class Store:
                 vanished = sorted(u for (u,) in r.execute(
                     "SELECT uid FROM expunged WHERE mailbox_id=? AND modseq>?", (mb[0], since_modseq)))
             return info, [self._imap_row(x) for x in rows], vanished
-        return self._in_read_transaction(read)
+        return self._in_read_transaction(read, wait)
 
-    def imap_rows(self, name: str, uids: list[int]) -> tuple[MailboxInfo, list[ImapRow]] | None:
-        """A mailbox and the listed messages it holds, by UID, in one read transaction."""
+    def imap_rows(self, name: str, uids: list[int], *, wait: bool = True) -> tuple[MailboxInfo, list[ImapRow]] | None:
+        """A mailbox and the listed messages it holds, by UID, in one read transaction
+        (``wait=False``: ReadNotNow rather than wait for the reader)."""
         def read(r):
             mb = r.execute(self._MAILBOX_SQL, (name,)).fetchone()
             if mb is None:
@@ -1092,7 +1118,7 @@ class Store:
                 if row is not None:
                     rows.append(self._imap_row(row))
             return self._mailbox_info(mb), rows
-        return self._in_read_transaction(read)
+        return self._in_read_transaction(read, wait)
 
     def imap_status(self, name: str) -> dict | None:
         """STATUS of a mailbox: messages, uidnext, uidvalidity, unseen, deleted, size, highestmodseq."""

@@ -12,7 +12,7 @@ __all__ = [
     "BadMailboxNameError", "BadFlagError", "UnknownMailboxError", "MailboxExistsError",
     "UnknownUidError", "ReadOnlyNodeError", "StoreUnavailableError", "MessageTooLargeError",
     "GuardRefusedError", "UidOrderError", "UidValidityReuseError", "BadUserNameError", "UnknownUserError",
-    "UserExistsError", "BadPasswordHashError",
+    "UserExistsError", "BadPasswordHashError", "ReadNotNow",
 ]
 
 
@@ -86,3 +86,9 @@ class ReadOnlyNodeError(TemporaryFailure):
 
 class StoreUnavailableError(TemporaryFailure):
     """The log failed (I/O error, disk full) or the node is closing; reopen to recover."""
+
+
+class ReadNotNow(Exception):
+    """A read asked to run at once (on an event loop) would have to wait: the store has not
+    applied what it must show yet, its reader is in use by another thread, or the answer is
+    larger than asked for. Not a refusal: the caller reads again the waiting way."""
