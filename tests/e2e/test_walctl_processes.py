@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 import wal
-from tests.support.helpers import make_log
 from tests.support import ROOT
+from tests.support.helpers import assert_no_traceback, make_log
 from wal import codec
 
 
@@ -18,14 +24,7 @@ def log(tmp_path):
     return make_log(tmp_path / "node.wal")
 
 
-# -- processes: --follow until Ctrl-C, python -m tools ------------------------
-
 def _walctl_process(*args, **kw):
-    import subprocess
-    import sys
-
-    from tests.support.helpers import assert_no_traceback
-
     class Walctl(subprocess.Popen):
         """``communicate()`` fails the test when walctl printed a traceback."""
 
@@ -40,9 +39,6 @@ def _walctl_process(*args, **kw):
 
 
 def test_replay_follow_prints_new_records_until_ctrl_c(log):
-    import signal
-    import threading
-
     proc = _walctl_process("replay", log, "--from", "40", "--follow", "--json")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -52,8 +48,6 @@ def test_replay_follow_prints_new_records_until_ctrl_c(log):
             for i in range(41, 44):
                 lg.append(7, codec.dumps({"uid": i}))
         deadline = 200  # x 0.05 s: wait for the follower to print LSN 43
-        import time
-
         while deadline and not any('"lsn": 43' in ln for ln in lines):
             time.sleep(0.05)
             deadline -= 1
@@ -78,10 +72,6 @@ def test_python_dash_m_tools_runs_walctl(log):
 def test_verify_draws_progress_only_on_a_terminal(log):
     """With stderr on a pseudo-terminal the progress bar runs (and is transient);
     stdout still carries the plain report."""
-    import pty
-    import subprocess
-    import sys
-
     master, slave = pty.openpty()
     try:
         env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS="100")
